@@ -1,0 +1,126 @@
+# initos: build the agent, the initrd and the signed UKI; boot them under QEMU; test them.
+#
+#   make demo    install what is missing, build, boot the signed UKI under QEMU (Secure Boot + TPM)
+#   make test    install what is missing, build, run every unit and integration test
+#
+# Signing keys: SB_KEY / SB_CERT (PEM), SB_KEY_PASS when the key is encrypted. The defaults are
+# Debian's snakeoil keys, which the snakeoil OVMF firmware trusts: for tests and the demo only.
+
+SHELL := /bin/bash
+.DELETE_ON_ERROR:
+
+B        := build
+BUN      := node_modules/@oven/bun-linux-x64-baseline/bin/bun
+BUILD    := $(BUN) initrd/build.ts
+export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+
+ZSTD_LEVEL  ?= 9
+SB_KEY      ?= /usr/share/ovmf/PkKek-1-snakeoil.key
+SB_CERT     ?= /usr/share/ovmf/PkKek-1-snakeoil.pem
+SB_KEY_PASS ?= snakeoil
+# The cmdline signed into the UKI. The demo and the Secure Boot tests boot the test root.
+CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@ initos.reboot_delay=3 -- demo
+
+DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
+	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
+	zstd cpio busybox-static libcryptsetup12 libkmod2 libblkid1 kmod binutils gcc libc6-dev \
+	openssl openssh-client util-linux
+
+AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
+BUILD_SRC := $(wildcard initrd/*.ts) agent/config.ts
+
+ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.efi \
+	$(B)/esp.img $(B)/esp-unsigned.img $(B)/testroot.img
+
+.PHONY: all deps debs npm test unit integration demo typecheck clean
+all: $(ARTIFACTS)
+
+# --- dependencies: Debian packages and npm packages, installed only when missing ----------
+deps: debs npm
+debs:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+npm: node_modules/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# --- the agent ---------------------------------------------------------------------------
+$(B)/initos-agent: $(AGENT_SRC) | npm
+	@mkdir -p $(B)
+	$(BUN) build --compile agent/main.ts --outfile $@
+
+$(B)/preinit: initrd/preinit.c
+	@mkdir -p $(B)
+	gcc -static -Os -Wall -Wextra -o $@ $<
+
+# --- kernel (extracted into .cache, never installed into the host) -------------------------
+$(B)/kernel.json: initrd/kernel.ts | npm debs
+	@mkdir -p $(B)
+	$(BUILD) kernel --cache .cache/kernel --out $@
+$(B)/vmlinuz: $(B)/kernel.json
+	cp "$$(sed -n 's/.*"vmlinuz": "\(.*\)".*/\1/p' $<)" $@
+
+# --- initrd: two cpio segments, so changing the agent does not rebuild the base -----------
+$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(BUILD_SRC)
+	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --out $@
+$(B)/agent.cpio: $(B)/initos-agent $(BUILD_SRC)
+	$(BUILD) initrd-agent --agent $< --out $@
+%.cpio.zst: %.cpio
+	zstd -q -f -T0 -$(ZSTD_LEVEL) $< -o $@
+# The kernel unpacks concatenated compressed archives one after the other.
+$(B)/initrd.img: $(B)/base.cpio.zst $(B)/agent.cpio.zst
+	cat $^ > $@
+
+# --- UKI ---------------------------------------------------------------------------------
+$(B)/cmdline.txt: FORCE
+	@mkdir -p $(B)
+	@echo '$(CMDLINE)' | cmp -s - $@ || echo '$(CMDLINE)' > $@
+$(B)/initos.unsigned.efi: $(B)/initrd.img $(B)/kernel.json $(B)/cmdline.txt $(BUILD_SRC)
+	$(BUILD) uki --kernel $(B)/kernel.json --initrd $(B)/initrd.img --cmdline "$$(cat $(B)/cmdline.txt)" --out $@
+$(B)/keys/db.key: $(SB_KEY)
+	@mkdir -p -m 700 $(B)/keys
+	$(if $(SB_KEY_PASS),openssl rsa -in $< -passin pass:$(SB_KEY_PASS) -out $@ 2>/dev/null,cp $< $@)
+	chmod 600 $@
+$(B)/initos.efi: $(B)/initos.unsigned.efi $(B)/keys/db.key $(SB_CERT)
+	sbsign --key $(B)/keys/db.key --cert $(SB_CERT) --output $@ $< 2>/dev/null
+	sbverify --cert $(SB_CERT) $@ >/dev/null
+$(B)/esp.img: $(B)/initos.efi
+	$(BUILD) esp --uki $< --out $@
+$(B)/esp-unsigned.img: $(B)/initos.unsigned.efi
+	$(BUILD) esp --uki $< --out $@
+
+# --- test images -------------------------------------------------------------------------
+$(B)/test-init: test/root/init.c
+	@mkdir -p $(B)
+	gcc -static -Os -Wall -Wextra -o $@ $<
+$(B)/testroot.img: $(B)/test-init initrd/build.ts
+	$(BUILD) testroot --init $< --out $@
+
+# --- entry points ------------------------------------------------------------------------
+typecheck: | npm
+	npx tsc --noEmit -p .
+
+test: deps
+	$(MAKE) --no-print-directory all
+	npx tsc --noEmit -p .
+	npx vitest run
+
+unit: deps
+	npx vitest run test/unit
+
+integration: deps
+	$(MAKE) --no-print-directory all
+	npx vitest run test/integration
+
+demo: deps
+	$(MAKE) --no-print-directory all
+	$(BUN) qemu/demo.ts
+
+clean:
+	rm -rf $(B)
+
+FORCE:

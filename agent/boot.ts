@@ -1,0 +1,115 @@
+// The boot plan, top to bottom. Each stage is a function with typed inputs and outputs; this
+// file only sequences them, times them and decides between them.
+import { type Cmdline, parseCmdline } from "./cmdline.ts";
+import { type AgentConfig, CONFIG_PATH, parseConfig } from "./config.ts";
+import { BootError, describe } from "./errors.ts";
+import { type Logger, Timeline, uptime } from "./log.ts";
+import { type EarlyResult, restoreKmsgThrottle, setupEarly } from "./stages/early.ts";
+import { loadModules } from "./stages/modules.ts";
+import { mountRoot, SYSROOT } from "./stages/root.ts";
+import { findInit, switchRoot } from "./switchroot.ts";
+import type { Sys } from "./sys/index.ts";
+
+export interface BootContext {
+  sys: Sys;
+  log: Logger & { quiet: boolean; verbose: boolean };
+  timeline: Timeline;
+}
+
+/** What the boot learned so far; the failure policy reads it to pick its delay. */
+export interface BootState {
+  cmdline?: Cmdline;
+  config?: AgentConfig;
+  early?: EarlyResult;
+}
+
+/** Runs one named stage, logs and records its duration whether it succeeds or fails. */
+export async function stage<T>(ctx: BootContext, name: string, fn: () => T | Promise<T>): Promise<T> {
+  const start = uptime();
+  const record = (ok: boolean, error?: string) => {
+    const durationMs = (uptime() - start) * 1000;
+    ctx.timeline.record({ name, start, durationMs, ok, ...(error ? { error } : {}) });
+    return durationMs;
+  };
+  try {
+    const result = await fn();
+    ctx.log.info(`stage ${name}: ok in ${record(true).toFixed(0)}ms`);
+    return result;
+  } catch (e) {
+    const ms = record(false, describe(e));
+    ctx.log.err(`stage ${name}: failed after ${ms.toFixed(0)}ms`);
+    throw e;
+  }
+}
+
+/** Reads the two inputs: the signed config from the initrd and the kernel command line. */
+export function readInputs(ctx: BootContext): { cmdline: Cmdline; config: AgentConfig } {
+  const { sys, log } = ctx;
+  const { config, error } = parseConfig(sys.readFile(CONFIG_PATH));
+  if (error) log.err(error);
+  const { cmdline, errors } = parseCmdline(sys.readFile("/proc/cmdline") ?? "");
+  for (const e of errors) log.err(e);
+  log.quiet = cmdline.quiet;
+  log.verbose = cmdline.debug;
+  return { cmdline, config };
+}
+
+export function rebootDelay(state: BootState): number {
+  const { cmdline, config } = state;
+  if (cmdline?.rebootDelaySeconds !== undefined) return cmdline.rebootDelaySeconds;
+  if (cmdline?.panic !== undefined && cmdline.panic > 0) return cmdline.panic;
+  return config?.rebootDelaySeconds ?? 30;
+}
+
+export async function boot(ctx: BootContext, state: BootState): Promise<never> {
+  const { sys, log } = ctx;
+
+  state.early = await stage(ctx, "early", () => setupEarly(sys, log));
+  const { cmdline, config } = readInputs(ctx);
+  Object.assign(state, { cmdline, config });
+
+  await stage(ctx, "modules", () => loadModules(sys, log, config.modules));
+
+  if (!cmdline.root) throw new BootError("no root= on the kernel command line");
+  const root = cmdline.root;
+  await stage(ctx, "root", () =>
+    mountRoot(sys, log, {
+      spec: root,
+      fstypes: cmdline.rootfstype?.split(","),
+      options: cmdline.rootflags,
+      rw: cmdline.rw,
+      waitSeconds: cmdline.rootWaitSeconds ?? config.rootWaitSeconds,
+    }),
+  );
+
+  const init = await stage(ctx, "handoff-check", () => chooseInit(sys, cmdline, config));
+  log.info(`timeline: ${ctx.timeline.summary()}`);
+  ctx.timeline.save(); // /run moves into the new root: the OS can read it after the switch
+  const devkmsg = state.early.devkmsg;
+  return switchRoot(sys, log, {
+    newRoot: SYSROOT,
+    init,
+    args: initArgs(init, cmdline.app),
+    env: initEnv(),
+    beforeExec: () => restoreKmsgThrottle(sys, devkmsg),
+  });
+}
+
+export function chooseInit(sys: Sys, cmdline: Cmdline, config: AgentConfig): string {
+  const candidates = cmdline.init ? [cmdline.init] : config.initCandidates;
+  const init = findInit(sys, SYSROOT, candidates);
+  if (!init) throw new BootError(`no init in the root: tried ${candidates.join(", ")}`);
+  return init;
+}
+
+/** systemd must be told it comes from an initrd; other inits get the `--` args as they are. */
+export function initArgs(init: string, app: readonly string[]): string[] {
+  if (/(^|\/)systemd$/.test(init)) return ["--switched-root", "--system", ...app];
+  return [...app];
+}
+
+function initEnv(): string[] {
+  return Object.entries(process.env)
+    .filter((kv): kv is [string, string] => kv[1] !== undefined)
+    .map(([k, v]) => `${k}=${v}`);
+}

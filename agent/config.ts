@@ -1,0 +1,44 @@
+// The agent's own configuration, built into the signed initrd at /etc/initos/config.json. It is
+// trusted (it is signed), but still validated: a build mistake must produce a clear line, and
+// the agent then boots with safe defaults rather than not at all.
+import { z } from "zod";
+
+export const CONFIG_PATH = "/etc/initos/config.json";
+
+export const AgentConfigSchema = z
+  .object({
+    /** Modules (names or aliases) loaded before looking for the root device, with their deps. */
+    modules: z.array(z.string().regex(/^[\w-]+$/, "expected a module name")).default([]),
+    /** How long to wait for the root device when the cmdline does not say (initos.rootwait). */
+    rootWaitSeconds: z.number().int().min(0).max(3600).default(30),
+    /** Delay before the failure policy reboots (cmdline initos.reboot_delay, then panic=, win). */
+    rebootDelaySeconds: z.number().int().min(0).max(86400).default(30),
+    /** Tried in order when the cmdline has no init=. */
+    initCandidates: z.array(z.string().regex(/^\//)).min(1).default(["/sbin/init", "/etc/init", "/bin/init", "/lib/systemd/systemd"]),
+  })
+  .strict();
+
+export type AgentConfig = z.output<typeof AgentConfigSchema>;
+
+export const DEFAULT_CONFIG: AgentConfig = AgentConfigSchema.parse({});
+
+export interface ConfigResult {
+  config: AgentConfig;
+  error?: string;
+}
+
+/** Parses the config text; `null` (no file) means defaults. Never throws. */
+export function parseConfig(text: string | null, path = CONFIG_PATH): ConfigResult {
+  if (text === null) return { config: DEFAULT_CONFIG, error: `config: ${path} missing; using defaults` };
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    return { config: DEFAULT_CONFIG, error: `config: ${path} is not JSON (${(e as Error).message}); using defaults` };
+  }
+  const r = AgentConfigSchema.safeParse(json);
+  if (r.success) return { config: r.data };
+  const issue = r.error.issues[0]!;
+  const where = issue.path.length ? issue.path.join(".") : "(top level)";
+  return { config: DEFAULT_CONFIG, error: `config: ${path}: ${where}: ${issue.message}; using defaults` };
+}

@@ -1,0 +1,45 @@
+// The failure policy. PID 1 must never exit (the kernel would panic and the reason would scroll
+// away), so every failure ends here: one line of cause, diagnostics kept in /run/initos, then a
+// reboot after a delay long enough for a human to read the console.
+import { describe } from "./errors.ts";
+import type { Logger, Timeline } from "./log.ts";
+import { RB } from "./sys/consts.ts";
+import type { Sys } from "./sys/index.ts";
+
+export const DIAG_PATH = "/run/initos/failure.txt";
+
+export function diagnostics(sys: Sys, reason: string, timeline: Timeline): string {
+  const section = (title: string, path: string) => `## ${title} (${path})\n${sys.readFile(path)?.trimEnd() ?? "(unreadable)"}\n`;
+  return [
+    `reason: ${reason}`,
+    `timeline: ${timeline.summary()}`,
+    "",
+    section("cmdline", "/proc/cmdline"),
+    section("partitions", "/proc/partitions"),
+    section("mounts", "/proc/self/mounts"),
+    section("modules", "/proc/modules"),
+  ].join("\n");
+}
+
+export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeline, error: unknown, delaySeconds: number): Promise<never> {
+  const reason = describe(error);
+  log.err(`boot failed: ${reason}`);
+  try {
+    sys.mkdirp("/run/initos", 0o700);
+    sys.writeFile(DIAG_PATH, diagnostics(sys, reason, timeline));
+    timeline.save();
+    log.info(`diagnostics in ${DIAG_PATH}`);
+  } catch (e) {
+    log.warn(`cannot write diagnostics: ${describe(e)}`);
+  }
+  log.err(`rebooting in ${delaySeconds}s`);
+  await sys.sleep(delaySeconds * 1000);
+  sys.sync();
+  try {
+    sys.reboot(RB.AUTOBOOT);
+  } catch (e) {
+    log.err(`reboot failed: ${describe(e)}; halting here`);
+  }
+  // Not reached on a real machine; if reboot was refused, stay alive rather than panic.
+  for (;;) await sys.sleep(3_600_000);
+}

@@ -1,0 +1,46 @@
+// initos-agent entry point. As PID 1 it boots the machine (boot.ts); it never returns or exits.
+import { readdirSync } from "node:fs";
+import { boot, type BootContext, type BootState, rebootDelay } from "./boot.ts";
+import { applyFailurePolicy } from "./failure.ts";
+import { KmsgLogger, Timeline } from "./log.ts";
+import { installPid1Handlers } from "./pid1.ts";
+import { realSys } from "./sys/index.ts";
+
+async function runAsInit(): Promise<never> {
+  const log = new KmsgLogger();
+  const timeline = new Timeline();
+  const sys = await realSys();
+  const libc = await import("./sys/libc.ts");
+  const ctx: BootContext = { sys, log, timeline };
+  const state: BootState = {};
+
+  let failing = false;
+  const fail = (e: unknown): Promise<never> => {
+    if (failing) {
+      // A second failure while handling the first: keep the first reason, do not recurse.
+      log.err(`also: ${e instanceof Error ? e.message : String(e)}`);
+      return new Promise<never>(() => {});
+    }
+    failing = true;
+    return applyFailurePolicy(sys, log, timeline, e, rebootDelay(state));
+  };
+
+  installPid1Handlers(sys, log, {
+    reap: (pid) => libc.reapIfExited(pid),
+    listPids: () => readdirSync("/proc"),
+    onFatal: (e) => void fail(e),
+  });
+  log.info(`initos-agent starting (pid ${process.pid})`);
+  try {
+    return await boot(ctx, state);
+  } catch (e) {
+    return fail(e);
+  }
+}
+
+if (process.pid === 1) {
+  await runAsInit();
+} else {
+  process.stderr.write("initos-agent: runs as PID 1 in the initrd (no other commands yet)\n");
+  process.exit(2);
+}

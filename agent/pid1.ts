@@ -1,0 +1,53 @@
+// Duties of PID 1 that run beside the boot: reaping orphans, turning signals into power
+// actions, and routing any uncaught error into the failure policy instead of an exit (an
+// exiting PID 1 is a kernel panic).
+import type { Logger } from "./log.ts";
+import { RB } from "./sys/consts.ts";
+import type { Sys } from "./sys/index.ts";
+
+/** Children the runtime itself spawned and will wait for; the orphan reaper leaves them alone. */
+export const ownChildren = new Set<number>();
+
+/** PIDs of zombies whose parent is `parent`, from /proc/<pid>/stat. */
+export function findZombies(sys: Pick<Sys, "readFile">, pids: readonly string[], parent: number): number[] {
+  const out: number[] = [];
+  for (const p of pids) {
+    if (!/^\d+$/.test(p)) continue;
+    const stat = sys.readFile(`/proc/${p}/stat`);
+    if (!stat) continue;
+    // "pid (comm) S ppid ...": comm may contain spaces and parens, so split after the last ')'.
+    const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (rest[0] === "Z" && Number(rest[1]) === parent) out.push(Number(p));
+  }
+  return out;
+}
+
+export interface Pid1Hooks {
+  /** Waits for one exited child without blocking; true if it was reaped. */
+  reap(pid: number): boolean;
+  listPids(): string[];
+  onFatal(error: unknown): void;
+}
+
+export function reapOrphans(sys: Sys, hooks: Pid1Hooks): number {
+  let n = 0;
+  for (const pid of findZombies(sys, hooks.listPids(), sys.pid())) {
+    if (ownChildren.has(pid)) continue;
+    if (hooks.reap(pid)) n++;
+  }
+  return n;
+}
+
+export function powerAction(sys: Sys, log: Logger, action: "poweroff" | "reboot", why: string): void {
+  log.info(`${why}: ${action}`);
+  sys.sync();
+  sys.reboot(action === "poweroff" ? RB.POWER_OFF : RB.AUTOBOOT);
+}
+
+export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks): void {
+  process.on("SIGCHLD", () => reapOrphans(sys, hooks));
+  process.on("SIGTERM", () => powerAction(sys, log, "poweroff", "SIGTERM"));
+  process.on("SIGINT", () => powerAction(sys, log, "reboot", "SIGINT (ctrl-alt-del)"));
+  process.on("uncaughtException", (e) => hooks.onFatal(e));
+  process.on("unhandledRejection", (e) => hooks.onFatal(e));
+}

@@ -1,0 +1,150 @@
+// switch_root: leave the initramfs for the real root, for good.
+//
+// Every step that destroys something is guarded first, because after the initramfs is emptied
+// there is nothing left to recover with: the checks run before anything is moved or deleted.
+import type { Logger } from "./log.ts";
+import { FS_MAGIC, MNT_DETACH, MS } from "./sys/consts.ts";
+import type { Sys } from "./sys/index.ts";
+
+/** Mounts the new root inherits. Submounts (/dev/pts, /dev/shm, efivarfs) move with them. */
+const API_MOUNTS = ["/dev", "/proc", "/sys", "/run"] as const;
+const MAX_SYMLINKS = 40; // the kernel's own limit for one path walk
+
+export class SwitchRootRefused extends Error {
+  constructor(reason: string) {
+    super(`switch_root refused: ${reason}`);
+    this.name = "SwitchRootRefused";
+  }
+}
+
+export interface SwitchRootPlan {
+  newRoot: string;
+  /** Path of the init inside the new root, e.g. /sbin/init. */
+  init: string;
+  args: readonly string[];
+  env: readonly string[];
+  /** Last words before exec, after the old root is gone (e.g. restoring kernel settings). */
+  beforeExec?: () => void;
+}
+
+/**
+ * Resolves `path` inside `root` the way it will resolve after the switch: absolute symlinks
+ * (e.g. /sbin/init -> /lib/systemd/systemd) point into the new root, not into the initramfs.
+ * Returns the resolved path relative to the new root, or null if it does not exist.
+ */
+export function resolveInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string, path: string): string | null {
+  let pending = path.split("/").filter(Boolean);
+  const done: string[] = [];
+  let hops = 0;
+  while (pending.length > 0) {
+    const name = pending.shift()!;
+    if (name === ".") continue;
+    if (name === "..") {
+      done.pop(); // cannot climb above the new root, just like after chroot
+      continue;
+    }
+    const here = `${root}/${[...done, name].join("/")}`;
+    const st = sys.lstat(here);
+    if (st.kind === "missing") return null;
+    if (st.kind === "link") {
+      if (++hops > MAX_SYMLINKS) return null;
+      const target = sys.readlink(here);
+      if (target.startsWith("/")) done.length = 0;
+      pending = [...target.split("/").filter(Boolean), ...pending];
+      continue;
+    }
+    if (pending.length > 0 && st.kind !== "dir") return null;
+    done.push(name);
+  }
+  return `/${done.join("/")}`;
+}
+
+/** Picks the first init candidate that exists and is executable in the new root. */
+export function findInit(sys: Pick<Sys, "lstat" | "readlink">, root: string, candidates: readonly string[]): string | null {
+  for (const c of candidates) {
+    const resolved = resolveInRoot(sys, root, c);
+    if (!resolved) continue;
+    const st = sys.lstat(`${root}${resolved}`);
+    if (st.kind === "file" && (st.mode & 0o111) !== 0) return c;
+  }
+  return null;
+}
+
+/** The guards: nothing is touched unless all of them pass. Throws SwitchRootRefused. */
+export function checkSwitchRoot(sys: Sys, plan: SwitchRootPlan): void {
+  // Only PID 1 may do this: another process would strand the real init in an empty initramfs.
+  if (sys.pid() !== 1) throw new SwitchRootRefused(`not PID 1 (pid ${sys.pid()})`);
+  // We are about to delete everything on "/"; make sure "/" is the disposable initramfs.
+  const magic = sys.statfsType("/");
+  if (magic !== FS_MAGIC.RAMFS && magic !== FS_MAGIC.TMPFS) {
+    throw new SwitchRootRefused(`/ is not an initramfs (statfs magic 0x${magic.toString(16)})`);
+  }
+  // A new root on the same device as "/" means the mount did not happen: switching into it
+  // would delete the very files we are switching to.
+  const rootDev = sys.lstat("/").dev;
+  const newDev = sys.lstat(plan.newRoot);
+  if (newDev.kind !== "dir") throw new SwitchRootRefused(`${plan.newRoot} is not a directory`);
+  if (newDev.dev === rootDev) throw new SwitchRootRefused(`${plan.newRoot} is not a mount (same device as /)`);
+  // Check the init exists before destroying anything: a missing init after the switch is a panic.
+  if (!findInit(sys, plan.newRoot, [plan.init])) {
+    throw new SwitchRootRefused(`init ${plan.init} not found or not executable in ${plan.newRoot}`);
+  }
+}
+
+/** Performs the switch and execs the new init. Only returns by throwing, before the point of no return. */
+export function switchRoot(sys: Sys, log: Logger, plan: SwitchRootPlan): never {
+  checkSwitchRoot(sys, plan);
+  const { newRoot } = plan;
+  const rootDev = sys.lstat("/").dev;
+
+  // Flush anything written to the new root (logs, the timeline) before mounts start moving.
+  sys.sync();
+  // Shared propagation would replay our MS_MOVEs into peer mounts; make the tree private first.
+  sys.mount(null, "/", null, MS.REC | MS.PRIVATE);
+
+  const mounted = new Set(sys.mountPoints());
+  for (const m of API_MOUNTS) {
+    if (!mounted.has(m)) continue;
+    const target = `${newRoot}${m}`;
+    if (sys.lstat(target).kind === "dir") {
+      sys.mount(m, target, null, MS.MOVE);
+    } else {
+      // The new root has nowhere to put it; detach rather than leave it pinned in the old root.
+      log.warn(`switch_root: ${target} missing, detaching ${m}`);
+      sys.umount(m, MNT_DETACH);
+    }
+  }
+
+  // Keep a handle on the old root for the cleanup: after chroot the path "/" means the new root,
+  // but /proc/self/fd/<fd> still leads to the initramfs (see removeOldRoot).
+  const oldRootFd = sys.openDir("/");
+  sys.chdir(newRoot);
+  try {
+    // Works on real root filesystems; the initramfs (rootfs) itself cannot be pivoted away.
+    sys.pivotRoot(".", ".");
+    sys.umount(".", MNT_DETACH);
+  } catch {
+    // rootfs: the classic move-over-/ and chroot, as every initramfs switch_root does.
+    sys.mount(".", "/", null, MS.MOVE);
+    sys.chroot(".");
+  }
+  sys.chdir("/");
+
+  removeOldRoot(sys, log, `/proc/self/fd/${oldRootFd}`, rootDev);
+  sys.close(oldRootFd);
+
+  const argv = [plan.init, ...plan.args];
+  log.info(`switch_root: exec ${argv.join(" ")}`);
+  plan.beforeExec?.();
+  return sys.execve(plan.init, argv, plan.env);
+}
+
+/**
+ * Frees the initramfs memory: its files are unreachable after the switch but still in RAM.
+ * The old root is reached through an fd opened before the switch; st_dev checks keep the walk
+ * from crossing into any mount (which would delete the user's files).
+ */
+function removeOldRoot(sys: Sys, log: Logger, oldRoot: string, rootDev: number): void {
+  const n = sys.removeTreeOnDevice(oldRoot, rootDev);
+  log.info(`switch_root: freed initramfs (${n} entries)`);
+}

@@ -1,0 +1,131 @@
+// The one seam between boot logic and the machine. Boot stages receive a `Sys` and never touch
+// koffi, processes or files directly, so their decisions can be tested with fakes.
+import { closeSync, constants, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, rmdirSync, unlinkSync, writeFileSync } from "node:fs";
+
+export type FileKind = "file" | "dir" | "link" | "other" | "missing";
+export interface FileInfo {
+  kind: FileKind;
+  /** Permission bits, e.g. 0o755. */
+  mode: number;
+  /** st_dev: which filesystem the path is on. */
+  dev: number;
+}
+
+export interface Sys {
+  readFile(path: string): string | null;
+  readBytes(path: string): Uint8Array | null;
+  writeFile(path: string, data: string): void;
+  exists(path: string): boolean;
+  lstat(path: string): FileInfo;
+  readlink(path: string): string;
+  mkdirp(path: string, mode?: number): void;
+  /** Mount points from /proc/self/mounts. */
+  mountPoints(): string[];
+  mount(src: string | null, target: string, fstype: string | null, flags: number, data?: string | null): void;
+  umount(target: string, flags: number): void;
+  statfsType(path: string): number;
+  loadModule(nameOrAlias: string): string[];
+  resolveDevice(spec: string): string | null;
+  probe(device: string): Record<string, string> | null;
+  pid(): number;
+  sync(): void;
+  chdir(path: string): void;
+  chroot(path: string): void;
+  pivotRoot(newRoot: string, putOld: string): void;
+  openDir(path: string): number;
+  close(fd: number): void;
+  /** Deletes everything below `dir` that is on device `dev`, never crossing into other mounts. */
+  removeTreeOnDevice(dir: string, dev: number): number;
+  execve(path: string, argv: readonly string[], env: readonly string[]): never;
+  reboot(cmd: number): void;
+  sleep(ms: number): Promise<void>;
+}
+
+function info(path: string): FileInfo {
+  try {
+    const st = lstatSync(path);
+    const kind: FileKind = st.isFile() ? "file" : st.isDirectory() ? "dir" : st.isSymbolicLink() ? "link" : "other";
+    return { kind, mode: st.mode & 0o7777, dev: st.dev };
+  } catch {
+    return { kind: "missing", mode: 0, dev: -1 };
+  }
+}
+
+function removeTreeOnDevice(dir: string, dev: number): number {
+  let removed = 0;
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return 0;
+  }
+  for (const name of names) {
+    const p = `${dir}/${name}`;
+    const st = info(p);
+    // A different st_dev is another mount (the moved /dev, a leftover bind): never cross it.
+    if (st.dev !== dev) continue;
+    try {
+      if (st.kind === "dir") {
+        removed += removeTreeOnDevice(p, dev);
+        rmdirSync(p);
+      } else {
+        unlinkSync(p);
+      }
+      removed++;
+    } catch {
+      // Best effort: a file we cannot delete only costs memory, not correctness.
+    }
+  }
+  return removed;
+}
+
+/** The real machine. Loaded lazily so unit tests of boot logic never load C libraries. */
+export async function realSys(): Promise<Sys> {
+  const libc = await import("./libc.ts");
+  const kmod = await import("./kmod.ts");
+  const blkid = await import("./blkid.ts");
+  return {
+    readFile: (p) => {
+      try {
+        return readFileSync(p, "utf8");
+      } catch {
+        return null;
+      }
+    },
+    readBytes: (p) => {
+      try {
+        return readFileSync(p);
+      } catch {
+        return null;
+      }
+    },
+    writeFile: (p, d) => writeFileSync(p, d),
+    exists: (p) => existsSync(p),
+    lstat: info,
+    readlink: (p) => readlinkSync(p),
+    mkdirp: (p, mode = 0o755) => void mkdirSync(p, { recursive: true, mode }),
+    mountPoints: () =>
+      readFileSync("/proc/self/mounts", "utf8")
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => l.split(" ")[1]!.replace(/\\040/g, " ")),
+    mount: (s, t, f, fl, d = null) => libc.mount(s, t, f, fl, d),
+    umount: (t, fl) => libc.umount2(t, fl),
+    statfsType: (p) => libc.statfsType(p),
+    loadModule: (m) => kmod.loadModule(m).modules,
+    resolveDevice: (s) => blkid.resolveSpec(s),
+    probe: (d) => blkid.probe(d),
+    pid: () => libc.getpid(),
+    sync: () => libc.sync(),
+    chdir: (p) => libc.chdir(p),
+    chroot: (p) => libc.chroot(p),
+    pivotRoot: (n, o) => libc.pivotRoot(n, o),
+    openDir: (p) => openSync(p, constants.O_RDONLY | constants.O_DIRECTORY),
+    close: (fd) => closeSync(fd),
+    removeTreeOnDevice,
+    execve: (p, a, e) => libc.execve(p, a, e),
+    reboot: (c) => libc.reboot(c),
+    sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
+  };
+}
+

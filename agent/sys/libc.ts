@@ -1,0 +1,96 @@
+// Thin bindings to the libc calls the agent needs as PID 1. Each wrapper throws a SysError
+// naming the call and its arguments; nothing here decides policy.
+import { check, koffi, SysError } from "./ffi.ts";
+
+export { FS_MAGIC, MNT_DETACH, MS, RB } from "./consts.ts";
+
+const libc = koffi.load("libc.so.6");
+
+const c = {
+  mount: libc.func("int mount(const char *src, const char *target, const char *fstype, unsigned long flags, const char *data)"),
+  umount2: libc.func("int umount2(const char *target, int flags)"),
+  chroot: libc.func("int chroot(const char *path)"),
+  chdir: libc.func("int chdir(const char *path)"),
+  syscall: libc.func("long syscall(long number, ...)"),
+  statfs: libc.func("int statfs(const char *path, _Out_ uint8_t *buf)"),
+  reboot: libc.func("int reboot(int cmd)"),
+  sync: libc.func("void sync(void)"),
+  wait4: libc.func("int wait4(int pid, _Out_ int *status, int options, void *rusage)"),
+  kill: libc.func("int kill(int pid, int sig)"),
+  execve: libc.func("int execve(const char *path, const char **argv, const char **envp)"),
+  sigprocmask: libc.func("int sigprocmask(int how, const uint8_t *set, void *old)"),
+  signal: libc.func("void *signal(int sig, void *handler)"),
+  getpid: libc.func("int getpid(void)"),
+};
+
+const SYS_pivot_root = 155;
+const SYS_finit_module = 313;
+const WNOHANG = 1;
+
+export function mount(src: string | null, target: string, fstype: string | null, flags: number, data: string | null = null): void {
+  check("mount", [src, target, fstype, flags, data], c.mount(src, target, fstype, flags, data));
+}
+
+export function umount2(target: string, flags: number): void {
+  check("umount2", [target, flags], c.umount2(target, flags));
+}
+
+export function chroot(path: string): void {
+  check("chroot", [path], c.chroot(path));
+}
+
+export function chdir(path: string): void {
+  check("chdir", [path], c.chdir(path));
+}
+
+export function pivotRoot(newRoot: string, putOld: string): void {
+  check("pivot_root", [newRoot, putOld], Number(c.syscall(SYS_pivot_root, "const char *", newRoot, "const char *", putOld)));
+}
+
+export function finitModule(fd: number, params: string): void {
+  check("finit_module", [fd, params], Number(c.syscall(SYS_finit_module, "int", fd, "const char *", params, "int", 0)));
+}
+
+/** The filesystem magic of the filesystem holding `path` (statfs f_type). */
+export function statfsType(path: string): number {
+  const buf = new Uint8Array(120); // sizeof(struct statfs) on x86_64
+  check("statfs", [path], c.statfs(path, buf));
+  return new DataView(buf.buffer).getUint32(0, true); // f_type is the first (long) field
+}
+
+export function reboot(cmd: number): void {
+  check("reboot", [cmd.toString(16)], c.reboot(cmd));
+}
+
+export function sync(): void {
+  c.sync();
+}
+
+export function getpid(): number {
+  return c.getpid();
+}
+
+/** Reaps `pid` if it has exited; returns true when it was reaped. */
+export function reapIfExited(pid: number): boolean {
+  const status = [0];
+  const r = c.wait4(pid, status, WNOHANG, null);
+  if (r < 0) return false; // ECHILD: not ours, or already reaped by someone else
+  return r === pid;
+}
+
+export function kill(pid: number, sig: number): void {
+  check("kill", [pid, sig], c.kill(pid, sig));
+}
+
+/**
+ * Replaces this process. Before exec the signal mask is cleared and SIGPIPE reset, because both
+ * survive execve and the runtime may have changed them; the next init must start clean.
+ */
+export function execve(path: string, argv: readonly string[], envp: readonly string[]): never {
+  const SIG_SETMASK = 2;
+  const SIGPIPE = 13;
+  c.sigprocmask(SIG_SETMASK, new Uint8Array(128), null);
+  c.signal(SIGPIPE, null);
+  c.execve(path, [...argv, null], [...envp, null]);
+  throw new SysError("execve", [path, ...argv], koffi.errno());
+}

@@ -1,0 +1,208 @@
+// Boots initos under QEMU (TCG: nested KVM hangs on these machines) for tests and the demo.
+// Direct kernel boot or OVMF Secure Boot of the UKI, with an optional swtpm. Every VM writes
+// its serial console to a log file, is waited on with timeouts, and is always torn down with
+// its swtpm and temp dir, also when a test fails (stopAll in afterEach).
+import { type ChildProcess, spawn } from "node:child_process";
+import { copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, rmSync, type WriteStream } from "node:fs";
+import { tmpdir } from "node:os";
+import { resolve } from "node:path";
+
+export const OVMF = {
+  code: "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd",
+  /** Secure Boot enabled, snakeoil keys enrolled. */
+  varsSecure: "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd",
+  /** No keys enrolled: Secure Boot off. */
+  varsPlain: "/usr/share/OVMF/OVMF_VARS_4M.fd",
+} as const;
+
+export interface Disk {
+  file: string;
+  /** Writes go to a throwaway overlay, so images can be shared between scenarios (default on). */
+  snapshot?: boolean;
+  format?: "raw" | "qcow2";
+}
+
+export interface VmOptions {
+  /** Names the serial log: <logDir>/<name>.log */
+  name: string;
+  logDir?: string;
+  /** Direct kernel boot (no firmware), as cloud-hypervisor does. */
+  direct?: { kernel: string; initrd: string; append: string };
+  /** Firmware boot: OVMF with this vars template (copied; the original stays pristine). */
+  firmware?: { vars: string; code?: string };
+  disks?: Disk[];
+  /** Attach a TPM 2.0 (swtpm). `stateDir` keeps state between boots; otherwise a fresh TPM. */
+  tpm?: boolean | { stateDir: string };
+  memoryMiB?: number;
+  cpus?: number;
+}
+
+export class Vm {
+  private buf = "";
+  private waiters = new Set<() => void>();
+  private exitCode: number | null | undefined;
+  readonly exited: Promise<number | null>;
+
+  constructor(
+    readonly name: string,
+    readonly logPath: string,
+    private readonly qemu: ChildProcess,
+    private readonly log: WriteStream,
+    private readonly cleanup: () => void,
+  ) {
+    const onData = (d: Buffer) => {
+      const s = d.toString("utf8");
+      this.buf += s;
+      this.log.write(s);
+      for (const w of this.waiters) w();
+    };
+    qemu.stdout!.on("data", onData);
+    qemu.stderr!.on("data", onData);
+    this.exited = new Promise((res) => {
+      qemu.on("exit", (code) => {
+        this.exitCode = code;
+        this.log.end();
+        this.cleanup();
+        for (const w of this.waiters) w();
+        res(code);
+      });
+    });
+  }
+
+  /** Everything the serial console (and QEMU itself) printed so far. */
+  get output(): string {
+    return this.buf;
+  }
+
+  get running(): boolean {
+    return this.exitCode === undefined;
+  }
+
+  /** Resolves with the first match of `re` in the output; rejects on timeout or VM exit. */
+  waitFor(re: RegExp, timeoutMs: number): Promise<RegExpMatchArray> {
+    return new Promise((res, rej) => {
+      const check = () => {
+        const m = this.buf.match(re);
+        if (m) return done(() => res(m));
+        if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}; log ${this.logPath}`)));
+      };
+      const timer = setTimeout(() => done(() => rej(new Error(`${this.name}: no ${re} within ${timeoutMs} ms; log ${this.logPath}`))), timeoutMs);
+      const done = (f: () => void) => {
+        clearTimeout(timer);
+        this.waiters.delete(check);
+        f();
+      };
+      this.waiters.add(check);
+      check();
+    });
+  }
+
+  /** Waits for the VM to power off or reboot (QEMU runs with -no-reboot); kills it on timeout. */
+  async waitExit(timeoutMs: number): Promise<number | null> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<"timeout">((res) => (timer = setTimeout(() => res("timeout"), timeoutMs)));
+    const r = await Promise.race([this.exited, timeout]);
+    clearTimeout(timer);
+    if (r === "timeout") {
+      await this.stop();
+      throw new Error(`${this.name}: still running after ${timeoutMs} ms; log ${this.logPath}`);
+    }
+    return r;
+  }
+
+  /** Types on the serial console. */
+  send(text: string): void {
+    this.qemu.stdin!.write(text);
+  }
+
+  /** Synchronous teardown, for process exit where nothing can be awaited. */
+  kill(): void {
+    if (this.running) this.qemu.kill("SIGKILL");
+    this.cleanup();
+  }
+
+  async stop(): Promise<void> {
+    if (!this.running) return;
+    this.qemu.kill("SIGKILL");
+    await this.exited;
+  }
+}
+
+const live = new Set<Vm>();
+
+/** Kills every VM still running (and with it its swtpm); for afterEach/afterAll. */
+export async function stopAll(): Promise<void> {
+  await Promise.all([...live].map((v) => v.stop()));
+}
+
+async function waitForFile(path: string, timeoutMs: number, what: string): Promise<void> {
+  const start = Date.now();
+  while (!existsSync(path)) {
+    if (Date.now() - start > timeoutMs) throw new Error(`${what}: ${path} did not appear within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] {
+  const args = ["-accel", "tcg", "-cpu", "max", "-m", String(o.memoryMiB ?? 1024), "-smp", String(o.cpus ?? 2)];
+  // -no-reboot: a reboot ends QEMU, so the failure policy's reboot is observable as an exit.
+  args.push("-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nic", "none");
+  if (o.firmware) {
+    const vars = `${tmp}/vars.fd`;
+    copyFileSync(o.firmware.vars, vars);
+    args.push(
+      "-machine", "q35,smm=on",
+      "-global", "driver=cfi.pflash01,property=secure,value=on",
+      "-drive", `if=pflash,format=raw,unit=0,readonly=on,file=${o.firmware.code ?? OVMF.code}`,
+      "-drive", `if=pflash,format=raw,unit=1,file=${vars}`,
+    );
+  } else {
+    args.push("-machine", "q35");
+  }
+  if (o.direct) args.push("-kernel", o.direct.kernel, "-initrd", o.direct.initrd, "-append", o.direct.append);
+  for (const d of o.disks ?? []) {
+    const snap = d.snapshot ?? true;
+    args.push("-drive", `file=${resolve(d.file)},format=${d.format ?? "raw"},if=virtio${snap ? ",snapshot=on" : ""}`);
+  }
+  if (tpmSock) args.push("-chardev", `socket,id=tpmchr,path=${tpmSock}`, "-tpmdev", "emulator,id=tpm0,chardev=tpmchr", "-device", "tpm-tis,tpmdev=tpm0");
+  return args;
+}
+
+export async function startVm(o: VmOptions): Promise<Vm> {
+  const logDir = o.logDir ?? "build/logs";
+  mkdirSync(logDir, { recursive: true });
+  const tmp = mkdtempSync(`${tmpdir()}/initos-vm-`);
+  let swtpm: ChildProcess | undefined;
+  let cleaned = false;
+  const cleanup = () => {
+    if (cleaned) return;
+    cleaned = true;
+    swtpm?.kill("SIGKILL");
+    rmSync(tmp, { recursive: true, force: true });
+  };
+  try {
+    let tpmSock: string | undefined;
+    if (o.tpm) {
+      const stateDir = typeof o.tpm === "object" ? o.tpm.stateDir : `${tmp}/tpm`;
+      mkdirSync(stateDir, { recursive: true });
+      tpmSock = `${tmp}/swtpm.sock`;
+      swtpm = spawn("swtpm", ["socket", "--tpm2", "--tpmstate", `dir=${stateDir}`, "--ctrl", `type=unixio,path=${tpmSock}`, "--flags", "not-need-init"], {
+        stdio: "ignore",
+      });
+      await waitForFile(tpmSock, 5000, "swtpm");
+    }
+    const qemu = spawn("qemu-system-x86_64", qemuArgs(o, tmp, tpmSock), { stdio: ["pipe", "pipe", "pipe"] });
+    const logPath = `${logDir}/${o.name}.log`;
+    const vm = new Vm(o.name, logPath, qemu, createWriteStream(logPath), cleanup);
+    live.add(vm);
+    void vm.exited.then(() => live.delete(vm));
+    return vm;
+  } catch (e) {
+    cleanup();
+    throw e;
+  }
+}
+
+process.on("exit", () => {
+  for (const v of live) v.kill();
+});
