@@ -14,13 +14,13 @@ const pump = setInterval(() => {
   shown = vm.output.length;
 }, 100);
 try {
-  await vm.waitFor(/INITOS-TEST-ROOT pid=1[^\n]*/, 120_000);
+  await vm.waitFor(/INITOS-TEST-ROOT pid=1[^\r\n]*/, 120_000);
   await vm.waitExit(30_000);
   clearInterval(pump);
   process.stdout.write(vm.output.slice(shown));
   const sb = /initos: secureboot: (\S+)/.exec(vm.output)?.[1];
-  const timeline = /initos: timeline: ([^\n]*)/.exec(vm.output)?.[1];
-  const marker = /INITOS-TEST-ROOT[^\n]*/.exec(vm.output)?.[0];
+  const timeline = /initos: timeline: ([^\r\n]*)/.exec(vm.output)?.[1];
+  const marker = /INITOS-TEST-ROOT[^\r\n]*/.exec(vm.output)?.[0];
   console.log("\n==== initos demo ====");
   console.log(`Secure Boot:        ${sb}`);
   console.log(`agent stages:       ${timeline}`);

@@ -1,0 +1,171 @@
+import { describe, expect, it } from "vitest";
+import { boot, chooseInit, initArgs, rebootDelay, stage, type BootContext } from "../../agent/boot.ts";
+import { parseCmdline } from "../../agent/cmdline.ts";
+import { DEFAULT_CONFIG, parseConfig } from "../../agent/config.ts";
+import { applyFailurePolicy, DIAG_PATH } from "../../agent/failure.ts";
+import { Timeline } from "../../agent/log.ts";
+import { waitForDevice } from "../../agent/stages/root.ts";
+import { mountApiFilesystems, readSecureBoot, setupEarly } from "../../agent/stages/early.ts";
+import { FakeSys, silentLog } from "./fakesys.ts";
+
+function ctx(sys: FakeSys): BootContext & { log: ReturnType<typeof silentLog> } {
+  return { sys, log: silentLog(), timeline: new Timeline("/nonexistent/boot.json") };
+}
+
+describe("early stage", () => {
+  it("mounts only what is not mounted yet, /dev/pts after /dev", () => {
+    const s = new FakeSys();
+    mountApiFilesystems(s, silentLog());
+    const mounts = s.calls.filter((c) => c.startsWith("mount"));
+    expect(mounts).toEqual([
+      "mount devpts /dev/pts devpts 0xa gid=5,mode=620,ptmxmode=000",
+      "mount tmpfs /dev/shm tmpfs 0x6 mode=1777",
+      "mount tmpfs /run tmpfs 0x6 mode=0755",
+    ]);
+  });
+
+  it("reads the SecureBoot variable; an unreadable one on EFI counts as on", () => {
+    const s = new FakeSys();
+    const v = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
+    expect(readSecureBoot(s, false)).toBe("no-efi");
+    expect(readSecureBoot(s, true)).toBe("on");
+    s.add(v, { kind: "file", data: "\x06\x00\x00\x00\x01" });
+    expect(readSecureBoot(s, true)).toBe("on");
+    s.add(v, { kind: "file", data: "\x06\x00\x00\x00\x00" });
+    expect(readSecureBoot(s, true)).toBe("off");
+  });
+
+  it("lifts the kmsg rate limit and disables ctrl-alt-del", () => {
+    const s = new FakeSys().add("/proc/sys/kernel/printk_devkmsg", { kind: "file", data: "ratelimit\n" });
+    const r = setupEarly(s, silentLog());
+    expect(r).toEqual({ secureBoot: "no-efi", devkmsg: "ratelimit" });
+    expect(s.readFile("/proc/sys/kernel/printk_devkmsg")).toBe("on\n");
+    expect(s.calls).toContain("reboot 0x0");
+  });
+});
+
+describe("waitForDevice", () => {
+  it("returns a device that appears while waiting", async () => {
+    const s = new FakeSys();
+    s.appearAfterSleeps.set("LABEL=root", 3);
+    expect(await waitForDevice(s, silentLog(), "LABEL=root", 10, () => 0)).toBe("LABEL=root");
+    expect(s.sleeps).toBe(3);
+  });
+
+  it("gives up after the bound with a line naming the device and the time", async () => {
+    const s = new FakeSys();
+    let t = 0;
+    s.sleep = async () => void (t += 50);
+    await expect(waitForDevice(s, silentLog(), "/dev/vdz", 2, () => t)).rejects.toThrow("root device /dev/vdz did not appear within 2s");
+    expect(t).toBe(2000);
+  });
+});
+
+describe("boot plan", () => {
+  function bootable(cmdline: string): FakeSys {
+    return new FakeSys()
+      .add("/proc/cmdline", { kind: "file", data: cmdline })
+      .add("/etc/initos/config.json", { kind: "file", data: JSON.stringify({ modules: ["virtio_blk", "btrfs"] }) })
+      .add("/sysroot", { kind: "dir", dev: 2 })
+      .add("/sysroot/sbin", { kind: "dir", dev: 2 })
+      .add("/sysroot/sbin/init", { kind: "file", mode: 0o755, dev: 2 });
+  }
+
+  it("runs early → modules → root → handoff and execs the init with the app args", async () => {
+    const s = bootable("root=/dev/vda rootflags=subvol=@ -- x y");
+    s.devices.add("/dev/vda");
+    const c = ctx(s);
+    await expect(boot(c, {})).rejects.toThrow("execve reached");
+    expect(s.calls.filter((x) => /^(loadModule|mount \/dev\/vda|execve)/.test(x))).toEqual([
+      "loadModule virtio_blk",
+      "loadModule btrfs",
+      "mount /dev/vda /sysroot btrfs 0x1 subvol=@",
+      "execve /sbin/init /sbin/init x y",
+    ]);
+    expect(c.timeline.stages.map((x) => [x.name, x.ok])).toEqual([
+      ["early", true],
+      ["modules", true],
+      ["root", true],
+      ["handoff-check", true],
+    ]);
+  });
+
+  it("logs a malformed cmdline value and boots with the default", async () => {
+    const s = bootable("root=/dev/vda initos.rootwait=soon");
+    s.devices.add("/dev/vda");
+    const c = ctx(s);
+    await expect(boot(c, {})).rejects.toThrow("execve reached");
+    expect(c.log.lines).toContain('err: cmdline: initos.rootwait="soon" is invalid (expected whole seconds 0-3600); using the default');
+  });
+
+  it("fails the root stage, recorded in the timeline, when the device never appears", async () => {
+    const s = bootable("root=/dev/vdz initos.rootwait=0");
+    const c = ctx(s);
+    await expect(boot(c, {})).rejects.toThrow("root device /dev/vdz did not appear within 0s");
+    const last = c.timeline.stages.at(-1)!;
+    expect(last).toMatchObject({ name: "root", ok: false, error: "root device /dev/vdz did not appear within 0s" });
+    expect(s.calls.some((x) => x.startsWith("execve"))).toBe(false);
+  });
+
+  it("refuses to boot without root=", async () => {
+    await expect(boot(ctx(bootable("quiet")), {})).rejects.toThrow("no root= on the kernel command line");
+  });
+
+  it("stage() records failures with their cause and rethrows", async () => {
+    const c = ctx(new FakeSys());
+    await expect(stage(c, "x", () => Promise.reject(new Error("boom")))).rejects.toThrow("boom");
+    expect(c.timeline.stages[0]).toMatchObject({ name: "x", ok: false, error: "boom" });
+    expect(c.log.lines.at(-1)).toMatch(/^err: stage x: failed after \d+ms$/);
+  });
+});
+
+describe("init choice", () => {
+  it("uses init= when given, else the first existing candidate, and names what it tried", () => {
+    const s = new FakeSys().add("/sysroot", { kind: "dir" }).add("/sysroot/bin", { kind: "dir" }).add("/sysroot/bin/init", { kind: "file", mode: 0o755 });
+    expect(chooseInit(s, parseCmdline("").cmdline, DEFAULT_CONFIG)).toBe("/bin/init");
+    expect(() => chooseInit(s, parseCmdline("init=/sbin/other").cmdline, DEFAULT_CONFIG)).toThrow("no init in the root: tried /sbin/other");
+  });
+
+  it("tells systemd it was switched to from an initrd", () => {
+    expect(initArgs("/lib/systemd/systemd", [])).toEqual(["--switched-root", "--system"]);
+    expect(initArgs("/sbin/init", ["a"])).toEqual(["a"]);
+  });
+});
+
+describe("failure policy", () => {
+  it("logs the cause, writes diagnostics, waits, syncs and reboots", async () => {
+    const s = new FakeSys().add("/proc/cmdline", { kind: "file", data: "root=/dev/vdz\n" });
+    const log = silentLog();
+    let slept = 0;
+    s.sleep = async (ms: number) => {
+      slept += ms;
+      if (slept > 10_000) throw new Error("stop"); // the loop after a refused reboot
+    };
+    s.failOn.set("reboot", new Error("EPERM"));
+    await expect(applyFailurePolicy(s, log, new Timeline("/x/boot.json"), new Error("root device /dev/vdz did not appear within 3s"), 2)).rejects.toThrow("stop");
+    expect(log.lines[0]).toBe("err: boot failed: root device /dev/vdz did not appear within 3s");
+    expect(s.readFile(DIAG_PATH)).toMatch(/^reason: root device \/dev\/vdz did not appear within 3s\n[\s\S]*## cmdline \(\/proc\/cmdline\)\nroot=\/dev\/vdz/);
+    expect(log.lines).toContain("err: rebooting in 2s");
+    expect(s.calls.slice(-2)).toEqual(["sync", "reboot 0x1234567"]);
+    expect(log.lines).toContain("err: reboot failed: EPERM; halting here");
+  });
+
+  it("picks the delay: initos.reboot_delay, then panic=, then the config", () => {
+    const cfg = { ...DEFAULT_CONFIG, rebootDelaySeconds: 17 };
+    expect(rebootDelay({ cmdline: parseCmdline("initos.reboot_delay=4 panic=9").cmdline, config: cfg })).toBe(4);
+    expect(rebootDelay({ cmdline: parseCmdline("panic=9").cmdline, config: cfg })).toBe(9);
+    expect(rebootDelay({ cmdline: parseCmdline("panic=-1").cmdline, config: cfg })).toBe(17);
+    expect(rebootDelay({})).toBe(30);
+  });
+});
+
+describe("agent config", () => {
+  it("fills defaults and rejects unknown keys and bad values with the path", () => {
+    expect(parseConfig('{"modules":["btrfs"]}').config).toEqual({ ...DEFAULT_CONFIG, modules: ["btrfs"] });
+    expect(parseConfig('{"modulez":[]}').error).toMatch(/config: \/etc\/initos\/config.json: \(top level\): .*modulez/);
+    expect(parseConfig('{"rootWaitSeconds":-1}').error).toMatch(/rootWaitSeconds: /);
+    expect(parseConfig('{"modules":["a b"]}').error).toMatch(/modules\.0: expected a module name/);
+    expect(parseConfig("{").error).toMatch(/is not JSON/);
+    expect(parseConfig(null)).toEqual({ config: DEFAULT_CONFIG, error: "config: /etc/initos/config.json missing; using defaults" });
+  });
+});

@@ -1,0 +1,133 @@
+// A fake machine for unit tests of boot decisions: an in-memory file tree with devices and
+// mounts, and a journal of every system call so tests can assert order and absence.
+import type { FileInfo, Sys } from "../../agent/sys/index.ts";
+
+export interface FakeNode {
+  kind: "file" | "dir" | "link";
+  mode?: number;
+  dev?: number;
+  target?: string;
+  data?: string;
+}
+
+export class FakeSys implements Sys {
+  calls: string[] = [];
+  files = new Map<string, FakeNode>();
+  mounts: string[] = ["/", "/proc", "/sys", "/dev"];
+  pidValue = 1;
+  rootMagic = 0x858458f6; // ramfs
+  /** Devices that exist now, and ones that appear after N sleeps. */
+  devices = new Set<string>();
+  appearAfterSleeps = new Map<string, number>();
+  sleeps = 0;
+  failOn = new Map<string, Error>();
+
+  constructor() {
+    this.add("/", { kind: "dir", dev: 1 });
+  }
+
+  add(path: string, node: FakeNode): this {
+    this.files.set(path, { mode: node.kind === "dir" ? 0o755 : 0o644, dev: 1, ...node });
+    return this;
+  }
+
+  private log(call: string): void {
+    this.calls.push(call);
+    const f = [...this.failOn.keys()].find((k) => call.startsWith(k));
+    if (f) throw this.failOn.get(f)!;
+  }
+
+  readFile(p: string): string | null {
+    const n = this.files.get(p);
+    return n?.kind === "file" ? (n.data ?? "") : null;
+  }
+  readBytes(p: string): Uint8Array | null {
+    const t = this.readFile(p);
+    return t === null ? null : Buffer.from(t, "latin1");
+  }
+  writeFile(p: string, d: string): void {
+    this.log(`writeFile ${p}`);
+    this.add(p, { kind: "file", data: d });
+  }
+  exists(p: string): boolean {
+    return this.files.has(p) || this.devices.has(p);
+  }
+  lstat(p: string): FileInfo {
+    const n = this.files.get(p.replace(/(.)\/+$/, "$1"));
+    if (!n) return { kind: "missing", mode: 0, dev: -1 };
+    return { kind: n.kind, mode: n.mode ?? 0, dev: n.dev ?? 1 };
+  }
+  readlink(p: string): string {
+    return this.files.get(p)?.target ?? "";
+  }
+  mkdirp(p: string): void {
+    this.log(`mkdirp ${p}`);
+    if (!this.files.has(p)) this.add(p, { kind: "dir" });
+  }
+  mountPoints(): string[] {
+    return [...this.mounts];
+  }
+  mount(src: string | null, target: string, fstype: string | null, flags: number, data: string | null = null): void {
+    this.log(`mount ${src} ${target} ${fstype} 0x${flags.toString(16)}${data ? ` ${data}` : ""}`);
+    this.mounts.push(target);
+  }
+  umount(target: string, flags: number): void {
+    this.log(`umount ${target} ${flags}`);
+  }
+  statfsType(): number {
+    return this.rootMagic;
+  }
+  loadModule(name: string): string[] {
+    this.log(`loadModule ${name}`);
+    return [name];
+  }
+  resolveDevice(spec: string): string | null {
+    return this.devices.has(spec) ? spec : null;
+  }
+  probe(): Record<string, string> | null {
+    return { TYPE: "btrfs" };
+  }
+  pid(): number {
+    return this.pidValue;
+  }
+  sync(): void {
+    this.log("sync");
+  }
+  chdir(p: string): void {
+    this.log(`chdir ${p}`);
+  }
+  chroot(p: string): void {
+    this.log(`chroot ${p}`);
+  }
+  pivotRoot(n: string, o: string): void {
+    this.log(`pivotRoot ${n} ${o}`);
+  }
+  openDir(p: string): number {
+    this.log(`openDir ${p}`);
+    return 9;
+  }
+  close(fd: number): void {
+    this.log(`close ${fd}`);
+  }
+  removeTreeOnDevice(dir: string, dev: number): number {
+    this.log(`removeTree ${dir} dev=${dev}`);
+    return 3;
+  }
+  execve(p: string, argv: readonly string[]): never {
+    this.log(`execve ${p} ${argv.join(" ")}`);
+    throw new Error("execve reached (fake)");
+  }
+  reboot(cmd: number): void {
+    this.log(`reboot 0x${cmd.toString(16)}`);
+  }
+  async sleep(): Promise<void> {
+    this.sleeps++;
+    for (const [dev, n] of this.appearAfterSleeps) if (this.sleeps >= n) this.devices.add(dev);
+  }
+}
+
+export function silentLog() {
+  const lines: string[] = [];
+  const push = (lvl: string) => (m: string) => void lines.push(`${lvl}: ${m}`);
+  return { lines, err: push("err"), warn: push("warn"), info: push("info"), debug: push("debug"), quiet: false, verbose: false };
+}

@@ -1,0 +1,133 @@
+import { describe, expect, it } from "vitest";
+import { checkSwitchRoot, findInit, resolveInRoot, switchRoot, type SwitchRootPlan } from "../../agent/switchroot.ts";
+import { FakeSys, silentLog } from "./fakesys.ts";
+
+/** A machine ready to switch: initramfs on dev 1, the new root mounted from dev 2. */
+function ready(): FakeSys {
+  const s = new FakeSys();
+  s.add("/sysroot", { kind: "dir", dev: 2 })
+    .add("/sysroot/sbin", { kind: "dir", dev: 2 })
+    .add("/sysroot/sbin/init", { kind: "file", mode: 0o755, dev: 2 })
+    .add("/sysroot/dev", { kind: "dir", dev: 2 })
+    .add("/sysroot/proc", { kind: "dir", dev: 2 })
+    .add("/sysroot/sys", { kind: "dir", dev: 2 })
+    .add("/sysroot/run", { kind: "dir", dev: 2 });
+  s.mounts.push("/run", "/sysroot");
+  return s;
+}
+const plan: SwitchRootPlan = { newRoot: "/sysroot", init: "/sbin/init", args: ["a", "b"], env: ["TERM=linux"] };
+const DESTRUCTIVE = /^(mount|umount|chroot|chdir|pivotRoot|removeTree|execve|sync)/;
+
+describe("switch_root guards", () => {
+  it("refuses when not PID 1, touching nothing", () => {
+    const s = ready();
+    s.pidValue = 42;
+    expect(() => switchRoot(s, silentLog(), plan)).toThrow("switch_root refused: not PID 1 (pid 42)");
+    expect(s.calls.filter((c) => DESTRUCTIVE.test(c))).toEqual([]);
+  });
+
+  it("refuses when / is not ramfs/tmpfs (e.g. ext4), touching nothing", () => {
+    const s = ready();
+    s.rootMagic = 0xef53;
+    expect(() => switchRoot(s, silentLog(), plan)).toThrow("/ is not an initramfs (statfs magic 0xef53)");
+    expect(s.calls.filter((c) => DESTRUCTIVE.test(c))).toEqual([]);
+  });
+
+  it("accepts tmpfs as the initramfs", () => {
+    const s = ready();
+    s.rootMagic = 0x01021994;
+    expect(() => checkSwitchRoot(s, plan)).not.toThrow();
+  });
+
+  it("refuses when the new root is on the same device as / (not mounted)", () => {
+    const s = ready();
+    s.add("/sysroot", { kind: "dir", dev: 1 });
+    expect(() => switchRoot(s, silentLog(), plan)).toThrow("/sysroot is not a mount (same device as /)");
+    expect(s.calls.filter((c) => DESTRUCTIVE.test(c))).toEqual([]);
+  });
+
+  it("refuses when the init is missing or not executable, before destroying anything", () => {
+    const s = ready();
+    s.add("/sysroot/sbin/init", { kind: "file", mode: 0o644, dev: 2 });
+    expect(() => switchRoot(s, silentLog(), plan)).toThrow("init /sbin/init not found or not executable in /sysroot");
+    const t = ready();
+    expect(() => switchRoot(t, silentLog(), { ...plan, init: "/usr/lib/systemd/systemd" })).toThrow(/not found/);
+    expect([...s.calls, ...t.calls].filter((c) => DESTRUCTIVE.test(c))).toEqual([]);
+  });
+});
+
+describe("switch_root sequence", () => {
+  it("syncs, makes / private, moves the API mounts, falls back to MS_MOVE+chroot, frees the old root, execs", () => {
+    const s = ready();
+    s.failOn.set("pivotRoot", new Error("EINVAL")); // rootfs cannot be pivoted
+    expect(() => switchRoot(s, silentLog(), plan)).toThrow("execve reached (fake)");
+    expect(s.calls).toEqual([
+      "sync",
+      "mount null / null 0x44000", // MS_REC | MS_PRIVATE
+      "mount /dev /sysroot/dev null 0x2000",
+      "mount /proc /sysroot/proc null 0x2000",
+      "mount /sys /sysroot/sys null 0x2000",
+      "mount /run /sysroot/run null 0x2000",
+      "openDir /",
+      "chdir /sysroot",
+      "pivotRoot . .",
+      "mount . / null 0x2000",
+      "chroot .",
+      "chdir /",
+      "removeTree /proc/self/fd/9 dev=1",
+      "close 9",
+      "execve /sbin/init /sbin/init a b",
+    ]);
+  });
+
+  it("uses pivot_root when the kernel allows it, and detaches the old root", () => {
+    const s = ready();
+    expect(() => switchRoot(s, silentLog(), plan)).toThrow("execve reached");
+    const i = s.calls.indexOf("pivotRoot . .");
+    expect(s.calls.slice(i, i + 2)).toEqual(["pivotRoot . .", "umount . 2"]);
+    expect(s.calls).not.toContain("chroot .");
+  });
+
+  it("detaches an API mount the new root has no directory for, and says so", () => {
+    const s = ready();
+    s.files.delete("/sysroot/run");
+    const log = silentLog();
+    expect(() => switchRoot(s, log, plan)).toThrow("execve reached");
+    expect(s.calls).toContain("umount /run 2");
+    expect(log.lines).toContain("warn: switch_root: /sysroot/run missing, detaching /run");
+  });
+
+  it("runs beforeExec after the cleanup, just before exec", () => {
+    const s = ready();
+    let at = -1;
+    expect(() => switchRoot(s, silentLog(), { ...plan, beforeExec: () => (at = s.calls.length) })).toThrow("execve reached");
+    expect(s.calls[at - 1]).toBe("close 9");
+    expect(s.calls[at]).toMatch(/^execve/);
+  });
+});
+
+describe("resolveInRoot / findInit", () => {
+  it("follows absolute symlinks inside the new root, not the initramfs", () => {
+    const s = new FakeSys()
+      .add("/r/sbin", { kind: "dir" })
+      .add("/r/sbin/init", { kind: "link", target: "/lib/systemd/systemd" })
+      .add("/r/lib", { kind: "link", target: "usr/lib" })
+      .add("/r/usr/lib/systemd/systemd", { kind: "file", mode: 0o755 })
+      .add("/r/usr", { kind: "dir" })
+      .add("/r/usr/lib", { kind: "dir" })
+      .add("/r/usr/lib/systemd", { kind: "dir" });
+    expect(resolveInRoot(s, "/r", "/sbin/init")).toBe("/usr/lib/systemd/systemd");
+    expect(findInit(s, "/r", ["/nope", "/sbin/init"])).toBe("/sbin/init");
+  });
+
+  it("does not climb above the new root with ..", () => {
+    const s = new FakeSys().add("/r/bin", { kind: "dir" }).add("/r/bin/sh", { kind: "link", target: "../../../bin/busybox" });
+    s.add("/bin/busybox", { kind: "file", mode: 0o755 }); // exists in the initramfs only
+    expect(resolveInRoot(s, "/r", "/bin/sh")).toBeNull();
+  });
+
+  it("gives up on symlink loops", () => {
+    const s = new FakeSys().add("/r/a", { kind: "link", target: "/b" }).add("/r/b", { kind: "link", target: "/a" });
+    expect(resolveInRoot(s, "/r", "/a")).toBeNull();
+  });
+});
