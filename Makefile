@@ -24,7 +24,7 @@ CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootfla
 DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
 	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
 	zstd cpio busybox-static libcryptsetup12 libkmod2 libblkid1 kmod binutils gcc libc6-dev \
-	openssl openssh-client util-linux
+	openssl openssh-client util-linux python3
 
 AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
 BUILD_SRC := $(wildcard initrd/*.ts) agent/config.ts

@@ -29,6 +29,7 @@ async function runAsInit(): Promise<never> {
     reap: (pid) => libc.reapIfExited(pid),
     listPids: () => readdirSync("/proc"),
     onFatal: (e) => void fail(e),
+    signalfd: (sigs) => libc.signalfd(sigs),
   });
   log.info(`initos-agent starting (pid ${process.pid})`);
   try {

@@ -1,6 +1,7 @@
 // Duties of PID 1 that run beside the boot: reaping orphans, turning signals into power
 // actions, and routing any uncaught error into the failure policy instead of an exit (an
 // exiting PID 1 is a kernel panic).
+import { read } from "node:fs";
 import type { Logger } from "./log.ts";
 import { RB } from "./sys/consts.ts";
 import type { Sys } from "./sys/index.ts";
@@ -44,10 +45,35 @@ export function powerAction(sys: Sys, log: Logger, action: "poweroff" | "reboot"
   sys.reboot(action === "poweroff" ? RB.POWER_OFF : RB.AUTOBOOT);
 }
 
-export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks): void {
+export const SIGPWR = 30;
+
+/**
+ * Reads signals from a signalfd for as long as the process lives. Each read waits on a
+ * worker thread, so the event loop is never blocked.
+ */
+export function watchSignalFd(fd: number, onSignal: (signo: number) => void): void {
+  const buf = Buffer.alloc(128); // struct signalfd_siginfo
+  const next = () =>
+    read(fd, buf, 0, buf.length, null, (err, n) => {
+      if (err || n < 4) return; // fd closed: nothing more to watch
+      onSignal(buf.readUInt32LE(0));
+      next();
+    });
+  next();
+}
+
+export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { signalfd?: (sigs: number[]) => number }): void {
   process.on("SIGCHLD", () => reapOrphans(sys, hooks));
   process.on("SIGTERM", () => powerAction(sys, log, "poweroff", "SIGTERM"));
   process.on("SIGINT", () => powerAction(sys, log, "reboot", "SIGINT (ctrl-alt-del)"));
+  // Bun has no SIGPWR listener; preinit blocked it, so it waits for us on a signalfd.
+  if (hooks.signalfd) {
+    try {
+      watchSignalFd(hooks.signalfd([SIGPWR]), () => powerAction(sys, log, "poweroff", "SIGPWR"));
+    } catch (e) {
+      log.warn(`SIGPWR will be ignored: ${(e as Error).message}`);
+    }
+  }
   process.on("uncaughtException", (e) => hooks.onFatal(e));
   process.on("unhandledRejection", (e) => hooks.onFatal(e));
 }

@@ -21,6 +21,7 @@ const c = {
   sigprocmask: libc.func("int sigprocmask(int how, const uint8_t *set, void *old)"),
   signal: libc.func("void *signal(int sig, void *handler)"),
   getpid: libc.func("int getpid(void)"),
+  signalfd: libc.func("int signalfd(int fd, const uint8_t *mask, int flags)"),
 };
 
 const SYS_pivot_root = 155;
@@ -76,6 +77,17 @@ export function reapIfExited(pid: number): boolean {
   const r = c.wait4(pid, status, WNOHANG, null);
   if (r < 0) return false; // ECHILD: not ours, or already reaped by someone else
   return r === pid;
+}
+
+/**
+ * A signalfd for `signals`. The signals must already be blocked in every thread (preinit
+ * blocks SIGPWR before the runtime starts its threads), or they are delivered the normal way.
+ */
+export function signalfd(signals: readonly number[]): number {
+  const SFD_CLOEXEC = 0o2000000;
+  const set = new Uint8Array(128); // glibc sigset_t
+  for (const s of signals) set[(s - 1) >> 3]! |= 1 << ((s - 1) & 7);
+  return check("signalfd", [signals], c.signalfd(-1, set, SFD_CLOEXEC));
 }
 
 export function kill(pid: number, sig: number): void {

@@ -120,7 +120,7 @@ export class FakeSys implements Sys {
   reboot(cmd: number): void {
     this.log(`reboot 0x${cmd.toString(16)}`);
   }
-  async sleep(): Promise<void> {
+  async sleep(_ms: number): Promise<void> {
     this.sleeps++;
     for (const [dev, n] of this.appearAfterSleeps) if (this.sleeps >= n) this.devices.add(dev);
   }
