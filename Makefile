@@ -24,7 +24,7 @@ CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootfla
 DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
 	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
 	zstd cpio busybox-static libcryptsetup12 libkmod2 libblkid1 kmod binutils gcc libc6-dev \
-	openssl openssh-client util-linux python3
+	openssl openssh-client util-linux
 
 AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
 BUILD_SRC := $(wildcard initrd/*.ts) agent/config.ts
@@ -67,8 +67,11 @@ $(B)/vmlinuz: $(B)/kernel.json
 # --- initrd: two cpio segments, so changing the agent does not rebuild the base -----------
 $(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(BUILD_SRC)
 	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --out $@
-$(B)/agent.cpio: $(B)/initos-agent $(BUILD_SRC)
-	$(BUILD) initrd-agent --agent $< --out $@
+$(B)/sigrelay.so: initrd/sigrelay.c
+	@mkdir -p $(B)
+	gcc -shared -fPIC -Os -Wall -Wextra -o $@ $<
+$(B)/agent.cpio: $(B)/initos-agent $(B)/sigrelay.so $(BUILD_SRC)
+	$(BUILD) initrd-agent --agent $< --sigrelay $(B)/sigrelay.so --out $@
 %.cpio.zst: %.cpio
 	zstd -q -f -T0 -$(ZSTD_LEVEL) $< -o $@
 # The kernel unpacks concatenated compressed archives one after the other.

@@ -6,6 +6,9 @@ import { KmsgLogger, Timeline } from "./log.ts";
 import { installPid1Handlers } from "./pid1.ts";
 import { realSys } from "./sys/index.ts";
 
+/** Where the initrd build puts sigrelay.so (see initrd/sigrelay.c). */
+const SIGRELAY_LIB = "/usr/lib/initos/sigrelay.so";
+
 async function runAsInit(): Promise<never> {
   const log = new KmsgLogger();
   const timeline = new Timeline();
@@ -29,7 +32,7 @@ async function runAsInit(): Promise<never> {
     reap: (pid) => libc.reapIfExited(pid),
     listPids: () => readdirSync("/proc"),
     onFatal: (e) => void fail(e),
-    signalfd: (sigs) => libc.signalfd(sigs),
+    relaySignal: (sig) => libc.relaySignal(sig, SIGRELAY_LIB),
   });
   log.info(`initos-agent starting (pid ${process.pid})`);
   try {

@@ -48,28 +48,29 @@ export function powerAction(sys: Sys, log: Logger, action: "poweroff" | "reboot"
 export const SIGPWR = 30;
 
 /**
- * Reads signals from a signalfd for as long as the process lives. Each read waits on a
- * worker thread, so the event loop is never blocked.
+ * Calls `onSignal` for each byte (a signal number) read from `fd`, for as long as the process
+ * lives. Each read waits on a worker thread, so the event loop is never blocked.
  */
-export function watchSignalFd(fd: number, onSignal: (signo: number) => void): void {
-  const buf = Buffer.alloc(128); // struct signalfd_siginfo
+export function watchSignalPipe(fd: number, onSignal: (signo: number) => void): void {
+  const buf = Buffer.alloc(16);
   const next = () =>
     read(fd, buf, 0, buf.length, null, (err, n) => {
-      if (err || n < 4) return; // fd closed: nothing more to watch
-      onSignal(buf.readUInt32LE(0));
+      if (err || n === 0) return; // closed: nothing more to watch
+      for (let i = 0; i < n; i++) onSignal(buf[i]!);
       next();
     });
   next();
 }
 
-export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { signalfd?: (sigs: number[]) => number }): void {
+export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { relaySignal?: (sig: number) => number }): void {
   process.on("SIGCHLD", () => reapOrphans(sys, hooks));
   process.on("SIGTERM", () => powerAction(sys, log, "poweroff", "SIGTERM"));
   process.on("SIGINT", () => powerAction(sys, log, "reboot", "SIGINT (ctrl-alt-del)"));
-  // Bun has no SIGPWR listener; preinit blocked it, so it waits for us on a signalfd.
-  if (hooks.signalfd) {
+  // The runtime owns SIGPWR (JavaScriptCore's thread suspension); sigrelay hands us the ones
+  // other processes send.
+  if (hooks.relaySignal) {
     try {
-      watchSignalFd(hooks.signalfd([SIGPWR]), () => powerAction(sys, log, "poweroff", "SIGPWR"));
+      watchSignalPipe(hooks.relaySignal(SIGPWR), () => powerAction(sys, log, "poweroff", "SIGPWR"));
     } catch (e) {
       log.warn(`SIGPWR will be ignored: ${(e as Error).message}`);
     }

@@ -4,7 +4,7 @@
 //
 //   bun initrd/build.ts kernel      --cache DIR --out kernel.json
 //   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE --out FILE.cpio
-//   bun initrd/build.ts initrd-agent --agent FILE --out FILE.cpio
+//   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
 //   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT --out FILE.efi
 //   bun initrd/build.ts esp         --uki FILE --out esp.img
 //   bun initrd/build.ts testroot    --init FILE --out root.img
@@ -105,9 +105,11 @@ function cmdInitrdBase(o: Record<string, string | undefined>): void {
 function cmdInitrdAgent(o: Record<string, string | undefined>): void {
   const agent = need(o, "agent");
   const out = need(o, "out");
-  const libs = collectLibs([agent, KOFFI_NODE], DLOPENED);
+  const sigrelay = need(o, "sigrelay");
+  const libs = collectLibs([agent, KOFFI_NODE, sigrelay], DLOPENED);
   const entries: CpioEntry[] = [
     fileFrom("usr/bin/initos-agent", agent, 0o755),
+    fileFrom("usr/lib/initos/sigrelay.so", sigrelay, 0o755),
     ...libs.map((l) => fileFrom(l.path, l.source, 0o755)),
   ];
   const size = writeCpio(out, entries, mtime());
@@ -197,7 +199,7 @@ if (import.meta.main) {
   }
   const { values } = parseArgs({
     args: rest,
-    options: Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "agent", "initrd", "cmdline", "uki", "init"].map((k) => [k, { type: "string" as const }])),
+    options: Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "agent", "sigrelay", "initrd", "cmdline", "uki", "init"].map((k) => [k, { type: "string" as const }])),
   });
   try {
     run(values as Record<string, string | undefined>);

@@ -4,7 +4,6 @@
  * and execs the agent, which stays PID 1. Everything else is the agent's job.
  */
 #include <fcntl.h>
-#include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -27,15 +26,6 @@ int main(int argc, char **argv, char **envp) {
 		int fd = open("/dev/console", O_RDWR | O_NOCTTY);
 		if (fd >= 0) { dup2(fd, 0); dup2(fd, 1); dup2(fd, 2); if (fd > 2) close(fd); }
 	}
-	/*
-	 * SIGPWR is blocked here, before the runtime starts any thread, so that every thread
-	 * inherits the block and the agent can take it from a signalfd (Bun has no SIGPWR
-	 * listener). The agent clears the mask again before it execs the real init.
-	 */
-	sigset_t set;
-	sigemptyset(&set);
-	sigaddset(&set, SIGPWR);
-	sigprocmask(SIG_BLOCK, &set, 0);
 	argv[0] = AGENT;
 	execve(AGENT, argv, envp);
 	say("<2>initos preinit: cannot exec " AGENT "\n");

@@ -5,6 +5,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, rmSync, type WriteStream } from "node:fs";
 import { tmpdir } from "node:os";
+import { createConnection } from "node:net";
 import { resolve } from "node:path";
 
 export const OVMF = {
@@ -49,6 +50,7 @@ export class Vm {
     private readonly qemu: ChildProcess,
     private readonly log: WriteStream,
     private readonly cleanup: () => void,
+    private readonly monitorSock: string,
   ) {
     const onData = (d: Buffer) => {
       const s = d.toString("utf8");
@@ -78,11 +80,14 @@ export class Vm {
     return this.exitCode === undefined;
   }
 
-  /** Resolves with the first match of `re` in the output; rejects on timeout or VM exit. */
+  /**
+   * Resolves with the first match of `re` in the complete lines of output (a line still being
+   * written could match a prefix of what it will say); rejects on timeout or VM exit.
+   */
   waitFor(re: RegExp, timeoutMs: number): Promise<RegExpMatchArray> {
     return new Promise((res, rej) => {
       const check = () => {
-        const m = this.buf.match(re);
+        const m = (this.running ? this.buf.slice(0, this.buf.lastIndexOf("\n") + 1) : this.buf).match(re);
         if (m) return done(() => res(m));
         if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}; log ${this.logPath}`)));
       };
@@ -108,6 +113,17 @@ export class Vm {
       throw new Error(`${this.name}: still running after ${timeoutMs} ms; log ${this.logPath}`);
     }
     return r;
+  }
+
+  /** Sends one command to the QEMU monitor, e.g. `sendkey ctrl-alt-delete`, `system_powerdown`. */
+  monitor(command: string): Promise<void> {
+    return new Promise((res, rej) => {
+      const c = createConnection(this.monitorSock);
+      c.on("error", rej);
+      c.resume(); // drain the banner and replies; a paused socket never reports its end
+      c.on("connect", () => c.end(`${command}\n`));
+      c.on("close", () => res());
+    });
   }
 
   /** Types on the serial console. */
@@ -146,7 +162,7 @@ async function waitForFile(path: string, timeoutMs: number, what: string): Promi
 export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] {
   const args = ["-accel", "tcg", "-cpu", "max", "-m", String(o.memoryMiB ?? 1024), "-smp", String(o.cpus ?? 2)];
   // -no-reboot: a reboot ends QEMU, so the failure policy's reboot is observable as an exit.
-  args.push("-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nic", "none");
+  args.push("-display", "none", "-serial", "stdio", "-monitor", `unix:${tmp}/monitor.sock,server=on,wait=off`, "-no-reboot", "-nic", "none");
   if (o.firmware) {
     const vars = `${tmp}/vars.fd`;
     copyFileSync(o.firmware.vars, vars);
@@ -193,7 +209,7 @@ export async function startVm(o: VmOptions): Promise<Vm> {
     }
     const qemu = spawn("qemu-system-x86_64", qemuArgs(o, tmp, tpmSock), { stdio: ["pipe", "pipe", "pipe"] });
     const logPath = `${logDir}/${o.name}.log`;
-    const vm = new Vm(o.name, logPath, qemu, createWriteStream(logPath), cleanup);
+    const vm = new Vm(o.name, logPath, qemu, createWriteStream(logPath), cleanup, `${tmp}/monitor.sock`);
     live.add(vm);
     void vm.exited.then(() => live.delete(vm));
     return vm;

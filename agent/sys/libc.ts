@@ -21,7 +21,7 @@ const c = {
   sigprocmask: libc.func("int sigprocmask(int how, const uint8_t *set, void *old)"),
   signal: libc.func("void *signal(int sig, void *handler)"),
   getpid: libc.func("int getpid(void)"),
-  signalfd: libc.func("int signalfd(int fd, const uint8_t *mask, int flags)"),
+  pipe2: libc.func("int pipe2(_Out_ int *fds, int flags)"),
 };
 
 const SYS_pivot_root = 155;
@@ -79,15 +79,30 @@ export function reapIfExited(pid: number): boolean {
   return r === pid;
 }
 
+const loaded: ReturnType<typeof koffi.load>[] = [];
+
+/** A close-on-exec pipe: [readFd, writeFd]. */
+export function pipe(): [number, number] {
+  const O_CLOEXEC = 0o2000000;
+  const fds = new Int32Array(2);
+  check("pipe2", [], c.pipe2(fds, O_CLOEXEC));
+  return [fds[0]!, fds[1]!];
+}
+
 /**
- * A signalfd for `signals`. The signals must already be blocked in every thread (preinit
- * blocks SIGPWR before the runtime starts its threads), or they are delivered the normal way.
+ * Relays `sig`, when sent by another process, as one byte per signal to the returned fd.
+ * Needs the small C handler in sigrelay.so: for signals the runtime owns (SIGPWR is
+ * JavaScriptCore's thread-suspend signal) there is no other way to see them. See sigrelay.c.
  */
-export function signalfd(signals: readonly number[]): number {
-  const SFD_CLOEXEC = 0o2000000;
-  const set = new Uint8Array(128); // glibc sigset_t
-  for (const s of signals) set[(s - 1) >> 3]! |= 1 << ((s - 1) & 7);
-  return check("signalfd", [signals], c.signalfd(-1, set, SFD_CLOEXEC));
+export function relaySignal(sig: number, sigrelayLib: string): number {
+  // Kept for the life of the process: if the handle were collected, koffi could unload the
+  // library and the installed handler would point into unmapped memory.
+  loaded.push(koffi.load(sigrelayLib));
+  const relay = loaded.at(-1)!.func("int initos_relay_signal(int sig, int fd)");
+  const [r, w] = pipe();
+  const err = relay(sig, w) as number;
+  if (err < 0) throw new SysError("initos_relay_signal", [sig], -err);
+  return r;
 }
 
 export function kill(pid: number, sig: number): void {

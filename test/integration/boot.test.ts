@@ -66,6 +66,15 @@ describe("boot", () => {
     expect(out).not.toMatch(/Kernel panic|INITOS-TEST-ROOT/);
   }, 120_000);
 
+  it("ctrl-alt-del reaches the agent as SIGINT: it syncs and reboots instead of the kernel rebooting at once", async () => {
+    const vm = await direct("ctrl-alt-del", "root=/dev/vdz initos.rootwait=60", []);
+    await vm.waitFor(/initos: root: waiting up to 60s for \/dev\/vdz/, 60_000);
+    await vm.monitor("sendkey ctrl-alt-delete");
+    await vm.waitFor(/initos: SIGINT \(ctrl-alt-del\): reboot/, 20_000);
+    expect(await vm.waitExit(20_000)).toBe(0);
+    expect(vm.output).not.toMatch(/boot failed|Kernel panic/);
+  }, 120_000);
+
   it("a malformed cmdline value: one clear error line, boot still succeeds with the default", async () => {
     const vm = await direct("bad-cmdline", "root=LABEL=initos-testroot rootflags=subvol=@ initos.rootwait=soon initos.mode=bogus");
     await vm.waitFor(/INITOS-TEST-ROOT pid=1 /, 90_000);

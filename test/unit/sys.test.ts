@@ -1,5 +1,5 @@
 // The koffi bindings, exercised for real: mounts in a private mount namespace (root only),
-// libblkid on an image made here, signalfd with a real signal.
+// libblkid on an image made here, the SIGPWR relay with a real signal.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -25,13 +25,14 @@ describe("libc bindings", () => {
     expect(new SysError("chroot", ["/x"], 1).message).toBe('chroot("/x"): EPERM');
   });
 
-  it("signalfd receives SIGPWR when it is blocked, as preinit leaves it", async () => {
-    // python's pthread_sigmask stands in for preinit: block, then exec; the mask survives exec.
-    const child = spawn("python3", ["-c", `import os,signal; signal.pthread_sigmask(signal.SIG_BLOCK,{signal.SIGPWR}); os.execv("${BUN}", ["bun", "test/unit/helpers/sigpwr.ts"])`]);
+  it("SIGPWR from another process reaches the agent through sigrelay, while the runtime keeps working", async () => {
+    const lib = `${dir}/sigrelay.so`;
+    execFileSync("gcc", ["-shared", "-fPIC", "-Os", "-o", lib, "initrd/sigrelay.c"]);
+    const child = spawn(BUN, ["test/unit/helpers/sigpwr.ts", lib]);
     let out = "";
     child.stdout.on("data", (d) => {
       out += d;
-      if (out.includes("ready")) child.kill("SIGPWR");
+      if (out === "ready\n") child.kill("SIGPWR");
     });
     const code = await new Promise((r) => child.on("exit", r));
     expect(out).toBe("ready\nsignal 30\n");
