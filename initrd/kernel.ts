@@ -1,8 +1,8 @@
 // The kernel comes from Debian's linux-image-cloud-amd64, extracted into the project's cache
 // (never installed into the host). depmod runs on the extracted tree because the package's
 // postinst, which normally does it, never ran.
-import { execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { extractDeb, run } from "./debs.ts";
 
 export interface KernelInfo {
   package: string;
@@ -14,10 +14,6 @@ export interface KernelInfo {
 
 const META = "linux-image-cloud-amd64";
 
-function run(cmd: string, args: string[], cwd?: string): string {
-  return execFileSync(cmd, args, { cwd, encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
-}
-
 /** linux-image-6.1.0-NN-cloud-amd64: the package the meta-package currently depends on. */
 export function resolveKernelPackage(): string {
   const out = run("apt-cache", ["depends", META]);
@@ -27,18 +23,12 @@ export function resolveKernelPackage(): string {
 }
 
 export function ensureKernel(cacheDir: string, pkg = process.env.KERNEL_PKG || resolveKernelPackage()): KernelInfo {
-  const root = `${cacheDir}/${pkg}`;
-  const infoFile = `${root}.json`;
+  const infoFile = `${cacheDir}/${pkg}.json`;
   if (existsSync(infoFile)) return JSON.parse(readFileSync(infoFile, "utf8")) as KernelInfo;
 
-  rmSync(root, { recursive: true, force: true });
-  mkdirSync(`${cacheDir}/debs`, { recursive: true });
-  run("apt-get", ["download", pkg], `${cacheDir}/debs`);
-  const deb = readdirSync(`${cacheDir}/debs`).find((f) => f.startsWith(`${pkg}_`) && f.endsWith(".deb"));
-  if (!deb) throw new Error(`apt-get download ${pkg} produced no .deb`);
-  run("dpkg-deb", ["-x", `${cacheDir}/debs/${deb}`, root]);
+  const root = extractDeb(pkg, cacheDir);
   const release = readdirSync(`${root}/lib/modules`)[0];
-  if (!release) throw new Error(`${deb}: no /lib/modules/<release>`);
+  if (!release) throw new Error(`${pkg}: no /lib/modules/<release>`);
   run("depmod", ["-b", root, release]);
   const info: KernelInfo = { package: pkg, release, vmlinuz: `${root}/boot/vmlinuz-${release}`, root };
   writeFileSync(infoFile, JSON.stringify(info, null, 1) + "\n");

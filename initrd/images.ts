@@ -1,0 +1,88 @@
+// The verified images that live on the ESP beside the UKI: squashfs, each with a dm-verity
+// hash tree whose root hash goes into the agent config inside the signed UKI.
+//
+//   modules.sqfs  /modules/<release>/...  every module of the kernel (indexes included)
+//                 /firmware/...           firmware (Debian's firmware-linux-free)
+//   sidecar.sqfs  /usr/bin/..., /usr/lib/... the tools recovery needs, with their libraries
+import { createHash } from "node:crypto";
+import { copyFileSync, mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { extractDeb, run } from "./debs.ts";
+import type { KernelInfo } from "./kernel.ts";
+import { collectLibs } from "./libs.ts";
+
+export interface ImageInfo {
+  name: string;
+  sqfs: string;
+  verity: string;
+  rootHash: string;
+}
+
+/** Tools in the sidecar image: the ssh server, an admin shell, TPM, LUKS and btrfs tools. */
+export const SIDECAR_TOOLS = ["/usr/sbin/dropbear", "/usr/bin/dropbearkey", "/bin/busybox", "/usr/bin/tpm2", "/usr/sbin/cryptsetup", "/usr/bin/btrfs"];
+/** tpm2-tools loads its TPM transport with dlopen. */
+const SIDECAR_DLOPENED = ["libtss2-tcti-device.so.0"];
+
+function epoch(): string {
+  return process.env.SOURCE_DATE_EPOCH || "0";
+}
+
+/** Reproducible squashfs: fixed owner and times, no appending to an old image. */
+export function mksquashfs(sources: string[], out: string): void {
+  rmSync(out, { force: true });
+  const e = epoch();
+  run("mksquashfs", [...sources, out, "-quiet", "-no-progress", "-noappend", "-comp", "zstd", "-all-root", "-mkfs-time", e, "-all-time", e]);
+}
+
+/**
+ * `veritysetup format` with salt and UUID derived from the image, so the same image always
+ * gets the same hash tree and root hash (the defaults are random).
+ */
+export function verityFormat(sqfs: string, verity: string): string {
+  const digest = createHash("sha256").update(readFileSync(sqfs)).digest("hex");
+  const uuid = `${digest.slice(0, 8)}-${digest.slice(8, 12)}-4${digest.slice(13, 16)}-8${digest.slice(17, 20)}-${digest.slice(20, 32)}`;
+  rmSync(verity, { force: true });
+  const out = run("veritysetup", ["format", "--salt", digest, "--uuid", uuid, sqfs, verity]);
+  const m = /Root hash:\s+([0-9a-f]+)/.exec(out);
+  if (!m) throw new Error(`veritysetup format ${sqfs}: no root hash in its output`);
+  return m[1]!;
+}
+
+/** Firmware for the modules image: Debian's firmware-linux-free, extracted into the cache. */
+export function ensureFirmware(cacheDir: string): string {
+  return `${extractDeb("firmware-linux-free", cacheDir)}/lib/firmware`;
+}
+
+export function buildModulesImage(kernel: KernelInfo, firmwareDir: string, outDir: string): ImageInfo {
+  const staging = `${outDir}/.modules-staging`;
+  rmSync(staging, { recursive: true, force: true });
+  mkdirSync(staging, { recursive: true });
+  // Two top-level names in the image; symlinks would be stored as links, so copy the trees.
+  run("cp", ["-a", `${kernel.root}/lib/modules`, `${staging}/modules`]);
+  run("cp", ["-a", firmwareDir, `${staging}/firmware`]);
+  const sqfs = `${outDir}/modules.sqfs`;
+  mksquashfs([`${staging}/modules`, `${staging}/firmware`], sqfs);
+  rmSync(staging, { recursive: true, force: true });
+  return finish("modules", sqfs);
+}
+
+export function buildSidecarImage(outDir: string): ImageInfo {
+  const staging = `${outDir}/.sidecar-staging`;
+  rmSync(staging, { recursive: true, force: true });
+  for (const d of ["usr/bin", "usr/lib/x86_64-linux-gnu", "usr/lib64"]) mkdirSync(`${staging}/${d}`, { recursive: true });
+  for (const tool of SIDECAR_TOOLS) copyFileSync(tool, `${staging}/usr/bin/${tool.replace(/.*\//, "")}`);
+  for (const l of collectLibs(SIDECAR_TOOLS.filter((t) => t !== "/bin/busybox"), SIDECAR_DLOPENED)) {
+    copyFileSync(l.source, `${staging}/${l.path}`);
+  }
+  for (const [link, target] of [["lib", "usr/lib"], ["lib64", "usr/lib64"], ["bin", "usr/bin"], ["sbin", "usr/bin"]]) symlinkSync(target!, `${staging}/${link}`);
+  const sqfs = `${outDir}/sidecar.sqfs`;
+  mksquashfs([staging], sqfs);
+  rmSync(staging, { recursive: true, force: true });
+  return finish("sidecar", sqfs);
+}
+
+function finish(name: string, sqfs: string): ImageInfo {
+  const verity = sqfs.replace(/\.sqfs$/, ".verity");
+  const info: ImageInfo = { name, sqfs, verity, rootHash: verityFormat(sqfs, verity) };
+  writeFileSync(sqfs.replace(/\.sqfs$/, ".json"), JSON.stringify(info, null, 1) + "\n");
+  return info;
+}
