@@ -24,13 +24,13 @@ CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootfla
 DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
 	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
 	zstd cpio busybox-static libcryptsetup12 libkmod2 libblkid1 kmod binutils gcc libc6-dev \
-	openssl openssh-client util-linux
+	openssl openssh-client util-linux fdisk
 
 AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
-BUILD_SRC := $(wildcard initrd/*.ts) agent/config.ts
+BUILD_SRC := $(filter-out initrd/images.ts,$(wildcard initrd/*.ts)) agent/config.ts
 
 ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.efi \
-	$(B)/esp.img $(B)/esp-unsigned.img $(B)/testroot.img
+	$(B)/boot.img $(B)/boot-unsigned.img $(B)/testroot.img
 
 .PHONY: all deps debs npm test unit integration demo typecheck clean
 all: $(ARTIFACTS)
@@ -64,9 +64,14 @@ $(B)/kernel.json: initrd/kernel.ts | npm debs
 $(B)/vmlinuz: $(B)/kernel.json
 	cp "$$(sed -n 's/.*"vmlinuz": "\(.*\)".*/\1/p' $<)" $@
 
+# --- verified images for the ESP: squashfs + dm-verity; their root hashes go into the config --
+IMAGES := $(B)/images/modules.json $(B)/images/sidecar.json
+$(IMAGES) &: $(B)/kernel.json initrd/images.ts initrd/debs.ts
+	$(BUILD) images --kernel $(B)/kernel.json --cache .cache/kernel --out $(B)/images
+
 # --- initrd: two cpio segments, so changing the agent does not rebuild the base -----------
-$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(BUILD_SRC)
-	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --out $@
+$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(IMAGES) $(BUILD_SRC)
+	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --images $(B)/images --out $@
 $(B)/sigrelay.so: initrd/sigrelay.c
 	@mkdir -p $(B)
 	gcc -shared -fPIC -Os -Wall -Wextra -o $@ $<
@@ -91,10 +96,11 @@ $(B)/keys/db.key: $(SB_KEY)
 $(B)/initos.efi: $(B)/initos.unsigned.efi $(B)/keys/db.key $(SB_CERT)
 	sbsign --key $(B)/keys/db.key --cert $(SB_CERT) --output $@ $< 2>/dev/null
 	sbverify --cert $(SB_CERT) $@ >/dev/null
-$(B)/esp.img: $(B)/initos.efi
-	$(BUILD) esp --uki $< --out $@
-$(B)/esp-unsigned.img: $(B)/initos.unsigned.efi
-	$(BUILD) esp --uki $< --out $@
+# The boot disk: GPT with two ESPs (slots A and B), each with the UKI and the images.
+$(B)/boot.img: $(B)/initos.efi $(IMAGES)
+	$(BUILD) disk --uki $< --images $(B)/images --out $@
+$(B)/boot-unsigned.img: $(B)/initos.unsigned.efi
+	$(BUILD) disk --uki $< --out $@
 
 # --- test images -------------------------------------------------------------------------
 $(B)/test-init: test/root/init.c

@@ -5,6 +5,9 @@ import { type AgentConfig, CONFIG_PATH, parseConfig } from "./config.ts";
 import { BootError, describe } from "./errors.ts";
 import { type Logger, Timeline, uptime } from "./log.ts";
 import { type EarlyResult, restoreKmsgThrottle, setupEarly } from "./stages/early.ts";
+import { Coldplug } from "./stages/devices.ts";
+import { findEsps } from "./stages/esp.ts";
+import { setupImages } from "./stages/images.ts";
 import { loadModules } from "./stages/modules.ts";
 import { mountRoot, SYSROOT } from "./stages/root.ts";
 import { findInit, switchRoot } from "./switchroot.ts";
@@ -68,12 +71,19 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   const { cmdline, config } = readInputs(ctx);
   Object.assign(state, { cmdline, config });
 
-  await stage(ctx, "modules", () => loadModules(sys, log, config.modules));
+  const cold = new Coldplug(sys, log);
+  await stage(ctx, "modules", () => loadModules(sys, log, config.modules, cold));
+
+  if (config.images.length > 0) {
+    const esp = await stage(ctx, "esp", () => findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds));
+    const allowUnverified = unverifiedAllowed(state.early!, cmdline, log);
+    await stage(ctx, "images", () => setupImages(sys, log, config, esp, allowUnverified, cold));
+  }
 
   if (!cmdline.root) throw new BootError("no root= on the kernel command line");
   const root = cmdline.root;
   await stage(ctx, "root", () =>
-    mountRoot(sys, log, {
+    mountRoot(sys, log, cold, {
       spec: root,
       fstypes: cmdline.rootfstype?.split(","),
       options: cmdline.rootflags,
@@ -93,6 +103,17 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     env: initEnv(),
     beforeExec: () => restoreKmsgThrottle(sys, devkmsg),
   });
+}
+
+/** initos.insecure=1 weakens verification, so it counts only when Secure Boot is off. */
+export function unverifiedAllowed(early: EarlyResult, cmdline: Cmdline, log: Logger): boolean {
+  if (!cmdline.insecure) return false;
+  if (early.secureBoot === "on") {
+    log.warn("initos.insecure=1 ignored: Secure Boot is on");
+    return false;
+  }
+  log.warn("initos.insecure=1: images that fail verification will be mounted anyway");
+  return true;
 }
 
 export function chooseInit(sys: Sys, cmdline: Cmdline, config: AgentConfig): string {

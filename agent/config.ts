@@ -13,6 +13,37 @@ export const AgentConfigSchema = z
     rootWaitSeconds: z.number().int().min(0).max(3600).default(30),
     /** Delay before the failure policy reboots (cmdline initos.reboot_delay, then panic=, win). */
     rebootDelaySeconds: z.number().int().min(0).max(86400).default(30),
+    /** The boot partitions: two ESPs (A/B slots) found by GPT partition name. */
+    esp: z
+      .object({
+        slots: z
+          .array(z.object({ name: z.string().regex(/^[a-z0-9]+$/), partLabel: z.string().min(1) }))
+          .min(1)
+          .default([
+            { name: "a", partLabel: "initos-a" },
+            { name: "b", partLabel: "initos-b" },
+          ]),
+        /** Directory on the ESP holding <image>.sqfs and <image>.verity. */
+        dir: z.string().regex(/^[\w.-]+$/).default("initos"),
+        waitSeconds: z.number().int().min(0).max(3600).default(30),
+      })
+      .strict()
+      .default({ slots: [{ name: "a", partLabel: "initos-a" }, { name: "b", partLabel: "initos-b" }], dir: "initos", waitSeconds: 30 }),
+    /**
+     * dm-verity squashfs images on the ESP. The root hash is what makes them trusted: it is in
+     * this signed config. `binds` maps directories of the image over paths of the initramfs.
+     */
+    images: z
+      .array(
+        z
+          .object({
+            name: z.string().regex(/^[a-z][a-z0-9-]*$/),
+            rootHash: z.string().regex(/^[0-9a-f]{64}$/, "expected a sha256 root hash (64 hex digits)"),
+            binds: z.array(z.object({ from: z.string().regex(/^[\w.-]+$/), to: z.string().regex(/^\//) }).strict()).default([]),
+          })
+          .strict(),
+      )
+      .default([]),
     /** Tried in order when the cmdline has no init=. */
     initCandidates: z.array(z.string().regex(/^\//)).min(1).default(["/sbin/init", "/etc/init", "/bin/init", "/lib/systemd/systemd"]),
   })

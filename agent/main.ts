@@ -1,5 +1,5 @@
 // initos-agent entry point. As PID 1 it boots the machine (boot.ts); it never returns or exits.
-import { readdirSync } from "node:fs";
+import { readdirSync, writeSync } from "node:fs";
 import { boot, type BootContext, type BootState, rebootDelay } from "./boot.ts";
 import { applyFailurePolicy } from "./failure.ts";
 import { KmsgLogger, Timeline } from "./log.ts";
@@ -42,8 +42,21 @@ async function runAsInit(): Promise<never> {
   }
 }
 
+/**
+ * Only reached when even libc could not be bound, so the failure policy cannot reboot: say why
+ * on the console and stay alive. Exiting would be a kernel panic that scrolls the reason away.
+ */
+function lastResort(e: unknown): void {
+  try {
+    writeSync(1, `initos: fatal before the failure policy could run: ${e instanceof Error ? e.message : String(e)}\n`);
+  } catch {
+    // no console either: nothing left to tell
+  }
+  setInterval(() => {}, 1 << 30);
+}
+
 if (process.pid === 1) {
-  await runAsInit();
+  await runAsInit().catch(lastResort);
 } else {
   process.stderr.write("initos-agent: runs as PID 1 in the initrd (no other commands yet)\n");
   process.exit(2);

@@ -102,7 +102,16 @@ export function switchRoot(sys: Sys, log: Logger, plan: SwitchRootPlan): never {
   // Shared propagation would replay our MS_MOVEs into peer mounts; make the tree private first.
   sys.mount(null, "/", null, MS.REC | MS.PRIVATE);
 
-  const mounted = new Set(sys.mountPoints());
+  const mountPoints = sys.mountPoints(); // read now: /proc is about to move
+  // Whatever else is mounted in the initramfs (image binds over /lib/modules) would pin its
+  // devices forever once the initramfs is unreachable: detach it, deepest first.
+  const inside = (m: string, dir: string) => m === dir || m.startsWith(`${dir}/`);
+  for (const m of [...mountPoints].reverse()) {
+    if (m === "/" || inside(m, newRoot) || API_MOUNTS.some((a) => inside(m, a))) continue;
+    sys.umount(m, MNT_DETACH);
+  }
+
+  const mounted = new Set(mountPoints);
   for (const m of API_MOUNTS) {
     if (!mounted.has(m)) continue;
     const target = `${newRoot}${m}`;

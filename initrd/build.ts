@@ -3,10 +3,11 @@
 // agent rebuilds the agent's cpio segment and the UKI, nothing else).
 //
 //   bun initrd/build.ts kernel      --cache DIR --out kernel.json
-//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE --out FILE.cpio
+//   bun initrd/build.ts images      --kernel kernel.json --cache DIR --out DIR
+//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] --out FILE.cpio
 //   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
 //   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT --out FILE.efi
-//   bun initrd/build.ts esp         --uki FILE --out esp.img
+//   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
 //   bun initrd/build.ts testroot    --init FILE --out root.img
 import { execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -17,12 +18,17 @@ import { type CpioEntry, fileFrom, writeCpio } from "./cpio.ts";
 import { ensureKernel, type KernelInfo } from "./kernel.ts";
 import { moduleClosure, readModuleIndex } from "./kmods.ts";
 import { collectLibs } from "./libs.ts";
+import { buildModulesImage, buildSidecarImage, ensureFirmware, type ImageInfo } from "./images.ts";
 import { buildUki } from "./uki.ts";
 
 /** Libraries the agent opens with dlopen through koffi; DT_NEEDED cannot see them. */
-export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1"];
-/** Modules always in the initrd besides the config's list: efivarfs for the Secure Boot state. */
-export const EXTRA_MODULES = ["efivarfs"];
+export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1", "libcryptsetup.so.12"];
+/**
+ * Modules in the initrd besides the config's list: efivarfs for the Secure Boot state, and the
+ * storage drivers coldplug may need to see the ESP (built-in ones, like NVMe, need nothing).
+ * Everything else comes from the verified modules image.
+ */
+export const EXTRA_MODULES = ["efivarfs", "virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod"];
 const KOFFI_NODE = "node_modules/@koromix/koffi-linux-x64/linux_x64/koffi.node";
 
 function mtime(): number {
@@ -88,10 +94,34 @@ function cmdKernel(o: Record<string, string | undefined>): void {
   console.log(`kernel: ${k.package} (${k.release})`);
 }
 
+function cmdImages(o: Record<string, string | undefined>): void {
+  const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
+  const out = need(o, "out");
+  mkdirSync(out, { recursive: true });
+  for (const info of [buildModulesImage(kernel, ensureFirmware(need(o, "cache")), out), buildSidecarImage(out)]) {
+    console.log(`images: ${info.name} ${(statSync(info.sqfs).size / 1e6).toFixed(1)} MB, root hash ${info.rootHash}`);
+  }
+}
+
+/** The config template with each image's root hash filled in from `<imagesDir>/<name>.json`. */
+function withRootHashes(template: Record<string, unknown>, imagesDir: string | undefined): unknown {
+  const images = (template.images ?? []) as Record<string, unknown>[];
+  return {
+    ...template,
+    images: images.map((img) => {
+      if (img.rootHash) return img; // pinned in the template
+      if (!imagesDir) throw new Error(`image ${String(img.name)} has no rootHash and no --images was given`);
+      const info = JSON.parse(readFileSync(`${imagesDir}/${String(img.name)}.json`, "utf8")) as ImageInfo;
+      return { ...img, rootHash: info.rootHash };
+    }),
+  };
+}
+
 function cmdInitrdBase(o: Record<string, string | undefined>): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
-  const configText = readFileSync(need(o, "config"), "utf8");
-  const config = AgentConfigSchema.parse(JSON.parse(configText)); // a bad config fails the build, not the boot
+  const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
+  // A bad config fails the build, not the boot.
+  const config = AgentConfigSchema.parse(withRootHashes(template, o.images));
   const out = need(o, "out");
   const entries: CpioEntry[] = [
     ...skeleton(need(o, "preinit")),
@@ -135,16 +165,48 @@ function cmdUki(o: Record<string, string | undefined>): void {
   }
 }
 
-/** A FAT ESP with the UKI at the removable-media path the firmware boots without entries. */
-function cmdEsp(o: Record<string, string | undefined>): void {
+/** Fixed GUIDs (the disk is test and install material; reproducible beats random). */
+const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+export const DISK_SLOTS = [
+  { name: "a", partLabel: "initos-a", fsLabel: "INITOS_A", uuid: "6e0c8b2a-1f0a-4a5e-9d6b-0000000000a1", volumeId: "1a2b3ca1" },
+  { name: "b", partLabel: "initos-b", fsLabel: "INITOS_B", uuid: "6e0c8b2a-1f0a-4a5e-9d6b-0000000000b2", volumeId: "1a2b3cb2" },
+] as const;
+
+/**
+ * A GPT disk with two ESPs, slots A and B, each holding the UKI at the removable-media path
+ * (booted without boot entries) and the images with their hash trees under /initos.
+ */
+function cmdDisk(o: Record<string, string | undefined>): void {
   const uki = need(o, "uki");
   const out = need(o, "out");
-  const sizeMiB = Math.ceil(statSync(uki).size / 2 ** 20) + 16;
+  const files: [string, string][] = [[uki, "EFI/BOOT/BOOTX64.EFI"]];
+  if (o.images) {
+    for (const name of ["modules", "sidecar"]) {
+      const info = JSON.parse(readFileSync(`${o.images}/${name}.json`, "utf8")) as ImageInfo;
+      files.push([info.sqfs, `initos/${name}.sqfs`], [info.verity, `initos/${name}.verity`]);
+    }
+  }
+  const MiB = 2 ** 20;
+  const espMiB = Math.ceil(files.reduce((n, [f]) => n + statSync(f).size, 0) / MiB) + 40;
+  const sectorsPerMiB = MiB / 512;
+  const starts = DISK_SLOTS.map((_, i) => (1 + i * espMiB) * sectorsPerMiB);
   rmSync(out, { force: true });
-  sh("mkfs.vfat", ["-C", "-F", "32", "-n", "INITOS_ESP", "-i", "1a2b3c4d", out, String(sizeMiB * 1024)]);
-  sh("mmd", ["-i", out, "::/EFI", "::/EFI/BOOT"]);
-  sh("mcopy", ["-i", out, uki, "::/EFI/BOOT/BOOTX64.EFI"]);
-  console.log(`esp: ${out} (${sizeMiB} MiB)`);
+  sh("truncate", ["-s", `${(2 + 2 * espMiB) * MiB}`, out]);
+  const table = [
+    "label: gpt",
+    "label-id: 6E0C8B2A-1F0A-4A5E-9D6B-00000000D15C",
+    ...DISK_SLOTS.map((s, i) => `start=${starts[i]}, size=${espMiB * sectorsPerMiB}, type=${ESP_TYPE}, uuid=${s.uuid}, name="${s.partLabel}"`),
+  ].join("\n");
+  execFileSync("sfdisk", ["-q", out], { input: `${table}\n`, stdio: ["pipe", "ignore", "inherit"] });
+  DISK_SLOTS.forEach((s, i) => {
+    // One sector per cluster keeps a small FAT32 above its minimum cluster count (mtools and
+    // firmware refuse a FAT32 with too few clusters).
+    sh("mkfs.vfat", ["-F", "32", "-s", "1", "-n", s.fsLabel, "-i", s.volumeId, "--offset", String(starts[i]), out, String(espMiB * 1024)]);
+    const img = `${out}@@${starts[i]! * 512}`;
+    sh("mmd", ["-i", img, "::/EFI", "::/EFI/BOOT", "::/initos"]);
+    for (const [src, dst] of files) sh("mcopy", ["-i", img, src, `::/${dst}`]);
+  });
+  console.log(`disk: ${out} (2 ESPs of ${espMiB} MiB: ${files.map(([, d]) => d).join(", ")})`);
 }
 
 /**
@@ -186,7 +248,8 @@ const commands: Record<string, (o: Record<string, string | undefined>) => void> 
   "initrd-base": cmdInitrdBase,
   "initrd-agent": cmdInitrdAgent,
   uki: cmdUki,
-  esp: cmdEsp,
+  images: cmdImages,
+  disk: cmdDisk,
   testroot: cmdTestroot,
 };
 
@@ -199,7 +262,7 @@ if (import.meta.main) {
   }
   const { values } = parseArgs({
     args: rest,
-    options: Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "agent", "sigrelay", "initrd", "cmdline", "uki", "init"].map((k) => [k, { type: "string" as const }])),
+    options: Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "agent", "sigrelay", "initrd", "cmdline", "uki", "init"].map((k) => [k, { type: "string" as const }])),
   });
   try {
     run(values as Record<string, string | undefined>);

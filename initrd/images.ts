@@ -22,15 +22,14 @@ export const SIDECAR_TOOLS = ["/usr/sbin/dropbear", "/usr/bin/dropbearkey", "/bi
 /** tpm2-tools loads its TPM transport with dlopen. */
 const SIDECAR_DLOPENED = ["libtss2-tcti-device.so.0"];
 
-function epoch(): string {
-  return process.env.SOURCE_DATE_EPOCH || "0";
-}
-
-/** Reproducible squashfs: fixed owner and times, no appending to an old image. */
+/**
+ * Reproducible squashfs: fixed owner and times, no appending to an old image. mksquashfs reads
+ * SOURCE_DATE_EPOCH itself (and refuses time options beside it); without it, times are 0.
+ */
 export function mksquashfs(sources: string[], out: string): void {
   rmSync(out, { force: true });
-  const e = epoch();
-  run("mksquashfs", [...sources, out, "-quiet", "-no-progress", "-noappend", "-comp", "zstd", "-all-root", "-mkfs-time", e, "-all-time", e]);
+  const times = process.env.SOURCE_DATE_EPOCH ? [] : ["-mkfs-time", "0", "-all-time", "0"];
+  run("mksquashfs", [...sources, out, "-quiet", "-no-progress", "-noappend", "-comp", "zstd", "-all-root", ...times]);
 }
 
 /**

@@ -5,7 +5,7 @@ import { OVMF, startVm, stopAll } from "./harness.ts";
 const vm = await startVm({
   name: "demo",
   firmware: { vars: OVMF.varsSecure },
-  disks: [{ file: "build/esp.img" }, { file: "build/testroot.img" }],
+  disks: [{ file: "build/boot.img" }, { file: "build/testroot.img" }],
   tpm: true,
 });
 let shown = 0;

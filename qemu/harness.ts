@@ -52,8 +52,10 @@ export class Vm {
     private readonly cleanup: () => void,
     private readonly monitorSock: string,
   ) {
-    const onData = (d: Buffer) => {
-      const s = d.toString("utf8");
+    // Decode as streams: a multi-byte character split across two reads stays intact.
+    qemu.stdout!.setEncoding("utf8");
+    qemu.stderr!.setEncoding("utf8");
+    const onData = (s: string) => {
       this.buf += s;
       this.log.write(s);
       for (const w of this.waiters) w();

@@ -1,11 +1,11 @@
-// Stage "root": wait for the root device named on the cmdline, then mount it on /sysroot.
+// Stage "root": wait (bounded) for the root device named on the cmdline, mount it on /sysroot.
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
+import { type Coldplug, waitUntil } from "./devices.ts";
 
 export const SYSROOT = "/sysroot";
-const POLL_MS = 50;
 
 export interface RootRequest {
   /** /dev/..., LABEL=, UUID=, PARTUUID=, PARTLABEL= */
@@ -27,33 +27,21 @@ function lookup(sys: Sys, spec: string): string | null {
   return sys.resolveDevice(spec);
 }
 
-/**
- * Polls for the device. Bounded: a disk that never appears must end in the failure policy
- * with a line saying what was awaited and for how long, not in a silent hang.
- */
-export async function waitForDevice(sys: Sys, log: Logger, spec: string, waitSeconds: number, now = () => performance.now()): Promise<string> {
-  const start = now();
-  let dev = lookup(sys, spec);
-  if (dev) return dev;
-  log.info(`root: waiting up to ${waitSeconds}s for ${spec}`);
-  while (now() - start < waitSeconds * 1000) {
-    await sys.sleep(POLL_MS);
-    dev = lookup(sys, spec);
-    if (dev) {
-      log.info(`root: ${spec} is ${dev} after ${((now() - start) / 1000).toFixed(2)}s`);
-      return dev;
-    }
-  }
-  throw new BootError(`root device ${spec} did not appear within ${waitSeconds}s`);
-}
-
-export async function mountRoot(sys: Sys, log: Logger, req: RootRequest): Promise<MountedRoot> {
-  const device = await waitForDevice(sys, log, req.spec, req.waitSeconds);
+export async function mountRoot(sys: Sys, log: Logger, cold: Coldplug, req: RootRequest): Promise<MountedRoot> {
+  const device = await waitUntil(sys, log, cold, `root device ${req.spec}`, req.waitSeconds, () => lookup(sys, req.spec));
   let fstypes = req.fstypes;
   if (!fstypes?.length) {
     const type = sys.probe(device)?.TYPE;
     if (!type) throw new BootError(`root ${device}: no filesystem recognised; set rootfstype=`);
     fstypes = [type];
+  }
+  // The filesystem driver may live in the modules image (btrfs does), not in the initrd.
+  for (const t of fstypes) {
+    try {
+      sys.loadModule(t);
+    } catch {
+      // built in, or not a module at all: the mount below reports what matters
+    }
   }
   const flags = req.rw ? 0 : MS.RDONLY;
   sys.mkdirp(SYSROOT);

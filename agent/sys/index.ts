@@ -18,13 +18,24 @@ export interface Sys {
   exists(path: string): boolean;
   lstat(path: string): FileInfo;
   readlink(path: string): string;
+  /** Directory entries; empty when the directory cannot be read. */
+  readdir(path: string): string[];
   mkdirp(path: string, mode?: number): void;
   /** Mount points from /proc/self/mounts. */
   mountPoints(): string[];
   mount(src: string | null, target: string, fstype: string | null, flags: number, data?: string | null): void;
   umount(target: string, flags: number): void;
   statfsType(path: string): number;
-  loadModule(nameOrAlias: string): string[];
+  /** Loads a module (name or alias) with its dependencies: what was inserted, what matched. */
+  loadModule(nameOrAlias: string): { modules: string[]; matched: string[] };
+  /** Re-reads /lib/modules/<release> after a new tree is mounted there. */
+  reloadModuleIndex(): void;
+  /** Kernel uevents received since the last call, as key/value maps (ACTION, DEVPATH, MODALIAS, ...). */
+  pollUevents(): Record<string, string>[];
+  /** Verifies every block, then opens /dev/mapper/<name>. Throws naming what did not match. */
+  verityOpen(name: string, data: string, hash: string, rootHash: string): string;
+  /** A read-only loop device for an image file (only for images allowed unverified). */
+  attachLoop(file: string): string;
   resolveDevice(spec: string): string | null;
   probe(device: string): Record<string, string> | null;
   pid(): number;
@@ -49,6 +60,18 @@ function info(path: string): FileInfo {
   } catch {
     return { kind: "missing", mode: 0, dev: -1 };
   }
+}
+
+/** "add@/devices/...\0ACTION=add\0DEVPATH=...\0" → { ACTION: "add", DEVPATH: ... } */
+export function parseUevent(datagram: Uint8Array): Record<string, string> | null {
+  const parts = Buffer.from(datagram).toString("latin1").split("\0");
+  if (!parts[0]?.includes("@")) return null; // libudev's re-broadcasts start with "libudev"
+  const out: Record<string, string> = {};
+  for (const p of parts.slice(1)) {
+    const eq = p.indexOf("=");
+    if (eq > 0) out[p.slice(0, eq)] = p.slice(eq + 1);
+  }
+  return out;
 }
 
 function removeTreeOnDevice(dir: string, dev: number): number {
@@ -84,6 +107,8 @@ export async function realSys(): Promise<Sys> {
   const libc = await import("./libc.ts");
   const kmod = await import("./kmod.ts");
   const blkid = await import("./blkid.ts");
+  const cryptsetup = await import("./cryptsetup.ts");
+  let ueventFd: number | undefined;
   return {
     readFile: (p) => {
       try {
@@ -103,6 +128,13 @@ export async function realSys(): Promise<Sys> {
     exists: (p) => existsSync(p),
     lstat: info,
     readlink: (p) => readlinkSync(p),
+    readdir: (p) => {
+      try {
+        return readdirSync(p);
+      } catch {
+        return [];
+      }
+    },
     mkdirp: (p, mode = 0o755) => void mkdirSync(p, { recursive: true, mode }),
     mountPoints: () =>
       readFileSync("/proc/self/mounts", "utf8")
@@ -112,7 +144,17 @@ export async function realSys(): Promise<Sys> {
     mount: (s, t, f, fl, d = null) => libc.mount(s, t, f, fl, d),
     umount: (t, fl) => libc.umount2(t, fl),
     statfsType: (p) => libc.statfsType(p),
-    loadModule: (m) => kmod.loadModule(m).modules,
+    loadModule: (m) => kmod.loadModule(m),
+    reloadModuleIndex: () => kmod.resetModuleIndex(),
+    pollUevents: () => {
+      ueventFd ??= libc.openUevents();
+      return libc
+        .recvAll(ueventFd)
+        .map(parseUevent)
+        .filter((e): e is Record<string, string> => e !== null);
+    },
+    verityOpen: (n, d, h, r) => cryptsetup.verityOpen(n, d, h, r, true),
+    attachLoop: (f) => libc.attachLoop(f),
     resolveDevice: (s) => blkid.resolveSpec(s),
     probe: (d) => blkid.probe(d),
     pid: () => libc.getpid(),

@@ -1,5 +1,6 @@
 // Thin bindings to the libc calls the agent needs as PID 1. Each wrapper throws a SysError
 // naming the call and its arguments; nothing here decides policy.
+import { closeSync, openSync } from "node:fs";
 import { check, koffi, SysError } from "./ffi.ts";
 
 export { FS_MAGIC, MNT_DETACH, MS, RB } from "./consts.ts";
@@ -22,6 +23,10 @@ const c = {
   signal: libc.func("void *signal(int sig, void *handler)"),
   getpid: libc.func("int getpid(void)"),
   pipe2: libc.func("int pipe2(_Out_ int *fds, int flags)"),
+  socket: libc.func("int socket(int domain, int type, int protocol)"),
+  bind: libc.func("int bind(int fd, const uint8_t *addr, uint32_t len)"),
+  recv: libc.func("long recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)"),
+  ioctl: libc.func("int ioctl(int fd, unsigned long request, ...)"),
 };
 
 const SYS_pivot_root = 155;
@@ -103,6 +108,68 @@ export function relaySignal(sig: number, sigrelayLib: string): number {
   const err = relay(sig, w) as number;
   if (err < 0) throw new SysError("initos_relay_signal", [sig], -err);
   return r;
+}
+
+/**
+ * A non-blocking netlink socket subscribed to kernel uevents (the stream udev listens to):
+ * devices that appear after boot, with their MODALIAS for module loading.
+ */
+export function openUevents(): number {
+  const AF_NETLINK = 16;
+  const SOCK_DGRAM = 2;
+  const SOCK_NONBLOCK = 0o4000;
+  const SOCK_CLOEXEC = 0o2000000;
+  const NETLINK_KOBJECT_UEVENT = 15;
+  const fd = check("socket", ["AF_NETLINK", "NETLINK_KOBJECT_UEVENT"], c.socket(AF_NETLINK, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT));
+  const addr = new Uint8Array(12); // struct sockaddr_nl
+  const v = new DataView(addr.buffer);
+  v.setUint16(0, AF_NETLINK, true);
+  v.setUint32(8, 1, true); // nl_groups: 1 = kernel events
+  check("bind", [fd, "sockaddr_nl"], c.bind(fd, addr, addr.length));
+  return fd;
+}
+
+/** All datagrams waiting on `fd`, without blocking. */
+export function recvAll(fd: number): Uint8Array[] {
+  const MSG_DONTWAIT = 0x40;
+  const out: Uint8Array[] = [];
+  for (;;) {
+    const buf = new Uint8Array(8192);
+    const n = Number(c.recv(fd, buf, buf.length, MSG_DONTWAIT));
+    if (n <= 0) return out; // EAGAIN: drained
+    out.push(buf.subarray(0, n));
+  }
+}
+
+/**
+ * Attaches `file` read-only to a free loop device (LOOP_CONFIGURE, Linux 5.8+). No autoclear:
+ * that would detach it as soon as we close our fd, before the caller can mount it.
+ */
+export function attachLoop(file: string): string {
+  const LOOP_CTL_GET_FREE = 0x4c82;
+  const LOOP_CONFIGURE = 0x4c0a;
+  const LO_FLAGS_READ_ONLY = 1;
+  const ctl = openSync("/dev/loop-control", "r+");
+  let n: number;
+  try {
+    n = check("ioctl", ["/dev/loop-control", "LOOP_CTL_GET_FREE"], c.ioctl(ctl, LOOP_CTL_GET_FREE));
+  } finally {
+    closeSync(ctl);
+  }
+  const dev = `/dev/loop${n}`;
+  const backing = openSync(file, "r");
+  const loop = openSync(dev, "r");
+  try {
+    const cfg = new Uint8Array(304); // struct loop_config
+    const v = new DataView(cfg.buffer);
+    v.setUint32(0, backing, true);
+    v.setUint32(8 + 52, LO_FLAGS_READ_ONLY, true); // info.lo_flags
+    check("ioctl", [dev, "LOOP_CONFIGURE", file], c.ioctl(loop, LOOP_CONFIGURE, "uint8_t *", cfg));
+  } finally {
+    closeSync(loop);
+    closeSync(backing);
+  }
+  return dev;
 }
 
 export function kill(pid: number, sig: number): void {

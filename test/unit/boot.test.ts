@@ -4,7 +4,7 @@ import { parseCmdline } from "../../agent/cmdline.ts";
 import { DEFAULT_CONFIG, parseConfig } from "../../agent/config.ts";
 import { applyFailurePolicy, DIAG_PATH } from "../../agent/failure.ts";
 import { Timeline } from "../../agent/log.ts";
-import { waitForDevice } from "../../agent/stages/root.ts";
+import { Coldplug, waitUntil } from "../../agent/stages/devices.ts";
 import { mountApiFilesystems, readSecureBoot, setupEarly } from "../../agent/stages/early.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
@@ -44,19 +44,24 @@ describe("early stage", () => {
   });
 });
 
-describe("waitForDevice", () => {
-  it("returns a device that appears while waiting", async () => {
+describe("waitUntil", () => {
+  it("returns a device that appears while waiting, loading drivers for hotplugged devices", async () => {
     const s = new FakeSys();
     s.appearAfterSleeps.set("LABEL=root", 3);
-    expect(await waitForDevice(s, silentLog(), "LABEL=root", 10, () => 0)).toBe("LABEL=root");
+    s.uevents.push({ ACTION: "add", MODALIAS: "virtio:d00000002v00001AF4" }, { ACTION: "remove", MODALIAS: "pci:x" });
+    const got = await waitUntil(s, silentLog(), new Coldplug(s, silentLog()), "root device LABEL=root", 10, () => s.resolveDevice("LABEL=root"), () => 0);
+    expect(got).toBe("LABEL=root");
     expect(s.sleeps).toBe(3);
+    expect(s.calls.filter((c) => c.startsWith("loadModule"))).toEqual(["loadModule virtio:d00000002v00001AF4"]);
   });
 
-  it("gives up after the bound with a line naming the device and the time", async () => {
+  it("gives up after the bound with a line naming what it waited for and how long", async () => {
     const s = new FakeSys();
     let t = 0;
     s.sleep = async () => void (t += 50);
-    await expect(waitForDevice(s, silentLog(), "/dev/vdz", 2, () => t)).rejects.toThrow("root device /dev/vdz did not appear within 2s");
+    await expect(waitUntil(s, silentLog(), new Coldplug(s, silentLog()), "root device /dev/vdz", 2, () => null, () => t)).rejects.toThrow(
+      "root device /dev/vdz did not appear within 2s",
+    );
     expect(t).toBe(2000);
   });
 });
@@ -79,6 +84,7 @@ describe("boot plan", () => {
     expect(s.calls.filter((x) => /^(loadModule|mount \/dev\/vda|execve)/.test(x))).toEqual([
       "loadModule virtio_blk",
       "loadModule btrfs",
+      "loadModule btrfs", // the root stage asks for its filesystem driver again: it may come from an image
       "mount /dev/vda /sysroot btrfs 0x1 subvol=@",
       "execve /sbin/init /sbin/init x y",
     ]);

@@ -21,6 +21,10 @@ export class FakeSys implements Sys {
   appearAfterSleeps = new Map<string, number>();
   sleeps = 0;
   failOn = new Map<string, Error>();
+  /** Pending uevents, handed out by pollUevents. */
+  uevents: Record<string, string>[] = [];
+  /** image data path → error thrown by verityOpen (anything else verifies). */
+  verityFailures = new Map<string, Error>();
 
   constructor() {
     this.add("/", { kind: "dir", dev: 1 });
@@ -60,6 +64,28 @@ export class FakeSys implements Sys {
   readlink(p: string): string {
     return this.files.get(p)?.target ?? "";
   }
+  readdir(p: string): string[] {
+    const prefix = p.endsWith("/") ? p : `${p}/`;
+    const names = new Set<string>();
+    for (const f of this.files.keys()) if (f.startsWith(prefix)) names.add(f.slice(prefix.length).split("/")[0]!);
+    return [...names].sort();
+  }
+  reloadModuleIndex(): void {
+    this.log("reloadModuleIndex");
+  }
+  pollUevents(): Record<string, string>[] {
+    return this.uevents.splice(0);
+  }
+  verityOpen(name: string, data: string, hash: string, rootHash: string): string {
+    this.log(`verityOpen ${name} ${data} ${hash} ${rootHash.slice(0, 8)}`);
+    const e = this.verityFailures.get(data);
+    if (e) throw e;
+    return `/dev/mapper/${name}`;
+  }
+  attachLoop(file: string): string {
+    this.log(`attachLoop ${file}`);
+    return "/dev/loop7";
+  }
   mkdirp(p: string): void {
     this.log(`mkdirp ${p}`);
     if (!this.files.has(p)) this.add(p, { kind: "dir" });
@@ -69,17 +95,23 @@ export class FakeSys implements Sys {
   }
   mount(src: string | null, target: string, fstype: string | null, flags: number, data: string | null = null): void {
     this.log(`mount ${src} ${target} ${fstype} 0x${flags.toString(16)}${data ? ` ${data}` : ""}`);
-    this.mounts.push(target);
+    if (flags & 0x2000 && src) {
+      // MS_MOVE: the mount and its submounts now live under the target
+      this.mounts = this.mounts.map((m) => (m === src || m.startsWith(`${src}/`) ? target + m.slice(src.length) : m));
+    } else {
+      this.mounts.push(target);
+    }
   }
   umount(target: string, flags: number): void {
     this.log(`umount ${target} ${flags}`);
+    this.mounts = this.mounts.filter((m) => m !== target);
   }
   statfsType(): number {
     return this.rootMagic;
   }
-  loadModule(name: string): string[] {
+  loadModule(name: string): { modules: string[]; matched: string[] } {
     this.log(`loadModule ${name}`);
-    return [name];
+    return { modules: [name], matched: [name] };
   }
   resolveDevice(spec: string): string | null {
     return this.devices.has(spec) ? spec : null;

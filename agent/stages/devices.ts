@@ -1,0 +1,106 @@
+// Device discovery: coldplug (load a driver for every device the kernel already knows, by its
+// modalias, as udev would) and bounded waits that keep loading drivers for devices announced
+// by uevents while they wait.
+import { BootError } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import type { Sys } from "../sys/index.ts";
+
+const POLL_MS = 50;
+const MAX_ROUNDS = 8;
+
+/** Modaliases of every device on every bus, from /sys/bus/<bus>/devices/<dev>/modalias. */
+export function modaliases(sys: Sys): string[] {
+  const out = new Set<string>();
+  for (const bus of sys.readdir("/sys/bus")) {
+    for (const dev of sys.readdir(`/sys/bus/${bus}/devices`)) {
+      const alias = sys.readFile(`/sys/bus/${bus}/devices/${dev}/modalias`)?.trim();
+      if (alias) out.add(alias);
+    }
+  }
+  return [...out].sort();
+}
+
+/** Remembers which aliases were tried, so each is loaded once per module tree. */
+export class Coldplug {
+  private tried = new Set<string>();
+  readonly loaded: string[] = [];
+
+  constructor(
+    private readonly sys: Sys,
+    private readonly log: Logger,
+  ) {}
+
+  /** Loads drivers for `aliases` not tried yet; returns how many modules were inserted. */
+  load(aliases: readonly string[]): number {
+    let n = 0;
+    for (const a of aliases) {
+      if (this.tried.has(a)) continue;
+      this.tried.add(a);
+      try {
+        const mods = this.sys.loadModule(a).modules;
+        this.loaded.push(...mods);
+        n += mods.length;
+      } catch (e) {
+        // A driver that refuses a device it matched is not a boot failure; the waits that
+        // need a device say so if it never comes.
+        this.log.debug(`coldplug ${a}: ${(e as Error).message}`);
+      }
+    }
+    return n;
+  }
+
+  /**
+   * Scans /sys until no new driver gets loaded: a bus driver (virtio_pci) makes new devices
+   * (virtio disks) appear, whose drivers are loaded in the next round.
+   */
+  scan(): string[] {
+    const before = this.loaded.length;
+    for (let round = 0; round < MAX_ROUNDS; round++) {
+      if (this.load(modaliases(this.sys)) === 0) break;
+    }
+    return this.loaded.slice(before);
+  }
+
+  /** After a new module tree is mounted, aliases that found nothing before may now. */
+  forget(): void {
+    this.tried.clear();
+  }
+
+  /** Loads drivers for devices announced since the last call. */
+  hotplug(): void {
+    const aliases = this.sys
+      .pollUevents()
+      .filter((e) => e.ACTION === "add" && e.MODALIAS)
+      .map((e) => e.MODALIAS!);
+    if (aliases.length) this.load(aliases);
+  }
+}
+
+/**
+ * Polls `probe` until it returns a value, loading drivers for hotplugged devices in between.
+ * Bounded: a device that never appears ends in a BootError naming `what` and the time waited.
+ */
+export async function waitUntil<T>(
+  sys: Sys,
+  log: Logger,
+  cold: Coldplug,
+  what: string,
+  seconds: number,
+  probe: () => T | null,
+  now = () => performance.now(),
+): Promise<T> {
+  const start = now();
+  let found = probe();
+  if (found !== null) return found;
+  log.info(`waiting up to ${seconds}s for ${what}`);
+  while (now() - start < seconds * 1000) {
+    await sys.sleep(POLL_MS);
+    cold.hotplug();
+    found = probe();
+    if (found !== null) {
+      log.info(`found ${what} after ${((now() - start) / 1000).toFixed(2)}s`);
+      return found;
+    }
+  }
+  throw new BootError(`${what} did not appear within ${seconds}s`);
+}

@@ -1,0 +1,151 @@
+import { describe, expect, it } from "vitest";
+import { unverifiedAllowed } from "../../agent/boot.ts";
+import { parseCmdline } from "../../agent/cmdline.ts";
+import { AgentConfigSchema } from "../../agent/config.ts";
+import { Coldplug, modaliases } from "../../agent/stages/devices.ts";
+import { bootedPartUuid, findEsps, LOADER_PART_UUID } from "../../agent/stages/esp.ts";
+import { openImage, setupImages } from "../../agent/stages/images.ts";
+import { FakeSys, silentLog } from "./fakesys.ts";
+
+const HASH = "ab".repeat(32);
+const cfg = AgentConfigSchema.parse({
+  images: [{ name: "modules", rootHash: HASH, binds: [{ from: "modules", to: "/lib/modules" }] }],
+});
+const SLOTS = cfg.esp.slots;
+
+/** Two ESPs with intact images; LoaderDevicePartUUID names `booted` when given. */
+function machine(booted?: "a" | "b"): FakeSys {
+  const s = new FakeSys();
+  const uuid = { a: "11111111-2222-3333-4444-55555555aaaa", b: "11111111-2222-3333-4444-55555555bbbb" };
+  s.devices.add("PARTLABEL=initos-a").add("PARTLABEL=initos-b");
+  s.resolveDevice = (spec) => ({ "PARTLABEL=initos-a": "/dev/vda1", "PARTLABEL=initos-b": "/dev/vda2", [`PARTUUID=${uuid.a}`]: "/dev/vda1", [`PARTUUID=${uuid.b}`]: "/dev/vda2" })[spec] ?? null;
+  if (booted) {
+    const v = Buffer.concat([Buffer.from([7, 0, 0, 0]), Buffer.from(`${uuid[booted].toUpperCase()}\0`, "utf16le")]);
+    s.add(LOADER_PART_UUID, { kind: "file", data: v.toString("latin1") });
+  }
+  for (const slot of ["a", "b"]) {
+    for (const f of ["modules.sqfs", "modules.verity"]) s.add(`/run/initos/esp-${slot}/initos/${f}`, { kind: "file" });
+  }
+  s.add("/run/initos/images/modules/modules", { kind: "dir" });
+  return s;
+}
+
+async function esps(s: FakeSys) {
+  return findEsps(s, silentLog(), new Coldplug(s, silentLog()), SLOTS, 1);
+}
+
+describe("ESP slots", () => {
+  it("reads the booted partition from LoaderDevicePartUUID and tries it first", async () => {
+    const s = machine("b");
+    expect(bootedPartUuid(s)).toBe("11111111-2222-3333-4444-55555555bbbb");
+    const r = await esps(s);
+    expect(r.slots.map((x) => [x.name, x.device, x.booted])).toEqual([
+      ["b", "/dev/vda2", true],
+      ["a", "/dev/vda1", false],
+    ]);
+  });
+
+  it("without EFI (direct kernel boot) tries slot a, then b", async () => {
+    expect((await esps(machine())).slots.map((x) => x.name)).toEqual(["a", "b"]);
+  });
+
+  it("refuses a boot partition that is neither slot", async () => {
+    const s = machine("a");
+    s.resolveDevice = (spec) => (spec.startsWith("PARTUUID=") ? "/dev/sdz9" : spec === "PARTLABEL=initos-a" ? "/dev/vda1" : null);
+    await expect(esps(s)).rejects.toThrow("booted from /dev/sdz9 (11111111-2222-3333-4444-55555555aaaa), which is none of the slots PARTLABEL=initos-a or PARTLABEL=initos-b");
+  });
+
+  it("waits for the ESP, bounded, naming the partitions", async () => {
+    const s = new FakeSys();
+    await expect(esps(s)).rejects.toThrow("boot partition PARTLABEL=initos-a or PARTLABEL=initos-b did not appear within 1s");
+  });
+});
+
+describe("verified images", () => {
+  it("mounts the booted slot's copy when it verifies, read-only, and binds it", async () => {
+    const s = machine("a");
+    const log = silentLog();
+    const [m] = setupImages(s, log, cfg, await esps(s), false, new Coldplug(s, log));
+    expect(m).toMatchObject({ slot: "a", device: "/dev/mapper/initos-modules", verified: true });
+    expect(s.calls).toContain("mount /dev/vda1 /run/initos/esp-a vfat 0xf umask=0077");
+    expect(s.calls).toContain("mount /dev/mapper/initos-modules /run/initos/images/modules squashfs 0x7");
+    expect(s.calls).toContain("mount /run/initos/images/modules/modules /lib/modules null 0x1000");
+    expect(s.calls).toContain("reloadModuleIndex"); // a new module tree: re-read its index
+    expect(s.calls.some((c) => c.startsWith("mount /dev/vda2"))).toBe(false); // slot b never needed
+  });
+
+  it("falls back to the other slot's copy when the first does not verify, and says so", async () => {
+    const s = machine("a");
+    s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("Verification failed at position 4096"));
+    const log = silentLog();
+    const m = openImage(s, log, await esps(s), "initos", cfg.images[0]!, false);
+    expect(m.slot).toBe("b");
+    expect(log.lines).toContain("err: image modules: slot a copy rejected: Verification failed at position 4096");
+    expect(log.lines.find((l) => l.includes("verified from slot b"))).toMatch(/after 1 bad copy/);
+  });
+
+  it("never mounts an image when no copy verifies: one line with the hash and each slot's reason", async () => {
+    const s = machine("a");
+    s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("data corrupt"));
+    s.verityFailures.set("/run/initos/esp-b/initos/modules.sqfs", new Error("hash tree corrupt"));
+    expect(() => openImage(s, silentLog(), machineEsps, "initos", cfg.images[0]!, false)).toThrow(
+      `image modules: no copy matches root hash ${HASH.slice(0, 16)}... (slot a: data corrupt; slot b: hash tree corrupt)`,
+    );
+    expect(s.calls.some((c) => c.includes("squashfs"))).toBe(false);
+  });
+
+  it("mounts unverified only when allowed, loudly", () => {
+    const s = machine("a");
+    s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("x"));
+    s.verityFailures.set("/run/initos/esp-b/initos/modules.sqfs", new Error("y"));
+    const log = silentLog();
+    const m = openImage(s, log, machineEsps, "initos", cfg.images[0]!, true);
+    expect(m).toMatchObject({ verified: false, device: "/dev/loop7", slot: "a" });
+    expect(log.lines).toContain("warn: image modules: NOT VERIFIED, mounted from slot a because initos.insecure=1 and Secure Boot is off");
+  });
+
+  it("reports a missing image file as that slot's reason", () => {
+    const s = machine("a");
+    s.files.delete("/run/initos/esp-a/initos/modules.verity");
+    const log = silentLog();
+    expect(openImage(s, log, machineEsps, "initos", cfg.images[0]!, false).slot).toBe("b");
+  });
+});
+
+const machineEsps = {
+  slots: [
+    { name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true },
+    { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: "/run/initos/esp-b", booted: false },
+  ],
+};
+
+describe("initos.insecure", () => {
+  it("is honoured only with Secure Boot off", () => {
+    const log = silentLog();
+    const insecure = parseCmdline("initos.insecure=1").cmdline;
+    expect(unverifiedAllowed({ secureBoot: "on" }, insecure, log)).toBe(false);
+    expect(log.lines).toContain("warn: initos.insecure=1 ignored: Secure Boot is on");
+    expect(unverifiedAllowed({ secureBoot: "off" }, insecure, log)).toBe(true);
+    expect(unverifiedAllowed({ secureBoot: "no-efi" }, insecure, log)).toBe(true);
+    expect(unverifiedAllowed({ secureBoot: "off" }, parseCmdline("").cmdline, log)).toBe(false);
+  });
+});
+
+describe("coldplug", () => {
+  it("loads drivers by modalias until no new device appears, each alias once", () => {
+    const s = new FakeSys();
+    s.add("/sys/bus/pci/devices/0000:00:02.0/modalias", { kind: "file", data: "pci:v00001AF4d00001001\n" });
+    // loading the PCI driver makes a virtio device appear
+    s.loadModule = (a: string) => {
+      s.calls.push(`loadModule ${a}`);
+      if (a.startsWith("pci:")) s.add("/sys/bus/virtio/devices/virtio0/modalias", { kind: "file", data: "virtio:d00000002v00001AF4\n" });
+      const m = [a.startsWith("pci:") ? "virtio_pci" : "virtio_blk"];
+      return { modules: m, matched: m };
+    };
+    expect(modaliases(s)).toEqual(["pci:v00001AF4d00001001"]);
+    const cold = new Coldplug(s, silentLog());
+    expect(cold.scan()).toEqual(["virtio_pci", "virtio_blk"]);
+    expect(cold.scan()).toEqual([]);
+    expect(s.calls.filter((c) => c.startsWith("loadModule"))).toHaveLength(2);
+  });
+});
