@@ -7,5 +7,7 @@ export default defineConfig({
     testTimeout: 20_000,
     hookTimeout: 60_000,
     reporters: ["default"],
+    // One file at a time: QEMU under TCG wants both cores; two VMs at once only slow both.
+    fileParallelism: false,
   },
 });

@@ -18,6 +18,8 @@ export const OVMF = {
 
 export interface Disk {
   file: string;
+  /** virtio-blk (default) or NVMe: different driver paths in the guest. */
+  bus?: "virtio" | "nvme";
   /** Writes go to a throwaway overlay, so images can be shared between scenarios (default on). */
   snapshot?: boolean;
   format?: "raw" | "qcow2";
@@ -178,10 +180,11 @@ export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] 
     args.push("-machine", "q35");
   }
   if (o.direct) args.push("-kernel", o.direct.kernel, "-initrd", o.direct.initrd, "-append", o.direct.append);
-  for (const d of o.disks ?? []) {
-    const snap = d.snapshot ?? true;
-    args.push("-drive", `file=${resolve(d.file)},format=${d.format ?? "raw"},if=virtio${snap ? ",snapshot=on" : ""}`);
-  }
+  (o.disks ?? []).forEach((d, i) => {
+    const drive = `file=${resolve(d.file)},format=${d.format ?? "raw"}${(d.snapshot ?? true) ? ",snapshot=on" : ""}`;
+    if (d.bus === "nvme") args.push("-drive", `${drive},if=none,id=disk${i}`, "-device", `nvme,serial=initos${i},drive=disk${i}`);
+    else args.push("-drive", `${drive},if=virtio`);
+  });
   if (tpmSock) args.push("-chardev", `socket,id=tpmchr,path=${tpmSock}`, "-tpmdev", "emulator,id=tpm0,chardev=tpmchr", "-device", "tpm-tis,tpmdev=tpm0");
   return args;
 }

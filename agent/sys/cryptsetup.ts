@@ -1,6 +1,6 @@
 // dm-verity (and later LUKS2) through libcryptsetup: one library for verity superblocks, loop
 // devices for image files, and device-mapper activation.
-import { koffi } from "./ffi.ts";
+import { errnoName, koffi } from "./ffi.ts";
 
 // Loaded on first use, so a missing library fails a stage rather than PID 1's startup.
 const bind = () => {
@@ -58,11 +58,11 @@ export class VerityError extends Error {
 const CRYPT_LOG_ERROR = 1;
 let messages: string[] = [];
 
-/** The library's error messages since the last call, joined for a log line. */
+/** The library's error messages since the last call, joined for a log line ("" if none). */
 function takeMessages(): string {
-  const m = messages.join("; ");
+  const m = messages.join(", ");
   messages = [];
-  return m ? `: ${m}` : "";
+  return m;
 }
 
 function rootHashBytes(hex: string): Buffer {
@@ -75,13 +75,13 @@ function withVerity<T>(data: string, hash: string, check: boolean, fn: (cd: unkn
   const out: unknown[] = [null];
   takeMessages();
   let r = c.initDataDevice(out, hash, data) as number;
-  if (r < 0) throw new VerityError(`cannot open ${hash} / ${data} (errno ${-r})${takeMessages()}`, -r);
+  if (r < 0) throw new VerityError(`cannot open ${hash} / ${data}: ${takeMessages() || errnoName(-r)}`, -r);
   const cd = out[0];
   try {
     // CHECK_HASH makes activation read and hash every data block first: a flipped byte
     // anywhere is caught before anything is mounted, not on some later read.
     r = c.load(cd, CRYPT_VERITY, { hash_area_offset: 0, flags: check ? CRYPT_VERITY_CHECK_HASH : 0 }) as number;
-    if (r < 0) throw new VerityError(`${hash}: no valid verity superblock (errno ${-r})${takeMessages()}`, -r);
+    if (r < 0) throw new VerityError(`${hash}: no valid verity superblock (${takeMessages() || errnoName(-r)})`, -r);
     return fn(cd);
   } finally {
     c.free(cd);
@@ -96,7 +96,7 @@ export function verityVerify(data: string, hash: string, rootHash: string): void
   const key = rootHashBytes(rootHash);
   withVerity(data, hash, true, (cd) => {
     const r = cryptsetup().activate(cd, null, key, key.length, 0) as number;
-    if (r < 0) throw new VerityError(`${data}: does not match root hash ${rootHash.slice(0, 16)}...${takeMessages()}`, -r);
+    if (r < 0) throw new VerityError(takeMessages() || `does not match the root hash (${errnoName(-r)})`, -r);
   });
 }
 
@@ -108,7 +108,7 @@ export function verityOpen(name: string, data: string, hash: string, rootHash: s
   const key = rootHashBytes(rootHash);
   return withVerity(data, hash, check, (cd) => {
     const r = cryptsetup().activate(cd, name, key, key.length, CRYPT_ACTIVATE_READONLY) as number;
-    if (r < 0) throw new VerityError(`${data}: does not match root hash ${rootHash.slice(0, 16)}...${takeMessages()}`, -r);
+    if (r < 0) throw new VerityError(takeMessages() || `does not match the root hash (${errnoName(-r)})`, -r);
     return `/dev/mapper/${name}`;
   });
 }

@@ -22,6 +22,7 @@ const bind = () => {
     unref: lib.func("kmod_module *kmod_module_unref(kmod_module *mod)"),
     unrefList: lib.func("int kmod_module_unref_list(kmod_list *list)"),
     unrefCtx: lib.func("kmod_ctx *kmod_unref(kmod_ctx *ctx)"),
+    getDependencies: lib.func("kmod_list *kmod_module_get_dependencies(const kmod_module *mod)"),
   };
 };
 let api: ReturnType<typeof bind> | undefined;
@@ -90,4 +91,41 @@ export function loadModule(nameOrAlias: string): LoadResult {
     if (list) k.unrefList(list);
   }
   return { modules, matched };
+}
+
+/**
+ * The names of `name` and everything it depends on, transitively, as libkmod resolves them from
+ * the module tree in `dirname` (default: the running kernel's). Nothing is loaded.
+ */
+export function dependencyClosure(name: string, dirname: string | null = null): string[] {
+  const k = kmod();
+  const c = k.new(dirname, [null]);
+  if (!c) throw new Error(`kmod_new(${dirname}) failed`);
+  const seen = new Set<string>();
+  const visit = (mod: unknown) => {
+    const n = k.getName(mod) as string;
+    if (seen.has(n)) return;
+    seen.add(n);
+    const deps = k.getDependencies(mod);
+    for (let e = deps; e; e = k.listNext(deps, e)) {
+      const d = k.getModule(e);
+      visit(d);
+      k.unref(d);
+    }
+    if (deps) k.unrefList(deps);
+  };
+  try {
+    const out: unknown[] = [null];
+    if (k.lookup(c, name, out) < 0 || !out[0]) throw new Error(`kmod: no module ${name} in ${dirname}`);
+    const list = out[0];
+    for (let e = list; e; e = k.listNext(list, e)) {
+      const m = k.getModule(e);
+      visit(m);
+      k.unref(m);
+    }
+    k.unrefList(list);
+  } finally {
+    k.unrefCtx(c);
+  }
+  return [...seen].sort();
 }

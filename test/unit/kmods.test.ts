@@ -29,3 +29,22 @@ describe("module closure", () => {
     expect(() => moduleClosure(index, ["no_such_module"])).toThrow("kernel module no_such_module is neither a module nor built in");
   });
 });
+
+describe("libkmod against the cache kernel", () => {
+  it("resolves the same dependency closure for btrfs and dm-verity as the build does", async () => {
+    const { dependencyClosure } = await import("../../agent/sys/kmod.ts");
+    const k = JSON.parse(readFileSync("build/kernel.json", "utf8")) as KernelInfo;
+    const dir = `${k.root}/lib/modules/${k.release}`;
+    for (const m of ["btrfs", "dm_verity", "virtio_blk"]) {
+      const viaLibkmod = dependencyClosure(m, dir);
+      expect(viaLibkmod).toContain(m);
+      expect(viaLibkmod).toEqual(moduleClosure(index, [m]).map(modName).sort());
+    }
+  });
+
+  it("resolves a device alias to its driver", async () => {
+    const { dependencyClosure } = await import("../../agent/sys/kmod.ts");
+    const k = JSON.parse(readFileSync("build/kernel.json", "utf8")) as KernelInfo;
+    expect(dependencyClosure("virtio:d00000002v00001AF4", `${k.root}/lib/modules/${k.release}`)).toContain("virtio_blk");
+  });
+});

@@ -55,3 +55,36 @@ describe("libblkid bindings", () => {
     expect(resolveSpec("LABEL=initos-no-such-label-here")).toBeNull();
   });
 });
+
+describe("libcryptsetup verity (userspace verification, no device-mapper)", () => {
+  const img = () => `${dir}/v.sqfs`;
+  let rootHash = "";
+  it("accepts an intact image and names the position of a flipped byte", async () => {
+    const { verityVerify } = await import("../../agent/sys/cryptsetup.ts");
+    execFileSync("sh", ["-c", `mkdir -p ${dir}/src && head -c 2000000 /dev/urandom > ${dir}/src/blob && mksquashfs ${dir}/src ${img()} -quiet -noappend`]);
+    rootHash = /Root hash:\s+([0-9a-f]+)/.exec(execFileSync("veritysetup", ["format", img(), `${dir}/v.verity`], { encoding: "utf8" }))![1]!;
+    expect(() => verityVerify(img(), `${dir}/v.verity`, rootHash)).not.toThrow();
+
+    execFileSync("cp", [img(), `${dir}/bad.sqfs`]);
+    execFileSync("sh", ["-c", `printf '\\377' | dd of=${dir}/bad.sqfs bs=1 seek=1000000 conv=notrunc status=none`]);
+    expect(() => verityVerify(`${dir}/bad.sqfs`, `${dir}/v.verity`, rootHash)).toThrow(/^Verification failed at position 999424, Verification of data area failed$/);
+  });
+
+  it("refuses a different root hash and a damaged hash tree", async () => {
+    const { verityVerify } = await import("../../agent/sys/cryptsetup.ts");
+    expect(() => verityVerify(img(), `${dir}/v.verity`, "0".repeat(64))).toThrow("Verification of root hash failed");
+    execFileSync("cp", [`${dir}/v.verity`, `${dir}/bad.verity`]);
+    execFileSync("sh", ["-c", `printf '\\377' | dd of=${dir}/bad.verity bs=1 seek=4200 conv=notrunc status=none`]);
+    expect(() => verityVerify(img(), `${dir}/bad.verity`, rootHash)).toThrow(/Verification/);
+    expect(() => verityVerify(img(), img(), rootHash)).toThrow(/no valid verity superblock/);
+    expect(() => verityVerify(img(), `${dir}/v.verity`, "xyz")).toThrow('root hash "xyz" is not hex');
+  });
+});
+
+describe("libblkid on the built images", () => {
+  it("probes the test root and the images (make all builds them)", () => {
+    expect(probe("build/testroot.img")).toMatchObject({ TYPE: "btrfs", LABEL: "initos-testroot" });
+    expect(probe("build/images/modules.sqfs")).toMatchObject({ TYPE: "squashfs" });
+    expect(probe("build/images/modules.verity")).toMatchObject({ TYPE: "DM_verity_hash" });
+  });
+});

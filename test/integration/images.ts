@@ -1,0 +1,46 @@
+// Helpers for integration tests that need damaged copies of the boot disk.
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, openSync, readSync, rmSync, writeSync, closeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { DISK_SLOTS } from "../../initrd/build.ts";
+
+/** Byte offset of slot `name`'s FAT filesystem inside the boot disk, from its GPT. */
+export function slotOffset(disk: string, name: string): number {
+  const slot = DISK_SLOTS.find((s) => s.name === name)!;
+  const table = JSON.parse(execFileSync("sfdisk", ["--json", disk], { encoding: "utf8" })) as {
+    partitiontable: { partitions: { start: number; name?: string }[] };
+  };
+  const p = table.partitiontable.partitions.find((x) => x.name === slot.partLabel);
+  if (!p) throw new Error(`${disk}: no partition named ${slot.partLabel}`);
+  return p.start * 512;
+}
+
+/** Flips one bit of `file` (a path on slot `slot`'s ESP) at `offset`, in place on the disk copy. */
+export function flipByteOnEsp(disk: string, slot: string, file: string, offset: number): void {
+  const dir = mkdtempSync(`${tmpdir()}/initos-flip-`);
+  try {
+    const img = `${disk}@@${slotOffset(disk, slot)}`;
+    execFileSync("mcopy", ["-n", "-i", img, `::/${file}`, `${dir}/f`]);
+    const fd = openSync(`${dir}/f`, "r+");
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, offset);
+    b[0]! ^= 0x01;
+    writeSync(fd, b, 0, 1, offset);
+    closeSync(fd);
+    execFileSync("mcopy", ["-o", "-i", img, `${dir}/f`, `::/${file}`]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** A private copy of the boot disk (sparse), to damage without touching the shared one. */
+export function copyDisk(src: string, dir: string, name: string): string {
+  const out = `${dir}/${name}.img`;
+  execFileSync("cp", ["--sparse=always", src, out]);
+  return out;
+}
+
+/** Deletes `file` from slot `slot`'s ESP on a disk copy. */
+export function deleteOnEsp(disk: string, slot: string, file: string): void {
+  execFileSync("mdel", ["-i", `${disk}@@${slotOffset(disk, slot)}`, `::/${file}`]);
+}
