@@ -22,6 +22,15 @@ const bind = () => {
     fec_roots: "uint32_t",
     flags: "uint32_t",
   });
+  koffi.struct("crypt_pbkdf_type", {
+    type: "const char *",
+    hash: "const char *",
+    time_ms: "uint32_t",
+    iterations: "uint32_t",
+    max_memory_kb: "uint32_t",
+    parallel_threads: "uint32_t",
+    flags: "uint32_t",
+  });
   const LogCallback = koffi.proto("void crypt_log_cb(int level, const char *msg, void *usrptr)");
   const c = {
     setLogCallback: lib.func("void crypt_set_log_callback(crypt_device *cd, crypt_log_cb *log, void *usrptr)"),
@@ -29,6 +38,17 @@ const bind = () => {
     load: lib.func("int crypt_load(crypt_device *cd, const char *type, crypt_params_verity *params)"),
     activate: lib.func("int crypt_activate_by_volume_key(crypt_device *cd, const char *name, const uint8_t *key, size_t size, uint32_t flags)"),
     free: lib.func("void crypt_free(crypt_device *cd)"),
+    init: lib.func("int crypt_init(_Out_ crypt_device **cd, const char *device)"),
+    loadAny: lib.func("int crypt_load(crypt_device *cd, const char *type, void *params)"),
+    setPbkdf: lib.func("int crypt_set_pbkdf_type(crypt_device *cd, const crypt_pbkdf_type *pbkdf)"),
+    format: lib.func(
+      "int crypt_format(crypt_device *cd, const char *type, const char *cipher, const char *mode, const char *uuid, const uint8_t *key, size_t key_size, void *params)",
+    ),
+    addByVolumeKey: lib.func("int crypt_keyslot_add_by_volume_key(crypt_device *cd, int slot, const uint8_t *key, size_t key_size, const uint8_t *pass, size_t pass_size)"),
+    addByPassphrase: lib.func("int crypt_keyslot_add_by_passphrase(crypt_device *cd, int slot, const uint8_t *pass, size_t pass_size, const uint8_t *new_pass, size_t new_size)"),
+    destroySlot: lib.func("int crypt_keyslot_destroy(crypt_device *cd, int slot)"),
+    activateByPassphrase: lib.func("int crypt_activate_by_passphrase(crypt_device *cd, const char *name, int slot, const uint8_t *pass, size_t size, uint32_t flags)"),
+    getUuid: lib.func("const char *crypt_get_uuid(crypt_device *cd)"),
   };
   // libcryptsetup explains failures in log messages ("Verification failed at position N");
   // keep them for our one-line errors instead of letting them go to stderr.
@@ -111,4 +131,132 @@ export function verityOpen(name: string, data: string, hash: string, rootHash: s
     if (r < 0) throw new VerityError(takeMessages() || `does not match the root hash (${errnoName(-r)})`, -r);
     return `/dev/mapper/${name}`;
   });
+}
+
+// ---- LUKS2 -----------------------------------------------------------------------------
+
+export class LuksError extends Error {
+  constructor(
+    message: string,
+    readonly errno: number,
+  ) {
+    super(message);
+    this.name = "LuksError";
+  }
+}
+
+/** How a keyslot turns its secret into a key. */
+export interface Kdf {
+  type: "pbkdf2" | "argon2id";
+  /** PBKDF2 iterations, or the argon2 time cost. */
+  iterations: number;
+  memoryKb?: number;
+  threads?: number;
+}
+
+/**
+ * The TPM's secret is 32 random bytes: stretching it adds boot time and no strength, so the
+ * TPM keyslot uses PBKDF2 at the minimum iterations LUKS2 accepts.
+ */
+export const TPM_KDF: Kdf = { type: "pbkdf2", iterations: 1000 };
+/** A human passphrase does need stretching: argon2id, memory-hard, fixed cost (no benchmark). */
+export const RECOVERY_KDF: Kdf = { type: "argon2id", iterations: 4, memoryKb: 131072, threads: 2 };
+
+const CRYPT_ANY_SLOT = -1;
+const CRYPT_PBKDF_NO_BENCHMARK = 1 << 1;
+export const CRYPT_ACTIVATE_ALLOW_DISCARDS = 1 << 3;
+export const CRYPT_ACTIVATE_NO_READ_WORKQUEUE = 1 << 24;
+export const CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE = 1 << 25;
+
+function luksFail(what: string, r: number): never {
+  throw new LuksError(`${what}: ${takeMessages() || errnoName(-r)}`, -r);
+}
+
+function withLuks<T>(device: string, fn: (cd: unknown, c: ReturnType<typeof bind>) => T, load = true): T {
+  const c = cryptsetup();
+  takeMessages();
+  const out: unknown[] = [null];
+  let r = c.init(out, device) as number;
+  if (r < 0) luksFail(`cannot open ${device}`, r);
+  const cd = out[0];
+  try {
+    if (load) {
+      r = c.loadAny(cd, "LUKS2", null) as number;
+      if (r < 0) luksFail(`${device}: not a LUKS2 volume`, r);
+    }
+    return fn(cd, c);
+  } finally {
+    c.free(cd);
+  }
+}
+
+function setKdf(c: ReturnType<typeof bind>, cd: unknown, kdf: Kdf): void {
+  const r = c.setPbkdf(cd, {
+    type: kdf.type,
+    hash: "sha256",
+    time_ms: 0,
+    iterations: kdf.iterations,
+    max_memory_kb: kdf.memoryKb ?? 0,
+    parallel_threads: kdf.threads ?? 0,
+    flags: CRYPT_PBKDF_NO_BENCHMARK,
+  }) as number;
+  if (r < 0) luksFail(`pbkdf ${kdf.type}`, r);
+}
+
+/**
+ * Formats `device` as LUKS2 (aes-xts, random 512-bit volume key) with `key` in its first
+ * keyslot. Destroys whatever the device held: install mode only.
+ */
+export function luksFormat(device: string, key: Uint8Array, kdf: Kdf): number {
+  return withLuks(
+    device,
+    (cd, c) => {
+      setKdf(c, cd, kdf);
+      let r = c.format(cd, "LUKS2", "aes", "xts-plain64", null, null, 64, null) as number;
+      if (r < 0) luksFail(`luksFormat ${device}`, r);
+      r = c.addByVolumeKey(cd, CRYPT_ANY_SLOT, null, 0, key, key.length) as number;
+      if (r < 0) luksFail(`${device}: add first keyslot`, r);
+      return r;
+    },
+    false,
+  );
+}
+
+/** Adds `newKey` in a new keyslot, authorised by `existingKey`; returns the slot. */
+export function luksAddKey(device: string, existingKey: Uint8Array, newKey: Uint8Array, kdf: Kdf): number {
+  return withLuks(device, (cd, c) => {
+    setKdf(c, cd, kdf);
+    const r = c.addByPassphrase(cd, CRYPT_ANY_SLOT, existingKey, existingKey.length, newKey, newKey.length) as number;
+    if (r < 0) luksFail(`${device}: add keyslot`, r);
+    return r;
+  });
+}
+
+export function luksDestroySlot(device: string, slot: number): void {
+  withLuks(device, (cd, c) => {
+    const r = c.destroySlot(cd, slot) as number;
+    if (r < 0) luksFail(`${device}: destroy keyslot ${slot}`, r);
+  });
+}
+
+/** Which keyslot `key` opens (no device-mapper needed); throws when none does. */
+export function luksCheckKey(device: string, key: Uint8Array): number {
+  return withLuks(device, (cd, c) => {
+    const r = c.activateByPassphrase(cd, null, CRYPT_ANY_SLOT, key, key.length, 0) as number;
+    if (r < 0) luksFail(`${device}: no keyslot opens with this key`, r);
+    return r;
+  });
+}
+
+/** Opens the volume as /dev/mapper/<name>; returns the path and the keyslot that matched. */
+export function luksOpen(device: string, name: string, key: Uint8Array, flags: number): { path: string; slot: number } {
+  return withLuks(device, (cd, c) => {
+    const r = c.activateByPassphrase(cd, name, CRYPT_ANY_SLOT, key, key.length, flags) as number;
+    if (r < 0) luksFail(`${device}: cannot unlock`, r);
+    return { path: `/dev/mapper/${name}`, slot: r };
+  });
+}
+
+export function luksUuid(device: string): string {
+  return withLuks(device, (cd, c) => String(c.getUuid(cd)));
 }
