@@ -20,6 +20,11 @@ SB_CERT     ?= /usr/share/ovmf/PkKek-1-snakeoil.pem
 SB_KEY_PASS ?= snakeoil
 # The cmdline signed into the UKI. The demo and the Secure Boot tests boot the test root.
 CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@ initos.reboot_delay=3 -- demo
+# The installed machine's UKI: no root=, the encrypted pool names it. The installer's UKI.
+TARGET_CMDLINE    ?= console=ttyS0 rw initos.latchcheck=1 initos.reboot_delay=3
+INSTALLER_CMDLINE ?= console=ttyS0 initos.mode=install initos.reboot_delay=3
+# The disk the test installer installs to (the second virtio disk).
+INSTALL_TARGET    ?= /dev/vdb
 
 DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
 	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
@@ -30,7 +35,7 @@ AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
 BUILD_SRC := $(filter-out initrd/images.ts,$(wildcard initrd/*.ts)) agent/config.ts
 
 ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.efi \
-	$(B)/boot.img $(B)/boot-unsigned.img $(B)/testroot.img
+	$(B)/boot.img $(B)/boot-unsigned.img $(B)/testroot.img $(B)/installer.img
 
 .PHONY: all deps debs npm test unit integration demo typecheck clean
 all: $(ARTIFACTS)
@@ -89,6 +94,30 @@ $(B)/cmdline.txt: FORCE
 	@echo '$(CMDLINE)' | cmp -s - $@ || echo '$(CMDLINE)' > $@
 $(B)/initos.unsigned.efi: $(B)/initrd.img $(B)/kernel.json $(B)/cmdline.txt $(BUILD_SRC)
 	$(BUILD) uki --kernel $(B)/kernel.json --initrd $(B)/initrd.img --cmdline "$$(cat $(B)/cmdline.txt)" --out $@
+# Every UKI is built by one recipe from <name>.initrd and <name>.cmdline.
+$(B)/%.unsigned.efi: $(B)/%.initrd $(B)/%.cmdline $(B)/kernel.json $(BUILD_SRC)
+	$(BUILD) uki --kernel $(B)/kernel.json --initrd $< --cmdline "$$(cat $(B)/$*.cmdline)" --out $@
+$(B)/%.efi: $(B)/%.unsigned.efi $(B)/keys/db.key $(SB_CERT)
+	sbsign --key $(B)/keys/db.key --cert $(SB_CERT) --output $@ $< 2>/dev/null
+
+$(B)/target.cmdline: FORCE
+	@echo '$(TARGET_CMDLINE)' | cmp -s - $@ || echo '$(TARGET_CMDLINE)' > $@
+$(B)/installer.cmdline: FORCE
+	@echo '$(INSTALLER_CMDLINE)' | cmp -s - $@ || echo '$(INSTALLER_CMDLINE)' > $@
+$(B)/target.initrd: $(B)/initrd.img
+	cp $< $@
+# The installer: the same initrd plus a segment with the signed install config.
+$(B)/rootfs.tar: $(B)/test-init initrd/build.ts
+	$(BUILD) rootfs --init $< --out $@
+$(B)/install.json: $(B)/rootfs.tar agent/stages/install.ts
+	$(BUILD) install-config --rootfs $< --target $(INSTALL_TARGET) --out $@
+$(B)/install.cpio: $(B)/install.json
+	$(BUILD) initrd-extra --add etc/initos/install.json=$< --out $@
+$(B)/installer.initrd: $(B)/initrd.img $(B)/install.cpio.zst
+	cat $^ > $@
+$(B)/installer.img: $(B)/installer.efi $(B)/target.efi $(B)/rootfs.tar $(IMAGES)
+	$(BUILD) disk --uki $< --images $(B)/images --add initos/install/BOOTX64.EFI=$(B)/target.efi --add initos/install/rootfs.tar=$(B)/rootfs.tar --out $@
+
 $(B)/keys/db.key: $(SB_KEY)
 	@mkdir -p -m 700 $(B)/keys
 	$(if $(SB_KEY_PASS),openssl rsa -in $< -passin pass:$(SB_KEY_PASS) -out $@ 2>/dev/null,cp $< $@)

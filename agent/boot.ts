@@ -6,7 +6,10 @@ import { BootError, describe } from "./errors.ts";
 import { type Logger, Timeline, uptime } from "./log.ts";
 import { type EarlyResult, restoreKmsgThrottle, setupEarly } from "./stages/early.ts";
 import { Coldplug } from "./stages/devices.ts";
-import { findEsps } from "./stages/esp.ts";
+import { type EspResult, findEsps } from "./stages/esp.ts";
+import { install, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
+import { mountPool, unlockPool } from "./stages/pool.ts";
+import { powerAction } from "./pid1.ts";
 import { setupImages } from "./stages/images.ts";
 import { loadModules } from "./stages/modules.ts";
 import { mountRoot, SYSROOT } from "./stages/root.ts";
@@ -74,23 +77,40 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   const cold = new Coldplug(sys, log);
   await stage(ctx, "modules", () => loadModules(sys, log, config.modules, cold));
 
+  let esp: EspResult | undefined;
   if (config.images.length > 0) {
-    const esp = await stage(ctx, "esp", () => findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds));
+    esp = await stage(ctx, "esp", () => findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds));
     const allowUnverified = unverifiedAllowed(state.early!, cmdline, log);
-    await stage(ctx, "images", () => setupImages(sys, log, config, esp, allowUnverified, cold));
+    await stage(ctx, "images", () => setupImages(sys, log, config, esp!, allowUnverified, cold));
   }
 
-  if (!cmdline.root) throw new BootError("no root= on the kernel command line");
-  const root = cmdline.root;
-  await stage(ctx, "root", () =>
-    mountRoot(sys, log, cold, {
-      spec: root,
-      fstypes: cmdline.rootfstype?.split(","),
-      options: cmdline.rootflags,
-      rw: cmdline.rw,
-      waitSeconds: cmdline.rootWaitSeconds ?? config.rootWaitSeconds,
-    }),
-  );
+  if (cmdline.mode === "install") {
+    if (!esp) throw new BootError("install: no ESP with images to install from");
+    const ic = parseInstallConfig(sys.readFile(INSTALL_CONFIG));
+    await stage(ctx, "install", () => install(sys, log, cold, config, ic, esp!));
+    ctx.timeline.save();
+    powerAction(sys, log, "poweroff", "install finished");
+    for (;;) await sys.sleep(3_600_000);
+  }
+
+  if (cmdline.root) {
+    // A root named on the cmdline: mount it as it is (VMs, tests, unencrypted machines).
+    const root = cmdline.root;
+    await stage(ctx, "root", () =>
+      mountRoot(sys, log, cold, {
+        spec: root,
+        fstypes: cmdline.rootfstype?.split(","),
+        options: cmdline.rootflags,
+        rw: cmdline.rw,
+        waitSeconds: cmdline.rootWaitSeconds ?? config.rootWaitSeconds,
+      }),
+    );
+  } else {
+    // The installed machine: the encrypted pool says which subvolume is the root.
+    if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
+    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, esp!));
+    await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw));
+  }
 
   const init = await stage(ctx, "handoff-check", () => chooseInit(sys, cmdline, config));
   log.info(`timeline: ${ctx.timeline.summary()}`);

@@ -75,6 +75,7 @@ const KEYS = {
   "initos.ip": { schema: cidr4, fallback: undefined },
   "initos.gw": { schema: ipv4, fallback: undefined },
   "initos.insecure": { schema: bool01, fallback: false },
+  "initos.latchcheck": { schema: bool01, fallback: false },
 } as const;
 type Keys = typeof KEYS;
 type Parsed<K extends keyof Keys> = z.output<Keys[K]["schema"]> | Keys[K]["fallback"];
@@ -97,6 +98,8 @@ export interface Cmdline {
   staticIp?: string;
   gateway?: string;
   insecure: boolean;
+  /** After unlocking, prove the TPM latch: a second unseal must fail. */
+  latchCheck: boolean;
   /** Everything after `--`: the app (or the root init's extra arguments). */
   app: string[];
 }
@@ -173,6 +176,7 @@ export function parseCmdline(text: string): CmdlineResult {
     staticIp: get("initos.ip") ?? get("xip"),
     gateway: get("initos.gw"),
     insecure: get("initos.insecure") ?? false,
+    latchCheck: get("initos.latchcheck") ?? false,
     app,
   };
   return { cmdline, errors };

@@ -44,6 +44,17 @@ export const AgentConfigSchema = z
           .strict(),
       )
       .default([]),
+    /** Unattended unlock: the key sealed to these PCRs plus the latch PCR (zero at boot). */
+    tpm: z
+      .object({
+        waitSeconds: z.number().int().min(0).max(600).default(10),
+        pcrs: z.array(z.number().int().min(0).max(23)).min(1).default([7]),
+        latchPcr: z.number().int().min(0).max(23).default(15),
+      })
+      .strict()
+      .default({ waitSeconds: 10, pcrs: [7], latchPcr: 15 }),
+    /** Recovery passphrase attempts on the console before the failure policy. */
+    passphraseTries: z.number().int().min(1).max(10).default(3),
     /** Tried in order when the cmdline has no init=. */
     initCandidates: z.array(z.string().regex(/^\//)).min(1).default(["/sbin/init", "/etc/init", "/bin/init", "/lib/systemd/systemd"]),
   })

@@ -9,11 +9,15 @@
 //   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT --out FILE.efi
 //   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
 //   bun initrd/build.ts testroot    --init FILE --out root.img
+//   bun initrd/build.ts rootfs      --init FILE --out rootfs.tar
+//   bun initrd/build.ts install-config --rootfs FILE --target DEV --out install.json
+//   bun initrd/build.ts initrd-extra --add DEST=FILE --out FILE.cpio
 import { execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { dirname, join, relative } from "node:path";
+import { basename, dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { AgentConfigSchema } from "../agent/config.ts";
+import { InstallConfigSchema } from "../agent/stages/install.ts";
 import { type CpioEntry, fileFrom, writeCpio } from "./cpio.ts";
 import { ensureKernel, type KernelInfo } from "./kernel.ts";
 import { moduleClosure, readModuleIndex } from "./kmods.ts";
@@ -176,10 +180,15 @@ export const DISK_SLOTS = [
  * A GPT disk with two ESPs, slots A and B, each holding the UKI at the removable-media path
  * (booted without boot entries) and the images with their hash trees under /initos.
  */
-function cmdDisk(o: Record<string, string | undefined>): void {
+function cmdDisk(o: Record<string, string | undefined>, extra: string[] = []): void {
   const uki = need(o, "uki");
   const out = need(o, "out");
   const files: [string, string][] = [[uki, "EFI/BOOT/BOOTX64.EFI"]];
+  // --add DEST=FILE: more files for the ESPs (the installer's payload)
+  for (const a of extra) {
+    const eq = a.indexOf("=");
+    files.push([a.slice(eq + 1), a.slice(0, eq)]);
+  }
   if (o.images) {
     for (const name of ["modules", "sidecar"]) {
       const info = JSON.parse(readFileSync(`${o.images}/${name}.json`, "utf8")) as ImageInfo;
@@ -203,10 +212,53 @@ function cmdDisk(o: Record<string, string | undefined>): void {
     // firmware refuse a FAT32 with too few clusters).
     sh("mkfs.vfat", ["-F", "32", "-s", "1", "-n", s.fsLabel, "-i", s.volumeId, "--offset", String(starts[i]), out, String(espMiB * 1024)]);
     const img = `${out}@@${starts[i]! * 512}`;
-    sh("mmd", ["-i", img, "::/EFI", "::/EFI/BOOT", "::/initos"]);
+    const dirs = new Set(files.flatMap(([, d]) => d.split("/").slice(0, -1).map((_, i, parts) => parts.slice(0, i + 1).join("/"))));
+    sh("mmd", ["-i", img, ...[...dirs].sort().map((d) => `::/${d}`)]);
     for (const [src, dst] of files) sh("mcopy", ["-i", img, src, `::/${dst}`]);
   });
   console.log(`disk: ${out} (2 ESPs of ${espMiB} MiB: ${files.map(([, d]) => d).join(", ")})`);
+}
+
+/** The canary in the test root: it must never be found in plaintext on an installed disk. */
+export const PLAINTEXT_CANARY = "INITOS-PLAINTEXT-CANARY-5d41402abc4b2a76";
+
+/** The test root's files, for the btrfs image and for the installer's tarball. */
+function stageTestRoot(dir: string, init: string, subvol: string): void {
+  for (const d of ["sbin", "etc", "dev", "proc", "sys", "run", "tmp", "home", "var/log", "var/cache"]) mkdirSync(`${dir}/${d}`, { recursive: true });
+  copyFileSync(init, `${dir}/sbin/init`);
+  sh("chmod", ["0755", `${dir}/sbin/init`]);
+  writeFileSync(`${dir}/etc/initos-test-root`, `subvol=${subvol}\n`);
+  writeFileSync(`${dir}/etc/initos-canary`, `${PLAINTEXT_CANARY}\n`);
+}
+
+/** A reproducible tarball of the test root (the installer's root filesystem). */
+function cmdRootfs(o: Record<string, string | undefined>): void {
+  const out = need(o, "out");
+  const tmp = mkdtempSync(`${dirname(out)}/.rootfs-`);
+  try {
+    stageTestRoot(tmp, need(o, "init"), "@root");
+    sh("tar", ["--sort=name", "--owner=0", "--group=0", "--numeric-owner", `--mtime=@${mtime()}`, "-C", tmp, "-cf", out, "."]);
+    console.log(`rootfs: ${out}`);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+/** The signed install config: the target disk and the root filesystem's checksum. */
+function cmdInstallConfig(o: Record<string, string | undefined>): void {
+  const rootfs = need(o, "rootfs");
+  const sha256 = execFileSync("sha256sum", [rootfs], { encoding: "utf8" }).split(" ")[0]!;
+  const config = InstallConfigSchema.parse({ target: need(o, "target"), rootfs: { file: basename(rootfs), sha256 } });
+  writeFileSync(need(o, "out"), JSON.stringify(config, null, 1) + "\n");
+}
+
+/** A cpio segment with extra files, appended to an initrd (the installer's install config). */
+function cmdInitrdExtra(o: Record<string, string | undefined>, adds: string[]): void {
+  const entries = adds.map((a): CpioEntry => {
+    const eq = a.indexOf("=");
+    return fileFrom(a.slice(0, eq), a.slice(eq + 1), 0o644);
+  });
+  writeCpio(need(o, "out"), entries, mtime());
 }
 
 /**
@@ -220,12 +272,7 @@ function cmdTestroot(o: Record<string, string | undefined>): void {
   try {
     mkdirSync(`${tmp}/top`);
     writeFileSync(`${tmp}/top/WRONG-SUBVOLUME`, "the root was mounted without subvol=@\n");
-    mkdirSync(`${tmp}/sub/sbin`, { recursive: true });
-    mkdirSync(`${tmp}/sub/etc`);
-    for (const d of ["dev", "proc", "sys", "run"]) mkdirSync(`${tmp}/sub/${d}`);
-    copyFileSync(need(o, "init"), `${tmp}/sub/sbin/init`);
-    sh("chmod", ["0755", `${tmp}/sub/sbin/init`]);
-    writeFileSync(`${tmp}/sub/etc/initos-test-root`, "subvol=@\n");
+    stageTestRoot(`${tmp}/sub`, need(o, "init"), "@");
     rmSync(out, { force: true });
     sh("truncate", ["-s", "160M", out]);
     sh("mkfs.btrfs", ["-q", "-f", "-L", "initos-testroot", "--rootdir", `${tmp}/top`, out]);
@@ -243,7 +290,7 @@ function need(o: Record<string, string | undefined>, key: string): string {
   return v;
 }
 
-const commands: Record<string, (o: Record<string, string | undefined>) => void> = {
+const commands: Record<string, (o: Record<string, string | undefined>, adds: string[]) => void> = {
   kernel: cmdKernel,
   "initrd-base": cmdInitrdBase,
   "initrd-agent": cmdInitrdAgent,
@@ -251,6 +298,9 @@ const commands: Record<string, (o: Record<string, string | undefined>) => void> 
   images: cmdImages,
   disk: cmdDisk,
   testroot: cmdTestroot,
+  rootfs: cmdRootfs,
+  "install-config": cmdInstallConfig,
+  "initrd-extra": cmdInitrdExtra,
 };
 
 if (import.meta.main) {
@@ -262,10 +312,14 @@ if (import.meta.main) {
   }
   const { values } = parseArgs({
     args: rest,
-    options: Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "agent", "sigrelay", "initrd", "cmdline", "uki", "init"].map((k) => [k, { type: "string" as const }])),
+    options: {
+      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target"].map((k) => [k, { type: "string" as const }])),
+      add: { type: "string", multiple: true },
+    },
   });
   try {
-    run(values as Record<string, string | undefined>);
+    const { add, ...single } = values;
+    run(single as Record<string, string | undefined>, (add as string[] | undefined) ?? []);
   } catch (e) {
     console.error(`build ${cmd}: ${(e as Error).message}`);
     process.exit(1);

@@ -18,7 +18,18 @@ export interface ImageInfo {
 }
 
 /** Tools in the sidecar image: the ssh server, an admin shell, TPM, LUKS and btrfs tools. */
-export const SIDECAR_TOOLS = ["/usr/sbin/dropbear", "/usr/bin/dropbearkey", "/bin/busybox", "/usr/bin/tpm2", "/usr/sbin/cryptsetup", "/usr/bin/btrfs"];
+export const SIDECAR_TOOLS = [
+  "/usr/sbin/dropbear",
+  "/usr/bin/dropbearkey",
+  "/bin/busybox",
+  "/usr/bin/tpm2",
+  "/usr/sbin/cryptsetup",
+  "/usr/bin/btrfs",
+  // install mode: partition, format the ESPs and the pool
+  "/usr/sbin/sfdisk",
+  "/usr/sbin/mkfs.fat",
+  "/sbin/mkfs.btrfs",
+];
 /** tpm2-tools loads its TPM transport with dlopen. */
 const SIDECAR_DLOPENED = ["libtss2-tcti-device.so.0"];
 

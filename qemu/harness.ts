@@ -86,12 +86,13 @@ export class Vm {
 
   /**
    * Resolves with the first match of `re` in the complete lines of output (a line still being
-   * written could match a prefix of what it will say); rejects on timeout or VM exit.
+   * written could match a prefix of what it will say); rejects on timeout or VM exit. A prompt,
+   * which ends without a newline, is waited for with `prompt`.
    */
-  waitFor(re: RegExp, timeoutMs: number): Promise<RegExpMatchArray> {
+  waitFor(re: RegExp, timeoutMs: number, prompt = false): Promise<RegExpMatchArray> {
     return new Promise((res, rej) => {
       const check = () => {
-        const m = (this.running ? this.buf.slice(0, this.buf.lastIndexOf("\n") + 1) : this.buf).match(re);
+        const m = (this.running && !prompt ? this.buf.slice(0, this.buf.lastIndexOf("\n") + 1) : this.buf).match(re);
         if (m) return done(() => res(m));
         if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}; log ${this.logPath}`)));
       };

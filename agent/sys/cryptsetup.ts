@@ -49,6 +49,8 @@ const bind = () => {
     destroySlot: lib.func("int crypt_keyslot_destroy(crypt_device *cd, int slot)"),
     activateByPassphrase: lib.func("int crypt_activate_by_passphrase(crypt_device *cd, const char *name, int slot, const uint8_t *pass, size_t size, uint32_t flags)"),
     getUuid: lib.func("const char *crypt_get_uuid(crypt_device *cd)"),
+    initByName: lib.func("int crypt_init_by_name(_Out_ crypt_device **cd, const char *name)"),
+    deactivate: lib.func("int crypt_deactivate(crypt_device *cd, const char *name)"),
   };
   // libcryptsetup explains failures in log messages ("Verification failed at position N");
   // keep them for our one-line errors instead of letting them go to stderr.
@@ -259,4 +261,19 @@ export function luksOpen(device: string, name: string, key: Uint8Array, flags: n
 
 export function luksUuid(device: string): string {
   return withLuks(device, (cd, c) => String(c.getUuid(cd)));
+}
+
+/** Closes /dev/mapper/<name>. */
+export function luksClose(name: string): void {
+  const c = cryptsetup();
+  takeMessages();
+  const out: unknown[] = [null];
+  let r = c.initByName(out, name) as number;
+  if (r < 0) luksFail(`no active volume ${name}`, r);
+  try {
+    r = c.deactivate(out[0], name) as number;
+    if (r < 0) luksFail(`close ${name}`, r);
+  } finally {
+    c.free(out[0]);
+  }
 }

@@ -1,6 +1,27 @@
 // The one seam between boot logic and the machine. Boot stages receive a `Sys` and never touch
 // koffi, processes or files directly, so their decisions can be tested with fakes.
-import { closeSync, constants, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, rmdirSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, unlinkSync, writeFileSync } from "node:fs";
+
+import type { Kdf } from "./cryptsetup.ts";
+import type { SealedBlob } from "./tpm.ts";
+
+/** LUKS2 volumes (libcryptsetup). Keys are bytes; nothing here logs them. */
+export interface LuksOps {
+  format(device: string, key: Uint8Array, kdf: Kdf): number;
+  addKey(device: string, existingKey: Uint8Array, newKey: Uint8Array, kdf: Kdf): number;
+  destroySlot(device: string, slot: number): void;
+  /** Opens /dev/mapper/<name>; throws LuksError (errno EPERM: wrong key). */
+  open(device: string, name: string, key: Uint8Array, flags: number): { path: string; slot: number };
+  close(name: string): void;
+}
+
+/** The TPM, through tpm2-tools. */
+export interface TpmOps {
+  pcrRead(pcrs: readonly number[]): Map<number, Uint8Array>;
+  seal(secret: Uint8Array, expected: Map<number, Uint8Array>): SealedBlob;
+  unseal(blob: SealedBlob, pcrs: readonly number[]): Uint8Array;
+  extend(pcr: number, digest: Uint8Array): void;
+}
 
 export type FileKind = "file" | "dir" | "link" | "other" | "missing";
 export interface FileInfo {
@@ -13,7 +34,10 @@ export interface FileInfo {
 
 export interface Sys {
   readFile(path: string): string | null;
-  readBytes(path: string): Uint8Array | null;
+  /** A file's bytes (the first `limit` bytes when given, e.g. a disk's head); null if unreadable. */
+  readBytes(path: string, limit?: number): Uint8Array | null;
+  writeBytes(path: string, data: Uint8Array, mode?: number): void;
+  copyFile(from: string, to: string): void;
   writeFile(path: string, data: string): void;
   exists(path: string): boolean;
   lstat(path: string): FileInfo;
@@ -36,6 +60,16 @@ export interface Sys {
   verityOpen(name: string, data: string, hash: string, rootHash: string): string;
   /** A read-only loop device for an image file (only for images allowed unverified). */
   attachLoop(file: string): string;
+  luks: LuksOps;
+  /** tpm2 from the given sidecar root, on /dev/tpmrm0. */
+  tpm(sidecarRoot: string): TpmOps;
+  /** Runs a tool to completion (install mode: sfdisk, mkfs); throws with its stderr on failure. */
+  run(argv: readonly string[], input?: Uint8Array): string;
+  /** Reads one line from the console; with echo off for secrets. null: no console. */
+  readLine(prompt: string, echo: boolean): Promise<string | null>;
+  /** Writes to the console only (never kmsg): for what must not be logged, like a new passphrase. */
+  toConsole(text: string): void;
+  randomBytes(n: number): Uint8Array;
   resolveDevice(spec: string): string | null;
   probe(device: string): Record<string, string> | null;
   pid(): number;
@@ -108,6 +142,9 @@ export async function realSys(): Promise<Sys> {
   const kmod = await import("./kmod.ts");
   const blkid = await import("./blkid.ts");
   const cryptsetup = await import("./cryptsetup.ts");
+  const tpm = await import("./tpm.ts");
+  const { spawnSync } = await import("node:child_process");
+  const { randomBytes } = await import("node:crypto");
   let ueventFd: number | undefined;
   return {
     readFile: (p) => {
@@ -117,14 +154,23 @@ export async function realSys(): Promise<Sys> {
         return null;
       }
     },
-    readBytes: (p) => {
+    readBytes: (p, limit) => {
       try {
-        return readFileSync(p);
+        if (limit === undefined) return readFileSync(p);
+        const fd = openSync(p, "r");
+        try {
+          const buf = Buffer.alloc(limit);
+          return buf.subarray(0, readSync(fd, buf, 0, limit, 0));
+        } finally {
+          closeSync(fd);
+        }
       } catch {
         return null;
       }
     },
     writeFile: (p, d) => writeFileSync(p, d),
+    writeBytes: (p, d, mode = 0o600) => writeFileSync(p, d, { mode }),
+    copyFile: (a, b) => copyFileSync(a, b),
     exists: (p) => existsSync(p),
     lstat: info,
     readlink: (p) => readlinkSync(p),
@@ -155,6 +201,30 @@ export async function realSys(): Promise<Sys> {
     },
     verityOpen: (n, d, h, r) => cryptsetup.verityOpen(n, d, h, r, true),
     attachLoop: (f) => libc.attachLoop(f),
+    luks: {
+      format: cryptsetup.luksFormat,
+      addKey: cryptsetup.luksAddKey,
+      destroySlot: cryptsetup.luksDestroySlot,
+      open: cryptsetup.luksOpen,
+      close: cryptsetup.luksClose,
+    },
+    tpm: (root) => new tpm.Tpm(tpm.sidecarTpm2(root)),
+    run: (argv, input) => {
+      const [cmd, ...args] = argv;
+      const r = spawnSync(cmd!, args, { input, encoding: "utf8" });
+      if (r.error) throw new Error(`${cmd}: ${r.error.message}`);
+      if (r.status !== 0) throw new Error(`${argv.join(" ")}: ${(r.stderr || r.stdout).trim().split("\n").at(-1) ?? `exit ${r.status}`}`);
+      return r.stdout;
+    },
+    readLine: (prompt, echo) => libc.readConsoleLine(prompt, echo),
+    toConsole: (t) => {
+      try {
+        writeSync(1, t);
+      } catch {
+        // no console: nothing to show it on
+      }
+    },
+    randomBytes: (n) => randomBytes(n),
     resolveDevice: (s) => blkid.resolveSpec(s),
     probe: (d) => blkid.probe(d),
     pid: () => libc.getpid(),

@@ -1,6 +1,6 @@
 // Thin bindings to the libc calls the agent needs as PID 1. Each wrapper throws a SysError
 // naming the call and its arguments; nothing here decides policy.
-import { closeSync, openSync } from "node:fs";
+import { closeSync, openSync, read, writeSync } from "node:fs";
 import { check, koffi, SysError } from "./ffi.ts";
 
 export { FS_MAGIC, MNT_DETACH, MS, RB } from "./consts.ts";
@@ -27,6 +27,8 @@ const c = {
   bind: libc.func("int bind(int fd, const uint8_t *addr, uint32_t len)"),
   recv: libc.func("long recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)"),
   ioctl: libc.func("int ioctl(int fd, unsigned long request, ...)"),
+  tcgetattr: libc.func("int tcgetattr(int fd, _Out_ uint8_t *termios)"),
+  tcsetattr: libc.func("int tcsetattr(int fd, int when, const uint8_t *termios)"),
 };
 
 const SYS_pivot_root = 155;
@@ -187,4 +189,51 @@ export function execve(path: string, argv: readonly string[], envp: readonly str
   c.signal(SIGPIPE, null);
   c.execve(path, [...argv, null], [...envp, null]);
   throw new SysError("execve", [path, ...argv], koffi.errno());
+}
+
+/**
+ * Prompts on the console (fd 1) and reads one line from fd 0, with the tty's echo off when
+ * `echo` is false (for passphrases). Resolves null when fd 0 is not readable (no console).
+ */
+export function readConsoleLine(prompt: string, echo: boolean): Promise<string | null> {
+  const ECHO = 0o10;
+  const TCSANOW = 0;
+  const saved = new Uint8Array(60); // struct termios
+  const isTty = c.tcgetattr(0, saved) === 0;
+  if (isTty && !echo) {
+    const quiet = saved.slice();
+    const v = new DataView(quiet.buffer);
+    v.setUint32(12, v.getUint32(12, true) & ~ECHO, true); // c_lflag
+    c.tcsetattr(0, TCSANOW, quiet);
+  }
+  try {
+    writeSync(1, prompt);
+  } catch {
+    // the prompt is a courtesy; the read below decides
+  }
+  return new Promise((resolve) => {
+    const buf = Buffer.alloc(512);
+    let line = "";
+    const done = (v: string | null) => {
+      if (isTty && !echo) {
+        c.tcsetattr(0, TCSANOW, saved);
+        try {
+          writeSync(1, "\n"); // the newline the user typed was not echoed
+        } catch {
+          // ignore
+        }
+      }
+      buf.fill(0);
+      resolve(v);
+    };
+    const next = () =>
+      read(0, buf, 0, buf.length, null, (err, n) => {
+        if (err || n === 0) return done(line ? line : null);
+        line += buf.subarray(0, n).toString("utf8");
+        const end = line.search(/[\r\n]/);
+        if (end >= 0) return done(line.slice(0, end));
+        next();
+      });
+    next();
+  });
 }

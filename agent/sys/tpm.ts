@@ -3,6 +3,7 @@
 // secret itself) live in a private directory on tmpfs and are removed after each operation.
 import { spawnSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { sidecarArgv } from "./sidecar.ts";
 
 /** How to run `tpm2`: argv prefix and environment (which TPM, through which TCTI). */
 export interface TpmTool {
@@ -22,7 +23,7 @@ export interface TpmTool {
  */
 export function sidecarTpm2(root: string, device = "/dev/tpmrm0"): TpmTool {
   return {
-    argv: [`${root}/usr/lib64/ld-linux-x86-64.so.2`, "--library-path", `${root}/usr/lib/x86_64-linux-gnu`, `${root}/usr/bin/tpm2`],
+    argv: sidecarArgv("tpm2", root),
     env: { TPM2TOOLS_TCTI: `device:${device}` },
     resourceManager: device.includes("tpmrm"),
   };

@@ -1,11 +1,13 @@
 /*
  * The test root's /sbin/init: proves the handoff worked by printing one marker line with its
- * PID, its argv and which subvolume it runs from, then powers the VM off.
+ * PID, its argv, which subvolume it runs from and whether /home is a separate mount, then
+ * powers the VM off.
  */
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/reboot.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static void read_line(const char *path, char *buf, size_t n) {
@@ -19,9 +21,12 @@ static void read_line(const char *path, char *buf, size_t n) {
 
 int main(int argc, char **argv) {
 	char root[64], timeline[8];
+	struct stat st_root, st_home;
+	const char *home = stat("/home", &st_home) != 0 ? "none"
+		: (stat("/", &st_root) == 0 && st_root.st_dev != st_home.st_dev) ? "mounted" : "same";
 	read_line("/etc/initos-test-root", root, sizeof root);
 	snprintf(timeline, sizeof timeline, "%s", access("/run/initos/boot.json", R_OK) == 0 ? "yes" : "no");
-	printf("INITOS-TEST-ROOT pid=%d root=%s timeline=%s argc=%d argv=[", getpid(), root, timeline, argc);
+	printf("INITOS-TEST-ROOT pid=%d root=%s home=%s timeline=%s argc=%d argv=[", getpid(), root, home, timeline, argc);
 	for (int i = 1; i < argc; i++) printf("%s%s", i > 1 ? " " : "", argv[i]);
 	printf("]\n");
 	fflush(stdout);

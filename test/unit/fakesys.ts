@@ -1,6 +1,6 @@
 // A fake machine for unit tests of boot decisions: an in-memory file tree with devices and
 // mounts, and a journal of every system call so tests can assert order and absence.
-import type { FileInfo, Sys } from "../../agent/sys/index.ts";
+import type { FileInfo, LuksOps, Sys, TpmOps } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
   kind: "file" | "dir" | "link";
@@ -48,6 +48,48 @@ export class FakeSys implements Sys {
   readBytes(p: string): Uint8Array | null {
     const t = this.readFile(p);
     return t === null ? null : Buffer.from(t, "latin1");
+  }
+  writeBytes(p: string, d: Uint8Array): void {
+    this.writeFile(p, Buffer.from(d).toString("latin1"));
+  }
+  copyFile(a: string, b: string): void {
+    this.log(`copyFile ${a} ${b}`);
+    this.add(b, { kind: "file", data: this.readFile(a) ?? "" });
+  }
+  /** LUKS volumes: device → accepted keys (as strings). */
+  luksKeys = new Map<string, Set<string>>();
+  luks: LuksOps = {
+    format: (d, k) => (this.log(`luks.format ${d}`), this.luksKeys.set(d, new Set([Buffer.from(k).toString("latin1")])), 0),
+    addKey: (d, _e, k) => (this.log(`luks.addKey ${d}`), this.luksKeys.get(d)!.add(Buffer.from(k).toString("latin1")), 1),
+    destroySlot: (d, s) => this.log(`luks.destroySlot ${d} ${s}`),
+    open: (d, name, k) => {
+      this.log(`luks.open ${d} ${name}`);
+      if (!this.luksKeys.get(d)?.has(Buffer.from(k).toString("latin1"))) throw Object.assign(new Error("wrong key"), { errno: 1 });
+      return { path: `/dev/mapper/${name}`, slot: 0 };
+    },
+    close: (name) => this.log(`luks.close ${name}`),
+  };
+  tpmFake?: TpmOps;
+  tpm(): TpmOps {
+    if (!this.tpmFake) throw new Error("no fake TPM");
+    return this.tpmFake;
+  }
+  run(argv: readonly string[]): string {
+    this.log(`run ${argv.join(" ")}`);
+    return "";
+  }
+  /** Lines the console will answer with, in order; null when they run out. */
+  consoleInput: string[] = [];
+  consoleOutput = "";
+  async readLine(prompt: string): Promise<string | null> {
+    this.consoleOutput += prompt;
+    return this.consoleInput.shift() ?? null;
+  }
+  toConsole(t: string): void {
+    this.consoleOutput += t;
+  }
+  randomBytes(n: number): Uint8Array {
+    return Buffer.alloc(n, 0x42);
   }
   writeFile(p: string, d: string): void {
     this.log(`writeFile ${p}`);

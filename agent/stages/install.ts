@@ -1,0 +1,155 @@
+// Install mode (the USB installer): turns a blank disk into an initos machine, driven only by
+// the signed install config in the installer's initrd.
+//
+//   GPT: ESP A | ESP B | LUKS2 (the rest)        UKI + verified images on both ESPs
+//   LUKS2: keyslot 0 = 32 random bytes (PBKDF2, minimal), keyslot 1 = recovery passphrase (argon2id)
+//   btrfs "INITOSROOT": @root (the root filesystem), @home, @log, @cache, initos.json
+//   TPM: the 32 bytes sealed to PCR 7 + the latch PCR (zero at boot); blobs on both ESPs
+//
+// This is the only place the agent writes to a disk, and it refuses a disk that is not blank
+// unless the config says to overwrite it.
+import { createHash } from "node:crypto";
+import { z } from "zod";
+import type { AgentConfig } from "../config.ts";
+import { BootError } from "../errors.ts";
+import { HOST_CONFIG_JSON } from "../hostconfig.ts";
+import type { Logger } from "../log.ts";
+import { MNT_DETACH, MS } from "../sys/consts.ts";
+import { RECOVERY_KDF, TPM_KDF } from "../sys/cryptsetup.ts";
+import type { Sys } from "../sys/index.ts";
+import { SIDECAR_ROOT, sidecarArgv } from "../sys/sidecar.ts";
+import { type Coldplug, waitUntil } from "./devices.ts";
+import { type EspResult, mountEsp } from "./esp.ts";
+import { expectedPcrs, loadCryptModules, sealPaths } from "./pool.ts";
+
+export const INSTALL_CONFIG = "/etc/initos/install.json";
+
+export const InstallConfigSchema = z
+  .object({
+    /** The disk to install to, e.g. /dev/vdb or /dev/nvme0n1. */
+    target: z.string().regex(/^\/dev\/[\w/-]+$/, "expected a /dev path"),
+    /** Allow a disk that is not blank. Everything on it is destroyed. */
+    overwrite: z.boolean().default(false),
+    /** Files on the installer's ESP under <esp dir>/<source>/: the target UKI and the root fs. */
+    source: z.string().regex(/^[\w.-]+$/).default("install"),
+    rootfs: z.object({ file: z.string().regex(/^[\w.-]+$/), sha256: z.string().regex(/^[0-9a-f]{64}$/) }).strict(),
+    root: z.string().regex(/^@?[\w.-]+$/).default("@root"),
+    subvolumes: z.array(z.string().regex(/^@?[\w.-]+$/)).default(["@home", "@log", "@cache"]),
+    espMiB: z.number().int().min(64).max(4096).default(256),
+  })
+  .strict();
+export type InstallConfig = z.output<typeof InstallConfigSchema>;
+
+export function parseInstallConfig(text: string | null): InstallConfig {
+  if (text === null) throw new BootError(`install: no ${INSTALL_CONFIG} in this initrd`);
+  const r = InstallConfigSchema.safeParse(JSON.parse(text));
+  if (r.success) return r.data;
+  const i = r.error.issues[0]!;
+  throw new BootError(`install: ${INSTALL_CONFIG}: ${i.path.join(".") || "(top level)"}: ${i.message}`);
+}
+
+/** /dev/vdb + 3 → /dev/vdb3; /dev/nvme0n1 + 3 → /dev/nvme0n1p3 */
+export function partition(disk: string, n: number): string {
+  return `${disk}${/\d$/.test(disk) ? "p" : ""}${n}`;
+}
+
+/** 32 characters without look-alikes; 8 groups of 5 = 200 bits. */
+export function recoveryPassphrase(random: Uint8Array): string {
+  const alphabet = "abcdefghjkmnpqrstuvwxyz23456789";
+  const chars = [...random.subarray(0, 40)].map((b) => alphabet[b % alphabet.length]);
+  return Array.from({ length: 8 }, (_, i) => chars.slice(i * 5, i * 5 + 5).join("")).join("-");
+}
+
+const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+const TARGET = "/run/initos/target";
+
+export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, ic: InstallConfig, esp: EspResult): Promise<void> {
+  const tool = (name: string, ...args: string[]) => sys.run([...sidecarArgv(name), ...args]);
+  const src = `${mountEsp(sys, esp.slots[0]!)}/${cfg.esp.dir}/${ic.source}`;
+
+  // 1. Inputs first: nothing is touched until everything we will copy is present and checked.
+  const rootfs = `${src}/${ic.rootfs.file}`;
+  const tar = sys.readBytes(rootfs);
+  if (!tar) throw new BootError(`install: ${rootfs} is missing`);
+  const sum = createHash("sha256").update(tar).digest("hex");
+  if (sum !== ic.rootfs.sha256) throw new BootError(`install: ${ic.rootfs.file} has sha256 ${sum.slice(0, 16)}..., the signed config expects ${ic.rootfs.sha256.slice(0, 16)}...`);
+  const uki = `${src}/BOOTX64.EFI`;
+  if (sys.lstat(uki).kind !== "file") throw new BootError(`install: ${uki} is missing`);
+  const imageFiles = cfg.images.flatMap((i) => [`${i.name}.sqfs`, `${i.name}.verity`]);
+
+  await waitUntil(sys, log, cold, `install target ${ic.target}`, cfg.rootWaitSeconds, () => (sys.exists(ic.target) ? ic.target : null));
+  const head = sys.readBytes(ic.target, 1 << 20);
+  if (head && head.some((b) => b !== 0) && !ic.overwrite) {
+    throw new BootError(`install: ${ic.target} is not blank (its first MiB has data); set "overwrite": true in the install config to destroy it`);
+  }
+
+  // 2. Partitions.
+  log.info(`install: partitioning ${ic.target}`);
+  const mib = 2048; // sectors
+  const table = [
+    "label: gpt",
+    `start=${mib}, size=${ic.espMiB * mib}, type=${ESP_TYPE}, name="initos-a"`,
+    `size=${ic.espMiB * mib}, type=${ESP_TYPE}, name="initos-b"`,
+    `type=${LINUX_TYPE}, name="initos-luks"`,
+  ].join("\n");
+  sys.run([...sidecarArgv("sfdisk"), "-q", "--wipe", "always", ic.target], Buffer.from(`${table}\n`));
+  const [espA, espB, luksPart] = [1, 2, 3].map((n) => partition(ic.target, n)) as [string, string, string];
+  await waitUntil(sys, log, cold, `partition ${luksPart}`, 10, () => (sys.exists(luksPart) ? luksPart : null));
+
+  // 3. LUKS2 with the TPM key and the recovery passphrase.
+  log.info(`install: formatting ${luksPart} as LUKS2`);
+  loadCryptModules(sys, log);
+  const key = sys.randomBytes(32);
+  const recovery = recoveryPassphrase(sys.randomBytes(40));
+  const tpmSlot = sys.luks.format(luksPart, key, TPM_KDF);
+  sys.luks.addKey(luksPart, key, Buffer.from(recovery), RECOVERY_KDF);
+  const mapper = sys.luks.open(luksPart, "initos-install", key, 0).path;
+
+  // 4. btrfs, subvolumes, the root filesystem, the host config.
+  log.info("install: creating the btrfs pool");
+  tool("mkfs.btrfs", "-q", "-f", "-L", "INITOSROOT", mapper);
+  sys.loadModule("btrfs");
+  sys.mkdirp(TARGET, 0o700);
+  sys.mount(mapper, TARGET, "btrfs", 0, "subvolid=5");
+  try {
+    for (const sv of [ic.root, ...ic.subvolumes]) tool("btrfs", "-q", "subvolume", "create", `${TARGET}/${sv}`);
+    sys.run([`${SIDECAR_ROOT}/usr/bin/busybox`, "tar", "-x", "-f", rootfs, "-C", `${TARGET}/${ic.root}`]);
+    sys.writeFile(`${TARGET}/${HOST_CONFIG_JSON}`, JSON.stringify({ root: ic.root }, null, 1) + "\n");
+  } finally {
+    sys.sync();
+    sys.umount(TARGET, 0);
+  }
+  sys.luks.close("initos-install");
+
+  // 5. Seal the key for the state this machine boots in: today's PCRs, latch still zero.
+  const tpm = sys.tpm(SIDECAR_ROOT);
+  const blob = tpm.seal(key, expectedPcrs(tpm, cfg.tpm.pcrs, cfg.tpm.latchPcr));
+  key.fill(0);
+
+  // 6. Both ESPs: the UKI at the removable-media path, the images, the sealed key.
+  for (const [slot, part] of [["A", espA], ["B", espB]] as const) {
+    tool("mkfs.fat", "-F", "32", "-s", "1", "-n", `INITOS_${slot}`, part);
+    const mnt = `${TARGET}-esp`;
+    sys.mkdirp(mnt, 0o700);
+    sys.loadModule("vfat");
+    sys.mount(part, mnt, "vfat", MS.NOSUID | MS.NODEV | MS.NOEXEC, "umask=0077");
+    try {
+      sys.mkdirp(`${mnt}/EFI/BOOT`);
+      sys.mkdirp(`${mnt}/${cfg.esp.dir}/tpm`);
+      sys.copyFile(uki, `${mnt}/EFI/BOOT/BOOTX64.EFI`);
+      for (const f of imageFiles) sys.copyFile(`${mountEsp(sys, esp.slots[0]!)}/${cfg.esp.dir}/${f}`, `${mnt}/${cfg.esp.dir}/${f}`);
+      const paths = sealPaths(mnt, cfg.esp.dir);
+      sys.writeBytes(paths.pub, blob.pub);
+      sys.writeBytes(paths.priv, blob.priv);
+      sys.writeFile(paths.info, JSON.stringify({ pcrs: cfg.tpm.pcrs, latchPcr: cfg.tpm.latchPcr, keyslot: tpmSlot }) + "\n");
+    } finally {
+      sys.sync();
+      sys.umount(mnt, MNT_DETACH);
+    }
+  }
+
+  // 7. The recovery passphrase, once, on the console only (never in the kernel log).
+  sys.toConsole(`\n\nRECOVERY PASSPHRASE (shown once, write it down): ${recovery}\n\n`);
+  log.info(`install: done: ${ic.target} has ${ic.root} and ${ic.subvolumes.join(" ")}, sealed to PCR ${cfg.tpm.pcrs.join(",")} + latch ${cfg.tpm.latchPcr}`);
+}
