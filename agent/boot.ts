@@ -109,7 +109,7 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     // The installed machine: the encrypted pool says which subvolume is the root.
     if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
     const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, esp!));
-    await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw));
+    await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume));
   }
 
   const init = await stage(ctx, "handoff-check", () => chooseInit(sys, cmdline, config));

@@ -76,6 +76,7 @@ const KEYS = {
   "initos.gw": { schema: ipv4, fallback: undefined },
   "initos.insecure": { schema: bool01, fallback: false },
   "initos.latchcheck": { schema: bool01, fallback: false },
+  "initos.root": { schema: z.string().regex(/^@?[\w.-]+$/, "expected a subvolume name such as @root"), fallback: undefined },
 } as const;
 type Keys = typeof KEYS;
 type Parsed<K extends keyof Keys> = z.output<Keys[K]["schema"]> | Keys[K]["fallback"];
@@ -98,6 +99,8 @@ export interface Cmdline {
   staticIp?: string;
   gateway?: string;
   insecure: boolean;
+  /** Root subvolume of the encrypted pool, instead of the host config's (e.g. a snapshot). */
+  rootSubvolume?: string;
   /** After unlocking, prove the TPM latch: a second unseal must fail. */
   latchCheck: boolean;
   /** Everything after `--`: the app (or the root init's extra arguments). */
@@ -177,6 +180,7 @@ export function parseCmdline(text: string): CmdlineResult {
     gateway: get("initos.gw"),
     insecure: get("initos.insecure") ?? false,
     latchCheck: get("initos.latchcheck") ?? false,
+    rootSubvolume: get("initos.root"),
     app,
   };
   return { cmdline, errors };

@@ -47,12 +47,12 @@ export const AgentConfigSchema = z
     /** Unattended unlock: the key sealed to these PCRs plus the latch PCR (zero at boot). */
     tpm: z
       .object({
-        waitSeconds: z.number().int().min(0).max(600).default(10),
+        waitSeconds: z.number().int().min(0).max(600).default(5),
         pcrs: z.array(z.number().int().min(0).max(23)).min(1).default([7]),
         latchPcr: z.number().int().min(0).max(23).default(15),
       })
       .strict()
-      .default({ waitSeconds: 10, pcrs: [7], latchPcr: 15 }),
+      .default({ waitSeconds: 5, pcrs: [7], latchPcr: 15 }),
     /** Recovery passphrase attempts on the console before the failure policy. */
     passphraseTries: z.number().int().min(1).max(10).default(3),
     /** Tried in order when the cmdline has no init=. */

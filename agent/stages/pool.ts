@@ -106,7 +106,7 @@ export function realUnlockOps(sys: Sys, log: Logger, cfg: AgentConfig, esp: EspR
     },
     unsealKey() {
       const s = readSeal();
-      return tpm!.unseal({ pub: s.pub, priv: s.priv }, s.pcrs);
+      return { key: tpm!.unseal({ pub: s.pub, priv: s.priv }, s.pcrs), slot: info!.keyslot };
     },
     latch() {
       tpm!.extend(info?.latchPcr ?? cfg.tpm.latchPcr, LATCH_DIGEST);
@@ -120,11 +120,14 @@ export function realUnlockOps(sys: Sys, log: Logger, cfg: AgentConfig, esp: EspR
         return true;
       }
     },
-    openWithKey(key) {
+    openWithKey(key, slot) {
       for (const [i, dev] of volumes.entries()) {
         if (opened.some((o) => o.device === dev)) continue;
         try {
-          opened.push({ device: dev, mapper: sys.luks.open(dev, `initos-pool${i}`, key, OPEN_FLAGS).path });
+          const start = performance.now();
+          const r = sys.luks.open(dev, `initos-pool${i}`, key, OPEN_FLAGS, slot);
+          opened.push({ device: dev, mapper: r.path });
+          log.info(`unlock: opened ${dev} with keyslot ${r.slot} in ${(performance.now() - start).toFixed(0)}ms`);
         } catch (e) {
           log.debug(`unlock: ${dev}: ${describe(e)}`);
         }
@@ -188,7 +191,7 @@ export function readHostConfig(sys: Sys, top: string): HostConfig {
 }
 
 /** Mounts the root subvolume named by the host config, and its binds, on /sysroot. */
-export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw: boolean): MountedRoot & { config: HostConfig } {
+export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw: boolean, rootOverride?: string): MountedRoot & { config: HostConfig } {
   try {
     sys.loadModule("btrfs");
   } catch {
@@ -201,8 +204,10 @@ export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw:
   sys.mount(dev, POOL, "btrfs", MS.RDONLY | MS.NOSUID | MS.NODEV, `subvolid=5,${devOpts}`);
   try {
     const config = readHostConfig(sys, POOL);
+    const from = rootOverride ? "initos.root on the cmdline" : "the host config";
+    if (rootOverride) config.root = rootOverride;
     if (sys.lstat(`${POOL}/${config.root}`).kind !== "dir") {
-      throw new BootError(`root subvolume ${config.root} (from the host config) is not in the pool`);
+      throw new BootError(`root subvolume ${config.root} (from ${from}) is not in the pool`);
     }
     const flags = (rw ? 0 : MS.RDONLY) | MS.NODEV;
     sys.mkdirp(SYSROOT);

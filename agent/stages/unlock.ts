@@ -11,14 +11,14 @@ import type { Logger } from "../log.ts";
 export interface UnlockOps {
   /** Waits (bounded) for the TPM; false when there is none. */
   waitForTpm(): Promise<boolean>;
-  /** Unseals the disk key; throws when the TPM refuses or there is no sealed key. */
-  unsealKey(): Uint8Array;
+  /** Unseals the disk key and names its keyslot; throws when the TPM refuses or there is no sealed key. */
+  unsealKey(): { key: Uint8Array; slot: number };
   /** Extends the latch PCR. */
   latch(): void;
   /** True if unsealing again now fails, as the latch promises. */
   latchHolds(): boolean;
-  /** Opens the pool's volumes with `key`; false when the key opens none. */
-  openWithKey(key: Uint8Array): boolean;
+  /** Opens the pool's volumes with `key` (only in `slot` when known); false when it opens none. */
+  openWithKey(key: Uint8Array, slot?: number): boolean;
   /** Reads a line from the console without echo; null when there is no console to ask. */
   readSecret(prompt: string): Promise<string | null>;
   /** Asks a yes/no question on the console (default no). */
@@ -40,7 +40,7 @@ export interface UnlockOptions {
 export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): Promise<UnlockResult> {
   const hasTpm = await ops.waitForTpm();
   if (hasTpm) {
-    let key: Uint8Array | undefined;
+    let key: { key: Uint8Array; slot: number } | undefined;
     try {
       key = ops.unsealKey();
     } catch (e) {
@@ -53,8 +53,8 @@ export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): P
       else log.err("unlock: LATCH FAILED: the key could be unsealed again this boot");
     }
     if (key) {
-      const ok = ops.openWithKey(key);
-      key.fill(0);
+      const ok = ops.openWithKey(key.key, key.slot);
+      key.key.fill(0);
       if (ok) {
         log.info("unlock: unlocked with the TPM");
         return { method: "tpm", resealed: false };

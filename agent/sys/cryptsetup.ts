@@ -251,9 +251,9 @@ export function luksCheckKey(device: string, key: Uint8Array): number {
 }
 
 /** Opens the volume as /dev/mapper/<name>; returns the path and the keyslot that matched. */
-export function luksOpen(device: string, name: string, key: Uint8Array, flags: number): { path: string; slot: number } {
+export function luksOpen(device: string, name: string, key: Uint8Array, flags: number, slot = CRYPT_ANY_SLOT): { path: string; slot: number } {
   return withLuks(device, (cd, c) => {
-    const r = c.activateByPassphrase(cd, name, CRYPT_ANY_SLOT, key, key.length, flags) as number;
+    const r = c.activateByPassphrase(cd, name, slot, key, key.length, flags) as number;
     if (r < 0) luksFail(`${device}: cannot unlock`, r);
     return { path: `/dev/mapper/${name}`, slot: r };
   });

@@ -10,8 +10,11 @@ export interface LuksOps {
   format(device: string, key: Uint8Array, kdf: Kdf): number;
   addKey(device: string, existingKey: Uint8Array, newKey: Uint8Array, kdf: Kdf): number;
   destroySlot(device: string, slot: number): void;
-  /** Opens /dev/mapper/<name>; throws LuksError (errno EPERM: wrong key). */
-  open(device: string, name: string, key: Uint8Array, flags: number): { path: string; slot: number };
+  /**
+   * Opens /dev/mapper/<name>, trying only `slot` when given (each slot tried costs its KDF);
+   * throws LuksError (errno EPERM: wrong key).
+   */
+  open(device: string, name: string, key: Uint8Array, flags: number, slot?: number): { path: string; slot: number };
   close(name: string): void;
 }
 

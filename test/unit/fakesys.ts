@@ -62,7 +62,7 @@ export class FakeSys implements Sys {
     format: (d, k) => (this.log(`luks.format ${d}`), this.luksKeys.set(d, new Set([Buffer.from(k).toString("latin1")])), 0),
     addKey: (d, _e, k) => (this.log(`luks.addKey ${d}`), this.luksKeys.get(d)!.add(Buffer.from(k).toString("latin1")), 1),
     destroySlot: (d, s) => this.log(`luks.destroySlot ${d} ${s}`),
-    open: (d, name, k) => {
+    open: (d, name, k, _flags, _slot) => {
       this.log(`luks.open ${d} ${name}`);
       if (!this.luksKeys.get(d)?.has(Buffer.from(k).toString("latin1"))) throw Object.assign(new Error("wrong key"), { errno: 1 });
       return { path: `/dev/mapper/${name}`, slot: 0 };
