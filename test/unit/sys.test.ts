@@ -1,7 +1,7 @@
 // The koffi bindings, exercised for real: mounts in a private mount namespace (root only),
 // libblkid on an image made here, the SIGPWR relay with a real signal.
 import { execFileSync, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
 import { probe, resolveSpec } from "../../agent/sys/blkid.ts";
@@ -86,5 +86,52 @@ describe("libblkid on the built images", () => {
     expect(probe("build/testroot.img")).toMatchObject({ TYPE: "btrfs", LABEL: "initos-testroot" });
     expect(probe("build/images/modules.sqfs")).toMatchObject({ TYPE: "squashfs" });
     expect(probe("build/images/modules.verity")).toMatchObject({ TYPE: "DM_verity_hash" });
+  });
+});
+
+describe("TPM through tpm2-tools against a software TPM", () => {
+  it("seals to PCR 7 + latch, unseals, and refuses after the latch is extended", async () => {
+    const { Tpm } = await import("../../agent/sys/tpm.ts");
+    const state = `${dir}/swtpm`;
+    execFileSync("mkdir", ["-p", state]);
+    const sw = spawn("swtpm", ["socket", "--tpm2", "--tpmstate", `dir=${state}`, "--server", `type=unixio,path=${state}/s`, "--ctrl", `type=unixio,path=${state}/s.ctrl`, "--flags", "not-need-init,startup-clear"], { stdio: "ignore" });
+    try {
+      for (let i = 0; i < 100 && !existsSync(`${state}/s`); i++) await new Promise((r) => setTimeout(r, 20));
+      const tpm = new Tpm({ argv: ["tpm2"], env: { TPM2TOOLS_TCTI: `swtpm:path=${state}/s` }, resourceManager: false }, `${dir}/scratch`);
+      const secret = Buffer.alloc(32, 0x5a);
+      const now = tpm.pcrRead([7, 15]);
+      expect(now.get(15)).toEqual(Buffer.alloc(32)); // the latch is zero at boot
+      const blob = tpm.seal(secret, new Map([[7, now.get(7)!], [15, Buffer.alloc(32)]]));
+      expect(tpm.unseal(blob, [7, 15])).toEqual(secret);
+      tpm.extend(15, Buffer.alloc(32, 1));
+      let err: unknown;
+      try {
+        tpm.unseal(blob, [7, 15]);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toMatchObject({ policyFailure: true, message: "tpm2 unseal: PCR values differ from the sealed policy (TPM_RC_POLICY_FAIL)" });
+    } finally {
+      sw.kill();
+    }
+  });
+});
+
+describe("LUKS2 on an image file (no device-mapper needed to format and check keys)", () => {
+  it("formats with a PBKDF2 TPM slot and an argon2id recovery slot, checks both keys, destroys a slot", async () => {
+    const { luksFormat, luksAddKey, luksCheckKey, luksDestroySlot, TPM_KDF, RECOVERY_KDF } = await import("../../agent/sys/cryptsetup.ts");
+    const img = `${dir}/luks.img`;
+    execFileSync("truncate", ["-s", "32M", img]);
+    const key = Buffer.alloc(32, 3);
+    expect(luksFormat(img, key, TPM_KDF)).toBe(0);
+    expect(luksAddKey(img, key, Buffer.from("recovery words"), RECOVERY_KDF)).toBe(1);
+    const dump = execFileSync("cryptsetup", ["luksDump", img], { encoding: "utf8" });
+    expect(dump).toMatch(/0: luks2[\s\S]*PBKDF:\s+pbkdf2[\s\S]*Iterations:\s+1000/);
+    expect(dump).toMatch(/1: luks2[\s\S]*PBKDF:\s+argon2id[\s\S]*Time cost:\s+4[\s\S]*Memory:\s+131072/);
+    expect(luksCheckKey(img, key)).toBe(0);
+    expect(luksCheckKey(img, Buffer.from("recovery words"))).toBe(1);
+    expect(() => luksCheckKey(img, Buffer.from("nope"))).toThrow(/no keyslot opens with this key: EPERM/);
+    luksDestroySlot(img, 0);
+    expect(() => luksCheckKey(img, key)).toThrow(/no keyslot opens/);
   });
 });

@@ -1,0 +1,174 @@
+import { describe, expect, it } from "vitest";
+import { parseHostEnv, parseHostJson } from "../../agent/hostconfig.ts";
+import { InstallConfigSchema, partition, recoveryPassphrase } from "../../agent/stages/install.ts";
+import { mountPool } from "../../agent/stages/pool.ts";
+import { unlock, type UnlockOps } from "../../agent/stages/unlock.ts";
+import { pcrSelection } from "../../agent/sys/tpm.ts";
+import { FakeSys, silentLog } from "./fakesys.ts";
+
+const KEY = Buffer.from("k".repeat(32));
+const PASS = "right-pass";
+
+/** A scripted machine: what the TPM does, what the console answers, which secrets open the disk. */
+function ops(o: { tpm?: boolean; unseal?: "ok" | "policy" | "wrong-key"; answers?: (string | null)[]; latchHolds?: boolean }) {
+  const calls: string[] = [];
+  const answers = [...(o.answers ?? [])];
+  const opened: string[] = [];
+  const u: UnlockOps = {
+    waitForTpm: async () => (calls.push("waitForTpm"), o.tpm ?? true),
+    unsealKey: () => {
+      calls.push("unseal");
+      if (o.unseal === "policy") throw new Error("tpm2 unseal: PCR values differ from the sealed policy (TPM_RC_POLICY_FAIL)");
+      return { key: Buffer.from(o.unseal === "wrong-key" ? "x".repeat(32) : KEY), slot: 0 };
+    },
+    latch: () => void calls.push("latch"),
+    latchHolds: () => (calls.push("latchHolds"), o.latchHolds ?? true),
+    openWithKey: (k, slot) => {
+      const s = Buffer.from(k).toString();
+      calls.push(`open${slot === undefined ? "" : `@${slot}`}`);
+      const ok = s === KEY.toString() || s === PASS;
+      if (ok) opened.push(s);
+      return ok;
+    },
+    readSecret: async () => (calls.push("prompt"), answers.shift() ?? null),
+    confirm: async () => (calls.push("confirm"), answers.shift() === "y"),
+    reseal: (p) => void calls.push(`reseal:${Buffer.from(p).toString()}`),
+  };
+  return { u, calls, opened };
+}
+const OPT = { tries: 3, checkLatch: false };
+
+describe("unlock decisions", () => {
+  it("TPM releases the key: opens in the sealed keyslot, latches, never prompts", async () => {
+    const { u, calls } = ops({});
+    expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "tpm", resealed: false });
+    expect(calls).toEqual(["waitForTpm", "unseal", "latch", "open@0"]);
+  });
+
+  it("latches even when the unseal fails, before asking a human", async () => {
+    const { u, calls } = ops({ unseal: "policy", answers: [PASS, "n"] });
+    const log = silentLog();
+    expect(await unlock(log, u, OPT)).toEqual({ method: "passphrase", resealed: false });
+    expect(calls).toEqual(["waitForTpm", "unseal", "latch", "prompt", "open", "confirm"]);
+    expect(log.lines).toContain("err: unlock: TPM did not release the key: tpm2 unseal: PCR values differ from the sealed policy (TPM_RC_POLICY_FAIL)");
+  });
+
+  it("reseals with the passphrase when the operator says yes", async () => {
+    const { u, calls } = ops({ unseal: "policy", answers: [PASS, "y"] });
+    expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "passphrase", resealed: true });
+    expect(calls.at(-1)).toBe(`reseal:${PASS}`);
+  });
+
+  it("no TPM: straight to the passphrase, and no reseal is offered", async () => {
+    const { u, calls } = ops({ tpm: false, answers: [PASS] });
+    expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "passphrase", resealed: false });
+    expect(calls).toEqual(["waitForTpm", "prompt", "open"]);
+  });
+
+  it("three wrong passphrases end in a BootError; a fourth is never asked", async () => {
+    const { u, calls } = ops({ unseal: "policy", answers: ["a", "b", "c", PASS] });
+    const log = silentLog();
+    await expect(unlock(log, u, OPT)).rejects.toThrow("unlock: 3 wrong recovery passphrases");
+    expect(calls.filter((c) => c === "prompt")).toHaveLength(3);
+    expect(log.lines.filter((l) => l.startsWith("err: unlock: wrong recovery passphrase"))).toHaveLength(3);
+  });
+
+  it("a key from the TPM that opens nothing falls back to the passphrase", async () => {
+    const { u } = ops({ unseal: "wrong-key", answers: [PASS, "n"] });
+    const log = silentLog();
+    expect((await unlock(log, u, OPT)).method).toBe("passphrase");
+    expect(log.lines).toContain("err: unlock: the key from the TPM opens no volume");
+  });
+
+  it("no console to ask: a clear BootError instead of waiting forever", async () => {
+    const { u } = ops({ tpm: false, answers: [] });
+    await expect(unlock(silentLog(), u, OPT)).rejects.toThrow("unlock: no TPM key and no console to ask for the recovery passphrase");
+  });
+
+  it("with the latch check, says whether the latch holds", async () => {
+    const held = silentLog();
+    await unlock(held, ops({}).u, { ...OPT, checkLatch: true });
+    expect(held.lines).toContain("info: unlock: latch holds: the key cannot be unsealed again this boot");
+    const broken = silentLog();
+    await unlock(broken, ops({ latchHolds: false }).u, { ...OPT, checkLatch: true });
+    expect(broken.lines).toContain("err: unlock: LATCH FAILED: the key could be unsealed again this boot");
+  });
+});
+
+describe("host config", () => {
+  it("reads JSON with default binds", () => {
+    expect(parseHostJson('{"root":"@root"}')).toEqual({
+      root: "@root",
+      binds: [
+        { subvol: "@home", path: "/home" },
+        { subvol: "@log", path: "/var/log" },
+        { subvol: "@cache", path: "/var/cache" },
+      ],
+    });
+  });
+
+  it("reads InitOS's initos.env without executing anything", () => {
+    expect(parseHostEnv('# host\nexport INITOS_ROOT="@snap-2"\nOTHER=$(reboot)\n').root).toBe("@snap-2");
+    expect(parseHostEnv("INITOS_ROOT=@r # comment").root).toBe("@r");
+  });
+
+  it("names what is wrong in malformed configs", () => {
+    expect(() => parseHostJson("{")).toThrow(/host config initos.json: not JSON/);
+    expect(() => parseHostJson('{"root":"../etc"}')).toThrow("host config initos.json: root: expected a subvolume name such as @root");
+    expect(() => parseHostJson('{"root":"@r","binds":[{"subvol":"@h","path":"home"}]}')).toThrow("binds.0.path: expected an absolute path");
+    expect(() => parseHostJson('{"root":"@r","extra":1}')).toThrow(/\(top level\)/);
+    expect(() => parseHostEnv("INITOS_ROOT=@r; rm -rf /")).toThrow("host config initos.env: line 1: expected KEY=value");
+    expect(() => parseHostEnv("FOO=1")).toThrow("host config initos.env: INITOS_ROOT is not set");
+  });
+});
+
+describe("mounting the pool", () => {
+  function pool(rootExists: boolean): FakeSys {
+    const s = new FakeSys().add("/run/initos/pool/initos.json", { kind: "file", data: '{"root":"@root"}' }).add("/run/initos/pool/@home", { kind: "dir" });
+    if (rootExists) s.add("/run/initos/pool/@root", { kind: "dir" });
+    s.add("/sysroot/home", { kind: "dir" });
+    return s;
+  }
+
+  it("mounts every opened device into one pool, the root subvolume, and the binds that exist", () => {
+    const s = pool(true);
+    const r = mountPool(s, silentLog(), ["/dev/mapper/initos-pool0", "/dev/mapper/initos-pool1"], true);
+    expect(r.config.root).toBe("@root");
+    const dev = "device=/dev/mapper/initos-pool0,device=/dev/mapper/initos-pool1";
+    expect(s.calls.filter((c) => c.startsWith("mount"))).toEqual([
+      `mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x7 subvolid=5,${dev}`,
+      `mount /dev/mapper/initos-pool0 /sysroot btrfs 0x0 subvol=@root,${dev}`,
+      `mount /dev/mapper/initos-pool0 /sysroot/home btrfs 0x4 subvol=@home,${dev}`, // @log, @cache absent: skipped
+    ]);
+    expect(s.calls.at(-1)).toBe("umount /run/initos/pool 2");
+  });
+
+  it("a missing root subvolume is a clear error, and the pool is unmounted again", () => {
+    const s = pool(false);
+    expect(() => mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false)).toThrow("root subvolume @root (from the host config) is not in the pool");
+    expect(s.calls.at(-1)).toBe("umount /run/initos/pool 2");
+  });
+});
+
+describe("install helpers", () => {
+  it("names partitions like the kernel", () => {
+    expect(partition("/dev/vdb", 3)).toBe("/dev/vdb3");
+    expect(partition("/dev/nvme0n1", 1)).toBe("/dev/nvme0n1p1");
+  });
+
+  it("makes recovery passphrases of 8 groups of 5 unambiguous characters", () => {
+    const p = recoveryPassphrase(Buffer.from(Array.from({ length: 40 }, (_, i) => i * 7)));
+    expect(p).toMatch(/^([a-z2-9]{5}-){7}[a-z2-9]{5}$/);
+    expect(p).not.toMatch(/[01ilo]/);
+  });
+
+  it("validates the install config and requires the root filesystem's checksum", () => {
+    expect(InstallConfigSchema.safeParse({ target: "/dev/vdb", rootfs: { file: "r.tar", sha256: "a".repeat(64) } }).success).toBe(true);
+    expect(InstallConfigSchema.safeParse({ target: "vdb", rootfs: { file: "r.tar", sha256: "a".repeat(64) } }).success).toBe(false);
+    expect(InstallConfigSchema.safeParse({ target: "/dev/vdb", rootfs: { file: "r.tar" } }).success).toBe(false);
+  });
+
+  it("selects PCRs in ascending order for policies", () => {
+    expect(pcrSelection([15, 7])).toBe("sha256:7,15");
+  });
+});
