@@ -74,6 +74,7 @@ const KEYS = {
   "initos.reboot_delay": { schema: seconds(86400), fallback: undefined },
   "initos.ip": { schema: cidr4, fallback: undefined },
   "initos.gw": { schema: ipv4, fallback: undefined },
+  "initos.if": { schema: z.string().regex(/^([\w.-]{1,15}|([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2})$/, "expected an interface name or a MAC address"), fallback: undefined },
   "initos.insecure": { schema: bool01, fallback: false },
   "initos.latchcheck": { schema: bool01, fallback: false },
   "initos.root": { schema: z.string().regex(/^@?[\w.-]+$/, "expected a subvolume name such as @root"), fallback: undefined },
@@ -98,6 +99,8 @@ export interface Cmdline {
   /** Static address for VMs: `initos.ip=` or its InitOS alias `xip=`. */
   staticIp?: string;
   gateway?: string;
+  /** The interface for initos.ip, by name or MAC (the kernel's ip= cannot hold a MAC). */
+  netInterface?: string;
   insecure: boolean;
   /** Root subvolume of the encrypted pool, instead of the host config's (e.g. a snapshot). */
   rootSubvolume?: string;
@@ -178,6 +181,7 @@ export function parseCmdline(text: string): CmdlineResult {
     rebootDelaySeconds: get("initos.reboot_delay"),
     staticIp: get("initos.ip") ?? get("xip"),
     gateway: get("initos.gw"),
+    netInterface: get("initos.if"),
     insecure: get("initos.insecure") ?? false,
     latchCheck: get("initos.latchcheck") ?? false,
     rootSubvolume: get("initos.root"),

@@ -18,6 +18,13 @@ export interface LuksOps {
   close(name: string): void;
 }
 
+/** Links, addresses and routes over rtnetlink. */
+export interface NetOps {
+  linkUp(ifname: string): void;
+  addAddress(ifname: string, address: string, prefix: number): void;
+  defaultRoute(ifname: string, gateway: string): void;
+}
+
 /** The TPM, through tpm2-tools. */
 export interface TpmOps {
   pcrRead(pcrs: readonly number[]): Map<number, Uint8Array>;
@@ -64,6 +71,7 @@ export interface Sys {
   /** A read-only loop device for an image file (only for images allowed unverified). */
   attachLoop(file: string): string;
   luks: LuksOps;
+  net: NetOps;
   /** tpm2 from the given sidecar root, on /dev/tpmrm0. */
   tpm(sidecarRoot: string): TpmOps;
   /** Runs a tool to completion (install mode: sfdisk, mkfs); throws with its stderr on failure. */
@@ -146,6 +154,7 @@ export async function realSys(): Promise<Sys> {
   const blkid = await import("./blkid.ts");
   const cryptsetup = await import("./cryptsetup.ts");
   const tpm = await import("./tpm.ts");
+  const nl = await import("./netlink.ts");
   const { spawnSync } = await import("node:child_process");
   const { randomBytes } = await import("node:crypto");
   let ueventFd: number | undefined;
@@ -212,6 +221,11 @@ export async function realSys(): Promise<Sys> {
       close: cryptsetup.luksClose,
     },
     tpm: (root) => new tpm.Tpm(tpm.sidecarTpm2(root)),
+    net: {
+      linkUp: (n) => nl.rtnetlink([{ what: `link ${n} up`, build: (s) => nl.linkUpMsg(nl.ifIndex(n), s) }]),
+      addAddress: (n, a, p) => nl.rtnetlink([{ what: `address ${a}/${p} on ${n}`, build: (s) => nl.addrAddMsg(nl.ifIndex(n), a, p, s) }]),
+      defaultRoute: (n, g) => nl.rtnetlink([{ what: `default route via ${g}`, build: (s) => nl.defaultRouteMsg(nl.ifIndex(n), g, s) }]),
+    },
     run: (argv, input) => {
       const [cmd, ...args] = argv;
       const r = spawnSync(cmd!, args, { input, encoding: "utf8" });

@@ -1,6 +1,6 @@
 // A fake machine for unit tests of boot decisions: an in-memory file tree with devices and
 // mounts, and a journal of every system call so tests can assert order and absence.
-import type { FileInfo, LuksOps, Sys, TpmOps } from "../../agent/sys/index.ts";
+import type { FileInfo, LuksOps, NetOps, Sys, TpmOps } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
   kind: "file" | "dir" | "link";
@@ -68,6 +68,11 @@ export class FakeSys implements Sys {
       return { path: `/dev/mapper/${name}`, slot: 0 };
     },
     close: (name) => this.log(`luks.close ${name}`),
+  };
+  net: NetOps = {
+    linkUp: (n) => this.log(`net.linkUp ${n}`),
+    addAddress: (n, a, p) => this.log(`net.addAddress ${n} ${a}/${p}`),
+    defaultRoute: (n, g) => this.log(`net.defaultRoute ${n} ${g}`),
   };
   tpmFake?: TpmOps;
   tpm(): TpmOps {
