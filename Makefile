@@ -25,6 +25,9 @@ TARGET_CMDLINE    ?= console=ttyS0 rw initos.latchcheck=1 initos.reboot_delay=3
 INSTALLER_CMDLINE ?= console=ttyS0 initos.mode=install initos.reboot_delay=3
 # The disk the test installer installs to (the second virtio disk).
 INSTALL_TARGET    ?= /dev/vdb
+# Public keys that may log in to the sidecar (only the admin commands). The default is a test
+# key made here; set your own file for a real machine.
+SSH_AUTHORIZED_KEYS ?= $(B)/test-ssh/id_ed25519.pub
 
 DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
 	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
@@ -75,8 +78,11 @@ $(IMAGES) &: $(B)/kernel.json initrd/images.ts initrd/debs.ts
 	$(BUILD) images --kernel $(B)/kernel.json --cache .cache/kernel --out $(B)/images
 
 # --- initrd: two cpio segments, so changing the agent does not rebuild the base -----------
-$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(IMAGES) $(BUILD_SRC)
-	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --images $(B)/images --out $@
+$(B)/test-ssh/id_ed25519.pub:
+	@mkdir -p -m 700 $(B)/test-ssh
+	ssh-keygen -q -t ed25519 -N '' -C initos-test -f $(B)/test-ssh/id_ed25519
+$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(IMAGES) $(SSH_AUTHORIZED_KEYS) $(BUILD_SRC)
+	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --images $(B)/images --ssh-keys $(SSH_AUTHORIZED_KEYS) --out $@
 $(B)/sigrelay.so: initrd/sigrelay.c
 	@mkdir -p $(B)
 	gcc -shared -fPIC -Os -Wall -Wextra -o $@ $<

@@ -10,6 +10,8 @@ import { type EspResult, findEsps } from "./stages/esp.ts";
 import { install, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
 import { mountPool, unlockPool } from "./stages/pool.ts";
 import { powerAction } from "./pid1.ts";
+import { setupNetwork } from "./stages/network.ts";
+import { startCtl, startSshd } from "./stages/sidecar.ts";
 import { setupImages } from "./stages/images.ts";
 import { loadModules } from "./stages/modules.ts";
 import { mountRoot, SYSROOT } from "./stages/root.ts";
@@ -18,7 +20,7 @@ import type { Sys } from "./sys/index.ts";
 
 export interface BootContext {
   sys: Sys;
-  log: Logger & { quiet: boolean; verbose: boolean };
+  log: Logger & { quiet: boolean; verbose: boolean; recent(): string[] };
   timeline: Timeline;
 }
 
@@ -84,6 +86,8 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     await stage(ctx, "images", () => setupImages(sys, log, config, esp!, allowUnverified, cold));
   }
 
+  if (cmdline.mode === "sidecar") return sidecar(ctx, state, cold);
+
   if (cmdline.mode === "install") {
     if (!esp) throw new BootError("install: no ESP with images to install from");
     const ic = parseInstallConfig(sys.readFile(INSTALL_CONFIG));
@@ -123,6 +127,43 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     env: initEnv(),
     beforeExec: () => restoreKmsgThrottle(sys, devkmsg),
   });
+}
+
+/**
+ * Sidecar mode: network, the admin socket and sshd; PID 1 stays here, supervising, until an
+ * admin command reboots or powers off the machine.
+ */
+async function sidecar(ctx: BootContext, state: BootState, cold: Coldplug): Promise<never> {
+  const { sys, log } = ctx;
+  const { cmdline, config } = state as Required<Pick<BootState, "cmdline" | "config">>;
+  await stage(ctx, "network", () => setupNetwork(sys, log, cold, cmdline, config.rootWaitSeconds));
+  startCtl(log, async (req) => {
+    switch (req.cmd) {
+      case "status":
+        return { ok: true, text: statusText(ctx, state) };
+      case "log":
+        return { ok: true, text: ctx.log.recent().join("\n") };
+      case "reboot":
+      case "poweroff":
+        setTimeout(() => powerAction(sys, log, req.cmd, "ctl"), 200); // answer first
+        return { ok: true, text: `${req.cmd} in progress` };
+      case "unlock":
+        return { ok: false, text: "unlock: nothing waits for a passphrase in sidecar mode" };
+    }
+  });
+  await stage(ctx, "sshd", () => startSshd(sys, log, config));
+  log.info(`timeline: ${ctx.timeline.summary()}`);
+  ctx.timeline.save();
+  log.info("sidecar: ready");
+  for (;;) await sys.sleep(3_600_000);
+}
+
+export function statusText(ctx: BootContext, state: BootState): string {
+  return [
+    `mode: ${state.cmdline?.mode ?? "host"}`,
+    `secure boot: ${state.early?.secureBoot ?? "unknown"}`,
+    `stages: ${ctx.timeline.summary()}`,
+  ].join("\n");
 }
 
 /** initos.insecure=1 weakens verification, so it counts only when Secure Boot is off. */

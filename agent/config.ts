@@ -53,6 +53,14 @@ export const AgentConfigSchema = z
       })
       .strict()
       .default({ waitSeconds: 5, pcrs: [7], latchPcr: 15 }),
+    /** sshd in sidecar mode: every key may only run the admin commands. */
+    ssh: z
+      .object({
+        port: z.number().int().min(1).max(65535).default(15022),
+        authorizedKeys: z.array(z.string().regex(/^(ssh-ed25519|ecdsa-sha2-nistp\d+|ssh-rsa) [A-Za-z0-9+/=]+( [^\n]*)?$/, "expected one public key line")).default([]),
+      })
+      .strict()
+      .default({ port: 15022, authorizedKeys: [] }),
     /** Recovery passphrase attempts on the console before the failure policy. */
     passphraseTries: z.number().int().min(1).max(10).default(3),
     /** Tried in order when the cmdline has no init=. */

@@ -50,9 +50,17 @@ export class KmsgLogger implements Logger {
     return level < this.consoleLoglevel;
   }
 
+  /** The last lines logged, for `ctl log`. */
+  private ring: string[] = [];
+  recent(): string[] {
+    return [...this.ring];
+  }
+
   private line(level: Level, msg: string): void {
     // One line per record: a stray newline would split it into an unprefixed kmsg record.
     const text = msg.replace(/[\r\n]+/g, " ");
+    this.ring.push(`${uptime().toFixed(3)} ${level} ${text}`);
+    if (this.ring.length > 500) this.ring.shift();
     if (this.kmsg === -1) {
       try {
         this.kmsg = openSync(this.kmsgPath, "w");

@@ -1,5 +1,6 @@
 // initos-agent entry point. As PID 1 it boots the machine (boot.ts); it never returns or exits.
-import { readdirSync, writeSync } from "node:fs";
+import { readdirSync, readFileSync, writeSync } from "node:fs";
+import { runAsShell } from "./stages/sidecar.ts";
 import { boot, type BootContext, type BootState, rebootDelay } from "./boot.ts";
 import { applyFailurePolicy } from "./failure.ts";
 import { KmsgLogger, Timeline } from "./log.ts";
@@ -55,9 +56,15 @@ function lastResort(e: unknown): void {
   setInterval(() => {}, 1 << 30);
 }
 
+const readStdin = () => readFileSync(0, "utf8");
+
 if (process.pid === 1) {
   await runAsInit().catch(lastResort);
+} else if (process.argv[2] === "ctl" || process.argv[2] === "-c") {
+  // `initos-agent ctl status`, or sshd running the agent as root's shell: `-c "status"`.
+  const args = process.argv[2] === "ctl" ? ["-c", process.argv.slice(3).join(" ")] : process.argv.slice(2);
+  process.exit(await runAsShell(args, readStdin).catch((e: unknown) => (process.stderr.write(`initos: ${(e as Error).message}\n`), 1)));
 } else {
-  process.stderr.write("initos-agent: runs as PID 1 in the initrd (no other commands yet)\n");
+  process.stderr.write("initos-agent: PID 1 of the initrd; as a client: initos-agent ctl {status|log|unlock|reboot|poweroff}\n");
   process.exit(2);
 }

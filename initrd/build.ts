@@ -4,7 +4,7 @@
 //
 //   bun initrd/build.ts kernel      --cache DIR --out kernel.json
 //   bun initrd/build.ts images      --kernel kernel.json --cache DIR --out DIR
-//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] --out FILE.cpio
+//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] [--ssh-keys FILE] --out FILE.cpio
 //   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
 //   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT --out FILE.efi
 //   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
@@ -124,6 +124,12 @@ function withRootHashes(template: Record<string, unknown>, imagesDir: string | u
 function cmdInitrdBase(o: Record<string, string | undefined>): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
   const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
+  // Keys that may log in to the sidecar: one public key per line of --ssh-keys.
+  if (o["ssh-keys"]) {
+    const keys = readFileSync(o["ssh-keys"], "utf8").split("\n").map((l) => l.trim()).filter((l) => l && !l.startsWith("#"));
+    const ssh = (template.ssh ?? {}) as { authorizedKeys?: string[] };
+    template.ssh = { ...ssh, authorizedKeys: [...(ssh.authorizedKeys ?? []), ...keys] };
+  }
   // A bad config fails the build, not the boot.
   const config = AgentConfigSchema.parse(withRootHashes(template, o.images));
   const out = need(o, "out");
@@ -313,7 +319,7 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: rest,
     options: {
-      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target"].map((k) => [k, { type: "string" as const }])),
+      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target"].map((k) => [k, { type: "string" as const }])),
       add: { type: "string", multiple: true },
     },
   });

@@ -5,7 +5,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, rmSync, type WriteStream } from "node:fs";
 import { tmpdir } from "node:os";
-import { createConnection } from "node:net";
+import { createConnection, createServer } from "node:net";
 import { resolve } from "node:path";
 
 export const OVMF = {
@@ -38,6 +38,11 @@ export interface VmOptions {
   tpm?: boolean | { stateDir: string };
   memoryMiB?: number;
   cpus?: number;
+  /**
+   * User networking with restrict=on (the guest reaches nothing outside QEMU; QEMU's DHCP
+   * still answers) and TCP forwards from 127.0.0.1:<host> to the guest's <guest> port.
+   */
+  net?: { forward: { host: number; guest: number }[] };
 }
 
 export class Vm {
@@ -167,7 +172,13 @@ async function waitForFile(path: string, timeoutMs: number, what: string): Promi
 export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] {
   const args = ["-accel", "tcg", "-cpu", "max", "-m", String(o.memoryMiB ?? 1024), "-smp", String(o.cpus ?? 2)];
   // -no-reboot: a reboot ends QEMU, so the failure policy's reboot is observable as an exit.
-  args.push("-display", "none", "-serial", "stdio", "-monitor", `unix:${tmp}/monitor.sock,server=on,wait=off`, "-no-reboot", "-nic", "none");
+  args.push("-display", "none", "-serial", "stdio", "-monitor", `unix:${tmp}/monitor.sock,server=on,wait=off`, "-no-reboot");
+  if (o.net) {
+    const fwd = o.net.forward.map((f) => `,hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`).join("");
+    args.push("-nic", `user,restrict=on,model=virtio-net-pci${fwd}`);
+  } else {
+    args.push("-nic", "none");
+  }
   if (o.firmware) {
     const vars = `${tmp}/vars.fd`;
     copyFileSync(o.firmware.vars, vars);
@@ -228,3 +239,15 @@ export async function startVm(o: VmOptions): Promise<Vm> {
 process.on("exit", () => {
   for (const v of live) v.kill();
 });
+
+/** A TCP port on 127.0.0.1 that is free right now (for a host forward). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.on("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}

@@ -5,3 +5,13 @@ export const SIDECAR_ROOT = "/run/initos/images/sidecar";
 export function sidecarArgv(tool: string, root = SIDECAR_ROOT): string[] {
   return [`${root}/usr/lib64/ld-linux-x86-64.so.2`, "--library-path", `${root}/usr/lib/x86_64-linux-gnu`, `${root}/usr/bin/${tool}`];
 }
+
+/**
+ * For a tool that re-executes itself (dropbear does, once per connection, by its own path):
+ * the loader trick above would be lost on the re-exec, so the library path goes in the
+ * environment instead, which the re-exec inherits. The initrd's ld.so comes from the same
+ * glibc build as the image's libc.
+ */
+export function sidecarExec(tool: string, root = SIDECAR_ROOT): { argv: string[]; env: Record<string, string> } {
+  return { argv: [`${root}/usr/bin/${tool}`], env: { LD_LIBRARY_PATH: `${root}/usr/lib/x86_64-linux-gnu` } };
+}

@@ -24,7 +24,7 @@ function direct(name: string, append: string, disks = [BOOT, TESTROOT]) {
 describe("boot", () => {
   it("direct kernel boot: agent as PID 1 switch_roots into the btrfs subvolume and runs its init with the -- args", async () => {
     const vm = await direct("direct-boot", "root=/dev/vdb rootfstype=btrfs rootflags=subvol=@ -- alpha beta 'g'");
-    const m = await vm.waitFor(/INITOS-TEST-ROOT pid=(\d+) root=(\S+) timeline=(\S+) argc=\d+ argv=\[([^\]]*)\]/, 90_000);
+    const m = await vm.waitFor(/INITOS-TEST-ROOT pid=(\d+) root=(\S+) home=\S+ timeline=(\S+) argc=\d+ argv=\[([^\]]*)\]/, 90_000);
     expect(m[1]).toBe("1");
     expect(m[2]).toBe("subvol=@"); // the subvolume, not the top level
     expect(m[3]).toBe("yes"); // /run/initos/boot.json moved into the new root

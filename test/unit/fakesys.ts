@@ -208,5 +208,5 @@ export class FakeSys implements Sys {
 export function silentLog() {
   const lines: string[] = [];
   const push = (lvl: string) => (m: string) => void lines.push(`${lvl}: ${m}`);
-  return { lines, err: push("err"), warn: push("warn"), info: push("info"), debug: push("debug"), quiet: false, verbose: false };
+  return { lines, err: push("err"), warn: push("warn"), info: push("info"), debug: push("debug"), quiet: false, verbose: false, recent: () => [...lines] };
 }

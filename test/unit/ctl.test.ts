@@ -1,0 +1,58 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { afterAll, describe, expect, it } from "vitest";
+import { callCtl, parseCtlRequest, requestFromArgs, serveCtl } from "../../agent/ctl.ts";
+import { authorizedKeys } from "../../agent/stages/sidecar.ts";
+import { nextBackoff } from "../../agent/supervise.ts";
+import { silentLog } from "./fakesys.ts";
+
+const dir = mkdtempSync(`${tmpdir()}/initos-ctl-`);
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+describe("ctl requests", () => {
+  it("accepts the known commands", () => {
+    expect(parseCtlRequest('{"cmd":"status"}')).toEqual({ cmd: "status" });
+    expect(parseCtlRequest('{"cmd":"unlock","passphrase":"p"}')).toEqual({ cmd: "unlock", passphrase: "p" });
+  });
+
+  it("refuses malformed requests with one line naming the problem", () => {
+    expect(parseCtlRequest("status")).toBe("request is not JSON");
+    expect(parseCtlRequest('{"cmd":"shell"}')).toMatch(/^bad request: cmd: /);
+    expect(parseCtlRequest('{"cmd":"status","x":1}')).toMatch(/^bad request: \(top level\): .*x/);
+    expect(parseCtlRequest('{"cmd":"unlock"}')).toMatch(/^bad request: passphrase: /);
+    expect(parseCtlRequest('{"cmd":"unlock","passphrase":""}')).toMatch(/^bad request: passphrase: /);
+    expect(parseCtlRequest("[]")).toMatch(/^bad request: /);
+  });
+
+  it("turns typed words into requests; the passphrase comes from stdin", () => {
+    expect(requestFromArgs(["status"], () => "")).toEqual({ cmd: "status" });
+    expect(requestFromArgs(["unlock"], () => "words here\n")).toEqual({ cmd: "unlock", passphrase: "words here" });
+    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reboot, poweroff');
+    expect(requestFromArgs([], () => "")).toMatch(/^unknown command ""/);
+    expect(requestFromArgs(["status", "now"], () => "")).toBe("ctl status: takes no arguments");
+  });
+
+  it("serves one request per connection over the unix socket, logging the command but never a passphrase", async () => {
+    const log = silentLog();
+    const server = serveCtl(log, async (req) => ({ ok: req.cmd === "status", text: `did ${req.cmd}` }), `${dir}/s`);
+    await new Promise((r) => server.once("listening", r));
+    expect(await callCtl({ cmd: "status" }, `${dir}/s`)).toEqual({ ok: true, text: "did status" });
+    expect(await callCtl({ cmd: "unlock", passphrase: "secret-words" }, `${dir}/s`)).toEqual({ ok: false, text: "did unlock" });
+    server.close();
+    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock"]);
+  });
+});
+
+describe("sidecar pieces", () => {
+  it("restricts every authorized key to the command interface", () => {
+    expect(authorizedKeys(["ssh-ed25519 AAAA test\n"])).toBe("no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty ssh-ed25519 AAAA test\n");
+  });
+
+  it("backs off exponentially up to 30s, and starts over after a healthy run", () => {
+    expect(nextBackoff(500, 10)).toBe(1000);
+    expect(nextBackoff(1000, 10)).toBe(2000);
+    expect(nextBackoff(16000, 10)).toBe(30000);
+    expect(nextBackoff(30000, 10)).toBe(30000);
+    expect(nextBackoff(30000, 120_000)).toBe(1000);
+  });
+});
