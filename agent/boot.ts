@@ -9,9 +9,12 @@ import { Coldplug } from "./stages/devices.ts";
 import { type EspResult, findEsps } from "./stages/esp.ts";
 import { install, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
 import { mountPool, unlockPool } from "./stages/pool.ts";
-import { powerAction } from "./pid1.ts";
+import { countZombies, powerAction } from "./pid1.ts";
+import { supervise } from "./supervise.ts";
 import { setupNetwork } from "./stages/network.ts";
 import { startCtl, startSshd } from "./stages/sidecar.ts";
+import { RecoverySidecar } from "./stages/recovery.ts";
+import type { CtlHandler } from "./ctl.ts";
 import { setupImages } from "./stages/images.ts";
 import { loadModules } from "./stages/modules.ts";
 import { mountRoot, SYSROOT } from "./stages/root.ts";
@@ -137,7 +140,19 @@ async function sidecar(ctx: BootContext, state: BootState, cold: Coldplug): Prom
   const { sys, log } = ctx;
   const { cmdline, config } = state as Required<Pick<BootState, "cmdline" | "config">>;
   await stage(ctx, "network", () => setupNetwork(sys, log, cold, cmdline, config.rootWaitSeconds));
-  startCtl(log, async (req) => {
+  startCtl(log, adminHandler(ctx, state));
+  await stage(ctx, "sshd", () => startSshd(sys, log, config));
+  for (const svc of config.services) supervise(log, svc);
+  log.info(`timeline: ${ctx.timeline.summary()}`);
+  ctx.timeline.save();
+  log.info("sidecar: ready");
+  for (;;) await sys.sleep(3_600_000);
+}
+
+/** The admin commands of a machine that stays in the initrd (sidecar mode, or after a failure). */
+export function adminHandler(ctx: BootContext, state: BootState): CtlHandler {
+  const { sys, log } = ctx;
+  return async (req) => {
     switch (req.cmd) {
       case "status":
         return { ok: true, text: statusText(ctx, state) };
@@ -148,14 +163,19 @@ async function sidecar(ctx: BootContext, state: BootState, cold: Coldplug): Prom
         setTimeout(() => powerAction(sys, log, req.cmd, "ctl"), 200); // answer first
         return { ok: true, text: `${req.cmd} in progress` };
       case "unlock":
-        return { ok: false, text: "unlock: nothing waits for a passphrase in sidecar mode" };
+        return { ok: false, text: "unlock: nothing is waiting for a passphrase" };
     }
-  });
-  await stage(ctx, "sshd", () => startSshd(sys, log, config));
-  log.info(`timeline: ${ctx.timeline.summary()}`);
-  ctx.timeline.save();
-  log.info("sidecar: ready");
-  for (;;) await sys.sleep(3_600_000);
+  };
+}
+
+/**
+ * After a failure: keep the machine reachable over ssh when it can be (keys in the config, an
+ * address on the cmdline) instead of rebooting; false when it cannot.
+ */
+export async function startFailureSidecar(ctx: BootContext, state: BootState): Promise<boolean> {
+  const { cmdline, config } = state;
+  if (!cmdline || !config) return false;
+  return new RecoverySidecar().start(ctx.sys, ctx.log, new Coldplug(ctx.sys, ctx.log), config, cmdline, adminHandler(ctx, state));
 }
 
 export function statusText(ctx: BootContext, state: BootState): string {
@@ -163,6 +183,7 @@ export function statusText(ctx: BootContext, state: BootState): string {
     `mode: ${state.cmdline?.mode ?? "host"}`,
     `secure boot: ${state.early?.secureBoot ?? "unknown"}`,
     `stages: ${ctx.timeline.summary()}`,
+    `zombies: ${countZombies(ctx.sys)}`,
   ].join("\n");
 }
 

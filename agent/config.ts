@@ -61,6 +61,10 @@ export const AgentConfigSchema = z
       })
       .strict()
       .default({ port: 15022, authorizedKeys: [] }),
+    /** More services the sidecar supervises (argv[0] an absolute path, e.g. in the sidecar image). */
+    services: z
+      .array(z.object({ name: z.string().regex(/^[\w-]+$/), argv: z.array(z.string()).min(1).refine((a) => a[0]!.startsWith("/"), "argv[0] must be an absolute path") }).strict())
+      .default([]),
     /** Recovery passphrase attempts on the console before the failure policy. */
     passphraseTries: z.number().int().min(1).max(10).default(3),
     /** Tried in order when the cmdline has no init=. */

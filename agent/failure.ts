@@ -21,7 +21,11 @@ export function diagnostics(sys: Sys, reason: string, timeline: Timeline): strin
   ].join("\n");
 }
 
-export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeline, error: unknown, delaySeconds: number): Promise<never> {
+/**
+ * `recovery`, when given, tries to bring up the recovery sidecar (ssh with the UKI's keys): if
+ * it comes up, the machine stays for an operator (status, log, reboot) instead of rebooting.
+ */
+export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeline, error: unknown, delaySeconds: number, recovery?: () => Promise<boolean>): Promise<never> {
   const reason = describe(error);
   log.err(`boot failed: ${reason}`);
   try {
@@ -31,6 +35,16 @@ export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeli
     log.info(`diagnostics in ${DIAG_PATH}`);
   } catch (e) {
     log.warn(`cannot write diagnostics: ${describe(e)}`);
+  }
+  if (recovery) {
+    try {
+      if (await recovery()) {
+        log.err("staying up for recovery over ssh: status, log, reboot, poweroff");
+        for (;;) await sys.sleep(3_600_000);
+      }
+    } catch (e) {
+      log.warn(`recovery sidecar: ${describe(e)}`);
+    }
   }
   log.err(`rebooting in ${delaySeconds}s`);
   await sys.sleep(delaySeconds * 1000);

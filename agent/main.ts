@@ -1,7 +1,7 @@
 // initos-agent entry point. As PID 1 it boots the machine (boot.ts); it never returns or exits.
 import { readdirSync, readFileSync, writeSync } from "node:fs";
 import { runAsShell } from "./stages/sidecar.ts";
-import { boot, type BootContext, type BootState, rebootDelay } from "./boot.ts";
+import { boot, type BootContext, type BootState, rebootDelay, startFailureSidecar } from "./boot.ts";
 import { applyFailurePolicy } from "./failure.ts";
 import { KmsgLogger, Timeline } from "./log.ts";
 import { installPid1Handlers } from "./pid1.ts";
@@ -26,7 +26,7 @@ async function runAsInit(): Promise<never> {
       return new Promise<never>(() => {});
     }
     failing = true;
-    return applyFailurePolicy(sys, log, timeline, e, rebootDelay(state));
+    return applyFailurePolicy(sys, log, timeline, e, rebootDelay(state), () => startFailureSidecar(ctx, state));
   };
 
   installPid1Handlers(sys, log, {

@@ -23,6 +23,17 @@ export function findZombies(sys: Pick<Sys, "readFile">, pids: readonly string[],
   return out;
 }
 
+/** Zombies anywhere on the machine (state Z in /proc/<pid>/stat): should stay 0 under PID 1's care. */
+export function countZombies(sys: Pick<Sys, "readFile" | "readdir">): number {
+  return sys
+    .readdir("/proc")
+    .filter((p) => /^\d+$/.test(p))
+    .filter((p) => {
+      const stat = sys.readFile(`/proc/${p}/stat`);
+      return stat !== null && stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z");
+    }).length;
+}
+
 export interface Pid1Hooks {
   /** Waits for one exited child without blocking; true if it was reaped. */
   reap(pid: number): boolean;

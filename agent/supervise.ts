@@ -21,7 +21,12 @@ export function nextBackoff(previousMs: number, ranMs: number): number {
   return Math.min(MAX_BACKOFF_MS, Math.max(MIN_BACKOFF_MS, previousMs * 2));
 }
 
-export function supervise(log: Logger, svc: Service, backoffMs = MIN_BACKOFF_MS / 2): void {
+export interface Supervised {
+  /** Stops the service for good (before switch_root: nothing of the initrd may outlive it). */
+  stop(): void;
+}
+
+export function supervise(log: Logger, svc: Service, backoffMs = MIN_BACKOFF_MS / 2, handle = { stopped: false, current: undefined as (() => void) | undefined }): Supervised {
   const started = performance.now();
   const child = spawn(svc.argv[0]!, svc.argv.slice(1), { env: svc.env ?? {}, stdio: ["ignore", "pipe", "pipe"] });
   if (child.pid) ownChildren.add(child.pid);
@@ -40,10 +45,19 @@ export function supervise(log: Logger, svc: Service, backoffMs = MIN_BACKOFF_MS 
     if (done) return;
     done = true;
     if (child.pid) ownChildren.delete(child.pid);
+    if (handle.stopped) return;
     const delay = nextBackoff(backoffMs, performance.now() - started);
     log.warn(`supervise: ${svc.name} ${why}; restarting in ${(delay / 1000).toFixed(0)}s`);
-    setTimeout(() => supervise(log, svc, delay), delay);
+    setTimeout(() => handle.stopped || supervise(log, svc, delay, handle), delay);
   };
+  handle.current = () => child.kill("SIGTERM");
   child.on("exit", (code, signal) => restart(signal ? `killed by ${signal}` : `exited with ${code}`));
   child.on("error", (e) => restart(`failed to start: ${e.message}`));
+  return {
+    stop() {
+      handle.stopped = true;
+      handle.current?.();
+      log.info(`supervise: ${svc.name} stopped`);
+    },
+  };
 }

@@ -5,6 +5,7 @@ import type { Cmdline } from "../cmdline.ts";
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { Sys } from "../sys/index.ts";
+import { DHCP, type DhcpLease, dhcpMessage, parseDhcpReply } from "../dhcp.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 
 export interface StaticIp {
@@ -24,7 +25,7 @@ export function netmaskToPrefix(mask: string): number {
 }
 
 /** The static configuration the cmdline asks for, or null when it asks for none. */
-export function staticIpFrom(cmdline: Cmdline): StaticIp | null {
+export function staticIpFrom(cmdline: Pick<Cmdline, "staticIp" | "gateway" | "netInterface" | "ip">): StaticIp | null {
   if (cmdline.staticIp) {
     const [address, prefix] = cmdline.staticIp.split("/") as [string, string];
     return { device: cmdline.netInterface, address, prefix: Number(prefix), gateway: cmdline.gateway, dns: [] };
@@ -45,17 +46,55 @@ export function interfaces(sys: Sys): { name: string; mac: string }[] {
     .sort((a, b) => a.name.localeCompare(b.name));
 }
 
+/**
+ * DHCPv4 on `ifname`: DISCOVER, OFFER, REQUEST, ACK, each answer awaited (bounded) and matched
+ * by transaction id. Returns the lease as a static configuration to apply.
+ */
+export async function dhcp(sys: Sys, log: Logger, ifname: string, seconds: number): Promise<StaticIp> {
+  const mac = (sys.readFile(`/sys/class/net/${ifname}/address`) ?? "").trim();
+  const xid = Buffer.from(sys.randomBytes(4)).readUInt32BE(0);
+  const sock = sys.net.udp(ifname, 68);
+  const deadline = performance.now() + seconds * 1000;
+  const exchange = async (msg: Buffer, want: number): Promise<DhcpLease> => {
+    let next = 0;
+    while (performance.now() < deadline) {
+      if (performance.now() >= next) {
+        sock.send(msg, "255.255.255.255", 67); // and again every 2s: UDP may lose it
+        next = performance.now() + 2000;
+      }
+      for (const d of sock.receive()) {
+        const r = parseDhcpReply(d);
+        if (r?.xid !== xid) continue;
+        if (r.type === DHCP.NAK) throw new BootError(`dhcp on ${ifname}: the server refused the address (NAK)`);
+        if (r.type === want) return r;
+      }
+      await sys.sleep(50);
+    }
+    throw new BootError(`dhcp on ${ifname}: no answer within ${seconds}s`);
+  };
+  try {
+    const offer = await exchange(dhcpMessage(DHCP.DISCOVER, xid, mac), DHCP.OFFER);
+    const ack = await exchange(dhcpMessage(DHCP.REQUEST, xid, mac, { requested: offer.address, server: offer.server }), DHCP.ACK);
+    log.info(`dhcp: ${ifname} leased ${ack.address}/${ack.prefix} from ${ack.server ?? "?"}${ack.leaseSeconds ? ` for ${ack.leaseSeconds}s` : ""}`);
+    return { device: ifname, address: ack.address, prefix: ack.prefix, gateway: ack.router, dns: ack.dns };
+  } finally {
+    sock.close();
+  }
+}
+
 export async function setupNetwork(sys: Sys, log: Logger, cold: Coldplug, cmdline: Cmdline, waitSeconds: number): Promise<string | null> {
   sys.net.linkUp("lo");
-  const cfg = staticIpFrom(cmdline);
-  if (!cfg) return null;
-  const want = cfg.device?.toLowerCase();
+  const wantDhcp = cmdline.ip?.method === "dhcp";
+  let cfg = staticIpFrom(cmdline);
+  if (!cfg && !wantDhcp) return null;
+  const want = (cfg?.device ?? cmdline.ip?.device)?.toLowerCase();
   const what = want ? `network interface ${want}` : "a network interface";
   const ifname = await waitUntil(sys, log, cold, what, waitSeconds, () => {
     const all = interfaces(sys);
     return (want ? all.find((i) => i.name === want || i.mac === want) : all[0])?.name ?? null;
   });
   sys.net.linkUp(ifname);
+  cfg ??= await dhcp(sys, log, ifname, waitSeconds);
   sys.net.addAddress(ifname, cfg.address, cfg.prefix);
   if (cfg.gateway) sys.net.defaultRoute(ifname, cfg.gateway);
   if (cfg.dns.length) sys.writeFile("/etc/resolv.conf", cfg.dns.map((d) => `nameserver ${d}\n`).join(""));

@@ -15,6 +15,7 @@ import { type Coldplug, waitUntil } from "./devices.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";
+import { RecoverySidecar, RemoteSecrets } from "./recovery.ts";
 import { unlock, type UnlockOps, type UnlockResult } from "./unlock.ts";
 
 const POOL = "/run/initos/pool";
@@ -77,12 +78,24 @@ export interface OpenedVolume {
   mapper: string;
 }
 
-export function realUnlockOps(sys: Sys, log: Logger, cfg: AgentConfig, esp: EspResult, volumes: readonly string[], opened: OpenedVolume[]): UnlockOps {
+export function realUnlockOps(
+  sys: Sys,
+  log: Logger,
+  cfg: AgentConfig,
+  esp: EspResult,
+  volumes: readonly string[],
+  opened: OpenedVolume[],
+  /** Starts the recovery sidecar the first time a human is asked; null if none can run. */
+  recovery?: () => Promise<RemoteSecrets | null>,
+): UnlockOps {
   const booted = esp.slots[0]!;
   const espMount = mountEsp(sys, booted);
   const paths = sealPaths(espMount, cfg.esp.dir);
   let tpm: TpmOps | undefined;
   let info: SealInfo | undefined;
+  let consoleLine: Promise<string | null> | undefined;
+  let lastWasRemote = false;
+  let remoteSecrets: RemoteSecrets | null = null;
   const readSeal = () => {
     const text = sys.readFile(paths.info);
     const pub = sys.readBytes(paths.pub);
@@ -134,8 +147,19 @@ export function realUnlockOps(sys: Sys, log: Logger, cfg: AgentConfig, esp: EspR
       }
       return opened.length > 0;
     },
-    readSecret: (prompt) => sys.readLine(prompt, false),
+    async readSecret(prompt) {
+      const remote = (remoteSecrets = recovery ? await recovery() : null);
+      // One console read at a time: a read still pending from the last prompt keeps its place.
+      consoleLine ??= sys.readLine(prompt, false).finally(() => (consoleLine = undefined));
+      if (!remote) return consoleLine;
+      return Promise.race([consoleLine, remote.next()]);
+    },
+    reportResult(ok) {
+      lastWasRemote = remoteSecrets?.report(ok) === true;
+    },
     async confirm(question) {
+      // After an unlock over ssh nobody may be at the console; reseal needs someone there.
+      if (lastWasRemote) return false;
       const a = await sys.readLine(question, true);
       return /^y(es)?$/i.test(a?.trim() ?? "");
     },
@@ -178,8 +202,28 @@ export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: Age
   log.info(`unlock: encrypted volumes ${volumes.join(" ")}`);
   loadCryptModules(sys, log);
   const opened: OpenedVolume[] = [];
-  const result = await unlock(log, realUnlockOps(sys, log, cfg, esp, volumes, opened), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
-  return { devices: opened.map((o) => o.mapper), result };
+  const sidecar = new RecoverySidecar();
+  const remote = new RemoteSecrets();
+  let started: Promise<boolean> | undefined;
+  const recovery = async () => {
+    started ??= sidecar.start(sys, log, cold, cfg, cmdline, remote.handle).then((up) => {
+      if (up) log.info("recovery: the passphrase is also accepted over ssh: ssh root@<host> unlock");
+      return up;
+    });
+    return (await started) ? remote : null;
+  };
+  try {
+    const result = await unlock(log, realUnlockOps(sys, log, cfg, esp, volumes, opened, recovery), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
+    return { devices: opened.map((o) => o.mapper), result };
+  } finally {
+    if (started) {
+      // The ssh client that sent the passphrase is still reading its answer; give it a moment
+      // before sshd goes, or it sees the connection drop instead of "unlocked".
+      if (remote.answeredOk) await sys.sleep(3000);
+      // Nothing of the initrd may outlive the switch to the real root.
+      sidecar.stop();
+    }
+  }
 }
 
 export function readHostConfig(sys: Sys, top: string): HostConfig {

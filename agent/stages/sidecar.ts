@@ -1,10 +1,11 @@
 // Sidecar mode: no root to switch to (or recovery): PID 1 stays, with sshd on the network and
 // the admin commands behind it. An ssh session gets the agent itself as its "shell", which only
 // speaks the ctl commands: there is no shell to break into.
+import type { Server } from "node:net";
 import type { AgentConfig } from "../config.ts";
 import { callCtl, type CtlHandler, requestFromArgs, serveCtl } from "../ctl.ts";
 import type { Logger } from "../log.ts";
-import { supervise } from "../supervise.ts";
+import { type Supervised, supervise } from "../supervise.ts";
 import type { Sys } from "../sys/index.ts";
 import { sidecarArgv, sidecarExec } from "../sys/sidecar.ts";
 
@@ -26,10 +27,10 @@ export function writeAccounts(sys: Sys, keys: readonly string[]): void {
   sys.writeBytes("/root/.ssh/authorized_keys", Buffer.from(authorizedKeys(keys)), 0o600);
 }
 
-export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): void {
+export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): Supervised | null {
   if (!cfg.ssh.authorizedKeys.length) {
     log.warn("sidecar: no authorized ssh keys in the config; sshd not started");
-    return;
+    return null;
   }
   writeAccounts(sys, cfg.ssh.authorizedKeys);
   sys.mkdirp(SSH_DIR, 0o700);
@@ -37,12 +38,13 @@ export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): void {
   if (!sys.exists(hostKey)) sys.run([...sidecarArgv("dropbearkey"), "-t", "ed25519", "-f", hostKey]);
   // -F foreground, -E log to stderr (our log), -s no passwords, -j/-k no forwarding.
   const dropbear = sidecarExec("dropbear");
-  supervise(log, { name: "sshd", argv: [...dropbear.argv, "-F", "-E", "-s", "-j", "-k", "-p", String(cfg.ssh.port), "-r", hostKey], env: dropbear.env });
+  const svc = supervise(log, { name: "sshd", argv: [...dropbear.argv, "-F", "-E", "-s", "-j", "-k", "-p", String(cfg.ssh.port), "-r", hostKey], env: dropbear.env });
   log.info(`sidecar: sshd on port ${cfg.ssh.port}, ${cfg.ssh.authorizedKeys.length} authorized key(s)`);
+  return svc;
 }
 
-export function startCtl(log: Logger, handle: CtlHandler): void {
-  serveCtl(log, handle);
+export function startCtl(log: Logger, handle: CtlHandler): Server {
+  return serveCtl(log, handle);
 }
 
 /**

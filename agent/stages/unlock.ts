@@ -19,8 +19,13 @@ export interface UnlockOps {
   latchHolds(): boolean;
   /** Opens the pool's volumes with `key` (only in `slot` when known); false when it opens none. */
   openWithKey(key: Uint8Array, slot?: number): boolean;
-  /** Reads a line from the console without echo; null when there is no console to ask. */
+  /**
+   * The recovery passphrase from a human: the console (no echo) or, when a recovery sidecar
+   * runs, `ctl unlock` over ssh, whichever answers first. null when nobody can be asked.
+   */
   readSecret(prompt: string): Promise<string | null>;
+  /** Tells the channel the last secret came from whether it worked (the ssh client waits). */
+  reportResult?(ok: boolean): void;
   /** Asks a yes/no question on the console (default no). */
   confirm(question: string): Promise<boolean>;
   /** Seals a new TPM key for the current PCRs, authorised by the passphrase. */
@@ -70,6 +75,7 @@ export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): P
     if (pass === null) throw new BootError("unlock: no TPM key and no console to ask for the recovery passphrase");
     const bytes = Buffer.from(pass.trim(), "utf8");
     const ok = ops.openWithKey(bytes);
+    ops.reportResult?.(ok);
     if (!ok) {
       bytes.fill(0);
       log.err(`unlock: wrong recovery passphrase (attempt ${i} of ${opt.tries})`);

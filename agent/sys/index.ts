@@ -20,6 +20,8 @@ export interface LuksOps {
 
 /** Links, addresses and routes over rtnetlink. */
 export interface NetOps {
+  /** A UDP socket on port `port` bound to the interface (DHCP before there is an address). */
+  udp(ifname: string, port: number): import("./udp.ts").UdpSocket;
   linkUp(ifname: string): void;
   addAddress(ifname: string, address: string, prefix: number): void;
   defaultRoute(ifname: string, gateway: string): void;
@@ -155,6 +157,7 @@ export async function realSys(): Promise<Sys> {
   const cryptsetup = await import("./cryptsetup.ts");
   const tpm = await import("./tpm.ts");
   const nl = await import("./netlink.ts");
+  const udp = await import("./udp.ts");
   const { spawnSync } = await import("node:child_process");
   const { randomBytes } = await import("node:crypto");
   let ueventFd: number | undefined;
@@ -222,6 +225,7 @@ export async function realSys(): Promise<Sys> {
     },
     tpm: (root) => new tpm.Tpm(tpm.sidecarTpm2(root)),
     net: {
+      udp: (n, p) => udp.udpOnDevice(n, p),
       linkUp: (n) => nl.rtnetlink([{ what: `link ${n} up`, build: (s) => nl.linkUpMsg(nl.ifIndex(n), s) }]),
       addAddress: (n, a, p) => nl.rtnetlink([{ what: `address ${a}/${p} on ${n}`, build: (s) => nl.addrAddMsg(nl.ifIndex(n), a, p, s) }]),
       defaultRoute: (n, g) => nl.rtnetlink([{ what: `default route via ${g}`, build: (s) => nl.defaultRouteMsg(nl.ifIndex(n), g, s) }]),

@@ -7,7 +7,8 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { PLAINTEXT_CANARY } from "../../initrd/build.ts";
-import { OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { freePort, OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { sshWhenUp } from "./ssh.ts";
 
 const B = "build";
 let dir: string;
@@ -145,4 +146,31 @@ describe.sequential("encrypted btrfs root unlocked by the TPM", () => {
     expect(vm.output).toMatch(/initos: boot failed: root subvolume @nope \(from initos.root on the cmdline\) is not in the pool/);
     expect(vm.output).not.toMatch(/INITOS-TEST-ROOT|Kernel panic/);
   }, 300_000);
+
+  it("remote unlock: the TPM refuses, the recovery sidecar takes the passphrase over ssh, the boot continues", async () => {
+    // Direct kernel boot: no firmware, so PCR 7 differs and the TPM refuses.
+    const port = await freePort();
+    const vm = await startVm({
+      name: "luks-remote-unlock",
+      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 rw initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+      disks: [{ file: target }],
+      tpm: { stateDir: tpmState },
+      net: { forward: [{ host: port, guest: 15022 }] },
+      memoryMiB: 2048,
+    });
+    await vm.waitFor(/initos: recovery: the passphrase is also accepted over ssh/, 240_000);
+    const unlock = (input: string) => sshWhenUp(port, "unlock", { key: `${B}/test-ssh/id_ed25519`, input });
+    const wrong = await unlock("not-it\n");
+    expect(wrong.stdout).toBe("wrong passphrase\n");
+    expect(wrong.status).toBe(1);
+    const right = await unlock(`${recovery}\n`);
+    expect(right.stdout).toBe("unlocked; the boot continues\n");
+    expect(right.status).toBe(0);
+    await vm.waitFor(MARKER, 240_000);
+    expect(vm.output).toMatch(/initos: unlock: wrong recovery passphrase \(attempt 1 of 3\)/);
+    expect(vm.output).toMatch(/initos: unlock: unlocked with the recovery passphrase/);
+    expect(vm.output).toMatch(/initos: supervise: sshd stopped/);
+    expect(vm.output).not.toContain(recovery);
+    await vm.waitExit(60_000);
+  }, 400_000);
 });

@@ -1,6 +1,6 @@
 // Helpers for integration tests that need damaged copies of the boot disk.
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, openSync, readSync, rmSync, writeSync, closeSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { DISK_SLOTS } from "../../initrd/build.ts";
 
@@ -43,4 +43,20 @@ export function copyDisk(src: string, dir: string, name: string): string {
 /** Deletes `file` from slot `slot`'s ESP on a disk copy. */
 export function deleteOnEsp(disk: string, slot: string, file: string): void {
   execFileSync("mdel", ["-i", `${disk}@@${slotOffset(disk, slot)}`, `::/${file}`]);
+}
+
+/**
+ * The test initrd with a changed signed config: the template from initrd/config.json, changed
+ * by `edit`, in a new base segment followed by the usual agent segment. Returns its path.
+ */
+export function variantInitrd(dir: string, name: string, edit: (config: Record<string, unknown> & { images: Record<string, unknown>[] }) => void): string {
+  const config = JSON.parse(readFileSync("initrd/config.json", "utf8"));
+  edit(config);
+  writeFileSync(`${dir}/${name}.json`, JSON.stringify(config));
+  execFileSync("node_modules/@oven/bun-linux-x64-baseline/bin/bun", [
+    "initrd/build.ts", "initrd-base", "--kernel", "build/kernel.json", "--preinit", "build/preinit", "--config", `${dir}/${name}.json`,
+    "--images", "build/images", "--ssh-keys", "build/test-ssh/id_ed25519.pub", "--out", `${dir}/${name}.cpio`,
+  ], { stdio: "ignore" });
+  execFileSync("sh", ["-c", `zstd -q -3 -f ${dir}/${name}.cpio -o ${dir}/${name}.cpio.zst && cat ${dir}/${name}.cpio.zst build/agent.cpio.zst > ${dir}/${name}.img`]);
+  return `${dir}/${name}.img`;
 }

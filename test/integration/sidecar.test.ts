@@ -1,6 +1,8 @@
 // Sidecar mode under QEMU with user networking (restrict=on: the guest reaches nothing outside
 // QEMU) and a forward from 127.0.0.1 to the guest's sshd: a real OpenSSH client logs in.
 import { spawnSync } from "node:child_process";
+import { variantInitrd } from "./images.ts";
+import { ssh, sshWhenUp } from "./ssh.ts";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
@@ -12,24 +14,7 @@ let dir: string;
 let vm: Vm;
 let port: number;
 
-function ssh(key: string | null, command: string, extra: string[] = []) {
-  const auth = key ? ["-i", key, "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey"] : ["-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1"];
-  return spawnSync(
-    "ssh",
-    [...auth, ...extra, "-p", String(port), "-o", "StrictHostKeyChecking=no", "-o", `UserKnownHostsFile=${dir}/known_hosts`, "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "root@127.0.0.1", command],
-    { encoding: "utf8", timeout: 90_000 },
-  );
-}
-
-/** sshd comes up a moment after the agent says ready; retry the connection, bounded. */
-async function sshWhenUp(key: string, command: string) {
-  for (let i = 0; i < 30; i++) {
-    const r = ssh(key, command);
-    if (!/kex_exchange_identification|Connection (reset|refused|closed)/.test(r.stderr)) return r;
-    await new Promise((res) => setTimeout(res, 2000));
-  }
-  throw new Error("sshd never answered");
-}
+const run = (key: string | null, command: string) => ssh(port, command, { key, knownHosts: `${dir}/known_hosts` });
 
 beforeAll(async () => {
   dir = mkdtempSync(`${tmpdir()}/initos-ssh-`);
@@ -57,31 +42,102 @@ describe.sequential("sidecar", () => {
   });
 
   it("the key from the UKI logs in and runs status; the session is the command interface, not a shell", async () => {
-    const r = await sshWhenUp(KEY, "status");
+    const r = await sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts` });
     expect(r.status).toBe(0);
-    expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\n$/);
-    const sh = ssh(KEY, "cat /etc/passwd; id");
+    expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\nzombies: 0\n$/);
+    const sh = await run(KEY, "cat /etc/passwd; id");
     expect(sh.status).toBe(2);
     expect(sh.stderr).toMatch(/initos: unknown command "cat"; try: status, log, unlock, reboot, poweroff/);
     expect(vm.output).toMatch(/initos: ctl: status/);
   }, 120_000);
 
   it("a key that is not in the UKI is refused", async () => {
-    const r = ssh(`${dir}/stranger`, "status");
+    const r = await run(`${dir}/stranger`, "status");
     expect(r.status).toBe(255);
     expect(r.stderr).toMatch(/Permission denied \(publickey\)/);
   }, 120_000);
 
   it("password login is refused (not even offered)", async () => {
-    const r = ssh(null, "status");
+    const r = await run(null, "status");
     expect(r.status).toBe(255);
     expect(r.stderr).toMatch(/Permission denied \(publickey\)/);
   }, 120_000);
 
   it("ctl poweroff over ssh powers the machine off", async () => {
-    const r = ssh(KEY, "poweroff");
+    const r = await run(KEY, "poweroff");
     expect(r.stdout).toBe("poweroff in progress\n");
     expect(await vm.waitExit(60_000)).toBe(0);
     expect(vm.output).toMatch(/initos: ctl: poweroff/);
   }, 120_000);
+
+  it("a failed boot with keys and an address stays up for recovery over ssh instead of rebooting", async () => {
+    const p2 = await freePort();
+    const failed = await startVm({
+      name: "failure-recovery",
+      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 root=/dev/vdz initos.rootwait=2 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+      disks: [{ file: `${B}/boot.img` }],
+      net: { forward: [{ host: p2, guest: 15022 }] },
+    });
+    await failed.waitFor(/initos: staying up for recovery over ssh/, 150_000);
+    expect(failed.output).toMatch(/initos: boot failed: root device \/dev\/vdz did not appear within 2s/);
+    const log = await sshWhenUp(p2, "log", { key: KEY });
+    expect(log.status).toBe(0);
+    expect(log.stdout).toMatch(/err boot failed: root device \/dev\/vdz did not appear within 2s/);
+    expect(failed.running).toBe(true); // it did not reboot
+    expect((await ssh(p2, "reboot", { key: KEY })).stdout).toBe("reboot in progress\n");
+    expect(await failed.waitExit(60_000)).toBe(0);
+    expect(failed.output).toMatch(/reboot: Restarting system/);
+  }, 240_000);
+
+  it("supervision: orphans of a service are reaped (no zombies), and sshd killed is restarted", async () => {
+    const busybox = "/run/initos/images/sidecar/usr/bin/busybox";
+    const initrd = variantInitrd(dir, "services", (c) => {
+      c.services = [
+        // leaves an orphan every second: its exit must be reaped by PID 1
+        { name: "orphans", argv: [busybox, "sh", "-c", "while :; do (sleep 0.2 &); sleep 1; done"] },
+        // kills every dropbear once, after a while (busybox has no pkill)
+        { name: "killer", argv: [busybox, "sh", "-c", 'sleep 4; for d in /proc/[0-9]*; do read -r c < $d/comm && [ "$c" = dropbear ] && kill ${d#/proc/}; done; exec sleep 100000'] },
+      ];
+    });
+    const p3 = await freePort();
+    const svm = await startVm({
+      name: "sidecar-services",
+      direct: { kernel: `${B}/vmlinuz`, initrd, append: "console=ttyS0 initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+      disks: [{ file: `${B}/boot.img` }],
+      net: { forward: [{ host: p3, guest: 15022 }] },
+    });
+    // dropbear catches SIGTERM and exits with 1
+    await svm.waitFor(/initos: supervise: sshd (killed by SIGTERM|exited with \d+); restarting in 1s/, 150_000);
+    await svm.waitFor(/initos: supervise: sshd started \(pid \d+\)[\s\S]*initos: supervise: sshd started \(pid \d+\)/, 60_000);
+    await new Promise((r) => setTimeout(r, 5000)); // a few more orphans come and go
+    // A zombie may exist for the instant between an orphan's exit and PID 1's SIGCHLD; one that
+    // stays is a leak. With a new orphan every second, three looks a second apart tell them apart.
+    let r = await sshWhenUp(p3, "status", { key: KEY });
+    for (let i = 0; i < 3 && !/\nzombies: 0\n$/.test(r.stdout); i++) {
+      await new Promise((res) => setTimeout(res, 1000));
+      r = await ssh(p3, "status", { key: KEY });
+    }
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/\nzombies: 0\n$/);
+    await ssh(p3, "poweroff", { key: KEY });
+    await svm.waitExit(60_000);
+  }, 300_000);
+
+  it("ip=dhcp: QEMU's DHCP server leases the address and the route; ssh answers on it", async () => {
+    const p4 = await freePort();
+    const dvm = await startVm({
+      name: "sidecar-dhcp",
+      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.mode=sidecar ip=dhcp" },
+      disks: [{ file: `${B}/boot.img` }],
+      net: { forward: [{ host: p4, guest: 15022 }] },
+    });
+    await dvm.waitFor(/initos: sidecar: ready/, 150_000);
+    expect(dvm.output).toMatch(/initos: dhcp: eth0 leased 10\.0\.2\.15\/24 from 10\.0\.2\.2 for \d+s/);
+    // With restrict=on QEMU's DHCP server offers no router: the address alone is applied.
+    expect(dvm.output).toMatch(/initos: network: eth0 10\.0\.2\.15\/24/);
+    const r = await sshWhenUp(p4, "status", { key: KEY });
+    expect(r.status).toBe(0);
+    await ssh(p4, "poweroff", { key: KEY });
+    await dvm.waitExit(60_000);
+  }, 240_000);
 });

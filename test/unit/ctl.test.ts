@@ -56,3 +56,23 @@ describe("sidecar pieces", () => {
     expect(nextBackoff(30000, 120_000)).toBe(1000);
   });
 });
+
+describe("remote unlock channel", () => {
+  it("hands a ctl passphrase to the waiting unlock loop and the verdict back to the client", async () => {
+    const { RemoteSecrets } = await import("../../agent/stages/recovery.ts");
+    const r = new RemoteSecrets();
+    expect(await r.handle({ cmd: "unlock", passphrase: "x" })).toEqual({ ok: false, text: "unlock: nothing is waiting for a passphrase right now" });
+    const next = r.next();
+    const answer = r.handle({ cmd: "unlock", passphrase: "words" });
+    expect(await next).toBe("words");
+    expect(r.report(false)).toBe(true);
+    expect(await answer).toEqual({ ok: false, text: "wrong passphrase" });
+    const again = r.next();
+    const answer2 = r.handle({ cmd: "unlock", passphrase: "right" });
+    expect(await again).toBe("right");
+    r.report(true);
+    expect(await answer2).toEqual({ ok: true, text: "unlocked; the boot continues" });
+    expect(r.report(true)).toBe(false); // nobody waits for a verdict now
+    expect(await r.handle({ cmd: "status" })).toEqual({ ok: false, text: "status: not available while waiting for the recovery passphrase" });
+  });
+});

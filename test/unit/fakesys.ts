@@ -70,6 +70,9 @@ export class FakeSys implements Sys {
     close: (name) => this.log(`luks.close ${name}`),
   };
   net: NetOps = {
+    udp: () => {
+      throw new Error("no fake UDP");
+    },
     linkUp: (n) => this.log(`net.linkUp ${n}`),
     addAddress: (n, a, p) => this.log(`net.addAddress ${n} ${a}/${p}`),
     defaultRoute: (n, g) => this.log(`net.defaultRoute ${n} ${g}`),

@@ -95,3 +95,50 @@ describe("network from the cmdline", () => {
     expect(s.calls.filter((c) => c.startsWith("net."))).toEqual(["net.linkUp lo"]);
   });
 });
+
+describe("DHCPv4 messages", () => {
+  it("builds a broadcast DISCOVER with the client MAC and the options we need", async () => {
+    const { dhcpMessage } = await import("../../agent/dhcp.ts");
+    const m = dhcpMessage(1, 0x11223344, "52:54:00:12:34:56");
+    expect(m[0]).toBe(1); // BOOTREQUEST
+    expect(m.readUInt32BE(4)).toBe(0x11223344);
+    expect(m.readUInt16BE(10)).toBe(0x8000); // answer by broadcast: no address yet
+    expect(hex(m.subarray(28, 34))).toBe("525400123456");
+    expect(m.readUInt32BE(236)).toBe(0x63825363);
+    expect(hex(m.subarray(240))).toBe("350101" + "370401030633" + "ff"); // type DISCOVER; ask subnet, router, dns, lease
+    const req = dhcpMessage(3, 1, "52:54:00:12:34:56", { requested: "10.0.2.15", server: "10.0.2.2" });
+    expect(hex(req.subarray(240))).toBe("350103" + "32040a00020f" + "36040a000202" + "370401030633" + "ff");
+  });
+
+  it("reads an OFFER: address, prefix, router, DNS servers, server id, lease; ignores pads and unknown options", async () => {
+    const { parseDhcpReply } = await import("../../agent/dhcp.ts");
+    const b = Buffer.alloc(240);
+    b[0] = 2;
+    b.writeUInt32BE(42, 4);
+    Buffer.from([10, 0, 2, 15]).copy(b, 16);
+    b.writeUInt32BE(0x63825363, 236);
+    const opts = Buffer.from([53, 1, 2, 0, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 8, 10, 0, 2, 3, 1, 1, 1, 1, 54, 4, 10, 0, 2, 2, 51, 4, 0, 0, 0x0e, 0x10, 99, 1, 7, 255]);
+    expect(parseDhcpReply(Buffer.concat([b, opts]))).toEqual({
+      type: 2,
+      xid: 42,
+      address: "10.0.2.15",
+      prefix: 24,
+      router: "10.0.2.2",
+      dns: ["10.0.2.3", "1.1.1.1"],
+      server: "10.0.2.2",
+      leaseSeconds: 3600,
+    });
+    expect(parseDhcpReply(Buffer.alloc(100))).toBeNull();
+    const request = Buffer.concat([b, opts]);
+    request[0] = 1;
+    expect(parseDhcpReply(request)).toBeNull(); // a client's message, not a reply
+  });
+
+  it("survives a truncated option", async () => {
+    const { parseDhcpReply } = await import("../../agent/dhcp.ts");
+    const b = Buffer.alloc(240);
+    b[0] = 2;
+    b.writeUInt32BE(0x63825363, 236);
+    expect(parseDhcpReply(Buffer.concat([b, Buffer.from([53, 1, 5, 6, 8, 10, 0])]))).toMatchObject({ type: 5, dns: [] });
+  });
+});
