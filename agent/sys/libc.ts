@@ -26,10 +26,18 @@ const c = {
   socket: libc.func("int socket(int domain, int type, int protocol)"),
   bind: libc.func("int bind(int fd, const uint8_t *addr, uint32_t len)"),
   recv: libc.func("long recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)"),
+  send: libc.func("long send(int fd, const uint8_t *buf, size_t len, int flags)"),
+  sendto: libc.func("long sendto(int fd, const uint8_t *buf, size_t len, int flags, const uint8_t *addr, uint32_t alen)"),
+  setsockopt: libc.func("int setsockopt(int fd, int level, int name, const uint8_t *value, uint32_t len)"),
+  close: libc.func("int close(int fd)"),
+  ifNameToIndex: libc.func("unsigned int if_nametoindex(const char *name)"),
   ioctl: libc.func("int ioctl(int fd, unsigned long request, ...)"),
   tcgetattr: libc.func("int tcgetattr(int fd, _Out_ uint8_t *termios)"),
   tcsetattr: libc.func("int tcsetattr(int fd, int when, const uint8_t *termios)"),
 };
+
+/** The raw calls, for the socket modules next door (netlink, udp) that build on them. */
+export const libcCalls = c;
 
 const SYS_pivot_root = 155;
 const SYS_finit_module = 313;

@@ -1,6 +1,7 @@
 // rtnetlink, the kernel's interface for links, addresses and routes: message encoding (pure,
 // tested against known byte layouts) and a small request/ack client over koffi.
 import { check, koffi, SysError } from "./ffi.ts";
+import { libcCalls } from "./libc.ts";
 
 export const RTM = { NEWLINK: 16, NEWADDR: 20, NEWROUTE: 24 } as const;
 export const NLM_F = { REQUEST: 0x1, ACK: 0x4, REPLACE: 0x100, EXCL: 0x200, CREATE: 0x400 } as const;
@@ -84,21 +85,10 @@ export function ackErrno(msg: Uint8Array, seq: number): number | null {
 
 // ---- the socket --------------------------------------------------------------------------
 
-const bind = () => {
-  const libc = koffi.load("libc.so.6");
-  return {
-    socket: libc.func("int socket(int domain, int type, int protocol)"),
-    send: libc.func("long send(int fd, const uint8_t *buf, size_t len, int flags)"),
-    recv: libc.func("long recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)"),
-    close: libc.func("int close(int fd)"),
-    nametoindex: libc.func("unsigned int if_nametoindex(const char *name)"),
-  };
-};
-let api: ReturnType<typeof bind> | undefined;
-const c = () => (api ??= bind());
+const c = () => libcCalls;
 
 export function ifIndex(name: string): number {
-  const i = c().nametoindex(name) as number;
+  const i = c().ifNameToIndex(name) as number;
   if (i === 0) throw new SysError("if_nametoindex", [name], koffi.errno());
   return i;
 }

@@ -1,20 +1,9 @@
 // A UDP socket bound to one interface, for DHCP before the interface has an address: Node's
 // dgram cannot bind to a device, and without that a broadcast has no route to leave by.
-import { check, koffi } from "./ffi.ts";
+import { check } from "./ffi.ts";
+import { libcCalls } from "./libc.ts";
 
-const bind = () => {
-  const libc = koffi.load("libc.so.6");
-  return {
-    socket: libc.func("int socket(int domain, int type, int protocol)"),
-    setsockopt: libc.func("int setsockopt(int fd, int level, int name, const uint8_t *value, uint32_t len)"),
-    bind: libc.func("int bind(int fd, const uint8_t *addr, uint32_t len)"),
-    sendto: libc.func("long sendto(int fd, const uint8_t *buf, size_t len, int flags, const uint8_t *addr, uint32_t alen)"),
-    recv: libc.func("long recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)"),
-    close: libc.func("int close(int fd)"),
-  };
-};
-let api: ReturnType<typeof bind> | undefined;
-const c = () => (api ??= bind());
+const c = () => libcCalls;
 
 const AF_INET = 2;
 const SOL_SOCKET = 1;
