@@ -71,13 +71,13 @@ export function expectedPcrs(tpm: TpmOps, pcrs: readonly number[], latchPcr: num
 
 const OPEN_FLAGS = CRYPT_ACTIVATE_ALLOW_DISCARDS | CRYPT_ACTIVATE_NO_READ_WORKQUEUE | CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE;
 
-/** The real side effects of unlocking; see UnlockOps. */
 /** An opened volume: the LUKS device and its /dev/mapper path. */
 export interface OpenedVolume {
   device: string;
   mapper: string;
 }
 
+/** The real side effects of unlocking; see UnlockOps. */
 export function realUnlockOps(
   sys: Sys,
   log: Logger,
