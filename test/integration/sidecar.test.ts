@@ -16,16 +16,22 @@ let port: number;
 
 const run = (key: string | null, command: string) => ssh(port, command, { key, knownHosts: `${dir}/known_hosts` });
 
-beforeAll(async () => {
-  dir = mkdtempSync(`${tmpdir()}/initos-ssh-`);
-  spawnSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", `${dir}/stranger`]);
-  port = await freePort();
-  vm = await startVm({
-    name: "sidecar",
-    direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+/** A direct kernel boot with the boot disk and the guest's sshd forwarded to a free local port. */
+async function bootWithSsh(name: string, append: string, initrd = `${B}/initrd.img`): Promise<{ vm: Vm; port: number }> {
+  const port = await freePort();
+  const vm = await startVm({
+    name,
+    direct: { kernel: `${B}/vmlinuz`, initrd, append: `console=ttyS0 ${append}` },
     disks: [{ file: `${B}/boot.img` }],
     net: { forward: [{ host: port, guest: 15022 }] },
   });
+  return { vm, port };
+}
+
+beforeAll(async () => {
+  dir = mkdtempSync(`${tmpdir()}/initos-ssh-`);
+  spawnSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", `${dir}/stranger`]);
+  ({ vm, port } = await bootWithSsh("sidecar", "initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2"));
   await vm.waitFor(/initos: sidecar: ready/, 150_000);
 }, 200_000);
 afterAll(async () => {
@@ -71,13 +77,7 @@ describe.sequential("sidecar", () => {
   }, 120_000);
 
   it("a failed boot with keys and an address stays up for recovery over ssh instead of rebooting", async () => {
-    const p2 = await freePort();
-    const failed = await startVm({
-      name: "failure-recovery",
-      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 root=/dev/vdz initos.rootwait=2 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-      disks: [{ file: `${B}/boot.img` }],
-      net: { forward: [{ host: p2, guest: 15022 }] },
-    });
+    const { vm: failed, port: p2 } = await bootWithSsh("failure-recovery", "root=/dev/vdz initos.rootwait=2 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2");
     await failed.waitFor(/initos: staying up for recovery over ssh/, 150_000);
     expect(failed.output).toMatch(/initos: boot failed: root device \/dev\/vdz did not appear within 2s/);
     const log = await sshWhenUp(p2, "log", { key: KEY });
@@ -99,13 +99,7 @@ describe.sequential("sidecar", () => {
         { name: "killer", argv: [busybox, "sh", "-c", 'sleep 4; for d in /proc/[0-9]*; do read -r c < $d/comm && [ "$c" = dropbear ] && kill ${d#/proc/}; done; exec sleep 100000'] },
       ];
     });
-    const p3 = await freePort();
-    const svm = await startVm({
-      name: "sidecar-services",
-      direct: { kernel: `${B}/vmlinuz`, initrd, append: "console=ttyS0 initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-      disks: [{ file: `${B}/boot.img` }],
-      net: { forward: [{ host: p3, guest: 15022 }] },
-    });
+    const { vm: svm, port: p3 } = await bootWithSsh("sidecar-services", "initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2", initrd);
     // dropbear catches SIGTERM and exits with 1
     await svm.waitFor(/initos: supervise: sshd (killed by SIGTERM|exited with \d+); restarting in 1s/, 150_000);
     await svm.waitFor(/initos: supervise: sshd started \(pid \d+\)[\s\S]*initos: supervise: sshd started \(pid \d+\)/, 60_000);
@@ -124,13 +118,7 @@ describe.sequential("sidecar", () => {
   }, 300_000);
 
   it("ip=dhcp: QEMU's DHCP server leases the address and the route; ssh answers on it", async () => {
-    const p4 = await freePort();
-    const dvm = await startVm({
-      name: "sidecar-dhcp",
-      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.mode=sidecar ip=dhcp" },
-      disks: [{ file: `${B}/boot.img` }],
-      net: { forward: [{ host: p4, guest: 15022 }] },
-    });
+    const { vm: dvm, port: p4 } = await bootWithSsh("sidecar-dhcp", "initos.mode=sidecar ip=dhcp");
     await dvm.waitFor(/initos: sidecar: ready/, 150_000);
     expect(dvm.output).toMatch(/initos: dhcp: eth0 leased 10\.0\.2\.15\/24 from 10\.0\.2\.2 for \d+s/);
     // With restrict=on QEMU's DHCP server offers no router: the address alone is applied.
