@@ -66,7 +66,8 @@ const TARGET = "/run/initos/target";
 
 export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, ic: InstallConfig, esp: EspResult): Promise<void> {
   const tool = (name: string, ...args: string[]) => sys.run([...sidecarArgv(name), ...args]);
-  const src = `${mountEsp(sys, esp.slots[0]!)}/${cfg.esp.dir}/${ic.source}`;
+  const installerEsp = `${mountEsp(sys, esp.slots[0]!)}/${cfg.esp.dir}`;
+  const src = `${installerEsp}/${ic.source}`;
 
   // 1. Inputs first: nothing is touched until everything we will copy is present and checked.
   const rootfs = `${src}/${ic.rootfs.file}`;
@@ -138,7 +139,7 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
       sys.mkdirp(`${mnt}/EFI/BOOT`);
       sys.mkdirp(`${mnt}/${cfg.esp.dir}/tpm`);
       sys.copyFile(uki, `${mnt}/EFI/BOOT/BOOTX64.EFI`);
-      for (const f of imageFiles) sys.copyFile(`${mountEsp(sys, esp.slots[0]!)}/${cfg.esp.dir}/${f}`, `${mnt}/${cfg.esp.dir}/${f}`);
+      for (const f of imageFiles) sys.copyFile(`${installerEsp}/${f}`, `${mnt}/${cfg.esp.dir}/${f}`);
       const paths = sealPaths(mnt, cfg.esp.dir);
       sys.writeBytes(paths.pub, blob.pub);
       sys.writeBytes(paths.priv, blob.priv);
