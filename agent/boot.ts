@@ -10,11 +10,11 @@ import { type EspResult, findEsps } from "./stages/esp.ts";
 import { install, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
 import { mountPool, unlockPool } from "./stages/pool.ts";
 import { countZombies, powerAction } from "./pid1.ts";
-import { supervise } from "./supervise.ts";
-import { setupNetwork } from "./stages/network.ts";
-import { startCtl, startSshd } from "./stages/sidecar.ts";
+import { type Supervised, supervise } from "./supervise.ts";
+import { SSH_DIR } from "./stages/sidecar.ts";
+import { besideWanted, startBeside } from "./stages/beside.ts";
 import { RecoverySidecar } from "./stages/recovery.ts";
-import type { CtlHandler } from "./ctl.ts";
+import { type CtlHandler, type CtlResponse } from "./ctl.ts";
 import { setupImages } from "./stages/images.ts";
 import { loadModules } from "./stages/modules.ts";
 import { mountRoot, SYSROOT } from "./stages/root.ts";
@@ -32,6 +32,8 @@ export interface BootState {
   cmdline?: Cmdline;
   config?: AgentConfig;
   early?: EarlyResult;
+  /** sshd and the admin socket while the initrd serves humans (sidecar mode, recovery). */
+  sidecar: RecoverySidecar;
 }
 
 /** Runs one named stage, logs and records its duration whether it succeeds or fails. */
@@ -65,7 +67,7 @@ export function readInputs(ctx: BootContext): { cmdline: Cmdline; config: AgentC
   return { cmdline, config };
 }
 
-export function rebootDelay(state: BootState): number {
+export function rebootDelay(state: Pick<BootState, "cmdline" | "config">): number {
   const { cmdline, config } = state;
   if (cmdline?.rebootDelaySeconds !== undefined) return cmdline.rebootDelaySeconds;
   if (cmdline?.panic !== undefined && cmdline.panic > 0) return cmdline.panic;
@@ -89,7 +91,8 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     await stage(ctx, "images", () => setupImages(sys, log, config, esp!, allowUnverified, cold));
   }
 
-  if (cmdline.mode === "sidecar") return sidecar(ctx, state, cold);
+  // Sidecar mode stays here until an operator sends `switch-root`; then the boot goes on.
+  const services = cmdline.mode === "sidecar" ? await sidecar(ctx, state, cold) : [];
 
   if (cmdline.mode === "install") {
     if (!esp) throw new BootError("install: no ESP with images to install from");
@@ -115,12 +118,23 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   } else {
     // The installed machine: the encrypted pool says which subvolume is the root.
     if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
-    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, esp!));
-    await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume));
+    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, esp!, state.sidecar, adminHandler(ctx, state)));
+    await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
   }
 
   const init = await stage(ctx, "handoff-check", () => chooseInit(sys, cmdline, config));
+  // Nothing the initrd started may outlive it (unless beside the OS, in its own namespace).
+  state.sidecar.stop();
+  for (const s of services) s.stop();
+  if (besideWanted(cmdline, config)) {
+    ctx.timeline.save(); // the sidecar takes a copy of the timeline with it
+    await stage(ctx, "sidecar-beside", () => startBeside(sys, log, cmdline, config, () => state.sidecar.network(sys, log, cold, cmdline, config))).catch((e: unknown) => {
+      log.err(describe(e)); // the OS matters more than its remote admin: boot on without it
+    });
+  }
+  forgetSecrets(sys);
   log.info(`timeline: ${ctx.timeline.summary()}`);
+  log.info(`handoff: MemAvailable ${memAvailableKiB(sys) ?? "?"} kB before switch_root`);
   ctx.timeline.save(); // /run moves into the new root: the OS can read it after the switch
   const devkmsg = state.early.devkmsg;
   return switchRoot(sys, log, {
@@ -134,25 +148,30 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
 
 /**
  * Sidecar mode: network, the admin socket and sshd; PID 1 stays here, supervising, until an
- * admin command reboots or powers off the machine.
+ * admin command reboots, powers off, or continues the boot (`switch-root`). Returns the
+ * configured services, for the boot plan to stop before it leaves the initrd.
  */
-async function sidecar(ctx: BootContext, state: BootState, cold: Coldplug): Promise<never> {
+async function sidecar(ctx: BootContext, state: BootState, cold: Coldplug): Promise<Supervised[]> {
   const { sys, log } = ctx;
   const { cmdline, config } = state as Required<Pick<BootState, "cmdline" | "config">>;
-  await stage(ctx, "network", () => setupNetwork(sys, log, cold, cmdline, config.rootWaitSeconds));
-  startCtl(log, adminHandler(ctx, state));
-  await stage(ctx, "sshd", () => startSshd(sys, log, config));
-  for (const svc of config.services) supervise(log, svc);
+  await stage(ctx, "network", () => state.sidecar.network(sys, log, cold, cmdline, config));
+  let continueBoot!: () => void;
+  const switchRequested = new Promise<void>((resolve) => (continueBoot = resolve));
+  state.sidecar.route(adminHandler(ctx, state, continueBoot));
+  await stage(ctx, "sshd", () => state.sidecar.serve(sys, log, config));
+  const services = config.services.map((svc) => supervise(log, svc));
   log.info(`timeline: ${ctx.timeline.summary()}`);
   ctx.timeline.save();
   log.info("sidecar: ready");
-  for (;;) await sys.sleep(3_600_000);
+  await switchRequested;
+  log.info("sidecar: switch-root requested; continuing the boot");
+  return services;
 }
 
 /** The admin commands of a machine that stays in the initrd (sidecar mode, or after a failure). */
-export function adminHandler(ctx: BootContext, state: BootState): CtlHandler {
+export function adminHandler(ctx: BootContext, state: BootState, continueBoot?: () => void): CtlHandler {
   const { sys, log } = ctx;
-  return async (req) => {
+  return async (req): Promise<CtlResponse> => {
     switch (req.cmd) {
       case "status":
         return { ok: true, text: statusText(ctx, state) };
@@ -163,7 +182,12 @@ export function adminHandler(ctx: BootContext, state: BootState): CtlHandler {
         setTimeout(() => powerAction(sys, log, req.cmd, "ctl"), 200); // answer first
         return { ok: true, text: `${req.cmd} in progress` };
       case "unlock":
-        return { ok: false, text: "unlock: nothing is waiting for a passphrase" };
+      case "reseal":
+        return { ok: false, text: `${req.cmd}: nothing is waiting for a passphrase (it works while the boot waits for the recovery passphrase)` };
+      case "switch-root":
+        if (!continueBoot) return { ok: false, text: "switch-root: only from sidecar mode (initos.mode=sidecar)" };
+        continueBoot();
+        return { ok: true, text: "continuing the boot" };
     }
   };
 }
@@ -175,7 +199,7 @@ export function adminHandler(ctx: BootContext, state: BootState): CtlHandler {
 export async function startFailureSidecar(ctx: BootContext, state: BootState): Promise<boolean> {
   const { cmdline, config } = state;
   if (!cmdline || !config) return false;
-  return new RecoverySidecar().start(ctx.sys, ctx.log, new Coldplug(ctx.sys, ctx.log), config, cmdline, adminHandler(ctx, state));
+  return state.sidecar.start(ctx.sys, ctx.log, new Coldplug(ctx.sys, ctx.log), config, cmdline, adminHandler(ctx, state));
 }
 
 export function statusText(ctx: BootContext, state: BootState): string {
@@ -184,7 +208,28 @@ export function statusText(ctx: BootContext, state: BootState): string {
     `secure boot: ${state.early?.secureBoot ?? "unknown"}`,
     `stages: ${ctx.timeline.summary()}`,
     `zombies: ${countZombies(ctx.sys)}`,
+    `agent rss: ${procStatusKiB(ctx.sys, "VmRSS") ?? "?"} kB`,
+    `memavailable: ${memAvailableKiB(ctx.sys) ?? "?"} kB`,
   ].join("\n");
+}
+
+/** A "Name:  1234 kB" field of /proc/self/status, in KiB. */
+export function procStatusKiB(sys: Sys, field: string): number | null {
+  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(sys.readFile("/proc/self/status") ?? "");
+  return m ? Number(m[1]) : null;
+}
+
+export function memAvailableKiB(sys: Sys): number | null {
+  const m = /^MemAvailable:\s+(\d+) kB/m.exec(sys.readFile("/proc/meminfo") ?? "");
+  return m ? Number(m[1]) : null;
+}
+
+/**
+ * The ssh host key and the admin socket stay with the initrd: /run moves into the OS, which
+ * has no business with the sidecar's key (the sidecar beside the OS took its own copy).
+ */
+function forgetSecrets(sys: Sys): void {
+  if (sys.exists(SSH_DIR)) sys.removeTreeOnDevice(SSH_DIR, sys.lstat(SSH_DIR).dev);
 }
 
 /** initos.insecure=1 weakens verification, so it counts only when Secure Boot is off. */

@@ -78,6 +78,7 @@ const KEYS = {
   "initos.insecure": { schema: bool01, fallback: false },
   "initos.latchcheck": { schema: bool01, fallback: false },
   "initos.root": { schema: z.string().regex(/^@?[\w.-]+$/, "expected a subvolume name such as @root"), fallback: undefined },
+  "initos.sidecar": { schema: bool01, fallback: undefined },
 } as const;
 type Keys = typeof KEYS;
 type Parsed<K extends keyof Keys> = z.output<Keys[K]["schema"]> | Keys[K]["fallback"];
@@ -106,6 +107,8 @@ export interface Cmdline {
   rootSubvolume?: string;
   /** After unlocking, prove the TPM latch: a second unseal must fail. */
   latchCheck: boolean;
+  /** Keep the sidecar (sshd + admin commands) running beside the OS after switch_root. */
+  sidecarBeside?: boolean;
   /** Everything after `--`: the app (or the root init's extra arguments). */
   app: string[];
 }
@@ -185,6 +188,7 @@ export function parseCmdline(text: string): CmdlineResult {
     insecure: get("initos.insecure") ?? false,
     latchCheck: get("initos.latchcheck") ?? false,
     rootSubvolume: get("initos.root"),
+    sidecarBeside: get("initos.sidecar"),
     app,
   };
   return { cmdline, errors };

@@ -58,9 +58,16 @@ export const AgentConfigSchema = z
       .object({
         port: z.number().int().min(1).max(65535).default(15022),
         authorizedKeys: z.array(z.string().regex(/^(ssh-ed25519|ecdsa-sha2-nistp\d+|ssh-rsa) [A-Za-z0-9+/=]+( [^\n]*)?$/, "expected one public key line")).default([]),
+        /** Keep the sidecar running beside the OS after switch_root (cmdline initos.sidecar= wins). */
+        besideOs: z.boolean().default(false),
+        /**
+         * Offer busybox sh from the verified sidecar image to the authorized keys. Off by default:
+         * then an ssh session can only run the admin commands, whatever it asks for.
+         */
+        shell: z.boolean().default(false),
       })
       .strict()
-      .default({ port: 15022, authorizedKeys: [] }),
+      .default({ port: 15022, authorizedKeys: [], besideOs: false, shell: false }),
     /** More services the sidecar supervises (argv[0] an absolute path, e.g. in the sidecar image). */
     services: z
       .array(z.object({ name: z.string().regex(/^[\w-]+$/), argv: z.array(z.string()).min(1).refine((a) => a[0]!.startsWith("/"), "argv[0] must be an absolute path") }).strict())

@@ -14,6 +14,10 @@ export const CtlRequestSchema = z.discriminatedUnion("cmd", [
   z.object({ cmd: z.literal("reboot") }).strict(),
   z.object({ cmd: z.literal("poweroff") }).strict(),
   z.object({ cmd: z.literal("unlock"), passphrase: z.string().min(1).max(1024) }).strict(),
+  /** Unlock with the recovery passphrase, then seal a new TPM key to the PCRs as they are now. */
+  z.object({ cmd: z.literal("reseal"), passphrase: z.string().min(1).max(1024) }).strict(),
+  /** Sidecar mode: leave it and continue the boot into the root (unlocking it if needed). */
+  z.object({ cmd: z.literal("switch-root") }).strict(),
 ]);
 export type CtlRequest = z.output<typeof CtlRequestSchema>;
 export interface CtlResponse {
@@ -36,13 +40,18 @@ export function parseCtlRequest(line: string): CtlRequest | string {
   return `bad request: ${i.path.join(".") || "(top level)"}: ${i.message}`;
 }
 
+export const CTL_COMMANDS = ["status", "log", "unlock", "reseal", "switch-root", "reboot", "poweroff"] as const;
+
 /** The words an operator types (`ctl status`, `ctl unlock` + passphrase on stdin) as a request. */
 export function requestFromArgs(args: readonly string[], stdin: () => string): CtlRequest | string {
   const [cmd, ...rest] = args;
-  const known = ["status", "log", "unlock", "reboot", "poweroff"];
-  if (!cmd || !known.includes(cmd)) return `unknown command ${JSON.stringify(cmd ?? "")}; try: ${known.join(", ")}`;
+  if (!cmd || !(CTL_COMMANDS as readonly string[]).includes(cmd)) return `unknown command ${JSON.stringify(cmd ?? "")}; try: ${CTL_COMMANDS.join(", ")}`;
   if (rest.length) return `ctl ${cmd}: takes no arguments`;
-  if (cmd === "unlock") return { cmd, passphrase: stdin().trim() }; // on stdin: never in argv or logs
+  if (cmd === "unlock" || cmd === "reseal") {
+    const passphrase = stdin().trim(); // on stdin: never in argv or logs
+    if (!passphrase) return `ctl ${cmd}: give the recovery passphrase on stdin`;
+    return { cmd, passphrase };
+  }
   return CtlRequestSchema.parse({ cmd });
 }
 

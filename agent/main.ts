@@ -1,11 +1,14 @@
 // initos-agent entry point. As PID 1 it boots the machine (boot.ts); it never returns or exits.
-import { readdirSync, readFileSync, writeSync } from "node:fs";
-import { runAsShell } from "./stages/sidecar.ts";
+import { existsSync, readdirSync, readFileSync, writeSync } from "node:fs";
+import { dirname } from "node:path";
+import { CONFIG_PATH, parseConfig } from "./config.ts";
+import { BUSYBOX, runAsShell } from "./stages/sidecar.ts";
 import { boot, type BootContext, type BootState, rebootDelay, startFailureSidecar } from "./boot.ts";
 import { applyFailurePolicy } from "./failure.ts";
 import { KmsgLogger, Timeline } from "./log.ts";
 import { installPid1Handlers } from "./pid1.ts";
 import { realSys } from "./sys/index.ts";
+import { RecoverySidecar } from "./stages/recovery.ts";
 
 /** Where the initrd build puts sigrelay.so (see initrd/sigrelay.c). */
 const SIGRELAY_LIB = "/usr/lib/initos/sigrelay.so";
@@ -16,7 +19,7 @@ async function runAsInit(): Promise<never> {
   const sys = await realSys();
   const libc = await import("./sys/libc.ts");
   const ctx: BootContext = { sys, log, timeline };
-  const state: BootState = {};
+  const state: BootState = { sidecar: new RecoverySidecar() };
 
   let failing = false;
   const fail = (e: unknown): Promise<never> => {
@@ -58,13 +61,39 @@ function lastResort(e: unknown): void {
 
 const readStdin = () => readFileSync(0, "utf8");
 
+/** A shell for ssh sessions only when the signed config offers one and the verified image has it. */
+function shellOffered(): ((args: string[]) => Promise<number>) | undefined {
+  const { config } = parseConfig(existsSync(CONFIG_PATH) ? readFileSync(CONFIG_PATH, "utf8") : null);
+  if (!config.ssh.shell || !existsSync(BUSYBOX)) return undefined;
+  return async (args) => {
+    const child = Bun.spawn([BUSYBOX, ...args], { stdio: ["inherit", "inherit", "inherit"], env: { ...process.env, PATH: `${dirname(BUSYBOX)}:/usr/bin` } });
+    return await child.exited;
+  };
+}
+
+/** The sidecar beside the OS (see stages/beside.ts): phase 1 builds its root, phase 2 serves. */
+async function runBesideSidecar(phase: "beside" | "beside-run"): Promise<never> {
+  const log = new KmsgLogger();
+  try {
+    const sys = await realSys();
+    const beside = await import("./stages/beside.ts");
+    return phase === "beside" ? beside.enterBesideRoot(sys, log) : await beside.runBeside(sys, log);
+  } catch (e) {
+    log.err(`sidecar beside the OS: ${e instanceof Error ? e.message : String(e)}`);
+    process.exit(1);
+  }
+}
+
 if (process.pid === 1) {
   await runAsInit().catch(lastResort);
-} else if (process.argv[2] === "ctl" || process.argv[2] === "-c") {
-  // `initos-agent ctl status`, or sshd running the agent as root's shell: `-c "status"`.
+} else if (process.argv[2] === "beside" || process.argv[2] === "beside-run") {
+  await runBesideSidecar(process.argv[2]);
+} else if (process.argv[2] === "ctl" || process.argv[2] === "-c" || (process.argv0.startsWith("-") && process.argv.length === 2)) {
+  // `initos-agent ctl status`, sshd running the agent as root's shell (`-c "status"`), or an
+  // interactive ssh login (argv[0] "-initos-agent", no arguments).
   const args = process.argv[2] === "ctl" ? ["-c", process.argv.slice(3).join(" ")] : process.argv.slice(2);
-  process.exit(await runAsShell(args, readStdin).catch((e: unknown) => (process.stderr.write(`initos: ${(e as Error).message}\n`), 1)));
+  process.exit(await runAsShell(args, { readStdin, shell: shellOffered() }).catch((e: unknown) => (process.stderr.write(`initos: ${(e as Error).message}\n`), 1)));
 } else {
-  process.stderr.write("initos-agent: PID 1 of the initrd; as a client: initos-agent ctl {status|log|unlock|reboot|poweroff}\n");
+  process.stderr.write("initos-agent: PID 1 of the initrd; as a client: initos-agent ctl {status|log|unlock|reseal|switch-root|reboot|poweroff}\n");
   process.exit(2);
 }

@@ -3,6 +3,7 @@
 // and mount the root subvolume with its binds on /sysroot.
 import { z } from "zod";
 import type { Cmdline } from "../cmdline.ts";
+import type { CtlHandler } from "../ctl.ts";
 import type { AgentConfig } from "../config.ts";
 import { BootError, describe } from "../errors.ts";
 import { HOST_CONFIG_ENV, HOST_CONFIG_JSON, type HostConfig, parseHostEnv, parseHostJson } from "../hostconfig.ts";
@@ -16,6 +17,7 @@ import { type EspResult, mountEsp } from "./esp.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";
 import { RecoverySidecar, RemoteSecrets } from "./recovery.ts";
+import { ensureHostKey, HOST_KEY, SSH_DIR } from "./sidecar.ts";
 import { unlock, type UnlockOps, type UnlockResult } from "./unlock.ts";
 
 const POOL = "/run/initos/pool";
@@ -151,15 +153,18 @@ export function realUnlockOps(
       const remote = (remoteSecrets = recovery ? await recovery() : null);
       // One console read at a time: a read still pending from the last prompt keeps its place.
       consoleLine ??= sys.readLine(prompt, false).finally(() => (consoleLine = undefined));
-      if (!remote) return consoleLine;
-      return Promise.race([consoleLine, remote.next()]);
+      const fromConsole = consoleLine.then((line) => ({ line, remote: false }));
+      const winner = remote ? await Promise.race([fromConsole, remote.next().then((line) => ({ line, remote: true }))]) : await fromConsole;
+      lastWasRemote = winner.remote;
+      return winner.line;
     },
-    reportResult(ok) {
-      lastWasRemote = remoteSecrets?.report(ok) === true;
+    reportResult(ok, resealed) {
+      if (lastWasRemote) remoteSecrets?.report(ok, resealed);
     },
     async confirm(question) {
-      // After an unlock over ssh nobody may be at the console; reseal needs someone there.
-      if (lastWasRemote) return false;
+      // Over ssh the operator chose with the command (reseal vs unlock): nobody may be at the
+      // console to answer a question there.
+      if (lastWasRemote) return remoteSecrets?.wantReseal === true;
       const a = await sys.readLine(question, true);
       return /^y(es)?$/i.test(a?.trim() ?? "");
     },
@@ -194,7 +199,13 @@ export interface UnlockedPool {
   result: UnlockResult;
 }
 
-export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, esp: EspResult): Promise<UnlockedPool> {
+/**
+ * Opens the encrypted pool. `sidecar` is the boot's recovery sidecar: started here the first
+ * time a human is asked (or already running in sidecar mode); while the unlock waits, `unlock`
+ * and `reseal` requests go to it and the rest to `admin`. The boot plan stops it before
+ * switch_root.
+ */
+export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, esp: EspResult, sidecar: RecoverySidecar, admin: CtlHandler): Promise<UnlockedPool> {
   const volumes = await waitUntil(sys, log, cold, "an encrypted volume (LUKS2)", cmdline.rootWaitSeconds ?? cfg.rootWaitSeconds, () => {
     const v = findLuksVolumes(sys);
     return v.length ? v : null;
@@ -202,12 +213,12 @@ export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: Age
   log.info(`unlock: encrypted volumes ${volumes.join(" ")}`);
   loadCryptModules(sys, log);
   const opened: OpenedVolume[] = [];
-  const sidecar = new RecoverySidecar();
   const remote = new RemoteSecrets();
+  const route: CtlHandler = (req) => (req.cmd === "unlock" || req.cmd === "reseal" ? remote.handle(req) : admin(req));
   let started: Promise<boolean> | undefined;
   const recovery = async () => {
-    started ??= sidecar.start(sys, log, cold, cfg, cmdline, remote.handle).then((up) => {
-      if (up) log.info("recovery: the passphrase is also accepted over ssh: ssh root@<host> unlock");
+    started ??= sidecar.start(sys, log, cold, cfg, cmdline, route).then((up) => {
+      if (up) log.info("recovery: the passphrase is also accepted over ssh: ssh root@<host> unlock (or reseal)");
       return up;
     });
     return (await started) ? remote : null;
@@ -216,13 +227,43 @@ export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: Age
     const result = await unlock(log, realUnlockOps(sys, log, cfg, esp, volumes, opened, recovery), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
     return { devices: opened.map((o) => o.mapper), result };
   } finally {
-    if (started) {
-      // The ssh client that sent the passphrase is still reading its answer; give it a moment
-      // before sshd goes, or it sees the connection drop instead of "unlocked".
-      if (remote.answeredOk) await sys.sleep(3000);
-      // Nothing of the initrd may outlive the switch to the real root.
-      sidecar.stop();
+    // The ssh client that sent the passphrase is still reading its answer; give it a moment
+    // before the boot goes on (and sshd with it), or it sees the connection drop instead.
+    if (remote.answeredOk) await sys.sleep(3000);
+    sidecar.route(admin);
+  }
+}
+
+/** The sidecar's ssh host key on the pool: inside the encryption, beside the host config. */
+export const POOL_HOST_KEY = "initos/ssh_host_ed25519";
+
+/**
+ * Clients should see one host key across boots, so it is kept on the encrypted pool: copied into
+ * /run for the sidecar when it is there; else this boot's key (the one a remote unlock already
+ * showed, or a new one) is saved — the only write to the pool outside install mode, once per
+ * machine. A failure here costs a changing host key, not the boot.
+ */
+function keepHostKey(sys: Sys, log: Logger, dev: string): void {
+  const onPool = `${POOL}/${POOL_HOST_KEY}`;
+  try {
+    const saved = sys.readBytes(onPool);
+    if (saved && saved.length > 0) {
+      sys.mkdirp(SSH_DIR, 0o700);
+      sys.writeBytes(HOST_KEY, saved, 0o600);
+      return;
     }
+    const key = sys.readBytes(ensureHostKey(sys))!;
+    sys.mount(dev, POOL, "btrfs", MS.REMOUNT | MS.NOSUID | MS.NODEV);
+    try {
+      sys.mkdirp(`${POOL}/initos`, 0o700);
+      sys.writeBytes(onPool, key, 0o600);
+      sys.sync();
+    } finally {
+      sys.mount(dev, POOL, "btrfs", MS.REMOUNT | MS.RDONLY | MS.NOSUID | MS.NODEV);
+    }
+    log.info(`pool: ssh host key saved as ${POOL_HOST_KEY} (first boot with ssh)`);
+  } catch (e) {
+    log.warn(`pool: ssh host key not kept on the pool: ${describe(e)}`);
   }
 }
 
@@ -235,7 +276,7 @@ export function readHostConfig(sys: Sys, top: string): HostConfig {
 }
 
 /** Mounts the root subvolume named by the host config, and its binds, on /sysroot. */
-export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw: boolean, rootOverride?: string): MountedRoot & { config: HostConfig } {
+export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw: boolean, rootOverride: string | undefined, cfg: AgentConfig): MountedRoot & { config: HostConfig } {
   try {
     sys.loadModule("btrfs");
   } catch {
@@ -248,6 +289,7 @@ export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw:
   sys.mount(dev, POOL, "btrfs", MS.RDONLY | MS.NOSUID | MS.NODEV, `subvolid=5,${devOpts}`);
   try {
     const config = readHostConfig(sys, POOL);
+    if (cfg.ssh.authorizedKeys.length) keepHostKey(sys, log, dev);
     const from = rootOverride ? "initos.root on the cmdline" : "the host config";
     if (rootOverride) config.root = rootOverride;
     if (sys.lstat(`${POOL}/${config.root}`).kind !== "dir") {

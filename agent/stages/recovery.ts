@@ -1,7 +1,8 @@
 // The recovery sidecar: when the TPM does not release the key, the machine also listens for the
 // passphrase over ssh (`ssh root@host unlock`, passphrase on stdin), as well as on the console;
-// and when the boot fails, it stays reachable for status, log and reboot. Started only when
-// needed, and stopped before the boot goes on.
+// and when the boot fails, it stays reachable for status, log and reboot. Sidecar mode runs the
+// same services; `switch-root` then hands them to the unlock stage instead of starting a second
+// sshd. Everything here is stopped before switch_root.
 import type { Server } from "node:net";
 import type { Cmdline } from "../cmdline.ts";
 import type { AgentConfig } from "../config.ts";
@@ -14,24 +15,31 @@ import type { Coldplug } from "./devices.ts";
 import { setupNetwork, staticIpFrom } from "./network.ts";
 import { startCtl, startSshd } from "./sidecar.ts";
 
-/** Hands passphrases from `ctl unlock` to the unlock loop, and its verdict back to the client. */
+/** Hands passphrases from `ctl unlock`/`ctl reseal` to the unlock loop, and its verdict back. */
 export class RemoteSecrets {
   private waiting?: (passphrase: string) => void;
-  private verdict?: (ok: boolean) => void;
+  private verdict?: (r: { ok: boolean; resealed: boolean }) => void;
   /** A passphrase from ssh opened the disk (its client is being told so). */
   answeredOk = false;
+  /** The last passphrase came with `reseal`: the operator asked for a new TPM seal. */
+  wantReseal = false;
 
-  /** The ctl side: answers once the unlock loop has tried the passphrase. */
+  /** The ctl side: answers once the unlock loop has tried the passphrase (and resealed). */
   handle = async (req: CtlRequest): Promise<CtlResponse> => {
-    if (req.cmd !== "unlock") return { ok: false, text: `${req.cmd}: not available while waiting for the recovery passphrase` };
-    if (!this.waiting) return { ok: false, text: "unlock: nothing is waiting for a passphrase right now" };
+    if (req.cmd !== "unlock" && req.cmd !== "reseal") return { ok: false, text: `${req.cmd}: not available while waiting for the recovery passphrase` };
+    if (!this.waiting) return { ok: false, text: `${req.cmd}: nothing is waiting for a passphrase right now` };
     const give = this.waiting;
     this.waiting = undefined;
-    const ok = await new Promise<boolean>((resolve) => {
+    this.wantReseal = req.cmd === "reseal";
+    const r = await new Promise<{ ok: boolean; resealed: boolean }>((resolve) => {
       this.verdict = resolve;
       give(req.passphrase);
     });
-    return ok ? { ok: true, text: "unlocked; the boot continues" } : { ok: false, text: "wrong passphrase" };
+    if (!r.ok) return { ok: false, text: "wrong passphrase" };
+    if (req.cmd === "unlock") return { ok: true, text: "unlocked; the boot continues" };
+    return r.resealed
+      ? { ok: true, text: "unlocked and resealed to the current TPM state; the boot continues" }
+      : { ok: false, text: "unlocked, but the reseal failed (see log); the boot continues" };
   };
 
   next(): Promise<string> {
@@ -39,11 +47,11 @@ export class RemoteSecrets {
   }
 
   /** True when the last secret came from here (and someone waits for the verdict). */
-  report(ok: boolean): boolean {
+  report(ok: boolean, resealed = false): boolean {
     const v = this.verdict;
     this.verdict = undefined;
     if (v && ok) this.answeredOk = true;
-    v?.(ok);
+    v?.({ ok, resealed });
     return v !== undefined;
   }
 }
@@ -52,14 +60,26 @@ export class RemoteSecrets {
 export class RecoverySidecar {
   private server?: Server;
   private sshd?: Supervised | null;
+  private net?: Promise<string | null>;
+  private handler: CtlHandler = async (req) => ({ ok: false, text: `${req.cmd}: not available yet` });
+
+  get running(): boolean {
+    return this.server !== undefined;
+  }
+
+  /** Serves requests with `handle` from now on (the boot moved to another stage). */
+  route(handle: CtlHandler): void {
+    this.handler = handle;
+  }
 
   /** Starts it with `handle` behind the socket; false when there are no keys or no address to offer. */
   async start(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, handle: CtlHandler): Promise<boolean> {
+    this.route(handle);
+    if (this.running) return true;
     if (!cfg.ssh.authorizedKeys.length || !(staticIpFrom(cmdline) || cmdline.ip?.method === "dhcp")) return false;
     try {
-      await setupNetwork(sys, log, cold, cmdline, cfg.rootWaitSeconds);
-      this.server = startCtl(log, handle);
-      this.sshd = startSshd(sys, log, cfg);
+      await this.network(sys, log, cold, cmdline, cfg);
+      this.serve(sys, log, cfg);
       return true;
     } catch (e) {
       log.err(`recovery: no remote unlock: ${describe(e)}`);
@@ -67,8 +87,22 @@ export class RecoverySidecar {
     }
   }
 
+  /** Brings the network up once per boot (sidecar mode, recovery and the sidecar beside the OS share it). */
+  network(sys: Sys, log: Logger, cold: Coldplug, cmdline: Cmdline, cfg: AgentConfig): Promise<string | null> {
+    this.net ??= setupNetwork(sys, log, cold, cmdline, cfg.rootWaitSeconds);
+    return this.net;
+  }
+
+  /** The admin socket and sshd, once the network is up. */
+  serve(sys: Sys, log: Logger, cfg: AgentConfig): void {
+    this.server = startCtl(log, (req) => this.handler(req));
+    this.sshd = startSshd(sys, log, cfg);
+  }
+
   stop(): void {
     this.sshd?.stop();
     this.server?.close();
+    this.server = undefined;
+    this.sshd = undefined;
   }
 }

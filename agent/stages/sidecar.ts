@@ -7,24 +7,29 @@ import { callCtl, type CtlHandler, requestFromArgs, serveCtl } from "../ctl.ts";
 import type { Logger } from "../log.ts";
 import { type Supervised, supervise } from "../supervise.ts";
 import type { Sys } from "../sys/index.ts";
-import { sidecarArgv, sidecarExec } from "../sys/sidecar.ts";
+import { SIDECAR_ROOT, sidecarArgv, sidecarExec } from "../sys/sidecar.ts";
 
 export const AGENT_PATH = "/usr/bin/initos-agent";
-const SSH_DIR = "/run/initos/ssh";
+export const SSH_DIR = "/run/initos/ssh";
+export const HOST_KEY = `${SSH_DIR}/host_ed25519`;
 
-/** authorized_keys lines: every key is restricted to the command interface. */
-export function authorizedKeys(keys: readonly string[]): string {
-  return keys.map((k) => `no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty ${k.trim()}\n`).join("");
+/**
+ * authorized_keys lines: no forwarding of any kind; no pty either unless the config offers a
+ * shell (the command interface needs none).
+ */
+export function authorizedKeys(keys: readonly string[], shell = false): string {
+  const opts = `no-port-forwarding,no-agent-forwarding,no-X11-forwarding${shell ? "" : ",no-pty"}`;
+  return keys.map((k) => `${opts} ${k.trim()}\n`).join("");
 }
 
 /** root's account: home /root, and the agent as its login shell. */
-export function writeAccounts(sys: Sys, keys: readonly string[]): void {
+export function writeAccounts(sys: Sys, keys: readonly string[], shell = false): void {
   sys.mkdirp("/etc");
   sys.writeFile("/etc/passwd", `root:x:0:0:root:/root:${AGENT_PATH}\n`);
   sys.writeFile("/etc/group", "root:x:0:\n");
   sys.writeFile("/etc/shells", `${AGENT_PATH}\n`);
   sys.mkdirp("/root/.ssh", 0o700);
-  sys.writeBytes("/root/.ssh/authorized_keys", Buffer.from(authorizedKeys(keys)), 0o600);
+  sys.writeBytes("/root/.ssh/authorized_keys", Buffer.from(authorizedKeys(keys, shell)), 0o600);
 }
 
 export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): Supervised | null {
@@ -32,10 +37,8 @@ export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): Supervised |
     log.warn("sidecar: no authorized ssh keys in the config; sshd not started");
     return null;
   }
-  writeAccounts(sys, cfg.ssh.authorizedKeys);
-  sys.mkdirp(SSH_DIR, 0o700);
-  const hostKey = `${SSH_DIR}/host_ed25519`;
-  if (!sys.exists(hostKey)) sys.run([...sidecarArgv("dropbearkey"), "-t", "ed25519", "-f", hostKey]);
+  writeAccounts(sys, cfg.ssh.authorizedKeys, cfg.ssh.shell);
+  const hostKey = ensureHostKey(sys);
   // -F foreground, -E log to stderr (our log), -s no passwords, -j/-k no forwarding.
   const dropbear = sidecarExec("dropbear");
   const svc = supervise(log, { name: "sshd", argv: [...dropbear.argv, "-F", "-E", "-s", "-j", "-k", "-p", String(cfg.ssh.port), "-r", hostKey], env: dropbear.env });
@@ -43,18 +46,37 @@ export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): Supervised |
   return svc;
 }
 
+/** The sidecar's host key in tmpfs: the one persisted on the pool if copied there, else new. */
+export function ensureHostKey(sys: Sys): string {
+  sys.mkdirp(SSH_DIR, 0o700);
+  if (!sys.exists(HOST_KEY)) sys.run([...sidecarArgv("dropbearkey"), "-t", "ed25519", "-f", HOST_KEY]);
+  return HOST_KEY;
+}
+
 export function startCtl(log: Logger, handle: CtlHandler): Server {
   return serveCtl(log, handle);
 }
 
+/** busybox from the verified sidecar image: the only shell there is, and only when the config offers it. */
+export const BUSYBOX = `${SIDECAR_ROOT}/usr/bin/busybox`;
+
+export interface ShellIo {
+  readStdin(): string;
+  /** Runs busybox with these arguments on the session's stdio; absent when no shell is offered. */
+  shell?: (args: string[]) => Promise<number>;
+}
+
 /**
- * The agent started by sshd as root's shell: `-c "<command>"`. Only ctl commands run; anything
- * else is refused with the list of commands. Returns the exit code.
+ * The agent started by sshd as root's shell: `-c "<command>"`, or nothing for an interactive
+ * login. ctl commands always work; anything else goes to busybox sh when the signed config
+ * offers a shell, and is refused with the list of commands otherwise. Returns the exit code.
  */
-export async function runAsShell(args: readonly string[], readStdin: () => string): Promise<number> {
-  const words = args[0] === "-c" ? (args[1] ?? "").trim().split(/\s+/).filter(Boolean) : [];
-  const req = requestFromArgs(words[0] === "ctl" ? words.slice(1) : words, readStdin);
+export async function runAsShell(args: readonly string[], io: ShellIo): Promise<number> {
+  const line = args[0] === "-c" ? (args[1] ?? "").trim() : "";
+  const words = line.split(/\s+/).filter(Boolean);
+  const req = requestFromArgs(words[0] === "ctl" ? words.slice(1) : words, io.readStdin);
   if (typeof req === "string") {
+    if (io.shell) return io.shell(line ? ["sh", "-c", line] : ["sh", "-l"]);
     process.stderr.write(`initos: ${req}\n`);
     return 2;
   }

@@ -25,7 +25,7 @@ export interface UnlockOps {
    */
   readSecret(prompt: string): Promise<string | null>;
   /** Tells the channel the last secret came from whether it worked (the ssh client waits). */
-  reportResult?(ok: boolean): void;
+  reportResult?(ok: boolean, resealed: boolean): void;
   /** Asks a yes/no question on the console (default no). */
   confirm(question: string): Promise<boolean>;
   /** Seals a new TPM key for the current PCRs, authorised by the passphrase. */
@@ -75,8 +75,8 @@ export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): P
     if (pass === null) throw new BootError("unlock: no TPM key and no console to ask for the recovery passphrase");
     const bytes = Buffer.from(pass.trim(), "utf8");
     const ok = ops.openWithKey(bytes);
-    ops.reportResult?.(ok);
     if (!ok) {
+      ops.reportResult?.(false, false);
       bytes.fill(0);
       log.err(`unlock: wrong recovery passphrase (attempt ${i} of ${opt.tries})`);
       continue;
@@ -93,6 +93,7 @@ export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): P
         log.err(`unlock: reseal failed: ${describe(e)}`);
       }
     }
+    ops.reportResult?.(true, resealed);
     bytes.fill(0);
     return { method: "passphrase", resealed };
   }

@@ -1,6 +1,6 @@
 // The one seam between boot logic and the machine. Boot stages receive a `Sys` and never touch
 // koffi, processes or files directly, so their decisions can be tested with fakes.
-import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import type { Kdf } from "./cryptsetup.ts";
 import type { SealedBlob } from "./tpm.ts";
@@ -95,6 +95,13 @@ export interface Sys {
   /** Deletes everything below `dir` that is on device `dev`, never crossing into other mounts. */
   removeTreeOnDevice(dir: string, dev: number): number;
   execve(path: string, argv: readonly string[], env: readonly string[]): never;
+  unlink(path: string): void;
+  symlink(target: string, path: string): void;
+  /** This process (its calling thread, then whatever it execs) gets its own mount namespace. */
+  unshareMountNs(): void;
+  /** Starts a process that nobody waits for, stdio on /dev/null, with its own argv[0]; its pid. */
+  spawnDetached(argv: readonly string[], argv0: string): number;
+  signal(pid: number, sig: number): void;
   reboot(cmd: number): void;
   sleep(ms: number): Promise<void>;
 }
@@ -257,6 +264,15 @@ export async function realSys(): Promise<Sys> {
     close: (fd) => closeSync(fd),
     removeTreeOnDevice,
     execve: (p, a, e) => libc.execve(p, a, e),
+    unlink: (p) => unlinkSync(p),
+    symlink: (t, p) => symlinkSync(t, p),
+    unshareMountNs: () => libc.unshare(libc.CLONE_NEWNS),
+    spawnDetached: (argv, argv0) => {
+      const child = Bun.spawn([...argv], { argv0, stdio: ["ignore", "ignore", "ignore"] });
+      child.unref();
+      return child.pid;
+    },
+    signal: (pid, sig) => libc.kill(pid, sig),
     reboot: (c) => libc.reboot(c),
     sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
   };

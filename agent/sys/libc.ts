@@ -18,6 +18,7 @@ const c = {
   sync: libc.func("void sync(void)"),
   wait4: libc.func("int wait4(int pid, _Out_ int *status, int options, void *rusage)"),
   kill: libc.func("int kill(int pid, int sig)"),
+  unshare: libc.func("int unshare(int flags)"),
   execve: libc.func("int execve(const char *path, const char **argv, const char **envp)"),
   sigprocmask: libc.func("int sigprocmask(int how, const uint8_t *set, void *old)"),
   signal: libc.func("void *signal(int sig, void *handler)"),
@@ -72,6 +73,12 @@ export function statfsType(path: string): number {
   const buf = new Uint8Array(120); // sizeof(struct statfs) on x86_64
   check("statfs", [path], c.statfs(path, buf));
   return new DataView(buf.buffer).getUint32(0, true); // f_type is the first (long) field
+}
+
+export const CLONE_NEWNS = 0x00020000;
+
+export function unshare(flags: number): void {
+  check("unshare", [flags.toString(16)], c.unshare(flags));
 }
 
 export function reboot(cmd: number): void {

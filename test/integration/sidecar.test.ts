@@ -17,12 +17,12 @@ let port: number;
 const run = (key: string | null, command: string) => ssh(port, command, { key, knownHosts: `${dir}/known_hosts` });
 
 /** A direct kernel boot with the boot disk and the guest's sshd forwarded to a free local port. */
-async function bootWithSsh(name: string, append: string, initrd = `${B}/initrd.img`): Promise<{ vm: Vm; port: number }> {
+async function bootWithSsh(name: string, append: string, initrd = `${B}/initrd.img`, extraDisks: string[] = []): Promise<{ vm: Vm; port: number }> {
   const port = await freePort();
   const vm = await startVm({
     name,
     direct: { kernel: `${B}/vmlinuz`, initrd, append: `console=ttyS0 ${append}` },
-    disks: [{ file: `${B}/boot.img` }],
+    disks: [{ file: `${B}/boot.img` }, ...extraDisks.map((file) => ({ file }))],
     net: { forward: [{ host: port, guest: 15022 }] },
   });
   return { vm, port };
@@ -50,10 +50,10 @@ describe.sequential("sidecar", () => {
   it("the key from the UKI logs in and runs status; the session is the command interface, not a shell", async () => {
     const r = await sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts` });
     expect(r.status).toBe(0);
-    expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\nzombies: 0\n$/);
+    expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\nzombies: 0\nagent rss: \d+ kB\nmemavailable: \d+ kB\n$/);
     const sh = await run(KEY, "cat /etc/passwd; id");
     expect(sh.status).toBe(2);
-    expect(sh.stderr).toMatch(/initos: unknown command "cat"; try: status, log, unlock, reboot, poweroff/);
+    expect(sh.stderr).toMatch(/initos: unknown command "cat"; try: status, log, unlock, reseal, switch-root, reboot, poweroff/);
     expect(vm.output).toMatch(/initos: ctl: status/);
   }, 120_000);
 
@@ -89,9 +89,32 @@ describe.sequential("sidecar", () => {
     expect(failed.output).toMatch(/reboot: Restarting system/);
   }, 240_000);
 
-  it("supervision: orphans of a service are reaped (no zombies), and sshd killed is restarted", async () => {
+  it("switch-root continues the boot; the sidecar stays beside the OS, in its own root, with the same host key", async () => {
+    const root = "root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@";
+    const { vm: bvm, port: p5 } = await bootWithSsh("sidecar-beside", `initos.mode=sidecar ${root} initos.sidecar=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 -- hold=120`, undefined, [`${B}/testroot.img`]);
+    await bvm.waitFor(/initos: sidecar: ready/, 150_000);
+    const known = { key: KEY, knownHosts: `${dir}/beside_known_hosts` };
+    const sw = await sshWhenUp(p5, "switch-root", known);
+    expect(sw.stdout).toBe("continuing the boot\n");
+    await bvm.waitFor(/INITOS-TEST-ROOT pid=1 root=subvol=@ .*argv=\[hold=120\]/, 120_000);
+    expect(bvm.output).toMatch(/initos: sidecar: switch-root requested; continuing the boot/);
+    expect(bvm.output).toMatch(/initos: supervise: sshd stopped/); // the initrd's own sshd went before the switch
+    // strict: the sidecar beside the OS must present the key this client saw in sidecar mode
+    const st = await sshWhenUp(p5, "status", { ...known, strict: true });
+    expect(st.stderr).not.toMatch(/IDENTIFICATION HAS CHANGED|verification failed/);
+    expect(st.status).toBe(0);
+    expect(st.stdout).toMatch(/^mode: sidecar beside the OS\nprocess: @initos-sidecar \(pid \d+\)\nboot stages: early \d+ms, .*root \d+ms, handoff-check \d+ms/);
+    expect((await ssh(p5, "switch-root", known)).stdout).toBe("switch-root: not available beside the running OS\n");
+    // reboot is a request to the OS's init (SIGINT): the test init stops holding and powers off
+    expect((await ssh(p5, "reboot", known)).stdout).toBe("reboot requested from the OS's init\n");
+    await bvm.waitFor(/INITOS-TEST-ROOT done holding/, 60_000);
+    expect(await bvm.waitExit(60_000)).toBe(0);
+  }, 360_000);
+
+  it("supervision: orphans of a service are reaped (no zombies), and sshd killed is restarted; a shell when the config offers one", async () => {
     const busybox = "/run/initos/images/sidecar/usr/bin/busybox";
     const initrd = variantInitrd(dir, "services", (c) => {
+      c.ssh = { shell: true };
       c.services = [
         // leaves an orphan every second: its exit must be reaped by PID 1
         { name: "orphans", argv: [busybox, "sh", "-c", "while :; do (sleep 0.2 &); sleep 1; done"] },
@@ -107,12 +130,15 @@ describe.sequential("sidecar", () => {
     // A zombie may exist for the instant between an orphan's exit and PID 1's SIGCHLD; one that
     // stays is a leak. With a new orphan every second, three looks a second apart tell them apart.
     let r = await sshWhenUp(p3, "status", { key: KEY });
-    for (let i = 0; i < 3 && !/\nzombies: 0\n$/.test(r.stdout); i++) {
+    for (let i = 0; i < 3 && !/\nzombies: 0\n/.test(r.stdout); i++) {
       await new Promise((res) => setTimeout(res, 1000));
       r = await ssh(p3, "status", { key: KEY });
     }
     expect(r.status).toBe(0);
-    expect(r.stdout).toMatch(/\nzombies: 0\n$/);
+    expect(r.stdout).toMatch(/\nzombies: 0\nagent rss: \d+ kB\nmemavailable: \d+ kB\n$/);
+    // The signed config offers a shell: busybox sh from the verified image runs other commands.
+    const sh = await ssh(p3, "echo shell-$((6*7)); readlink /proc/$$/exe", { key: KEY });
+    expect(sh.stdout).toBe("shell-42\n/run/initos/images/sidecar/usr/bin/busybox\n");
     await ssh(p3, "poweroff", { key: KEY });
     await svm.waitExit(60_000);
   }, 300_000);

@@ -9,14 +9,15 @@ export interface SshResult {
   stderr: string;
 }
 
-export function ssh(port: number, command: string, o: { key?: string | null; input?: string; knownHosts?: string } = {}): Promise<SshResult> {
+/** `strict`: the host key must already be in `knownHosts` (proves a guest kept its key). */
+export function ssh(port: number, command: string, o: { key?: string | null; input?: string; knownHosts?: string; strict?: boolean } = {}): Promise<SshResult> {
   const auth = o.key
     ? ["-i", o.key, "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey"]
     : ["-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1"];
   const args = [
     ...auth,
     "-p", String(port),
-    "-o", "StrictHostKeyChecking=no",
+    "-o", `StrictHostKeyChecking=${o.strict ? "yes" : o.knownHosts ? "accept-new" : "no"}`,
     "-o", `UserKnownHostsFile=${o.knownHosts ?? "/dev/null"}`,
     "-o", "BatchMode=yes",
     "-o", "ConnectTimeout=30",

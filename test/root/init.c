@@ -1,14 +1,21 @@
 /*
  * The test root's /sbin/init: proves the handoff worked by printing one marker line with its
- * PID, its argv, which subvolume it runs from and whether /home is a separate mount, then
- * powers the VM off.
+ * PID, its argv, which subvolume it runs from and whether /home is a separate mount, the uptime
+ * at which it started and the memory then available (the benchmark reads both), then powers the
+ * VM off. With an argument `hold=N` it first stays up N seconds (or until SIGTERM/SIGINT), so a
+ * test can talk to whatever runs beside it.
  */
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+static volatile sig_atomic_t stop;
+static void on_signal(int sig) { (void)sig; stop = 1; }
 
 static void read_line(const char *path, char *buf, size_t n) {
 	int fd = open(path, O_RDONLY);
@@ -19,17 +26,41 @@ static void read_line(const char *path, char *buf, size_t n) {
 	if (!buf[0]) snprintf(buf, n, "none");
 }
 
+/* MemAvailable from /proc/meminfo in kB, or -1. */
+static long mem_available(void) {
+	char buf[4096];
+	int fd = open("/proc/meminfo", O_RDONLY);
+	ssize_t r = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+	if (fd >= 0) close(fd);
+	buf[r > 0 ? r : 0] = 0;
+	char *p = strstr(buf, "MemAvailable:");
+	return p ? strtol(p + 13, NULL, 10) : -1;
+}
+
 int main(int argc, char **argv) {
-	char root[64], timeline[8];
+	char root[64], timeline[8], up[64];
 	struct stat st_root, st_home;
+	read_line("/proc/uptime", up, sizeof up);
+	up[strcspn(up, " ")] = 0;
 	const char *home = stat("/home", &st_home) != 0 ? "none"
 		: (stat("/", &st_root) == 0 && st_root.st_dev != st_home.st_dev) ? "mounted" : "same";
 	read_line("/etc/initos-test-root", root, sizeof root);
 	snprintf(timeline, sizeof timeline, "%s", access("/run/initos/boot.json", R_OK) == 0 ? "yes" : "no");
 	printf("INITOS-TEST-ROOT pid=%d root=%s home=%s timeline=%s argc=%d argv=[", getpid(), root, home, timeline, argc);
-	for (int i = 1; i < argc; i++) printf("%s%s", i > 1 ? " " : "", argv[i]);
-	printf("]\n");
+	int hold = 0;
+	for (int i = 1; i < argc; i++) {
+		printf("%s%s", i > 1 ? " " : "", argv[i]);
+		if (strncmp(argv[i], "hold=", 5) == 0) hold = atoi(argv[i] + 5);
+	}
+	printf("] uptime=%s memavailable=%ldkB\n", up, mem_available());
 	fflush(stdout);
+	if (hold > 0) {
+		signal(SIGTERM, on_signal);
+		signal(SIGINT, on_signal);
+		for (int i = 0; i < hold && !stop; i++) sleep(1);
+		printf("INITOS-TEST-ROOT done holding\n");
+		fflush(stdout);
+	}
 	sync();
 	reboot(RB_POWER_OFF);
 	return 0;

@@ -6,6 +6,7 @@ import { applyFailurePolicy, DIAG_PATH } from "../../agent/failure.ts";
 import { Timeline } from "../../agent/log.ts";
 import { Coldplug, waitUntil } from "../../agent/stages/devices.ts";
 import { mountApiFilesystems, readSecureBoot, setupEarly } from "../../agent/stages/early.ts";
+import { RecoverySidecar } from "../../agent/stages/recovery.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 function ctx(sys: FakeSys): BootContext & { log: ReturnType<typeof silentLog> } {
@@ -76,11 +77,13 @@ describe("boot plan", () => {
       .add("/sysroot/sbin/init", { kind: "file", mode: 0o755, dev: 2 });
   }
 
+  const st = () => ({ sidecar: new RecoverySidecar() });
+
   it("runs early → modules → root → handoff and execs the init with the app args", async () => {
     const s = bootable("root=/dev/vda rootflags=subvol=@ -- x y");
     s.devices.add("/dev/vda");
     const c = ctx(s);
-    await expect(boot(c, {})).rejects.toThrow("execve reached");
+    await expect(boot(c, st())).rejects.toThrow("execve reached");
     expect(s.calls.filter((x) => /^(loadModule|mount \/dev\/vda|execve)/.test(x))).toEqual([
       "loadModule virtio_blk",
       "loadModule btrfs",
@@ -100,21 +103,21 @@ describe("boot plan", () => {
     const s = bootable("root=/dev/vda initos.rootwait=soon");
     s.devices.add("/dev/vda");
     const c = ctx(s);
-    await expect(boot(c, {})).rejects.toThrow("execve reached");
+    await expect(boot(c, st())).rejects.toThrow("execve reached");
     expect(c.log.lines).toContain('err: cmdline: initos.rootwait="soon" is invalid (expected whole seconds 0-3600); using the default');
   });
 
   it("fails the root stage, recorded in the timeline, when the device never appears", async () => {
     const s = bootable("root=/dev/vdz initos.rootwait=0");
     const c = ctx(s);
-    await expect(boot(c, {})).rejects.toThrow("root device /dev/vdz did not appear within 0s");
+    await expect(boot(c, st())).rejects.toThrow("root device /dev/vdz did not appear within 0s");
     const last = c.timeline.stages.at(-1)!;
     expect(last).toMatchObject({ name: "root", ok: false, error: "root device /dev/vdz did not appear within 0s" });
     expect(s.calls.some((x) => x.startsWith("execve"))).toBe(false);
   });
 
   it("refuses to boot without root=", async () => {
-    await expect(boot(ctx(bootable("quiet")), {})).rejects.toThrow("no root= on the kernel command line");
+    await expect(boot(ctx(bootable("quiet")), st())).rejects.toThrow("no root= on the kernel command line");
   });
 
   it("stage() records failures with their cause and rethrows", async () => {

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
 import { callCtl, parseCtlRequest, requestFromArgs, serveCtl } from "../../agent/ctl.ts";
-import { authorizedKeys } from "../../agent/stages/sidecar.ts";
+import { authorizedKeys, runAsShell } from "../../agent/stages/sidecar.ts";
 import { nextBackoff } from "../../agent/supervise.ts";
 import { silentLog } from "./fakesys.ts";
 
@@ -27,7 +27,7 @@ describe("ctl requests", () => {
   it("turns typed words into requests; the passphrase comes from stdin", () => {
     expect(requestFromArgs(["status"], () => "")).toEqual({ cmd: "status" });
     expect(requestFromArgs(["unlock"], () => "words here\n")).toEqual({ cmd: "unlock", passphrase: "words here" });
-    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reboot, poweroff');
+    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reseal, switch-root, reboot, poweroff');
     expect(requestFromArgs([], () => "")).toMatch(/^unknown command ""/);
     expect(requestFromArgs(["status", "now"], () => "")).toBe("ctl status: takes no arguments");
   });
@@ -74,5 +74,52 @@ describe("remote unlock channel", () => {
     expect(await answer2).toEqual({ ok: true, text: "unlocked; the boot continues" });
     expect(r.report(true)).toBe(false); // nobody waits for a verdict now
     expect(await r.handle({ cmd: "status" })).toEqual({ ok: false, text: "status: not available while waiting for the recovery passphrase" });
+  });
+});
+
+describe("reseal over ssh", () => {
+  it("unlocks, asks the unlock loop to reseal, and answers only after the reseal", async () => {
+    const { RemoteSecrets } = await import("../../agent/stages/recovery.ts");
+    const r = new RemoteSecrets();
+    const next = r.next();
+    const answer = r.handle({ cmd: "reseal", passphrase: "right" });
+    expect(await next).toBe("right");
+    expect(r.wantReseal).toBe(true);
+    r.report(true, true);
+    expect(await answer).toEqual({ ok: true, text: "unlocked and resealed to the current TPM state; the boot continues" });
+    const again = r.next();
+    const failed = r.handle({ cmd: "reseal", passphrase: "right" });
+    await again;
+    r.report(true, false);
+    expect(await failed).toEqual({ ok: false, text: "unlocked, but the reseal failed (see log); the boot continues" });
+  });
+
+  it("reads reseal's passphrase from stdin like unlock, and refuses an empty one", () => {
+    expect(requestFromArgs(["reseal"], () => "words\n")).toEqual({ cmd: "reseal", passphrase: "words" });
+    expect(requestFromArgs(["unlock"], () => "\n")).toBe("ctl unlock: give the recovery passphrase on stdin");
+    expect(requestFromArgs(["switch-root"], () => "")).toEqual({ cmd: "switch-root" });
+    expect(parseCtlRequest('{"cmd":"switch-root","now":true}')).toBe('bad request: (top level): Unrecognized key: "now"');
+    expect(parseCtlRequest('{"cmd":"reseal"}')).toMatch(/^bad request: passphrase: /);
+  });
+});
+
+describe("ssh sessions", () => {
+  const io = (shell?: (a: string[]) => Promise<number>) => ({ readStdin: () => "", shell });
+
+  it("without a shell offered, anything but a ctl command is refused (exit 2)", async () => {
+    expect(await runAsShell(["-c", "cat /etc/passwd"], io())).toBe(2);
+    expect(await runAsShell([], io())).toBe(2); // interactive login
+  });
+
+  it("with a shell offered, other commands and interactive logins go to busybox sh", async () => {
+    const runs: string[][] = [];
+    const shell = async (a: string[]) => (runs.push(a), 7);
+    expect(await runAsShell(["-c", "echo $((6*7))"], io(shell))).toBe(7);
+    expect(await runAsShell([], io(shell))).toBe(7);
+    expect(runs).toEqual([["sh", "-c", "echo $((6*7))"], ["sh", "-l"]]);
+  });
+
+  it("offers a pty only with the shell", () => {
+    expect(authorizedKeys(["ssh-ed25519 AAAA k"], true)).toBe("no-port-forwarding,no-agent-forwarding,no-X11-forwarding ssh-ed25519 AAAA k\n");
   });
 });

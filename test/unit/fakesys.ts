@@ -202,6 +202,27 @@ export class FakeSys implements Sys {
   reboot(cmd: number): void {
     this.log(`reboot 0x${cmd.toString(16)}`);
   }
+  unlink(p: string): void {
+    this.log(`unlink ${p}`);
+    this.files.delete(p);
+  }
+  symlink(t: string, p: string): void {
+    this.log(`symlink ${t} ${p}`);
+    this.add(p, { kind: "link", target: t });
+  }
+  unshareMountNs(): void {
+    this.log("unshareMountNs");
+  }
+  /** What a detached process does when it starts (e.g. create a file), by argv[1]. */
+  onSpawn = new Map<string, (sys: FakeSys) => void>();
+  spawnDetached(argv: readonly string[], argv0: string): number {
+    this.log(`spawnDetached ${argv0} ${argv.join(" ")}`);
+    this.onSpawn.get(argv[1] ?? "")?.(this);
+    return 4242;
+  }
+  signal(pid: number, sig: number): void {
+    this.log(`signal ${pid} ${sig}`);
+  }
   async sleep(_ms: number): Promise<void> {
     this.sleeps++;
     for (const [dev, n] of this.appearAfterSleeps) if (this.sleeps >= n) this.devices.add(dev);

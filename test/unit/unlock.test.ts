@@ -1,7 +1,9 @@
 import { describe, expect, it } from "vitest";
 import { parseHostEnv, parseHostJson } from "../../agent/hostconfig.ts";
 import { InstallConfigSchema, partition, recoveryPassphrase } from "../../agent/stages/install.ts";
-import { mountPool } from "../../agent/stages/pool.ts";
+import { DEFAULT_CONFIG } from "../../agent/config.ts";
+import { mountPool, POOL_HOST_KEY } from "../../agent/stages/pool.ts";
+import { HOST_KEY } from "../../agent/stages/sidecar.ts";
 import { unlock, type UnlockOps } from "../../agent/stages/unlock.ts";
 import { pcrSelection } from "../../agent/sys/tpm.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
@@ -132,7 +134,7 @@ describe("mounting the pool", () => {
 
   it("mounts every opened device into one pool, the root subvolume, and the binds that exist", () => {
     const s = pool(true);
-    const r = mountPool(s, silentLog(), ["/dev/mapper/initos-pool0", "/dev/mapper/initos-pool1"], true);
+    const r = mountPool(s, silentLog(), ["/dev/mapper/initos-pool0", "/dev/mapper/initos-pool1"], true, undefined, DEFAULT_CONFIG);
     expect(r.config.root).toBe("@root");
     const dev = "device=/dev/mapper/initos-pool0,device=/dev/mapper/initos-pool1";
     expect(s.calls.filter((c) => c.startsWith("mount"))).toEqual([
@@ -145,8 +147,41 @@ describe("mounting the pool", () => {
 
   it("a missing root subvolume is a clear error, and the pool is unmounted again", () => {
     const s = pool(false);
-    expect(() => mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false)).toThrow("root subvolume @root (from the host config) is not in the pool");
+    expect(() => mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG)).toThrow("root subvolume @root (from the host config) is not in the pool");
     expect(s.calls.at(-1)).toBe("umount /run/initos/pool 2");
+  });
+});
+
+describe("the sidecar's ssh host key on the pool", () => {
+  const keyed = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAA test"] } };
+  const pool = () =>
+    new FakeSys().add("/run/initos/pool/initos.json", { kind: "file", data: '{"root":"@root"}' }).add("/run/initos/pool/@root", { kind: "dir" });
+
+  it("is copied from the pool into /run when the pool has one; nothing is written to the pool", () => {
+    const s = pool().add(`/run/initos/pool/${POOL_HOST_KEY}`, { kind: "file", data: "saved-key" });
+    mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, keyed);
+    expect(s.readFile(HOST_KEY)).toBe("saved-key");
+    expect(s.calls.some((c) => c.includes("0x20"))).toBe(false); // no remount
+  });
+
+  it("is saved on the pool once (remounted rw just for that) when the pool has none", () => {
+    const s = pool().add(HOST_KEY, { kind: "file", data: "this-boots-key" });
+    const log = silentLog();
+    mountPool(s, log, ["/dev/mapper/initos-pool0"], false, undefined, keyed);
+    expect(s.readFile(`/run/initos/pool/${POOL_HOST_KEY}`)).toBe("this-boots-key");
+    expect(s.calls.filter((c) => c.startsWith("mount /dev/mapper/initos-pool0 /run/initos/pool"))).toEqual([
+      "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x7 subvolid=5,device=/dev/mapper/initos-pool0",
+      "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x26",
+      "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x27",
+    ]);
+    expect(log.lines).toContain(`info: pool: ssh host key saved as ${POOL_HOST_KEY} (first boot with ssh)`);
+  });
+
+  it("is left alone when no ssh keys are configured (no sshd will ever run)", () => {
+    const s = pool();
+    mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG);
+    expect(s.exists(HOST_KEY)).toBe(false);
+    expect(s.calls.some((c) => c.startsWith("run"))).toBe(false);
   });
 });
 
