@@ -13,6 +13,8 @@ import { countZombies, powerAction } from "./pid1.ts";
 import { type Supervised, supervise } from "./supervise.ts";
 import { SSH_DIR } from "./stages/sidecar.ts";
 import { besideWanted, startBeside } from "./stages/beside.ts";
+import { staticIpFrom } from "./stages/network.ts";
+import { mountVmRoot, POD_PATH, preparePod, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
 import { RecoverySidecar } from "./stages/recovery.ts";
 import { type CtlHandler, type CtlResponse } from "./ctl.ts";
 import { setupImages } from "./stages/images.ts";
@@ -56,7 +58,7 @@ export async function stage<T>(ctx: BootContext, name: string, fn: () => T | Pro
 }
 
 /** Reads the two inputs: the signed config from the initrd and the kernel command line. */
-export function readInputs(ctx: BootContext): { cmdline: Cmdline; config: AgentConfig } {
+export function readInputs(ctx: BootContext): { cmdline: Cmdline; config: AgentConfig; errors: string[] } {
   const { sys, log } = ctx;
   const { config, error } = parseConfig(sys.readFile(CONFIG_PATH));
   if (error) log.err(error);
@@ -64,7 +66,7 @@ export function readInputs(ctx: BootContext): { cmdline: Cmdline; config: AgentC
   for (const e of errors) log.err(e);
   log.quiet = cmdline.quiet;
   log.verbose = cmdline.debug;
-  return { cmdline, config };
+  return { cmdline, config, errors };
 }
 
 export function rebootDelay(state: Pick<BootState, "cmdline" | "config">): number {
@@ -78,14 +80,18 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   const { sys, log } = ctx;
 
   state.early = await stage(ctx, "early", () => setupEarly(sys, log));
-  const { cmdline, config } = readInputs(ctx);
+  const { cmdline, config, errors } = readInputs(ctx);
   Object.assign(state, { cmdline, config });
+  // A VM is configured by its cmdline alone: a bad value there would start a different VM than
+  // the one asked for (no share, another address), so it fails instead of using a default.
+  if (cmdline.mode === "vm" && errors.length) throw new BootError(`vm: ${errors[0]}`);
 
   const cold = new Coldplug(sys, log);
   await stage(ctx, "modules", () => loadModules(sys, log, config.modules, cold));
 
   let esp: EspResult | undefined;
-  if (config.images.length > 0) {
+  // VMs boot without firmware or ESP: what they need is in their initrd.
+  if (config.images.length > 0 && cmdline.mode !== "vm") {
     esp = await stage(ctx, "esp", () => findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds));
     const allowUnverified = unverifiedAllowed(state.early!, cmdline, log);
     await stage(ctx, "images", () => setupImages(sys, log, config, esp!, allowUnverified, cold));
@@ -103,8 +109,14 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     for (;;) await sys.sleep(3_600_000);
   }
 
-  if (cmdline.root) {
-    // A root named on the cmdline: mount it as it is (VMs, tests, unencrypted machines).
+  const vm = cmdline.mode === "vm" ? vmPlan(cmdline) : undefined;
+  if (vm) {
+    const wait = cmdline.rootWaitSeconds ?? config.rootWaitSeconds;
+    if (staticIpFrom(cmdline) || cmdline.ip?.method === "dhcp") await stage(ctx, "network", () => state.sidecar.network(sys, log, cold, cmdline, config));
+    await stage(ctx, "root", () => mountVmRoot(sys, log, cold, vm, cmdline, wait));
+    await stage(ctx, "vm", () => setupVmMounts(sys, log, cold, vm, wait));
+  } else if (cmdline.root) {
+    // A root named on the cmdline: mount it as it is (tests, unencrypted machines).
     const root = cmdline.root;
     await stage(ctx, "root", () =>
       mountRoot(sys, log, cold, {
@@ -122,7 +134,7 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
   }
 
-  const init = await stage(ctx, "handoff-check", () => chooseInit(sys, cmdline, config));
+  const { init, args } = await stage(ctx, "handoff-check", () => handoffTarget(sys, cmdline, config, vm));
   // Nothing the initrd started may outlive it (unless beside the OS, in its own namespace).
   state.sidecar.stop();
   for (const s of services) s.stop();
@@ -140,7 +152,7 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   return switchRoot(sys, log, {
     newRoot: SYSROOT,
     init,
-    args: initArgs(init, cmdline.app),
+    args,
     env: initEnv(),
     beforeExec: () => restoreKmsgThrottle(sys, devkmsg),
   });
@@ -241,6 +253,13 @@ export function unverifiedAllowed(early: EarlyResult, cmdline: Cmdline, log: Log
   }
   log.warn("initos.insecure=1: images that fail verification will be mounted anyway");
   return true;
+}
+
+/** What runs as PID 1 after the switch: a VM's app under the pod reaper, else the root's init. */
+export function handoffTarget(sys: Sys, cmdline: Cmdline, config: AgentConfig, vm?: VmPlan): { init: string; args: string[] } {
+  if (vm?.app.length) return { init: POD_PATH, args: preparePod(sys, vm.app) };
+  const init = chooseInit(sys, cmdline, config);
+  return { init, args: initArgs(init, cmdline.app) };
 }
 
 export function chooseInit(sys: Sys, cmdline: Cmdline, config: AgentConfig): string {

@@ -79,6 +79,9 @@ const KEYS = {
   "initos.latchcheck": { schema: bool01, fallback: false },
   "initos.root": { schema: z.string().regex(/^@?[\w.-]+$/, "expected a subvolume name such as @root"), fallback: undefined },
   "initos.sidecar": { schema: bool01, fallback: undefined },
+  "initos.share": { schema: z.string().regex(/^[\w.-]{1,36}(:\/[\w./-]*)?$/, "expected a share tag, optionally :/mountpoint, e.g. z or z:/z"), fallback: undefined },
+  "initos.disks": { schema: z.string().regex(/^\/dev\/[\w/-]+:\/[\w./-]*(,\/dev\/[\w/-]+:\/[\w./-]*)*$/, "expected /dev/DISK:/mountpoint[,...], e.g. /dev/vdb:/x"), fallback: undefined },
+  "initos.hostname": { schema: z.string().regex(/^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$/, "expected a host name (letters, digits, -)"), fallback: undefined },
 } as const;
 type Keys = typeof KEYS;
 type Parsed<K extends keyof Keys> = z.output<Keys[K]["schema"]> | Keys[K]["fallback"];
@@ -109,6 +112,11 @@ export interface Cmdline {
   latchCheck: boolean;
   /** Keep the sidecar (sshd + admin commands) running beside the OS after switch_root. */
   sidecarBeside?: boolean;
+  /** vm mode: the virtiofs/9p share `tag[:/mountpoint]` (mounted on /z unless said). */
+  share?: string;
+  /** vm mode: extra disks, `/dev/vdb:/x,...`, mounted in the root. */
+  disks?: string;
+  hostname?: string;
   /** Everything after `--`: the app (or the root init's extra arguments). */
   app: string[];
 }
@@ -189,6 +197,9 @@ export function parseCmdline(text: string): CmdlineResult {
     latchCheck: get("initos.latchcheck") ?? false,
     rootSubvolume: get("initos.root"),
     sidecarBeside: get("initos.sidecar"),
+    share: get("initos.share"),
+    disks: get("initos.disks"),
+    hostname: get("initos.hostname") ?? get("ip")?.hostname,
     app,
   };
   return { cmdline, errors };

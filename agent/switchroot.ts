@@ -86,7 +86,9 @@ export function checkSwitchRoot(sys: Sys, plan: SwitchRootPlan): void {
   if (newDev.kind !== "dir") throw new SwitchRootRefused(`${plan.newRoot} is not a directory`);
   if (newDev.dev === rootDev) throw new SwitchRootRefused(`${plan.newRoot} is not a mount (same device as /)`);
   // Check the init exists before destroying anything: a missing init after the switch is a panic.
-  if (!findInit(sys, plan.newRoot, [plan.init])) {
+  // /run moves into the new root, so an init kept there (the VM pod reaper) is checked in place.
+  const initRoot = plan.init.startsWith("/run/") ? "" : plan.newRoot;
+  if (!findInit(sys, initRoot, [plan.init])) {
     throw new SwitchRootRefused(`init ${plan.init} not found or not executable in ${plan.newRoot}`);
   }
 }

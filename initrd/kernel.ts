@@ -1,5 +1,6 @@
-// The kernel comes from Debian's linux-image-cloud-amd64, extracted into the project's cache
-// (never installed into the host). depmod runs on the extracted tree because the package's
+// The kernel comes from Debian's linux-image-cloud-amd64 (VMs: linux-image-amd64, whose config
+// has 9p, which the cloud flavour lacks), extracted into the project's cache (never installed
+// into the host). depmod runs on the extracted tree because the package's
 // postinst, which normally does it, never ran.
 import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { extractDeb, run } from "./debs.ts";
@@ -15,14 +16,14 @@ export interface KernelInfo {
 const META = "linux-image-cloud-amd64";
 
 /** linux-image-6.1.0-NN-cloud-amd64: the package the meta-package currently depends on. */
-export function resolveKernelPackage(): string {
-  const out = run("apt-cache", ["depends", META]);
+export function resolveKernelPackage(meta = META): string {
+  const out = run("apt-cache", ["depends", meta]);
   const m = /Depends:\s*(linux-image-\S+)/.exec(out);
-  if (!m) throw new Error(`cannot resolve ${META} (run apt-get update?)`);
+  if (!m) throw new Error(`cannot resolve ${meta} (run apt-get update?)`);
   return m[1]!;
 }
 
-export function ensureKernel(cacheDir: string, pkg = process.env.KERNEL_PKG || resolveKernelPackage()): KernelInfo {
+export function ensureKernel(cacheDir: string, meta = META, pkg = process.env.KERNEL_PKG || resolveKernelPackage(meta)): KernelInfo {
   const infoFile = `${cacheDir}/${pkg}.json`;
   if (existsSync(infoFile)) return JSON.parse(readFileSync(infoFile, "utf8")) as KernelInfo;
 

@@ -43,6 +43,13 @@ export interface VmOptions {
    * still answers) and TCP forwards from 127.0.0.1:<host> to the guest's <guest> port.
    */
   net?: { forward: { host: number; guest: number }[] };
+  /**
+   * q35 (default: PCI devices) or microvm (virtio-mmio devices found through ACPI, no PCI, as
+   * cloud-hypervisor's and firecracker's VMs look); microvm needs a direct boot.
+   */
+  machine?: "q35" | "microvm";
+  /** A host directory shared with the guest over 9p under `tag`. */
+  share?: { tag: string; dir: string };
 }
 
 export class Vm {
@@ -173,9 +180,13 @@ export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] 
   const args = ["-accel", "tcg", "-cpu", "max", "-m", String(o.memoryMiB ?? 1024), "-smp", String(o.cpus ?? 2)];
   // -no-reboot: a reboot ends QEMU, so the failure policy's reboot is observable as an exit.
   args.push("-display", "none", "-serial", "stdio", "-monitor", `unix:${tmp}/monitor.sock,server=on,wait=off`, "-no-reboot");
+  const microvm = o.machine === "microvm";
+  if (microvm && (o.firmware || !o.direct)) throw new Error(`${o.name}: microvm boots the kernel directly, without firmware`);
+  // The same virtio devices on either transport: PCI on q35, MMIO on microvm.
+  const dev = (kind: string) => `virtio-${kind}-${microvm ? "device" : "pci"}`;
   if (o.net) {
     const fwd = o.net.forward.map((f) => `,hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`).join("");
-    args.push("-nic", `user,restrict=on,model=virtio-net-pci${fwd}`);
+    args.push("-netdev", `user,id=net0,restrict=on${fwd}`, "-device", `${dev("net")},netdev=net0`);
   } else {
     args.push("-nic", "none");
   }
@@ -188,15 +199,27 @@ export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] 
       "-drive", `if=pflash,format=raw,unit=0,readonly=on,file=${o.firmware.code ?? OVMF.code}`,
       "-drive", `if=pflash,format=raw,unit=1,file=${vars}`,
     );
+  } else if (microvm) {
+    // acpi=on: the guest finds the virtio-mmio devices and the power button (system_powerdown) in
+    // ACPI. pit=on: without KVM there is no kvmclock, and the kernel calibrates its TSC on the PIT.
+    args.push("-machine", "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on");
   } else {
     args.push("-machine", "q35");
   }
-  if (o.direct) args.push("-kernel", o.direct.kernel, "-initrd", o.direct.initrd, "-append", o.direct.append);
+  if (o.direct) {
+    // microvm has no HPET, PM timer or speaker port: without KVM's clock the kernel cannot
+    // measure its TSC and stalls; under TCG it is told the rate instead (harmless: TCG's TSC
+    // is virtual anyway). With KVM (cloud-hypervisor) none of this is needed. First, so that it
+    // lands before any `--`.
+    const clock = microvm ? "tsc_early_khz=2000000 tsc=reliable " : "";
+    args.push("-kernel", o.direct.kernel, "-initrd", o.direct.initrd, "-append", clock + o.direct.append);
+  }
   (o.disks ?? []).forEach((d, i) => {
-    const drive = `file=${resolve(d.file)},format=${d.format ?? "raw"}${(d.snapshot ?? true) ? ",snapshot=on" : ""}`;
-    if (d.bus === "nvme") args.push("-drive", `${drive},if=none,id=disk${i}`, "-device", `nvme,serial=initos${i},drive=disk${i}`);
-    else args.push("-drive", `${drive},if=virtio`);
+    const drive = `file=${resolve(d.file)},format=${d.format ?? "raw"}${(d.snapshot ?? true) ? ",snapshot=on" : ""},if=none,id=disk${i}`;
+    if (d.bus === "nvme") args.push("-drive", drive, "-device", `nvme,serial=initos${i},drive=disk${i}`);
+    else args.push("-drive", drive, "-device", `${dev("blk")},drive=disk${i}`);
   });
+  if (o.share) args.push("-fsdev", `local,id=share0,path=${resolve(o.share.dir)},security_model=none`, "-device", `${dev("9p")},fsdev=share0,mount_tag=${o.share.tag}`);
   if (tpmSock) args.push("-chardev", `socket,id=tpmchr,path=${tpmSock}`, "-tpmdev", "emulator,id=tpm0,chardev=tpmchr", "-device", "tpm-tis,tpmdev=tpm0");
   return args;
 }

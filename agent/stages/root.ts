@@ -1,4 +1,5 @@
 // Stage "root": wait (bounded) for the root device named on the cmdline, mount it on /sysroot.
+// The same steps mount a VM's extra disks (see vm.ts) under it.
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MS } from "../sys/consts.ts";
@@ -14,6 +15,9 @@ export interface RootRequest {
   options?: string;
   rw: boolean;
   waitSeconds: number;
+  /** Where to mount it (default /sysroot), and what to call it in messages (default "root"). */
+  target?: string;
+  what?: string;
 }
 
 export interface MountedRoot {
@@ -28,11 +32,13 @@ function lookup(sys: Sys, spec: string): string | null {
 }
 
 export async function mountRoot(sys: Sys, log: Logger, cold: Coldplug, req: RootRequest): Promise<MountedRoot> {
-  const device = await waitUntil(sys, log, cold, `root device ${req.spec}`, req.waitSeconds, () => lookup(sys, req.spec));
+  const what = req.what ?? "root";
+  const target = req.target ?? SYSROOT;
+  const device = await waitUntil(sys, log, cold, `${what} device ${req.spec}`, req.waitSeconds, () => lookup(sys, req.spec));
   let fstypes = req.fstypes;
   if (!fstypes?.length) {
     const type = sys.probe(device)?.TYPE;
-    if (!type) throw new BootError(`root ${device}: no filesystem recognised; set rootfstype=`);
+    if (!type) throw new BootError(`${what} ${device}: no filesystem recognised${what === "root" ? "; set rootfstype=" : ""}`);
     fstypes = [type];
   }
   // The filesystem driver may live in the modules image (btrfs does), not in the initrd.
@@ -44,16 +50,16 @@ export async function mountRoot(sys: Sys, log: Logger, cold: Coldplug, req: Root
     }
   }
   const flags = req.rw ? 0 : MS.RDONLY;
-  sys.mkdirp(SYSROOT);
+  sys.mkdirp(target);
   const errors: string[] = [];
   for (const fstype of fstypes) {
     try {
-      sys.mount(device, SYSROOT, fstype, flags, req.options ?? null);
-      log.info(`root: mounted ${device} (${fstype}${req.options ? `, ${req.options}` : ""}, ${req.rw ? "rw" : "ro"}) on ${SYSROOT}`);
-      return { device, fstype, path: SYSROOT };
+      sys.mount(device, target, fstype, flags, req.options ?? null);
+      log.info(`${what}: mounted ${device} (${fstype}${req.options ? `, ${req.options}` : ""}, ${req.rw ? "rw" : "ro"}) on ${target}`);
+      return { device, fstype, path: target };
     } catch (e) {
       errors.push((e as Error).message);
     }
   }
-  throw new BootError(`root ${device}: mount failed: ${errors.join("; ")}`);
+  throw new BootError(`${what} ${device}: mount failed: ${errors.join("; ")}`);
 }

@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { PLAINTEXT_CANARY } from "../../initrd/build.ts";
 import { freePort, OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
-import { sshWhenUp } from "./ssh.ts";
+import { ssh, sshWhenUp } from "./ssh.ts";
 
 const B = "build";
 let dir: string;
@@ -147,19 +147,26 @@ describe.sequential("encrypted btrfs root unlocked by the TPM", () => {
     expect(vm.output).not.toMatch(/INITOS-TEST-ROOT|Kernel panic/);
   }, 300_000);
 
-  it("remote unlock: the TPM refuses, the recovery sidecar takes the passphrase over ssh, the boot continues", async () => {
-    // Direct kernel boot: no firmware, so PCR 7 differs and the TPM refuses.
+  /** Direct kernel boot (no firmware: PCR 7 differs from the sealed state) with ssh forwarded. */
+  async function bootRemote(name: string, append: string): Promise<{ vm: Vm; port: number }> {
     const port = await freePort();
     const vm = await startVm({
-      name: "luks-remote-unlock",
-      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 rw initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-      disks: [{ file: target }],
+      name,
+      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: `console=ttyS0 rw initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 ${append}` },
+      disks: [{ file: target, snapshot: false }],
       tpm: { stateDir: tpmState },
       net: { forward: [{ host: port, guest: 15022 }] },
       memoryMiB: 2048,
     });
+    return { vm, port };
+  }
+  const KEY = `${B}/test-ssh/id_ed25519`;
+
+  it("remote unlock: the TPM refuses, the recovery sidecar takes the passphrase over ssh, the boot continues; the host key is kept on the pool", async () => {
+    const { vm, port } = await bootRemote("luks-remote-unlock", "initos.sidecar=1 -- hold=120");
     await vm.waitFor(/initos: recovery: the passphrase is also accepted over ssh/, 240_000);
-    const unlock = (input: string) => sshWhenUp(port, "unlock", { key: `${B}/test-ssh/id_ed25519`, input });
+    const known = { key: KEY, knownHosts: `${dir}/known_hosts_first` };
+    const unlock = (input: string) => sshWhenUp(port, "unlock", { ...known, input });
     const wrong = await unlock("not-it\n");
     expect(wrong.stdout).toBe("wrong passphrase\n");
     expect(wrong.status).toBe(1);
@@ -170,7 +177,39 @@ describe.sequential("encrypted btrfs root unlocked by the TPM", () => {
     expect(vm.output).toMatch(/initos: unlock: wrong recovery passphrase \(attempt 1 of 3\)/);
     expect(vm.output).toMatch(/initos: unlock: unlocked with the recovery passphrase/);
     expect(vm.output).toMatch(/initos: supervise: sshd stopped/);
+    // First boot with ssh: the key the recovery sidecar showed is saved on the pool, and the
+    // sidecar beside the OS presents it (strict: known_hosts must already hold it).
+    expect(vm.output).toMatch(/initos: pool: ssh host key saved as initos\/ssh_host_ed25519 \(first boot with ssh\)/);
+    const st = await sshWhenUp(port, "status", { ...known, strict: true });
+    expect(st.status).toBe(0);
+    expect(st.stdout).toMatch(/^mode: sidecar beside the OS\n/);
     expect(vm.output).not.toContain(recovery);
-    await vm.waitExit(60_000);
+    await ssh(port, "reboot", known);
+    expect(await vm.waitExit(60_000)).toBe(0);
   }, 400_000);
+
+  it("remote reseal: one ssh command unlocks and seals to the current PCRs; the sidecar beside the OS keeps the pool's host key", async () => {
+    const { vm, port } = await bootRemote("luks-remote-reseal", "initos.sidecar=1 -- hold=120");
+    await vm.waitFor(/initos: recovery: the passphrase is also accepted over ssh/, 240_000);
+    // Before the unlock the recovery sidecar cannot read the pool: a key of this boot only.
+    const r = await sshWhenUp(port, "reseal", { key: KEY, knownHosts: `${dir}/known_hosts_recovery`, input: `${recovery}\n` });
+    expect(r.stdout).toBe("unlocked and resealed to the current TPM state; the boot continues\n");
+    expect(r.status).toBe(0);
+    await vm.waitFor(MARKER, 240_000);
+    expect(vm.output).toMatch(/initos: unlock: resealed; the next boot unlocks unattended/);
+    expect(vm.output).not.toMatch(/Reseal the disk key/); // nobody was asked on the console
+    // The same host key as the first boot's, from the pool.
+    const st = await sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts_first`, strict: true });
+    expect(st.status).toBe(0);
+    expect(st.stdout).toMatch(/^mode: sidecar beside the OS\n/);
+    await ssh(port, "poweroff", { key: KEY, knownHosts: `${dir}/known_hosts_first` });
+    expect(await vm.waitExit(60_000)).toBe(0);
+  }, 400_000);
+
+  it("after the remote reseal the same (direct boot) state unlocks with the TPM", async () => {
+    const { vm } = await bootRemote("luks-after-remote-reseal", "");
+    await vm.waitFor(MARKER, 240_000);
+    expect(vm.output).toMatch(/initos: unlock: unlocked with the TPM/);
+    await vm.waitExit(60_000);
+  }, 300_000);
 });

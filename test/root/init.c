@@ -2,8 +2,8 @@
  * The test root's /sbin/init: proves the handoff worked by printing one marker line with its
  * PID, its argv, which subvolume it runs from and whether /home is a separate mount, the uptime
  * at which it started and the memory then available (the benchmark reads both), then powers the
- * VM off. With an argument `hold=N` it first stays up N seconds (or until SIGTERM/SIGINT), so a
- * test can talk to whatever runs beside it.
+ * VM off. With an argument `hold=N` it first stays up N seconds (or until SIGTERM, SIGINT or
+ * SIGUSR2), so a test can talk to whatever runs beside it.
  */
 #include <fcntl.h>
 #include <signal.h>
@@ -57,6 +57,7 @@ int main(int argc, char **argv) {
 	if (hold > 0) {
 		signal(SIGTERM, on_signal);
 		signal(SIGINT, on_signal);
+		signal(SIGUSR2, on_signal); /* busybox-style poweroff request */
 		for (int i = 0; i < hold && !stop; i++) sleep(1);
 		printf("INITOS-TEST-ROOT done holding\n");
 		fflush(stdout);
