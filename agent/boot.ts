@@ -92,7 +92,8 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   let esp: EspResult | undefined;
   // VMs boot without firmware or ESP: what they need is in their initrd.
   if (config.images.length > 0 && cmdline.mode !== "vm") {
-    esp = await stage(ctx, "esp", () => findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds));
+    const efivars = state.early.efivars; // LoaderDevicePartUUID names the booted slot
+    esp = await stage(ctx, "esp", async () => (await efivars, findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds)));
     const allowUnverified = unverifiedAllowed(state.early!, cmdline, log);
     await stage(ctx, "images", () => setupImages(sys, log, config, esp!, allowUnverified, cold));
   }

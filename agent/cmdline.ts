@@ -177,6 +177,7 @@ export function parseCmdline(text: string): CmdlineResult {
     return fallback;
   };
 
+  const ip = get("ip");
   const cmdline: Cmdline = {
     root: get("root"),
     rootfstype: get("rootfstype"),
@@ -186,7 +187,7 @@ export function parseCmdline(text: string): CmdlineResult {
     quiet: flags.has("quiet"),
     debug: flags.has("debug") || flags.has("initos.debug"),
     panic: get("panic"),
-    ip: get("ip"),
+    ip,
     mode: get("initos.mode"),
     rootWaitSeconds: get("initos.rootwait"),
     rebootDelaySeconds: get("initos.reboot_delay"),
@@ -199,7 +200,7 @@ export function parseCmdline(text: string): CmdlineResult {
     sidecarBeside: get("initos.sidecar"),
     share: get("initos.share"),
     disks: get("initos.disks"),
-    hostname: get("initos.hostname") ?? get("ip")?.hostname,
+    hostname: get("initos.hostname") ?? ip?.hostname,
     app,
   };
   return { cmdline, errors };

@@ -84,16 +84,26 @@ async function runBesideSidecar(phase: "beside" | "beside-run"): Promise<never> 
   }
 }
 
-if (process.pid === 1) {
-  await runAsInit().catch(lastResort);
-} else if (process.argv[2] === "beside" || process.argv[2] === "beside-run") {
-  await runBesideSidecar(process.argv[2]);
-} else if (process.argv[2] === "ctl" || process.argv[2] === "-c" || (process.argv0.startsWith("-") && process.argv.length === 2)) {
-  // `initos-agent ctl status`, sshd running the agent as root's shell (`-c "status"`), or an
-  // interactive ssh login (argv[0] "-initos-agent", no arguments).
-  const args = process.argv[2] === "ctl" ? ["-c", process.argv.slice(3).join(" ")] : process.argv.slice(2);
-  process.exit(await runAsShell(args, { readStdin, shell: shellOffered() }).catch((e: unknown) => (process.stderr.write(`initos: ${(e as Error).message}\n`), 1)));
-} else {
-  process.stderr.write("initos-agent: PID 1 of the initrd; as a client: initos-agent ctl {status|log|unlock|reseal|switch-root|reboot|poweroff}\n");
-  process.exit(2);
+/**
+ * Which role this process has. No top-level await: the bytecode build (`bun build --bytecode`,
+ * which saves the runtime from parsing the agent at every start) needs a CommonJS bundle.
+ */
+function main(): void {
+  if (process.pid === 1) {
+    void runAsInit().catch(lastResort);
+  } else if (process.argv[2] === "beside" || process.argv[2] === "beside-run") {
+    void runBesideSidecar(process.argv[2]);
+  } else if (process.argv[2] === "ctl" || process.argv[2] === "-c" || (process.argv0.startsWith("-") && process.argv.length === 2)) {
+    // `initos-agent ctl status`, sshd running the agent as root's shell (`-c "status"`), or an
+    // interactive ssh login (argv[0] "-initos-agent", no arguments).
+    const args = process.argv[2] === "ctl" ? ["-c", process.argv.slice(3).join(" ")] : process.argv.slice(2);
+    void runAsShell(args, { readStdin, shell: shellOffered() })
+      .catch((e: unknown) => (process.stderr.write(`initos: ${(e as Error).message}\n`), 1))
+      .then((code) => process.exit(code));
+  } else {
+    process.stderr.write("initos-agent: PID 1 of the initrd; as a client: initos-agent ctl {status|log|unlock|reseal|switch-root|reboot|poweroff}\n");
+    process.exit(2);
+  }
 }
+
+main();

@@ -2,9 +2,9 @@
 // explicit inputs and one output, so the Makefile can rebuild only what changed (changing the
 // agent rebuilds the agent's cpio segment and the UKI, nothing else).
 //
-//   bun initrd/build.ts kernel      --cache DIR --out kernel.json
+//   bun initrd/build.ts kernel      --cache DIR [--meta linux-image-amd64] --out kernel.json
 //   bun initrd/build.ts images      --kernel kernel.json --cache DIR --out DIR
-//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] [--ssh-keys FILE] --out FILE.cpio
+//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] [--ssh-keys FILE] [--add DEST=FILE] --out FILE.cpio
 //   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
 //   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT --out FILE.efi
 //   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
@@ -12,6 +12,8 @@
 //   bun initrd/build.ts rootfs      --init FILE --out rootfs.tar
 //   bun initrd/build.ts install-config --rootfs FILE --target DEV --out install.json
 //   bun initrd/build.ts initrd-extra --add DEST=FILE --out FILE.cpio
+//   bun initrd/build.ts reference-initrd --kernel kernel.json --config FILE --images DIR --init init.sh --out FILE.cpio
+//   bun initrd/build.ts vmimage     --from DIR|ROOTFS.tar[.gz]|OCI-LAYOUT.tar --out FILE.img [--label L]
 import { execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, relative } from "node:path";
@@ -24,6 +26,9 @@ import { moduleClosure, readModuleIndex } from "./kmods.ts";
 import { collectLibs } from "./libs.ts";
 import { buildModulesImage, buildSidecarImage, ensureFirmware, type ImageInfo } from "./images.ts";
 import { buildUki } from "./uki.ts";
+import { referenceEntries } from "./reference/initrd.ts";
+import { buildVmImage } from "./vmimage.ts";
+import { imageArgv } from "./oci.ts";
 
 /** Libraries the agent opens with dlopen through koffi; DT_NEEDED cannot see them. */
 export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1", "libcryptsetup.so.12"];
@@ -93,7 +98,7 @@ function stageModules(kernel: KernelInfo, wanted: readonly string[], staging: st
 }
 
 function cmdKernel(o: Record<string, string | undefined>): void {
-  const k = ensureKernel(need(o, "cache"));
+  const k = ensureKernel(need(o, "cache"), o.meta);
   writeFileSync(need(o, "out"), JSON.stringify(k, null, 1) + "\n");
   console.log(`kernel: ${k.package} (${k.release})`);
 }
@@ -121,7 +126,7 @@ function withRootHashes(template: Record<string, unknown>, imagesDir: string | u
   };
 }
 
-function cmdInitrdBase(o: Record<string, string | undefined>): void {
+function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
   const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
   // Keys that may log in to the sidecar: one public key per line of --ssh-keys.
@@ -137,6 +142,7 @@ function cmdInitrdBase(o: Record<string, string | undefined>): void {
     ...skeleton(need(o, "preinit")),
     { path: "etc/initos/config.json", type: "file", mode: 0o644, data: Buffer.from(JSON.stringify(config, null, 1) + "\n") },
     ...stageModules(kernel, [...config.modules, ...EXTRA_MODULES], `${out}.modules`),
+    ...adds.map((a) => fileFrom(a.slice(0, a.indexOf("=")), a.slice(a.indexOf("=") + 1), 0o755)),
   ];
   const size = writeCpio(out, entries, mtime());
   console.log(`initrd-base: ${out} ${(size / 1e6).toFixed(1)} MB, ${entries.length} entries`);
@@ -290,6 +296,30 @@ function cmdTestroot(o: Record<string, string | undefined>): void {
   }
 }
 
+/** A VM's btrfs disk from a directory, a rootfs tarball or an OCI image layout tar. */
+function cmdVmimage(o: Record<string, string | undefined>): void {
+  const r = buildVmImage({ from: need(o, "from"), out: need(o, "out"), label: o.label });
+  const run = r.config ? `, runs ${JSON.stringify(imageArgv(r.config))}` : "";
+  console.log(`vmimage: ${r.out} ${r.sizeMiB} MiB from ${r.source}${run}`);
+  for (const s of r.skipped) console.log(`vmimage: skipped ${s} (needs root)`);
+}
+
+/**
+ * The reference initrd `make bench` boots beside the agent's: busybox sh running
+ * initrd/reference/init.sh as /init, with the same kernel modules as the base initrd and the
+ * images' root hashes from the same config.
+ */
+function cmdReferenceInitrd(o: Record<string, string | undefined>): void {
+  const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
+  const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
+  const config = AgentConfigSchema.parse(withRootHashes(template, need(o, "images")));
+  const out = need(o, "out");
+  const modules = [...config.modules, ...EXTRA_MODULES];
+  const entries = [...skeleton(need(o, "init")), ...referenceEntries(config, modules), ...stageModules(kernel, modules, `${out}.modules`)];
+  const size = writeCpio(out, entries, mtime());
+  console.log(`reference-initrd: ${out} ${(size / 1e6).toFixed(1)} MB, ${entries.length} entries`);
+}
+
 function need(o: Record<string, string | undefined>, key: string): string {
   const v = o[key];
   if (!v) throw new Error(`missing --${key}`);
@@ -307,6 +337,8 @@ const commands: Record<string, (o: Record<string, string | undefined>, adds: str
   rootfs: cmdRootfs,
   "install-config": cmdInstallConfig,
   "initrd-extra": cmdInitrdExtra,
+  vmimage: cmdVmimage,
+  "reference-initrd": cmdReferenceInitrd,
 };
 
 if (import.meta.main) {
@@ -319,7 +351,7 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: rest,
     options: {
-      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target"].map((k) => [k, { type: "string" as const }])),
+      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta"].map((k) => [k, { type: "string" as const }])),
       add: { type: "string", multiple: true },
     },
   });

@@ -261,7 +261,7 @@ function keepHostKey(sys: Sys, log: Logger, dev: string): void {
     } finally {
       sys.mount(dev, POOL, "btrfs", MS.REMOUNT | MS.RDONLY | MS.NOSUID | MS.NODEV);
     }
-    log.info(`pool: ssh host key saved as ${POOL_HOST_KEY} (first boot with ssh)`);
+    log.info(`pool: ssh host key saved as ${POOL_HOST_KEY} (first boot)`);
   } catch (e) {
     log.warn(`pool: ssh host key not kept on the pool: ${describe(e)}`);
   }

@@ -61,6 +61,8 @@ export interface Sys {
   mountPoints(): string[];
   mount(src: string | null, target: string, fstype: string | null, flags: number, data?: string | null): void;
   umount(target: string, flags: number): void;
+  /** mount(2) on a worker thread, for mounts that take long; the error names no errno. */
+  mountInBackground(src: string | null, target: string, fstype: string | null, flags: number): Promise<void>;
   statfsType(path: string): number;
   /** Loads a module (name or alias) with its dependencies: what was inserted, what matched. */
   loadModule(nameOrAlias: string): { modules: string[]; matched: string[] };
@@ -211,6 +213,7 @@ export async function realSys(): Promise<Sys> {
         .map((l) => l.split(" ")[1]!.replace(/\\040/g, " ")),
     mount: (s, t, f, fl, d = null) => libc.mount(s, t, f, fl, d),
     umount: (t, fl) => libc.umount2(t, fl),
+    mountInBackground: (s, t, f, fl) => libc.mountAsync(s, t, f, fl),
     statfsType: (p) => libc.statfsType(p),
     loadModule: (m) => kmod.loadModule(m),
     reloadModuleIndex: () => kmod.resetModuleIndex(),

@@ -48,6 +48,20 @@ export function mount(src: string | null, target: string, fstype: string | null,
   check("mount", [src, target, fstype, flags, data], c.mount(src, target, fstype, flags, data));
 }
 
+/**
+ * mount(2) on koffi's worker thread, so the event loop goes on meanwhile. errno is that
+ * thread's and cannot be read here: a failure only says which mount failed.
+ */
+export function mountAsync(src: string | null, target: string, fstype: string | null, flags: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    c.mount.async(src, target, fstype, flags, null, (err: unknown, r: number) => {
+      if (err) reject(err instanceof Error ? err : new Error(String(err)));
+      else if (r < 0) reject(new Error(`mount(${JSON.stringify(src)}, ${JSON.stringify(target)}, ${JSON.stringify(fstype)}) failed`));
+      else resolve();
+    });
+  });
+}
+
 export function umount2(target: string, flags: number): void {
   check("umount2", [target, flags], c.umount2(target, flags));
 }

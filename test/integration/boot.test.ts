@@ -24,11 +24,17 @@ function direct(name: string, append: string, disks = [BOOT, TESTROOT]) {
 describe("boot", () => {
   it("direct kernel boot: agent as PID 1 switch_roots into the btrfs subvolume and runs its init with the -- args", async () => {
     const vm = await direct("direct-boot", "root=/dev/vdb rootfstype=btrfs rootflags=subvol=@ -- alpha beta 'g'");
-    const m = await vm.waitFor(/INITOS-TEST-ROOT pid=(\d+) root=(\S+) home=\S+ timeline=(\S+) argc=\d+ argv=\[([^\]]*)\]/, 90_000);
+    const m = await vm.waitFor(/INITOS-TEST-ROOT pid=(\d+) root=(\S+) home=\S+ timeline=(\S+) argc=\d+ argv=\[([^\]]*)\] uptime=(\S+) memavailable=(\d+)kB rd_monotonic_us=(\S+)/, 90_000);
     expect(m[1]).toBe("1");
     expect(m[2]).toBe("subvol=@"); // the subvolume, not the top level
     expect(m[3]).toBe("yes"); // /run/initos/boot.json moved into the new root
     expect(m[4]).toBe("alpha beta 'g'");
+    // RD_TIMESTAMP (for systemd-analyze): the initrd's start, before the root's init started.
+    expect(Number(m[7]) / 1e6).toBeGreaterThan(0);
+    expect(Number(m[7]) / 1e6).toBeLessThan(Number(m[5]));
+    // The initramfs (agent and all, ~120 MB unpacked) is freed by the switch.
+    const before = Number(/initos: handoff: MemAvailable (\d+) kB before switch_root/.exec(vm.output)?.[1]);
+    expect(Number(m[6]) - before).toBeGreaterThan(100_000);
     expect(vm.output).toMatch(/initos: initos-agent starting \(pid 1\)/);
     expect(vm.output).toMatch(/initos: timeline: early \d+ms, modules \d+ms, esp \d+ms, images \d+ms, root \d+ms, handoff-check \d+ms/);
     expect(vm.output).toMatch(/initos: switch_root: freed initramfs \(\d+ entries\)/);

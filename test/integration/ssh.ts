@@ -9,8 +9,11 @@ export interface SshResult {
   stderr: string;
 }
 
-/** `strict`: the host key must already be in `knownHosts` (proves a guest kept its key). */
-export function ssh(port: number, command: string, o: { key?: string | null; input?: string; knownHosts?: string; strict?: boolean } = {}): Promise<SshResult> {
+/**
+ * `strict`: the host key must already be in `knownHosts` (proves a guest kept its key);
+ * `alias` names the host in known_hosts instead of [127.0.0.1]:port, which changes every boot.
+ */
+export function ssh(port: number, command: string, o: { key?: string | null; input?: string; knownHosts?: string; strict?: boolean; alias?: string } = {}): Promise<SshResult> {
   const auth = o.key
     ? ["-i", o.key, "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey"]
     : ["-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1"];
@@ -20,6 +23,7 @@ export function ssh(port: number, command: string, o: { key?: string | null; inp
     "-o", `StrictHostKeyChecking=${o.strict ? "yes" : o.knownHosts ? "accept-new" : "no"}`,
     "-o", `UserKnownHostsFile=${o.knownHosts ?? "/dev/null"}`,
     "-o", "BatchMode=yes",
+    ...(o.alias ? ["-o", `HostKeyAlias=${o.alias}`] : []),
     "-o", "ConnectTimeout=30",
     "root@127.0.0.1",
     command,

@@ -52,7 +52,10 @@ int main(int argc, char **argv) {
 		printf("%s%s", i > 1 ? " " : "", argv[i]);
 		if (strncmp(argv[i], "hold=", 5) == 0) hold = atoi(argv[i] + 5);
 	}
-	printf("] uptime=%s memavailable=%ldkB\n", up, mem_available());
+	/* RD_TIMESTAMP "<realtime usec> <monotonic usec>": when the initrd started, for systemd. */
+	const char *rd = getenv("RD_TIMESTAMP");
+	const char *mono = rd ? strchr(rd, ' ') : NULL;
+	printf("] uptime=%s memavailable=%ldkB rd_monotonic_us=%s\n", up, mem_available(), mono ? mono + 1 : "none");
 	fflush(stdout);
 	if (hold > 0) {
 		signal(SIGTERM, on_signal);

@@ -5,7 +5,7 @@ import { DEFAULT_CONFIG, parseConfig } from "../../agent/config.ts";
 import { applyFailurePolicy, DIAG_PATH } from "../../agent/failure.ts";
 import { Timeline } from "../../agent/log.ts";
 import { Coldplug, waitUntil } from "../../agent/stages/devices.ts";
-import { mountApiFilesystems, readSecureBoot, setupEarly } from "../../agent/stages/early.ts";
+import { mountApiFilesystems, readSecureBoot, secureBootFromBootParams, setupEarly } from "../../agent/stages/early.ts";
 import { RecoverySidecar } from "../../agent/stages/recovery.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
@@ -36,10 +36,24 @@ describe("early stage", () => {
     expect(readSecureBoot(s, true)).toBe("off");
   });
 
-  it("lifts the kmsg rate limit and disables ctrl-alt-del", () => {
+  it("takes the Secure Boot state from boot_params (the EFI stub's), not waiting for efivarfs", async () => {
+    const params = (mode: number) => "\0".repeat(0x1ec) + String.fromCharCode(mode);
+    const s = new FakeSys().add("/sys/firmware/efi", { kind: "dir" }).add("/sys/kernel/boot_params/data", { kind: "file", data: params(3) });
+    expect(secureBootFromBootParams(s)).toBe("on");
+    s.add("/sys/kernel/boot_params/data", { kind: "file", data: params(2) });
+    expect(secureBootFromBootParams(s)).toBe("off");
+    s.add("/sys/kernel/boot_params/data", { kind: "file", data: params(1) }); // "unknown": ask the variable
+    expect(secureBootFromBootParams(s)).toBeNull();
+    const r = await setupEarly(s, silentLog());
+    expect(r.secureBoot).toBe("on"); // variable unreadable on EFI: the strict answer
+    expect(await r.efivars).toBe(true);
+    expect(s.calls).toContain("mount efivarfs /sys/firmware/efi/efivars efivarfs 0xe");
+  });
+
+  it("lifts the kmsg rate limit and disables ctrl-alt-del", async () => {
     const s = new FakeSys().add("/proc/sys/kernel/printk_devkmsg", { kind: "file", data: "ratelimit\n" });
-    const r = setupEarly(s, silentLog());
-    expect(r).toEqual({ secureBoot: "no-efi", devkmsg: "ratelimit" });
+    const r = await setupEarly(s, silentLog());
+    expect(r).toEqual({ secureBoot: "no-efi", devkmsg: "ratelimit", efivars: expect.any(Promise) });
     expect(s.readFile("/proc/sys/kernel/printk_devkmsg")).toBe("on\n");
     expect(s.calls).toContain("reboot 0x0");
   });

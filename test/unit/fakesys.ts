@@ -152,6 +152,9 @@ export class FakeSys implements Sys {
       this.mounts.push(target);
     }
   }
+  async mountInBackground(src: string | null, target: string, fstype: string | null, flags: number): Promise<void> {
+    this.mount(src, target, fstype, flags);
+  }
   umount(target: string, flags: number): void {
     this.log(`umount ${target} ${flags}`);
     this.mounts = this.mounts.filter((m) => m !== target);

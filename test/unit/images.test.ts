@@ -122,12 +122,13 @@ const machineEsps = {
 describe("initos.insecure", () => {
   it("is honoured only with Secure Boot off", () => {
     const log = silentLog();
+    const efivars = Promise.resolve(true);
     const insecure = parseCmdline("initos.insecure=1").cmdline;
-    expect(unverifiedAllowed({ secureBoot: "on" }, insecure, log)).toBe(false);
+    expect(unverifiedAllowed({ secureBoot: "on", efivars }, insecure, log)).toBe(false);
     expect(log.lines).toContain("warn: initos.insecure=1 ignored: Secure Boot is on");
-    expect(unverifiedAllowed({ secureBoot: "off" }, insecure, log)).toBe(true);
-    expect(unverifiedAllowed({ secureBoot: "no-efi" }, insecure, log)).toBe(true);
-    expect(unverifiedAllowed({ secureBoot: "off" }, parseCmdline("").cmdline, log)).toBe(false);
+    expect(unverifiedAllowed({ secureBoot: "off", efivars }, insecure, log)).toBe(true);
+    expect(unverifiedAllowed({ secureBoot: "no-efi", efivars }, insecure, log)).toBe(true);
+    expect(unverifiedAllowed({ secureBoot: "off", efivars }, parseCmdline("").cmdline, log)).toBe(false);
   });
 });
 

@@ -68,7 +68,7 @@ describe("libcryptsetup verity (userspace verification, no device-mapper)", () =
     execFileSync("cp", [img(), `${dir}/bad.sqfs`]);
     execFileSync("sh", ["-c", `printf '\\377' | dd of=${dir}/bad.sqfs bs=1 seek=1000000 conv=notrunc status=none`]);
     expect(() => verityVerify(`${dir}/bad.sqfs`, `${dir}/v.verity`, rootHash)).toThrow(/^Verification failed at position 999424, Verification of data area failed$/);
-  });
+  }, 30_000); // mksquashfs + veritysetup: slow when VMs share the machine
 
   it("refuses a different root hash and a damaged hash tree", async () => {
     const { verityVerify } = await import("../../agent/sys/cryptsetup.ts");

@@ -174,7 +174,7 @@ describe("the sidecar's ssh host key on the pool", () => {
       "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x26",
       "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x27",
     ]);
-    expect(log.lines).toContain(`info: pool: ssh host key saved as ${POOL_HOST_KEY} (first boot with ssh)`);
+    expect(log.lines).toContain(`info: pool: ssh host key saved as ${POOL_HOST_KEY} (first boot)`);
   });
 
   it("is left alone when no ssh keys are configured (no sshd will ever run)", () => {
