@@ -92,8 +92,11 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   let esp: EspResult | undefined;
   // VMs boot without firmware or ESP: what they need is in their initrd.
   if (config.images.length > 0 && cmdline.mode !== "vm") {
-    const efivars = state.early.efivars; // LoaderDevicePartUUID names the booted slot
-    esp = await stage(ctx, "esp", async () => (await efivars, findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds)));
+    const efivars = state.early.efivars;
+    esp = await stage(ctx, "esp", async () => {
+      await efivars; // the booted slot is an EFI variable (LoaderDevicePartUUID)
+      return findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds);
+    });
     const allowUnverified = unverifiedAllowed(state.early!, cmdline, log);
     await stage(ctx, "images", () => setupImages(sys, log, config, esp!, allowUnverified, cold));
   }
@@ -141,9 +144,9 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   for (const s of services) s.stop();
   if (besideWanted(cmdline, config)) {
     ctx.timeline.save(); // the sidecar takes a copy of the timeline with it
-    await stage(ctx, "sidecar-beside", () => startBeside(sys, log, cmdline, config, () => state.sidecar.network(sys, log, cold, cmdline, config))).catch((e: unknown) => {
-      log.err(describe(e)); // the OS matters more than its remote admin: boot on without it
-    });
+    const network = () => state.sidecar.network(sys, log, cold, cmdline, config);
+    // The OS matters more than its remote admin: a sidecar that cannot start is logged, no more.
+    await stage(ctx, "sidecar-beside", () => startBeside(sys, log, cmdline, config, network)).catch((e: unknown) => log.err(describe(e)));
   }
   forgetSecrets(sys);
   log.info(`timeline: ${ctx.timeline.summary()}`);
