@@ -30,7 +30,7 @@ describe("initrd build", () => {
   it("after a change to the agent only the agent segment, the initrd and the UKIs are rebuilt", () => {
     // -n: print, do not run; -W: pretend this file just changed. make all must be up to date.
     const plan = execFileSync("make", ["-n", "-W", "agent/boot.ts", "all"], { encoding: "utf8" });
-    expect(plan).toMatch(/bun build --compile agent\/main.ts/);
+    expect(plan).toMatch(/bun build --compile .*agent\/main.ts/);
     expect(plan).toMatch(/initrd-agent/);
     expect(plan).toMatch(/build.ts uki/);
     for (const slow of ["initrd-base", "build.ts kernel", "build.ts testroot", "gcc -static"]) expect(plan).not.toContain(slow);
