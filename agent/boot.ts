@@ -9,7 +9,7 @@ import { Coldplug } from "./stages/devices.ts";
 import { type EspResult, findEsps } from "./stages/esp.ts";
 import { install, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
 import { mountPool, unlockPool } from "./stages/pool.ts";
-import { countZombies, powerAction } from "./pid1.ts";
+import { countZombies, memAvailableKiB, powerAction, procStatusKiB } from "./pid1.ts";
 import { type Supervised, supervise } from "./supervise.ts";
 import { SSH_DIR } from "./stages/sidecar.ts";
 import { besideWanted, startBeside } from "./stages/beside.ts";
@@ -227,17 +227,6 @@ export function statusText(ctx: BootContext, state: BootState): string {
     `agent rss: ${procStatusKiB(ctx.sys, "VmRSS") ?? "?"} kB`,
     `memavailable: ${memAvailableKiB(ctx.sys) ?? "?"} kB`,
   ].join("\n");
-}
-
-/** A "Name:  1234 kB" field of /proc/self/status, in KiB. */
-export function procStatusKiB(sys: Sys, field: string): number | null {
-  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(sys.readFile("/proc/self/status") ?? "");
-  return m ? Number(m[1]) : null;
-}
-
-export function memAvailableKiB(sys: Sys): number | null {
-  const m = /^MemAvailable:\s+(\d+) kB/m.exec(sys.readFile("/proc/meminfo") ?? "");
-  return m ? Number(m[1]) : null;
 }
 
 /**

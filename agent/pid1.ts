@@ -89,3 +89,14 @@ export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { 
   process.on("uncaughtException", (e) => hooks.onFatal(e));
   process.on("unhandledRejection", (e) => hooks.onFatal(e));
 }
+
+/** A "Name:  1234 kB" field of /proc/self/status, in KiB. */
+export function procStatusKiB(sys: Sys, field: string): number | null {
+  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(sys.readFile("/proc/self/status") ?? "");
+  return m ? Number(m[1]) : null;
+}
+
+export function memAvailableKiB(sys: Sys): number | null {
+  const m = /^MemAvailable:\s+(\d+) kB/m.exec(sys.readFile("/proc/meminfo") ?? "");
+  return m ? Number(m[1]) : null;
+}

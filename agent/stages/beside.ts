@@ -16,6 +16,7 @@ import { type AgentConfig, CONFIG_PATH, parseConfig } from "../config.ts";
 import type { CtlHandler, CtlResponse } from "../ctl.ts";
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
+import { procStatusKiB } from "../pid1.ts";
 import { MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
 import { SIDECAR_ROOT } from "../sys/sidecar.ts";
@@ -182,6 +183,6 @@ export function besideStatus(sys: Sys): string {
     // no timeline: say so
   }
   const argv0 = (sys.readFile("/proc/self/cmdline") ?? "").split("\0")[0];
-  const rss = /^VmRSS:\s+(\d+) kB/m.exec(sys.readFile("/proc/self/status") ?? "")?.[1] ?? "?";
+  const rss = procStatusKiB(sys, "VmRSS") ?? "?";
   return [`mode: sidecar beside the OS`, `process: ${argv0} (pid ${sys.pid()})`, `boot stages: ${stages}`, `agent rss: ${rss} kB`].join("\n");
 }
