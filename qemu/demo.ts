@@ -1,11 +1,13 @@
 // `make demo`: under OVMF with Secure Boot and a TPM, (1) the signed UKI boots the test root
 // from verified images, (2) the signed installer installs onto a blank disk (LUKS2 + btrfs,
-// key sealed to the TPM), (3) the installed machine boots unattended into its encrypted root.
-// The serial console streams by; a summary with the agent's stage timelines follows.
+// key sealed to the TPM), (3) the installed machine boots unattended into its encrypted root;
+// then (4) a machine in sidecar mode is managed over ssh: status, switch-root, and the sidecar
+// still answering beside the booted OS. The serial console streams by; a summary follows.
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { OVMF, startVm, stopAll, type VmOptions } from "./harness.ts";
+import { freePort, OVMF, startVm, stopAll, type Vm, type VmOptions } from "./harness.ts";
+import { ssh, sshWhenUp } from "./ssh.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-demo-`);
 const target = `${dir}/disk.img`;
@@ -13,7 +15,8 @@ const tpm = { stateDir: `${dir}/tpm` };
 mkdirSync(tpm.stateDir);
 execFileSync("truncate", ["-s", "1G", target]);
 
-async function show(title: string, o: VmOptions): Promise<string> {
+/** Boots a VM with its console streaming by; `drive` does what the part shows while it runs. */
+async function show(title: string, o: VmOptions, drive?: (vm: Vm) => Promise<void>): Promise<string> {
   console.log(`\n==== ${title} ====`);
   const vm = await startVm(o);
   let shown = 0;
@@ -22,12 +25,20 @@ async function show(title: string, o: VmOptions): Promise<string> {
     shown = vm.output.length;
   }, 100);
   try {
+    await drive?.(vm);
     await vm.waitExit(300_000);
   } finally {
     clearInterval(pump);
     process.stdout.write(vm.output.slice(shown));
   }
   return vm.output;
+}
+
+/** An ssh command as the operator types it, with its answer, on the demo's output. */
+async function operator(port: number, command: string): Promise<string> {
+  const r = await sshWhenUp(port, command, { key: "build/test-ssh/id_ed25519", knownHosts: `${dir}/known_hosts` });
+  console.log(`\n$ ssh -p 15022 root@machine ${command}\n${r.stdout}${r.stderr}`);
+  return r.stdout;
 }
 
 const pick = (out: string, re: RegExp) => re.exec(out)?.[1] ?? "(missing)";
@@ -52,6 +63,30 @@ try {
     tpm,
     memoryMiB: 2048,
   });
+  const port = await freePort();
+  let besideStatus = "";
+  const managed = await show(
+    "4. sidecar mode managed over ssh: status, switch-root, the sidecar beside the booted OS",
+    {
+      name: "demo-ssh",
+      direct: {
+        kernel: "build/vmlinuz",
+        initrd: "build/initrd.img",
+        append: "console=ttyS0 initos.mode=sidecar initos.sidecar=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@ -- hold=120",
+      },
+      disks: [{ file: "build/boot.img" }, { file: "build/testroot.img" }],
+      net: { forward: [{ host: port, guest: 15022 }] },
+    },
+    async (vm) => {
+      await vm.waitFor(/initos: sidecar: ready/, 180_000);
+      await operator(port, "status");
+      await operator(port, "switch-root");
+      await vm.waitFor(/INITOS-TEST-ROOT/, 180_000);
+      besideStatus = await operator(port, "status");
+      await ssh(port, "poweroff", { key: "build/test-ssh/id_ed25519", knownHosts: `${dir}/known_hosts` });
+    },
+  );
+
   console.log("\n==== initos demo ====");
   console.log(`Secure Boot:          ${pick(verified, /initos: secureboot: (\S+)/)}`);
   console.log(`verified images:      ${pick(verified, /initos: (image modules: verified[^\r\n]*)/)}`);
@@ -61,6 +96,8 @@ try {
   console.log(`unlock:               ${pick(unlocked, /initos: (unlock: opened[^\r\n]*)/)}; ${pick(unlocked, /initos: unlock: (latch holds[^\r\n]*)/)}`);
   console.log(`stages (encrypted):   ${pick(unlocked, /initos: timeline: ([^\r\n]*)/)}`);
   console.log(`switched-to root:     ${pick(unlocked, /(INITOS-TEST-ROOT[^\r\n]*)/)}`);
+  console.log(`ssh beside the OS:    ${besideStatus.split("\n").slice(0, 2).join("; ") || "(missing)"}`);
+  console.log(`switched-to root:     ${pick(managed, /(INITOS-TEST-ROOT[^\r\n]*)/)}`);
   console.log(`serial logs:          build/logs/demo*.log`);
 } catch (e) {
   console.error(`demo failed: ${(e as Error).message}`);

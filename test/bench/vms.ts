@@ -9,7 +9,7 @@ import { cpSync, mkdirSync, rmSync } from "node:fs";
 import { loadavg } from "node:os";
 import { freePort, OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { slotOffset } from "../integration/images.ts";
-import { sshWhenUp } from "../integration/ssh.ts";
+import { sshWhenUp } from "../../qemu/ssh.ts";
 import { type BootSample, parseBoot, ROOT_MARKER, stampedLines, type Variant } from "./parse.ts";
 
 export const LOG_DIR = "build/bench/logs";

@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { PLAINTEXT_CANARY } from "../../initrd/build.ts";
 import { freePort, OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
-import { ssh, sshWhenUp } from "./ssh.ts";
+import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 
 const B = "build";
 let dir: string;

@@ -2,7 +2,7 @@
 // QEMU) and a forward from 127.0.0.1 to the guest's sshd: a real OpenSSH client logs in.
 import { spawnSync } from "node:child_process";
 import { variantInitrd } from "./images.ts";
-import { ssh, sshWhenUp } from "./ssh.ts";
+import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
