@@ -13,7 +13,7 @@ import { countZombies, memAvailableKiB, powerAction, procStatusKiB } from "./pid
 import { type Supervised, supervise } from "./supervise.ts";
 import { SSH_DIR } from "./stages/sidecar.ts";
 import { besideWanted, startBeside } from "./stages/beside.ts";
-import { setupNetwork, staticIpFrom } from "./stages/network.ts";
+import { networkRequested, setupNetwork } from "./stages/network.ts";
 import { mountVmRoot, POD_PATH, preparePod, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
 import { RecoverySidecar } from "./stages/recovery.ts";
 import { type CtlHandler, type CtlResponse } from "./ctl.ts";
@@ -116,7 +116,7 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   const vm = cmdline.mode === "vm" ? vmPlan(cmdline) : undefined;
   if (vm) {
     const wait = cmdline.rootWaitSeconds ?? config.rootWaitSeconds;
-    if (staticIpFrom(cmdline) || cmdline.ip?.method === "dhcp") await stage(ctx, "network", () => setupNetwork(sys, log, cold, cmdline, wait));
+    if (networkRequested(cmdline)) await stage(ctx, "network", () => setupNetwork(sys, log, cold, cmdline, wait));
     await stage(ctx, "root", () => mountVmRoot(sys, log, cold, vm, cmdline, wait));
     await stage(ctx, "vm", () => setupVmMounts(sys, log, cold, vm, wait));
   } else if (cmdline.root) {

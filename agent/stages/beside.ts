@@ -21,7 +21,7 @@ import { MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
 import { SIDECAR_ROOT } from "../sys/sidecar.ts";
 import { AGENT_PATH, HOST_KEY, SSH_DIR, startCtl, startSshd } from "./sidecar.ts";
-import { staticIpFrom } from "./network.ts";
+import { networkRequested } from "./network.ts";
 
 /** argv[0] of the sidecar process: the '@' is systemd's "do not kill me at shutdown". */
 export const BESIDE_ARGV0 = "@initos-sidecar";
@@ -48,7 +48,7 @@ export async function startBeside(sys: Sys, log: Logger, cmdline: Cmdline, confi
     log.warn("sidecar beside the OS: no authorized ssh keys in the config; not started");
     return null;
   }
-  if (!staticIpFrom(cmdline) && cmdline.ip?.method !== "dhcp") {
+  if (!networkRequested(cmdline)) {
     log.warn("sidecar beside the OS: no address on the cmdline (initos.ip= or ip=dhcp); not started");
     return null;
   }

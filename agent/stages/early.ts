@@ -78,8 +78,8 @@ export function mountApiFilesystems(sys: Sys, log: Logger): void {
  * enumerates every EFI variable through the firmware (under QEMU/TCG with SMM, 0.1-2.3 s
  * measured), so it runs on a background thread while the next stages go on.
  */
-export function mountEfivars(sys: Sys, log: Logger): Promise<boolean> {
-  if (!sys.exists("/sys/firmware/efi")) return Promise.resolve(false);
+export function mountEfivars(sys: Sys, log: Logger, efi: boolean): Promise<boolean> {
+  if (!efi) return Promise.resolve(false);
   if (sys.mountPoints().includes(EFIVARS)) return Promise.resolve(true);
   const start = performance.now();
   try {
@@ -131,8 +131,8 @@ export async function setupEarly(sys: Sys, log: Logger): Promise<EarlyResult> {
   } catch (e) {
     log.warn(`cannot disable ctrl-alt-del: ${(e as Error).message}`);
   }
-  const efivars = mountEfivars(sys, log);
   const efi = sys.exists("/sys/firmware/efi");
+  const efivars = mountEfivars(sys, log, efi);
   // Only when the EFI stub did not record the state is the variable itself read (and waited for).
   const secureBoot = (efi && secureBootFromBootParams(sys)) || readSecureBoot(sys, efi && (await efivars));
   log.info(`secureboot: ${secureBoot}`);

@@ -82,6 +82,11 @@ export async function dhcp(sys: Sys, log: Logger, ifname: string, seconds: numbe
   }
 }
 
+/** The cmdline asks for a network: a static address (initos.ip, xip, ip=client:...) or DHCP. */
+export function networkRequested(cmdline: Pick<Cmdline, "staticIp" | "gateway" | "netInterface" | "ip">): boolean {
+  return staticIpFrom(cmdline) !== null || cmdline.ip?.method === "dhcp";
+}
+
 export async function setupNetwork(sys: Sys, log: Logger, cold: Coldplug, cmdline: Cmdline, waitSeconds: number): Promise<string | null> {
   sys.net.linkUp("lo");
   const wantDhcp = cmdline.ip?.method === "dhcp";

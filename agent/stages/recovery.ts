@@ -12,7 +12,7 @@ import type { Logger } from "../log.ts";
 import type { Supervised } from "../supervise.ts";
 import type { Sys } from "../sys/index.ts";
 import type { Coldplug } from "./devices.ts";
-import { setupNetwork, staticIpFrom } from "./network.ts";
+import { networkRequested, setupNetwork } from "./network.ts";
 import { startCtl, startSshd } from "./sidecar.ts";
 
 /** Hands passphrases from `ctl unlock`/`ctl reseal` to the unlock loop, and its verdict back. */
@@ -76,7 +76,7 @@ export class RecoverySidecar {
   async start(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, handle: CtlHandler): Promise<boolean> {
     this.route(handle);
     if (this.running) return true;
-    if (!cfg.ssh.authorizedKeys.length || !(staticIpFrom(cmdline) || cmdline.ip?.method === "dhcp")) return false;
+    if (!cfg.ssh.authorizedKeys.length || !networkRequested(cmdline)) return false;
     try {
       await this.network(sys, log, cold, cmdline, cfg);
       this.serve(sys, log, cfg);

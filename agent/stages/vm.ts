@@ -96,14 +96,9 @@ export async function setupVmMounts(sys: Sys, log: Logger, cold: Coldplug, plan:
  * tag" for both the same way, so both are tried.
  */
 function mountShare(sys: Sys, log: Logger, plan: VmPlan): void {
+  // The drivers (virtiofs, 9p, 9pnet_virtio) are loaded by the modules stage: the VM initrd's
+  // config lists them.
   const { tag, path, required } = plan.share;
-  for (const m of ["virtiofs", "9pnet_virtio", "9p"]) {
-    try {
-      sys.loadModule(m);
-    } catch {
-      // not in this initrd (or built in): the mount below tells
-    }
-  }
   const errors: string[] = [];
   const attempts: [string, string | null][] = [
     ["virtiofs", null],
