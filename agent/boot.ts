@@ -16,6 +16,7 @@ import { besideWanted, startBeside } from "./stages/beside.ts";
 import { networkRequested, setupNetwork } from "./stages/network.ts";
 import { mountVmRoot, POD_PATH, preparePod, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
 import { RecoverySidecar } from "./stages/recovery.ts";
+import { BootTpm } from "./diskkey/latch.ts";
 import { type CtlHandler, type CtlResponse } from "./ctl.ts";
 import { setupImages } from "./stages/images.ts";
 import { loadModules } from "./stages/modules.ts";
@@ -36,6 +37,8 @@ export interface BootState {
   early?: EarlyResult;
   /** sshd and the admin socket while the initrd serves humans (sidecar mode, recovery). */
   sidecar: RecoverySidecar;
+  /** The TPM over this boot: phases, the latch. */
+  tpm?: BootTpm;
 }
 
 /** Runs one named stage, logs and records its duration whether it succeeds or fails. */
@@ -101,13 +104,24 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     await stage(ctx, "images", () => setupImages(sys, log, config, esp!, allowUnverified, cold));
   }
 
+  // The TPM: PCR 11 says "enter-initrd" (what the PCR key signed), then the latch. Only the
+  // unlock path unseals, and it latches right after its attempt; every other path latches now,
+  // before it touches another disk, the network, sshd or a root.
+  const tpm = (state.tpm = new BootTpm(sys, log, config.tpm));
+  const unseals = !cmdline.root && (cmdline.mode ?? "host") === "host" && !!esp;
+  await stage(ctx, "tpm", async () => {
+    if (!(await tpm.find())) return;
+    tpm.measurePhase("enter-initrd");
+    if (!unseals) tpm.latch(cmdline.mode ? `${cmdline.mode} mode` : cmdline.root ? "root= on the cmdline" : "no ESP");
+  });
+
   // Sidecar mode stays here until an operator sends `switch-root`; then the boot goes on.
   const services = cmdline.mode === "sidecar" ? await sidecar(ctx, state, cold) : [];
 
   if (cmdline.mode === "install") {
     if (!esp) throw new BootError("install: no ESP with images to install from");
     const ic = parseInstallConfig(sys.readFile(INSTALL_CONFIG));
-    await stage(ctx, "install", () => install(sys, log, cold, config, ic, esp!));
+    await stage(ctx, "install", () => install(sys, log, cold, config, ic, esp!, tpm, state.early!.secureBoot));
     ctx.timeline.save();
     powerAction(sys, log, "poweroff", "install finished");
     for (;;) await sys.sleep(3_600_000);
@@ -134,11 +148,14 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   } else {
     // The installed machine: the encrypted pool says which subvolume is the root.
     if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
-    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, esp!, state.sidecar, adminHandler(ctx, state)));
+    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, tpm, state.early!.secureBoot, state.sidecar, adminHandler(ctx, state)));
     await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
   }
 
   const { init, args } = await stage(ctx, "handoff-check", () => handoffTarget(sys, cmdline, config, vm));
+  // The OS must find the latch extended and PCR 11 past the initrd, whatever path led here.
+  await tpm.leaveInitrd();
+  tpm.close();
   // Nothing the initrd started may outlive it (unless beside the OS, in its own namespace).
   state.sidecar.stop();
   for (const s of services) s.stop();
@@ -215,6 +232,15 @@ export function adminHandler(ctx: BootContext, state: BootState, continueBoot?: 
 export async function startFailureSidecar(ctx: BootContext, state: BootState): Promise<boolean> {
   const { cmdline, config } = state;
   if (!cmdline || !config) return false;
+  // The network and sshd come after the latch, here too; a latch that fails means no sidecar.
+  const tpm = (state.tpm ??= new BootTpm(ctx.sys, ctx.log, config.tpm));
+  try {
+    await tpm.find();
+    tpm.latch("failure policy: recovery sidecar");
+  } catch (e) {
+    ctx.log.err(describe(e));
+    return false;
+  }
   return state.sidecar.start(ctx.sys, ctx.log, new Coldplug(ctx.sys, ctx.log), config, cmdline, adminHandler(ctx, state));
 }
 

@@ -2,6 +2,7 @@
 // trusted (it is signed), but still validated: a build mistake must produce a clear line, and
 // the agent then boots with safe defaults rather than not at all.
 import { z } from "zod";
+import { zodIssue } from "./errors.ts";
 
 export const CONFIG_PATH = "/etc/initos/config.json";
 
@@ -44,15 +45,26 @@ export const AgentConfigSchema = z
           .strict(),
       )
       .default([]),
-    /** Unattended unlock: the key sealed to these PCRs plus the latch PCR (zero at boot). */
+    /**
+     * The disk key's binding, the only source of TPM policy: a LUKS2 token (data on the disk) is
+     * used only when it is bound to exactly this. The default, as systemd-cryptenroll with
+     * --tpm2-public-key: PCR 7 (Secure Boot state) by value, plus PCR 11 through a policy the PCR
+     * signer signed for each production UKI (`pcrPublicKey`, filled in by the build). The latch
+     * PCR, zero at boot, is extended on every boot path so nothing later can unseal again.
+     */
     tpm: z
       .object({
         waitSeconds: z.number().int().min(0).max(600).default(5),
-        pcrs: z.array(z.number().int().min(0).max(23)).min(1).default([7]),
+        bank: z.literal("sha256").default("sha256"),
+        pcrs: z.array(z.number().int().min(0).max(23)).default([7]),
+        signedPcrs: z.array(z.number().int().min(0).max(23)).default([11]),
+        pcrPublicKey: z.string().regex(/^-----BEGIN PUBLIC KEY-----\n[A-Za-z0-9+/=\n]+-----END PUBLIC KEY-----\n?$/, "expected a PEM public key").optional(),
         latchPcr: z.number().int().min(0).max(23).default(15),
       })
       .strict()
-      .default({ waitSeconds: 5, pcrs: [7], latchPcr: 15 }),
+      .refine((t) => t.pcrs.length + t.signedPcrs.length > 0, "a key bound to no PCR would unseal on any boot")
+      .refine((t) => ![...t.pcrs, ...t.signedPcrs].includes(t.latchPcr), "the latch PCR cannot also be a bound PCR")
+      .default({ waitSeconds: 5, bank: "sha256", pcrs: [7], signedPcrs: [11], latchPcr: 15 }),
     /** sshd in sidecar mode: every key may only run the admin commands. */
     ssh: z
       .object({
@@ -99,7 +111,5 @@ export function parseConfig(text: string | null, path = CONFIG_PATH): ConfigResu
   }
   const r = AgentConfigSchema.safeParse(json);
   if (r.success) return { config: r.data };
-  const issue = r.error.issues[0]!;
-  const where = issue.path.length ? issue.path.join(".") : "(top level)";
-  return { config: DEFAULT_CONFIG, error: `config: ${path}: ${where}: ${issue.message}; using defaults` };
+  return { config: DEFAULT_CONFIG, error: `config: ${path}: ${zodIssue(r.error)}; using defaults` };
 }

@@ -11,3 +11,10 @@ export function describe(e: unknown): string {
   if (e instanceof Error) return e.message;
   return String(e);
 }
+
+/** A zod error as "<path>: <message>" for its first issue: the key and what is wrong with it. */
+export function zodIssue(e: { issues: readonly { path: readonly PropertyKey[]; message: string }[] }): string {
+  const i = e.issues[0];
+  if (!i) return "invalid";
+  return `${i.path.length ? i.path.map(String).join(".") : "(top level)"}: ${i.message}`;
+}

@@ -4,7 +4,9 @@
 //   GPT: ESP A | ESP B | LUKS2 (the rest)        UKI + verified images on both ESPs
 //   LUKS2: keyslot 0 = 32 random bytes (PBKDF2, minimal), keyslot 1 = recovery passphrase (argon2id)
 //   btrfs "INITOSROOT": @root (the root filesystem), @home, @log, @cache, initos.json
-//   TPM: the 32 bytes sealed to PCR 7 + the latch PCR (zero at boot); blobs on both ESPs
+//   TPM: the 32 bytes sealed to the signed config's binding (PCR 7 + the PCR signer's PCR 11
+//        policy + the latch PCR at zero) as a systemd-tpm2 token in the LUKS2 header; nothing
+//        secret and nothing that carries policy on the ESPs
 //
 // This is the only place the agent writes to a disk, and it refuses a disk that is not blank
 // unless the config says to overwrite it.
@@ -20,7 +22,11 @@ import type { Sys } from "../sys/index.ts";
 import { SIDECAR_ROOT, sidecarArgv } from "../sys/sidecar.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
-import { expectedPcrs, loadCryptModules, sealPaths } from "./pool.ts";
+import { loadCryptModules } from "./pool.ts";
+import { keyslotPassphrase, requirement, sealKey } from "../diskkey/diskkey.ts";
+import type { BootTpm } from "../diskkey/latch.ts";
+import type { SecureBoot } from "./early.ts";
+import { describeBinding } from "../diskkey/token.ts";
 
 export const INSTALL_CONFIG = "/etc/initos/install.json";
 
@@ -64,7 +70,13 @@ const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const TARGET = "/run/initos/target";
 
-export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, ic: InstallConfig, esp: EspResult): Promise<void> {
+export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, ic: InstallConfig, esp: EspResult, tpm: BootTpm, secureBoot: SecureBoot): Promise<void> {
+  // 0. A machine that cannot seal the key would get a disk only the passphrase opens, or one
+  //    whose key any kernel could unseal: refuse before anything is written.
+  if (secureBoot !== "on") throw new BootError(`install: refusing to install: Secure Boot is ${secureBoot}, so the disk key could not be sealed to anything that protects it`);
+  if (!tpm.present) throw new BootError("install: refusing to install: no TPM to seal the disk key to");
+  const req = requirement(cfg);
+  if (req.signedPcrs.length && !req.signer) throw new BootError("install: refusing to install: the signed config names no PCR signer (tpm.pcrPublicKey)");
   const tool = (name: string, ...args: string[]) => sys.run([...sidecarArgv(name), ...args]);
   const installerEsp = `${mountEsp(sys, esp.slots[0]!)}/${cfg.esp.dir}`;
   const src = `${installerEsp}/${ic.source}`;
@@ -102,10 +114,11 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
   log.info(`install: formatting ${luksPart} as LUKS2`);
   loadCryptModules(sys, log);
   const key = sys.randomBytes(32);
+  const keyPass = keyslotPassphrase(key);
   const recovery = recoveryPassphrase(sys.randomBytes(40));
-  const tpmSlot = sys.luks.format(luksPart, key, TPM_KDF);
-  sys.luks.addKey(luksPart, key, Buffer.from(recovery), RECOVERY_KDF);
-  const mapper = sys.luks.open(luksPart, "initos-install", key, 0).path;
+  const tpmSlot = sys.luks.format(luksPart, keyPass, TPM_KDF);
+  sys.luks.addKey(luksPart, keyPass, Buffer.from(recovery), RECOVERY_KDF);
+  const mapper = sys.luks.open(luksPart, "initos-install", keyPass, 0).path;
 
   // 4. btrfs, subvolumes, the root filesystem, the host config.
   log.info("install: creating the btrfs pool");
@@ -123,10 +136,12 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
   }
   sys.luks.close("initos-install");
 
-  // 5. Seal the key for the state this machine boots in: today's PCRs, latch still zero.
-  const tpm = sys.tpm(SIDECAR_ROOT);
-  const blob = tpm.seal(key, expectedPcrs(tpm, cfg.tpm.pcrs, cfg.tpm.latchPcr));
+  // 5. Seal the key for the state this machine boots in: PCR 7 as now, PCR 11 as the PCR key
+  //    signs it for production UKIs, the latch at zero; the token goes into the LUKS2 header.
+  const sealed = sealKey(sys, tpm.tpm, req, secureBoot, luksPart, key, tpmSlot);
   key.fill(0);
+  keyPass.fill(0);
+  log.info(`install: sealed the disk key as token ${sealed.token} for keyslot ${sealed.keyslot}`);
 
   // 6. Both ESPs: the UKI at the removable-media path, the images, the sealed key.
   for (const [slot, part] of [["A", espA], ["B", espB]] as const) {
@@ -137,13 +152,9 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
     sys.mount(part, mnt, "vfat", MS.NOSUID | MS.NODEV | MS.NOEXEC, "umask=0077");
     try {
       sys.mkdirp(`${mnt}/EFI/BOOT`);
-      sys.mkdirp(`${mnt}/${cfg.esp.dir}/tpm`);
+      sys.mkdirp(`${mnt}/${cfg.esp.dir}`);
       sys.copyFile(uki, `${mnt}/EFI/BOOT/BOOTX64.EFI`);
       for (const f of imageFiles) sys.copyFile(`${installerEsp}/${f}`, `${mnt}/${cfg.esp.dir}/${f}`);
-      const paths = sealPaths(mnt, cfg.esp.dir);
-      sys.writeBytes(paths.pub, blob.pub);
-      sys.writeBytes(paths.priv, blob.priv);
-      sys.writeFile(paths.info, JSON.stringify({ pcrs: cfg.tpm.pcrs, latchPcr: cfg.tpm.latchPcr, keyslot: tpmSlot }) + "\n");
     } finally {
       sys.sync();
       sys.umount(mnt, MNT_DETACH);
@@ -152,5 +163,5 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
 
   // 7. The recovery passphrase, once, on the console only (never in the kernel log).
   sys.toConsole(`\n\nRECOVERY PASSPHRASE (shown once, write it down): ${recovery}\n\n`);
-  log.info(`install: done: ${ic.target} has ${ic.root} and ${ic.subvolumes.join(" ")}, sealed to PCR ${cfg.tpm.pcrs.join(",")} + latch ${cfg.tpm.latchPcr}`);
+  log.info(`install: done: ${ic.target} has ${ic.root} and ${ic.subvolumes.join(" ")}, sealed to ${describeBinding([...req.pcrs, req.latchPcr], req.signedPcrs)}`);
 }

@@ -1,7 +1,6 @@
 // Stages "unlock" and "pool": find the encrypted volumes, get their key (TPM or recovery
 // passphrase, see unlock.ts), open them all, mount the btrfs pool, read the host config on it
 // and mount the root subvolume with its binds on /sysroot.
-import { z } from "zod";
 import type { Cmdline } from "../cmdline.ts";
 import type { CtlHandler } from "../ctl.ts";
 import type { AgentConfig } from "../config.ts";
@@ -9,11 +8,12 @@ import { BootError, describe } from "../errors.ts";
 import { HOST_CONFIG_ENV, HOST_CONFIG_JSON, type HostConfig, parseHostEnv, parseHostJson } from "../hostconfig.ts";
 import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
-import { CRYPT_ACTIVATE_ALLOW_DISCARDS, CRYPT_ACTIVATE_NO_READ_WORKQUEUE, CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE, TPM_KDF } from "../sys/cryptsetup.ts";
-import type { Sys, TpmOps } from "../sys/index.ts";
-import { SIDECAR_ROOT } from "../sys/sidecar.ts";
+import { CRYPT_ACTIVATE_ALLOW_DISCARDS, CRYPT_ACTIVATE_NO_READ_WORKQUEUE, CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE } from "../sys/cryptsetup.ts";
+import type { Sys } from "../sys/index.ts";
+import { keyslotPassphrase, reseal, requirement, unsealTokens } from "../diskkey/diskkey.ts";
+import type { BootTpm } from "../diskkey/latch.ts";
+import type { SecureBoot } from "./early.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
-import { type EspResult, mountEsp } from "./esp.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";
 import { RecoverySidecar, RemoteSecrets } from "./recovery.ts";
@@ -21,17 +21,6 @@ import { ensureHostKey, HOST_KEY, SSH_DIR } from "./sidecar.ts";
 import { unlock, type UnlockOps, type UnlockResult } from "./unlock.ts";
 
 const POOL = "/run/initos/pool";
-/** The latch digest: any non-zero extension will do; a fixed one makes the PCR predictable. */
-const LATCH_DIGEST = Buffer.from("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "hex");
-
-/** What the installer writes beside the sealed blob: which PCRs and which LUKS keyslot. */
-export const SealInfoSchema = z.object({ pcrs: z.array(z.number().int().min(0).max(23)).min(1), latchPcr: z.number().int().min(0).max(23), keyslot: z.number().int().min(0) }).strict();
-export type SealInfo = z.output<typeof SealInfoSchema>;
-export const sealPaths = (espMount: string, dir: string) => ({
-  pub: `${espMount}/${dir}/tpm/root.pub`,
-  priv: `${espMount}/${dir}/tpm/root.priv`,
-  info: `${espMount}/${dir}/tpm/root.json`,
-});
 
 /**
  * dm-crypt and the ciphers LUKS2 uses by default. The kernel would ask /sbin/modprobe for them
@@ -64,13 +53,6 @@ export function findLuksVolumes(sys: Sys): string[] {
     .sort();
 }
 
-/** The PCR values a sealed key must see at a future boot: today's, and the latch still zero. */
-export function expectedPcrs(tpm: TpmOps, pcrs: readonly number[], latchPcr: number): Map<number, Uint8Array> {
-  const now = tpm.pcrRead(pcrs);
-  now.set(latchPcr, new Uint8Array(32));
-  return now;
-}
-
 const OPEN_FLAGS = CRYPT_ACTIVATE_ALLOW_DISCARDS | CRYPT_ACTIVATE_NO_READ_WORKQUEUE | CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE;
 
 /** An opened volume: the LUKS device and its /dev/mapper path. */
@@ -84,70 +66,67 @@ export function realUnlockOps(
   sys: Sys,
   log: Logger,
   cfg: AgentConfig,
-  esp: EspResult,
+  tpm: BootTpm,
+  secureBoot: SecureBoot,
   volumes: readonly string[],
   opened: OpenedVolume[],
   /** Starts the recovery sidecar the first time a human is asked; null if none can run. */
   recovery?: () => Promise<RemoteSecrets | null>,
 ): UnlockOps {
-  const booted = esp.slots[0]!;
-  const espMount = mountEsp(sys, booted);
-  const paths = sealPaths(espMount, cfg.esp.dir);
-  let tpm: TpmOps | undefined;
-  let info: SealInfo | undefined;
+  const req = requirement(cfg);
   let consoleLine: Promise<string | null> | undefined;
   let lastWasRemote = false;
   let remoteSecrets: RemoteSecrets | null = null;
-  const readSeal = () => {
-    const text = sys.readFile(paths.info);
-    const pub = sys.readBytes(paths.pub);
-    const priv = sys.readBytes(paths.priv);
-    if (text === null || !pub || !priv) throw new Error(`no sealed key on the ESP (slot ${booted.name})`);
-    info = SealInfoSchema.parse(JSON.parse(text));
-    return { pub, priv, pcrs: [...info.pcrs, info.latchPcr] };
+  /** Per device: keyslots a key the TPM released opened this boot (what a reseal may remove). */
+  const provenTpmSlots = new Map<string, Set<number>>();
+  /** Per device: the keyslot the recovery passphrase opened (never removed). */
+  const passphraseSlots = new Map<string, number>();
+  const isOpen = (dev: string) => opened.some((o) => o.device === dev);
+  const open = (dev: string, key: Uint8Array, slot?: number): number | null => {
+    const start = performance.now();
+    try {
+      const r = sys.luks.open(dev, `initos-pool${volumes.indexOf(dev)}`, key, OPEN_FLAGS, slot);
+      opened.push({ device: dev, mapper: r.path });
+      log.info(`unlock: opened ${dev} with keyslot ${r.slot} in ${(performance.now() - start).toFixed(0)}ms`);
+      return r.slot;
+    } catch (e) {
+      log.debug(`unlock: ${dev}: ${describe(e)}`);
+      return null;
+    }
   };
   return {
-    async waitForTpm() {
-      const start = performance.now();
-      while (!sys.exists("/dev/tpmrm0")) {
-        if (performance.now() - start > cfg.tpm.waitSeconds * 1000) {
-          log.warn(`unlock: no /dev/tpmrm0 after ${cfg.tpm.waitSeconds}s`);
-          return false;
-        }
-        await sys.sleep(50);
-      }
-      tpm = sys.tpm(SIDECAR_ROOT);
-      return true;
-    },
-    unsealKey() {
-      const s = readSeal();
-      return { key: tpm!.unseal({ pub: s.pub, priv: s.priv }, s.pcrs), slot: info!.keyslot };
-    },
-    latch() {
-      tpm!.extend(info?.latchPcr ?? cfg.tpm.latchPcr, LATCH_DIGEST);
-    },
+    hasTpm: tpm.present,
+    alreadyLatched: tpm.latched,
+    unsealKeys: () => unsealTokens(sys, log, tpm.tpm, req, volumes),
+    latch: () => tpm.latch("after the unseal attempt"),
     latchHolds() {
-      try {
-        const s = readSeal();
-        tpm!.unseal({ pub: s.pub, priv: s.priv }, s.pcrs).fill(0);
-        return false;
-      } catch {
-        return true;
-      }
+      const quiet = { ...log, info() {}, warn() {}, err() {}, debug() {} };
+      const again = unsealTokens(sys, quiet, tpm.tpm, req, volumes);
+      again.forEach((k) => k.key.fill(0));
+      return again.length === 0;
     },
-    openWithKey(key, slot) {
-      for (const [i, dev] of volumes.entries()) {
-        if (opened.some((o) => o.device === dev)) continue;
-        try {
-          const start = performance.now();
-          const r = sys.luks.open(dev, `initos-pool${i}`, key, OPEN_FLAGS, slot);
-          opened.push({ device: dev, mapper: r.path });
-          log.info(`unlock: opened ${dev} with keyslot ${r.slot} in ${(performance.now() - start).toFixed(0)}ms`);
-        } catch (e) {
-          log.debug(`unlock: ${dev}: ${describe(e)}`);
-        }
+    openWithTpmKeys(keys) {
+      for (const k of keys) {
+        if (isOpen(k.device)) continue;
+        const passphrase = keyslotPassphrase(k.key);
+        // Only the keyslot the token names: a forged token cannot make this key try the others.
+        const slot = open(k.device, passphrase, k.keyslot);
+        passphrase.fill(0);
+        if (slot === null) log.err(`unlock: ${k.device}: the key of token ${k.token} does not open keyslot ${k.keyslot}, which the token names`);
+        else provenTpmSlots.set(k.device, (provenTpmSlots.get(k.device) ?? new Set()).add(slot));
       }
-      return opened.length > 0;
+      return volumes.every(isOpen);
+    },
+    openWithPassphrase(passphrase) {
+      let any = false;
+      for (const dev of volumes) {
+        if (isOpen(dev)) continue;
+        const slot = open(dev, passphrase);
+        if (slot === null) continue;
+        passphraseSlots.set(dev, slot);
+        any = true;
+      }
+      return any;
     },
     async readSecret(prompt) {
       const remote = (remoteSecrets = recovery ? await recovery() : null);
@@ -168,26 +147,16 @@ export function realUnlockOps(
       const a = await sys.readLine(question, true);
       return /^y(es)?$/i.test(a?.trim() ?? "");
     },
+    resealRefusal() {
+      if (!tpm.present) return "no TPM";
+      if (secureBoot !== "on") return `Secure Boot is ${secureBoot}: PCR 7 would vouch for nothing`;
+      return null;
+    },
     reseal(passphrase) {
-      // A fresh key: the old one may be known to whoever changed the machine's state.
-      const key = sys.randomBytes(32);
-      const expected = expectedPcrs(tpm!, cfg.tpm.pcrs, cfg.tpm.latchPcr);
-      let slot = -1;
-      for (const o of opened) slot = sys.luks.addKey(o.device, passphrase, key, TPM_KDF);
-      // The keyslot of the previous TPM key (known if its blob was read) is of no use any more.
-      if (info && info.keyslot !== slot) for (const o of opened) sys.luks.destroySlot(o.device, info.keyslot);
-      const blob = tpm!.seal(key, expected);
-      key.fill(0);
-      // The one write to the ESP outside install mode, and only on the operator's yes.
-      sys.mount(null, espMount, null, MS.REMOUNT | MS.NOSUID | MS.NODEV | MS.NOEXEC, "umask=0077");
-      try {
-        sys.mkdirp(`${espMount}/${cfg.esp.dir}/tpm`);
-        sys.writeBytes(paths.pub, blob.pub);
-        sys.writeBytes(paths.priv, blob.priv);
-        sys.writeFile(paths.info, JSON.stringify({ pcrs: cfg.tpm.pcrs, latchPcr: cfg.tpm.latchPcr, keyslot: slot }) + "\n");
-        sys.sync();
-      } finally {
-        sys.mount(null, espMount, null, MS.REMOUNT | MS.RDONLY | MS.NOSUID | MS.NODEV | MS.NOEXEC, "umask=0077");
+      // A fresh key per volume: the old one may be known to whoever changed the machine's state.
+      for (const [dev, slot] of passphraseSlots) {
+        const r = reseal(sys, log, tpm.tpm, req, secureBoot, dev, passphrase, slot, provenTpmSlots.get(dev) ?? new Set());
+        log.info(`unlock: ${dev}: sealed a new key as token ${r.token} for keyslot ${r.keyslot}` + (r.removed.length ? `; removed keyslots ${r.removed.join(",")}` : "") + (r.kept.length ? `; kept tokens ${r.kept.join(",")} (nothing proved their keyslots hold a TPM key)` : ""));
       }
     },
   };
@@ -205,7 +174,7 @@ export interface UnlockedPool {
  * and `reseal` requests go to it and the rest to `admin`. The boot plan stops it before
  * switch_root.
  */
-export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, esp: EspResult, sidecar: RecoverySidecar, admin: CtlHandler): Promise<UnlockedPool> {
+export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, sidecar: RecoverySidecar, admin: CtlHandler): Promise<UnlockedPool> {
   const volumes = await waitUntil(sys, log, cold, "an encrypted volume (LUKS2)", cmdline.rootWaitSeconds ?? cfg.rootWaitSeconds, () => {
     const v = findLuksVolumes(sys);
     return v.length ? v : null;
@@ -224,7 +193,7 @@ export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: Age
     return (await started) ? remote : null;
   };
   try {
-    const result = await unlock(log, realUnlockOps(sys, log, cfg, esp, volumes, opened, recovery), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
+    const result = await unlock(log, realUnlockOps(sys, log, cfg, tpm, secureBoot, volumes, opened, recovery), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
     return { devices: opened.map((o) => o.mapper), result };
   } finally {
     // The ssh client that sent the passphrase is still reading its answer; give it a moment

@@ -1,24 +1,30 @@
 // Stage "unlock": get the key of the encrypted pool. Unattended from the TPM when the machine is
-// in the measured state it was sealed in; otherwise from a human with the recovery passphrase,
-// on the console (and, later, over ssh). Never a shell.
+// in the measured state it was sealed in (a production UKI, Secure Boot as at install);
+// otherwise from a human with the recovery passphrase, on the console or over ssh. Never a shell.
 //
-// The latch: right after the unseal attempt, a PCR that was zero at boot is extended, so the
-// sealed key cannot be unsealed again until the next reboot, whatever runs later.
+// The latch: right after the unseal attempt, whether it worked or not, and before any prompt,
+// any volume is opened or anything of the pool is read, the latch PCR is extended, so the key
+// cannot be unsealed again until the next reboot, whatever runs later.
 import { BootError, describe } from "../errors.ts";
+import type { UnsealedKey } from "../diskkey/diskkey.ts";
 import type { Logger } from "../log.ts";
 
 /** The side effects unlock needs, so the decisions below can be tested with fakes. */
 export interface UnlockOps {
-  /** Waits (bounded) for the TPM; false when there is none. */
-  waitForTpm(): Promise<boolean>;
-  /** Unseals the disk key and names its keyslot; throws when the TPM refuses or there is no sealed key. */
-  unsealKey(): { key: Uint8Array; slot: number };
-  /** Extends the latch PCR. */
+  /** A TPM was found by the boot's tpm stage; false: straight to the passphrase. */
+  hasTpm: boolean;
+  /** The latch was extended earlier this boot (sidecar mode): the TPM cannot release the key. */
+  alreadyLatched: boolean;
+  /** Unseals every token that meets the config; never throws (refusals are logged). */
+  unsealKeys(): UnsealedKey[];
+  /** Extends the latch PCR; throws when it cannot (fail closed). */
   latch(): void;
   /** True if unsealing again now fails, as the latch promises. */
   latchHolds(): boolean;
-  /** Opens the pool's volumes with `key` (only in `slot` when known); false when it opens none. */
-  openWithKey(key: Uint8Array, slot?: number): boolean;
+  /** Opens each key's volume in the key's keyslot only; true when every volume is open. */
+  openWithTpmKeys(keys: readonly UnsealedKey[]): boolean;
+  /** Opens the volumes not open yet with a passphrase; false when it opens none. */
+  openWithPassphrase(passphrase: Uint8Array): boolean;
   /**
    * The recovery passphrase from a human: the console (no echo) or, when a recovery sidecar
    * runs, `ctl unlock` over ssh, whichever answers first. null when nobody can be asked.
@@ -28,7 +34,9 @@ export interface UnlockOps {
   reportResult?(ok: boolean, resealed: boolean): void;
   /** Asks a yes/no question on the console (default no). */
   confirm(question: string): Promise<boolean>;
-  /** Seals a new TPM key for the current PCRs, authorised by the passphrase. */
+  /** Why no reseal can be offered now (no TPM, Secure Boot off), or null. */
+  resealRefusal(): string | null;
+  /** Seals a new TPM key for the current state, authorised by the passphrase. */
   reseal(passphrase: Uint8Array): void;
 }
 
@@ -42,39 +50,39 @@ export interface UnlockOptions {
   checkLatch: boolean;
 }
 
+const wipe = (keys: readonly UnsealedKey[]) => keys.forEach((k) => k.key.fill(0));
+
 export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): Promise<UnlockResult> {
-  const hasTpm = await ops.waitForTpm();
-  if (hasTpm) {
-    let key: { key: Uint8Array; slot: number } | undefined;
-    try {
-      key = ops.unsealKey();
-    } catch (e) {
-      log.err(`unlock: TPM did not release the key: ${describe(e)}`);
-    }
-    // Latch whether or not the unseal worked: nothing later this boot may try again.
+  let keys: UnsealedKey[] = [];
+  if (!ops.hasTpm) log.warn("unlock: no TPM; the recovery passphrase is needed");
+  else if (ops.alreadyLatched) log.warn("unlock: the latch PCR was extended earlier this boot; the recovery passphrase is needed");
+  else keys = ops.unsealKeys();
+  // Latch whether or not the unseal worked: nothing later this boot may try again.
+  try {
     ops.latch();
-    if (opt.checkLatch) {
-      if (ops.latchHolds()) log.info("unlock: latch holds: the key cannot be unsealed again this boot");
-      else log.err("unlock: LATCH FAILED: the key could be unsealed again this boot");
+  } catch (e) {
+    wipe(keys);
+    throw e;
+  }
+  if (opt.checkLatch && ops.hasTpm) {
+    if (ops.latchHolds()) log.info("unlock: latch holds: the key cannot be unsealed again this boot");
+    else log.err("unlock: LATCH FAILED: the key could be unsealed again this boot");
+  }
+  if (keys.length) {
+    const ok = ops.openWithTpmKeys(keys);
+    wipe(keys);
+    if (ok) {
+      log.info("unlock: unlocked with the TPM");
+      return { method: "tpm", resealed: false };
     }
-    if (key) {
-      const ok = ops.openWithKey(key.key, key.slot);
-      key.key.fill(0);
-      if (ok) {
-        log.info("unlock: unlocked with the TPM");
-        return { method: "tpm", resealed: false };
-      }
-      log.err("unlock: the key from the TPM opens no volume");
-    }
-  } else {
-    log.warn("unlock: no TPM; the recovery passphrase is needed");
+    log.err("unlock: the keys from the TPM do not open every volume");
   }
 
   for (let i = 1; i <= opt.tries; i++) {
     const pass = await ops.readSecret(`Recovery passphrase (attempt ${i} of ${opt.tries}): `);
     if (pass === null) throw new BootError("unlock: no TPM key and no console to ask for the recovery passphrase");
     const bytes = Buffer.from(pass.trim(), "utf8");
-    const ok = ops.openWithKey(bytes);
+    const ok = ops.openWithPassphrase(bytes);
     if (!ok) {
       ops.reportResult?.(false, false);
       bytes.fill(0);
@@ -84,7 +92,9 @@ export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): P
     log.info("unlock: unlocked with the recovery passphrase");
     let resealed = false;
     // PCR 7 moves with firmware and dbx updates: offer to seal again for the state we are in now.
-    if (hasTpm && (await ops.confirm("Reseal the disk key to this machine's current TPM state? [y/N] "))) {
+    const refusal = ops.resealRefusal();
+    if (refusal) log.warn(`unlock: no reseal: ${refusal}`);
+    else if (await ops.confirm("Reseal the disk key to this machine's current TPM state? [y/N] ")) {
       try {
         ops.reseal(bytes);
         resealed = true;

@@ -51,6 +51,9 @@ const bind = () => {
     getUuid: lib.func("const char *crypt_get_uuid(crypt_device *cd)"),
     initByName: lib.func("int crypt_init_by_name(_Out_ crypt_device **cd, const char *name)"),
     deactivate: lib.func("int crypt_deactivate(crypt_device *cd, const char *name)"),
+    tokenStatus: lib.func("int crypt_token_status(crypt_device *cd, int token, _Out_ const char **type)"),
+    tokenJsonGet: lib.func("int crypt_token_json_get(crypt_device *cd, int token, _Out_ const char **json)"),
+    tokenJsonSet: lib.func("int crypt_token_json_set(crypt_device *cd, int token, const char *json)"),
   };
   // libcryptsetup explains failures in log messages ("Verification failed at position N");
   // keep them for our one-line errors instead of letting them go to stderr.
@@ -261,6 +264,48 @@ export function luksOpen(device: string, name: string, key: Uint8Array, flags: n
 
 export function luksUuid(device: string): string {
   return withLuks(device, (cd, c) => String(c.getUuid(cd)));
+}
+
+/** LUKS2 has 32 token slots (LUKS2_TOKENS_MAX). */
+const LUKS2_TOKENS_MAX = 32;
+const CRYPT_ANY_TOKEN = -1;
+/** crypt_token_status: INVALID and INACTIVE mean "no token in this slot". */
+const CRYPT_TOKEN_INACTIVE = 1;
+
+/** Every token in the LUKS2 header, as the JSON text the header holds (data, never policy). */
+export function luksTokens(device: string): { id: number; json: string }[] {
+  return withLuks(device, (cd, c) => {
+    const out: { id: number; json: string }[] = [];
+    for (let id = 0; id < LUKS2_TOKENS_MAX; id++) {
+      const type: (string | null)[] = [null];
+      if ((c.tokenStatus(cd, id, type) as number) <= CRYPT_TOKEN_INACTIVE) continue;
+      const json: (string | null)[] = [null];
+      const r = c.tokenJsonGet(cd, id, json) as number;
+      if (r < 0) luksFail(`${device}: read token ${id}`, r);
+      out.push({ id, json: String(json[0]) });
+    }
+    return out;
+  });
+}
+
+/**
+ * Writes a token (its JSON names its keyslots; libcryptsetup checks they exist) in a free token
+ * slot, or in `id`; returns the token id. The header write is atomic in libcryptsetup (both
+ * header copies, sequence number).
+ */
+export function luksSetToken(device: string, json: string, id = CRYPT_ANY_TOKEN): number {
+  return withLuks(device, (cd, c) => {
+    const r = c.tokenJsonSet(cd, id, json) as number;
+    if (r < 0) luksFail(`${device}: write token`, r);
+    return r;
+  });
+}
+
+export function luksRemoveToken(device: string, id: number): void {
+  withLuks(device, (cd, c) => {
+    const r = c.tokenJsonSet(cd, id, null) as number;
+    if (r < 0) luksFail(`${device}: remove token ${id}`, r);
+  });
 }
 
 /** Closes /dev/mapper/<name>. */

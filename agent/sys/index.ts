@@ -3,7 +3,7 @@
 import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import type { Kdf } from "./cryptsetup.ts";
-import type { SealedBlob } from "./tpm.ts";
+import type { PolicyStep, Primary } from "./tss.ts";
 
 /** LUKS2 volumes (libcryptsetup). Keys are bytes; nothing here logs them. */
 export interface LuksOps {
@@ -16,6 +16,11 @@ export interface LuksOps {
    */
   open(device: string, name: string, key: Uint8Array, flags: number, slot?: number): { path: string; slot: number };
   close(name: string): void;
+  /** The header's tokens as JSON text: data to validate, never policy. */
+  tokens(device: string): { id: number; json: string }[];
+  /** Writes a token (in a free slot unless `id`); returns its id. */
+  setToken(device: string, json: string, id?: number): number;
+  removeToken(device: string, id: number): void;
 }
 
 /** Links, addresses and routes over rtnetlink. */
@@ -27,12 +32,19 @@ export interface NetOps {
   defaultRoute(ifname: string, gateway: string): void;
 }
 
-/** The TPM, through tpm2-tools. */
+/** The TPM2, in-process (tpm2-tss's ESYS through koffi, see tss.ts). */
 export interface TpmOps {
+  /** sha256 bank values. */
   pcrRead(pcrs: readonly number[]): Map<number, Uint8Array>;
-  seal(secret: Uint8Array, expected: Map<number, Uint8Array>): SealedBlob;
-  unseal(blob: SealedBlob, pcrs: readonly number[]): Uint8Array;
+  /** Extends `pcr`'s sha256 bank with a 32-byte digest. */
   extend(pcr: number, digest: Uint8Array): void;
+  /** The persistent SRK at 0x81000001, created when absent. */
+  ensureSrk(): { created: boolean; name: Uint8Array; serialized: Uint8Array };
+  /** Seals `secret` to `policyDigest`; systemd's "tpm2-blob" (TPM2B_PRIVATE then TPM2B_PUBLIC). */
+  seal(secret: Uint8Array, policyDigest: Uint8Array, primary: Primary): Uint8Array;
+  /** Replays `steps` in a salted policy session and unseals; TpmError on refusal. */
+  unseal(blob: Uint8Array, primary: Primary, steps: readonly PolicyStep[], srkSerialized?: Uint8Array): Uint8Array;
+  close(): void;
 }
 
 export type FileKind = "file" | "dir" | "link" | "other" | "missing";
@@ -76,8 +88,8 @@ export interface Sys {
   attachLoop(file: string): string;
   luks: LuksOps;
   net: NetOps;
-  /** tpm2 from the given sidecar root, on /dev/tpmrm0. */
-  tpm(sidecarRoot: string): TpmOps;
+  /** The TPM on /dev/tpmrm0 (the kernel's resource manager). */
+  tpm(): TpmOps;
   /** Runs a tool to completion (install mode: sfdisk, mkfs); throws with its stderr on failure. */
   run(argv: readonly string[], input?: Uint8Array): string;
   /** Reads one line from the console; with echo off for secrets. null: no console. */
@@ -164,7 +176,7 @@ export async function realSys(): Promise<Sys> {
   const kmod = await import("./kmod.ts");
   const blkid = await import("./blkid.ts");
   const cryptsetup = await import("./cryptsetup.ts");
-  const tpm = await import("./tpm.ts");
+  const tss = await import("./tss.ts");
   const nl = await import("./netlink.ts");
   const udp = await import("./udp.ts");
   const { spawnSync } = await import("node:child_process");
@@ -232,8 +244,11 @@ export async function realSys(): Promise<Sys> {
       destroySlot: cryptsetup.luksDestroySlot,
       open: cryptsetup.luksOpen,
       close: cryptsetup.luksClose,
+      tokens: cryptsetup.luksTokens,
+      setToken: cryptsetup.luksSetToken,
+      removeToken: cryptsetup.luksRemoveToken,
     },
-    tpm: (root) => new tpm.Tpm(tpm.sidecarTpm2(root)),
+    tpm: () => tss.openTpm(),
     net: {
       udp: (n, p) => udp.udpOnDevice(n, p),
       linkUp: (n) => nl.rtnetlink([{ what: `link ${n} up`, build: (s) => nl.linkUpMsg(nl.ifIndex(n), s) }]),

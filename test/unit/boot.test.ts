@@ -7,6 +7,9 @@ import { Timeline } from "../../agent/log.ts";
 import { Coldplug, waitUntil } from "../../agent/stages/devices.ts";
 import { mountApiFilesystems, readSecureBoot, secureBootFromBootParams, setupEarly } from "../../agent/stages/early.ts";
 import { RecoverySidecar } from "../../agent/stages/recovery.ts";
+import { FakeTpm } from "./faketpm.ts";
+import { extendPcr } from "../../agent/diskkey/policy.ts";
+import { LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 function ctx(sys: FakeSys): BootContext & { log: ReturnType<typeof silentLog> } {
@@ -108,9 +111,33 @@ describe("boot plan", () => {
     expect(c.timeline.stages.map((x) => [x.name, x.ok])).toEqual([
       ["early", true],
       ["modules", true],
+      ["tpm", true],
       ["root", true],
       ["handoff-check", true],
     ]);
+  });
+
+  it("a path that does not unseal (root= on the cmdline) latches before it mounts a root; PCR 11 leaves the initrd before the exec", async () => {
+    const s = bootable("root=/dev/vda rootflags=subvol=@");
+    s.devices.add("/dev/vda").add("/dev/tpmrm0");
+    s.add("/sys/firmware/acpi/tables/TPM2", { kind: "file" });
+    const tpm = (s.tpmFake = new FakeTpm());
+    const c = ctx(s);
+    await expect(boot(c, st())).rejects.toThrow("execve reached");
+    expect(tpm.calls).toEqual(["extend 11", "extend 15", "extend 11", "close"]);
+    const order = s.calls.filter((x) => x === "tpm" || /^(mount \/dev\/vda|execve)/.test(x));
+    expect(order).toEqual(["tpm", "mount /dev/vda /sysroot btrfs 0x1 subvol=@", "execve /sbin/init /sbin/init"]);
+    expect(c.log.lines).toContain("info: tpm: latch PCR 15 extended (root= on the cmdline)");
+    expect(Buffer.from(tpm.pcr(15))).toEqual(Buffer.from(extendPcr(new Uint8Array(32), LATCH_DIGEST)));
+  });
+
+  it("a latch that cannot be extended stops a root= boot before the root is mounted", async () => {
+    const s = bootable("root=/dev/vda");
+    s.devices.add("/dev/vda").add("/dev/tpmrm0");
+    const tpm = (s.tpmFake = new FakeTpm());
+    tpm.failExtend = true;
+    await expect(boot(ctx(s), st())).rejects.toThrow(/cannot extend|TPM_RC_LOCALITY/);
+    expect(s.calls.some((x) => x.startsWith("mount /dev/vda") || x.startsWith("execve"))).toBe(false);
   });
 
   it("logs a malformed cmdline value and boots with the default", async () => {

@@ -56,18 +56,49 @@ export class FakeSys implements Sys {
     this.log(`copyFile ${a} ${b}`);
     this.add(b, { kind: "file", data: this.readFile(a) ?? "" });
   }
-  /** LUKS volumes: device → accepted keys (as strings). */
-  luksKeys = new Map<string, Set<string>>();
+  /** LUKS2 volumes: device → keyslot → key (latin1), and device → token id → JSON. */
+  luksSlots = new Map<string, Map<number, string>>();
+  luksTokenJson = new Map<string, Map<number, string>>();
+  private slotsOf(d: string): Map<number, string> {
+    const s = this.luksSlots.get(d);
+    if (!s) throw Object.assign(new Error(`${d}: not a LUKS2 volume`), { errno: 22 });
+    return s;
+  }
+  private tokensOf(d: string): Map<number, string> {
+    if (!this.luksTokenJson.has(d)) this.luksTokenJson.set(d, new Map());
+    return this.luksTokenJson.get(d)!;
+  }
+  private slotFor(d: string, k: Uint8Array, only?: number): number | undefined {
+    const key = Buffer.from(k).toString("latin1");
+    return [...this.slotsOf(d)].find(([n, v]) => v === key && (only === undefined || n === only))?.[0];
+  }
   luks: LuksOps = {
-    format: (d, k) => (this.log(`luks.format ${d}`), this.luksKeys.set(d, new Set([Buffer.from(k).toString("latin1")])), 0),
-    addKey: (d, _e, k) => (this.log(`luks.addKey ${d}`), this.luksKeys.get(d)!.add(Buffer.from(k).toString("latin1")), 1),
-    destroySlot: (d, s) => this.log(`luks.destroySlot ${d} ${s}`),
-    open: (d, name, k, _flags, _slot) => {
-      this.log(`luks.open ${d} ${name}`);
-      if (!this.luksKeys.get(d)?.has(Buffer.from(k).toString("latin1"))) throw Object.assign(new Error("wrong key"), { errno: 1 });
-      return { path: `/dev/mapper/${name}`, slot: 0 };
+    format: (d, k) => (this.log(`luks.format ${d}`), this.luksSlots.set(d, new Map([[0, Buffer.from(k).toString("latin1")]])), 0),
+    addKey: (d, e, k) => {
+      this.log(`luks.addKey ${d}`);
+      if (this.slotFor(d, e) === undefined) throw Object.assign(new Error(`${d}: add keyslot: wrong key`), { errno: 1 });
+      let n = 0;
+      while (this.slotsOf(d).has(n)) n++;
+      this.slotsOf(d).set(n, Buffer.from(k).toString("latin1"));
+      return n;
+    },
+    destroySlot: (d, s) => (this.log(`luks.destroySlot ${d} ${s}`), void this.slotsOf(d).delete(s)),
+    open: (d, name, k, _flags, slot) => {
+      this.log(`luks.open ${d} ${name}${slot === undefined ? "" : ` slot=${slot}`}`);
+      const n = this.slotFor(d, k, slot);
+      if (n === undefined) throw Object.assign(new Error("wrong key"), { errno: 1 });
+      return { path: `/dev/mapper/${name}`, slot: n };
     },
     close: (name) => this.log(`luks.close ${name}`),
+    tokens: (d) => (this.slotsOf(d), [...this.tokensOf(d)].map(([id, json]) => ({ id, json }))),
+    setToken: (d, json, id) => {
+      this.log(`luks.setToken ${d}`);
+      let n = id ?? 0;
+      while (id === undefined && this.tokensOf(d).has(n)) n++;
+      this.tokensOf(d).set(n, json);
+      return n;
+    },
+    removeToken: (d, id) => (this.log(`luks.removeToken ${d} ${id}`), void this.tokensOf(d).delete(id)),
   };
   net: NetOps = {
     udp: () => {
@@ -79,6 +110,7 @@ export class FakeSys implements Sys {
   };
   tpmFake?: TpmOps;
   tpm(): TpmOps {
+    this.log("tpm");
     if (!this.tpmFake) throw new Error("no fake TPM");
     return this.tpmFake;
   }

@@ -1,7 +1,7 @@
 // The koffi bindings, exercised for real: mounts in a private mount namespace (root only),
 // libblkid on an image made here, the SIGPWR relay with a real signal.
 import { execFileSync, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
 import { probe, resolveSpec } from "../../agent/sys/blkid.ts";
@@ -89,34 +89,6 @@ describe("libblkid on the built images", () => {
   });
 });
 
-describe("TPM through tpm2-tools against a software TPM", () => {
-  it("seals to PCR 7 + latch, unseals, and refuses after the latch is extended", async () => {
-    const { Tpm } = await import("../../agent/sys/tpm.ts");
-    const state = `${dir}/swtpm`;
-    execFileSync("mkdir", ["-p", state]);
-    const sw = spawn("swtpm", ["socket", "--tpm2", "--tpmstate", `dir=${state}`, "--server", `type=unixio,path=${state}/s`, "--ctrl", `type=unixio,path=${state}/s.ctrl`, "--flags", "not-need-init,startup-clear"], { stdio: "ignore" });
-    try {
-      for (let i = 0; i < 100 && !existsSync(`${state}/s`); i++) await new Promise((r) => setTimeout(r, 20));
-      const tpm = new Tpm({ argv: ["tpm2"], env: { TPM2TOOLS_TCTI: `swtpm:path=${state}/s` }, resourceManager: false }, `${dir}/scratch`);
-      const secret = Buffer.alloc(32, 0x5a);
-      const now = tpm.pcrRead([7, 15]);
-      expect(now.get(15)).toEqual(Buffer.alloc(32)); // the latch is zero at boot
-      const blob = tpm.seal(secret, new Map([[7, now.get(7)!], [15, Buffer.alloc(32)]]));
-      expect(tpm.unseal(blob, [7, 15])).toEqual(secret);
-      tpm.extend(15, Buffer.alloc(32, 1));
-      let err: unknown;
-      try {
-        tpm.unseal(blob, [7, 15]);
-      } catch (e) {
-        err = e;
-      }
-      expect(err).toMatchObject({ policyFailure: true, message: "tpm2 unseal: PCR values differ from the sealed policy (TPM_RC_POLICY_FAIL)" });
-    } finally {
-      sw.kill();
-    }
-  });
-});
-
 describe("LUKS2 on an image file (no device-mapper needed to format and check keys)", () => {
   it("formats with a PBKDF2 TPM slot and an argon2id recovery slot, checks both keys, destroys a slot", async () => {
     const { luksFormat, luksAddKey, luksCheckKey, luksDestroySlot, TPM_KDF, RECOVERY_KDF } = await import("../../agent/sys/cryptsetup.ts");
@@ -133,5 +105,22 @@ describe("LUKS2 on an image file (no device-mapper needed to format and check ke
     expect(() => luksCheckKey(img, Buffer.from("nope"))).toThrow(/no keyslot opens with this key: EPERM/);
     luksDestroySlot(img, 0);
     expect(() => luksCheckKey(img, key)).toThrow(/no keyslot opens/);
+  });
+});
+
+describe("LUKS2 tokens on an image file", () => {
+  it("writes, lists and removes systemd-tpm2 tokens as cryptsetup sees them", async () => {
+    const { luksFormat, luksSetToken, luksTokens, luksRemoveToken, TPM_KDF } = await import("../../agent/sys/cryptsetup.ts");
+    const img = `${dir}/tokens.img`;
+    execFileSync("truncate", ["-s", "32M", img]);
+    luksFormat(img, Buffer.alloc(32, 4), TPM_KDF);
+    const json = JSON.stringify({ type: "systemd-tpm2", keyslots: ["0"], "tpm2-blob": "AAAA", "tpm2-pcrs": [7], "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc", "tpm2-policy-hash": "00", "tpm2-pin": false });
+    expect(luksSetToken(img, json)).toBe(0);
+    expect(JSON.parse(execFileSync("cryptsetup", ["token", "export", "--token-id", "0", img], { encoding: "utf8" }))).toEqual(JSON.parse(json));
+    expect(luksTokens(img)).toEqual([{ id: 0, json: execFileSync("cryptsetup", ["token", "export", "--token-id", "0", img], { encoding: "utf8" }).trim() }]);
+    // libcryptsetup refuses a token that names a keyslot the header does not have.
+    expect(() => luksSetToken(img, json.replace('["0"]', '["5"]'))).toThrow(/write token/);
+    luksRemoveToken(img, 0);
+    expect(luksTokens(img)).toEqual([]);
   });
 });

@@ -5,70 +5,97 @@ import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { mountPool, POOL_HOST_KEY } from "../../agent/stages/pool.ts";
 import { HOST_KEY } from "../../agent/stages/sidecar.ts";
 import { unlock, type UnlockOps } from "../../agent/stages/unlock.ts";
-import { pcrSelection } from "../../agent/sys/tpm.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const KEY = Buffer.from("k".repeat(32));
 const PASS = "right-pass";
 
 /** A scripted machine: what the TPM does, what the console answers, which secrets open the disk. */
-function ops(o: { tpm?: boolean; unseal?: "ok" | "policy" | "wrong-key"; answers?: (string | null)[]; latchHolds?: boolean }) {
+function ops(o: { tpm?: boolean; latched?: boolean; unseal?: "ok" | "refused" | "wrong-key"; answers?: (string | null)[]; latchHolds?: boolean; latchFails?: boolean; resealRefusal?: string }) {
   const calls: string[] = [];
   const answers = [...(o.answers ?? [])];
-  const opened: string[] = [];
+  const released: Uint8Array[] = [];
   const u: UnlockOps = {
-    waitForTpm: async () => (calls.push("waitForTpm"), o.tpm ?? true),
-    unsealKey: () => {
+    hasTpm: o.tpm ?? true,
+    alreadyLatched: o.latched ?? false,
+    unsealKeys: () => {
       calls.push("unseal");
-      if (o.unseal === "policy") throw new Error("tpm2 unseal: PCR values differ from the sealed policy (TPM_RC_POLICY_FAIL)");
-      return { key: Buffer.from(o.unseal === "wrong-key" ? "x".repeat(32) : KEY), slot: 0 };
+      if (o.unseal === "refused") return [];
+      const key = Buffer.from(o.unseal === "wrong-key" ? "x".repeat(32) : KEY);
+      released.push(key);
+      return [{ device: "/dev/vda3", token: 0, keyslot: 0, key }];
     },
-    latch: () => void calls.push("latch"),
+    latch: () => {
+      calls.push("latch");
+      if (o.latchFails) throw new Error("tpm: cannot extend the latch PCR 15: TPM_RC_LOCALITY; stopping, fail closed");
+    },
     latchHolds: () => (calls.push("latchHolds"), o.latchHolds ?? true),
-    openWithKey: (k, slot) => {
-      const s = Buffer.from(k).toString();
-      calls.push(`open${slot === undefined ? "" : `@${slot}`}`);
-      const ok = s === KEY.toString() || s === PASS;
-      if (ok) opened.push(s);
-      return ok;
+    openWithTpmKeys: (keys) => {
+      calls.push(`openTpm@${keys.map((k) => k.keyslot).join(",")}`);
+      return keys.every((k) => Buffer.from(k.key).equals(KEY));
     },
+    openWithPassphrase: (p) => (calls.push("open"), Buffer.from(p).toString() === PASS),
     readSecret: async () => (calls.push("prompt"), answers.shift() ?? null),
     confirm: async () => (calls.push("confirm"), answers.shift() === "y"),
+    resealRefusal: () => o.resealRefusal ?? (o.tpm === false ? "no TPM" : null),
     reseal: (p) => void calls.push(`reseal:${Buffer.from(p).toString()}`),
   };
-  return { u, calls, opened };
+  return { u, calls, released };
 }
 const OPT = { tries: 3, checkLatch: false };
 
 describe("unlock decisions", () => {
-  it("TPM releases the key: opens in the sealed keyslot, latches, never prompts", async () => {
-    const { u, calls } = ops({});
+  it("TPM releases the key: latches, then opens in the token's keyslot, never prompts; the key is wiped", async () => {
+    const { u, calls, released } = ops({});
     expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "tpm", resealed: false });
-    expect(calls).toEqual(["waitForTpm", "unseal", "latch", "open@0"]);
+    expect(calls).toEqual(["unseal", "latch", "openTpm@0"]);
+    expect(released[0]!.every((b) => b === 0)).toBe(true);
   });
 
   it("latches even when the unseal fails, before asking a human", async () => {
-    const { u, calls } = ops({ unseal: "policy", answers: [PASS, "n"] });
+    const { u, calls } = ops({ unseal: "refused", answers: [PASS, "n"] });
+    expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "passphrase", resealed: false });
+    expect(calls).toEqual(["unseal", "latch", "prompt", "open", "confirm"]);
+  });
+
+  it("a latch that cannot be extended stops the boot (fail closed) and wipes the released key", async () => {
+    const { u, calls, released } = ops({ latchFails: true });
+    await expect(unlock(silentLog(), u, OPT)).rejects.toThrow(/fail closed/);
+    expect(calls).toEqual(["unseal", "latch"]);
+    expect(released[0]!.every((b) => b === 0)).toBe(true);
+  });
+
+  it("latched earlier this boot (sidecar mode): no unseal attempt, straight to the passphrase", async () => {
+    const { u, calls } = ops({ latched: true, answers: [PASS, "n"] });
     const log = silentLog();
-    expect(await unlock(log, u, OPT)).toEqual({ method: "passphrase", resealed: false });
-    expect(calls).toEqual(["waitForTpm", "unseal", "latch", "prompt", "open", "confirm"]);
-    expect(log.lines).toContain("err: unlock: TPM did not release the key: tpm2 unseal: PCR values differ from the sealed policy (TPM_RC_POLICY_FAIL)");
+    expect((await unlock(log, u, OPT)).method).toBe("passphrase");
+    expect(calls[0]).toBe("latch");
+    expect(calls).not.toContain("unseal");
+    expect(log.lines).toContain("warn: unlock: the latch PCR was extended earlier this boot; the recovery passphrase is needed");
   });
 
   it("reseals with the passphrase when the operator says yes", async () => {
-    const { u, calls } = ops({ unseal: "policy", answers: [PASS, "y"] });
+    const { u, calls } = ops({ unseal: "refused", answers: [PASS, "y"] });
     expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "passphrase", resealed: true });
     expect(calls.at(-1)).toBe(`reseal:${PASS}`);
+  });
+
+  it("Secure Boot off: the passphrase unlocks, no reseal is offered, and the log says why", async () => {
+    const { u, calls } = ops({ unseal: "refused", answers: [PASS, "y"], resealRefusal: "Secure Boot is off: PCR 7 would vouch for nothing" });
+    const log = silentLog();
+    expect(await unlock(log, u, OPT)).toEqual({ method: "passphrase", resealed: false });
+    expect(calls).not.toContain("confirm");
+    expect(log.lines).toContain("warn: unlock: no reseal: Secure Boot is off: PCR 7 would vouch for nothing");
   });
 
   it("no TPM: straight to the passphrase, and no reseal is offered", async () => {
     const { u, calls } = ops({ tpm: false, answers: [PASS] });
     expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "passphrase", resealed: false });
-    expect(calls).toEqual(["waitForTpm", "prompt", "open"]);
+    expect(calls).toEqual(["latch", "prompt", "open"]);
   });
 
   it("three wrong passphrases end in a BootError; a fourth is never asked", async () => {
-    const { u, calls } = ops({ unseal: "policy", answers: ["a", "b", "c", PASS] });
+    const { u, calls } = ops({ unseal: "refused", answers: ["a", "b", "c", PASS] });
     const log = silentLog();
     await expect(unlock(log, u, OPT)).rejects.toThrow("unlock: 3 wrong recovery passphrases");
     expect(calls.filter((c) => c === "prompt")).toHaveLength(3);
@@ -79,7 +106,7 @@ describe("unlock decisions", () => {
     const { u } = ops({ unseal: "wrong-key", answers: [PASS, "n"] });
     const log = silentLog();
     expect((await unlock(log, u, OPT)).method).toBe("passphrase");
-    expect(log.lines).toContain("err: unlock: the key from the TPM opens no volume");
+    expect(log.lines).toContain("err: unlock: the keys from the TPM do not open every volume");
   });
 
   it("no console to ask: a clear BootError instead of waiting forever", async () => {
@@ -201,9 +228,5 @@ describe("install helpers", () => {
     expect(InstallConfigSchema.safeParse({ target: "/dev/vdb", rootfs: { file: "r.tar", sha256: "a".repeat(64) } }).success).toBe(true);
     expect(InstallConfigSchema.safeParse({ target: "vdb", rootfs: { file: "r.tar", sha256: "a".repeat(64) } }).success).toBe(false);
     expect(InstallConfigSchema.safeParse({ target: "/dev/vdb", rootfs: { file: "r.tar" } }).success).toBe(false);
-  });
-
-  it("selects PCRs in ascending order for policies", () => {
-    expect(pcrSelection([15, 7])).toBe("sha256:7,15");
   });
 });

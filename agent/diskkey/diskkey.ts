@@ -1,0 +1,213 @@
+// The disk key: sealing, unsealing and resealing, used by install, unlock and reseal. One place
+// decides what a key is bound to (the signed config), how a token is checked before the TPM
+// sees it, and which keyslots a reseal may remove.
+//
+//   seal:   32 random bytes → a new LUKS2 keyslot (PBKDF2, minimal: the secret is random) whose
+//           passphrase is their base64 (as systemd's) → sealed under the persistent SRK to
+//           PolicyAuthorize(PCR signer) + PolicyPCR(PCR 7 now, latch PCR at zero) → a
+//           `systemd-tpm2` token in the same header.
+//   unseal: for each token that meets the config: a salted, encrypted policy session replays
+//           the binding (the signature for PCR 11 comes from systemd-stub via /.extra).
+import { BootError, describe } from "../errors.ts";
+import type { AgentConfig } from "../config.ts";
+import type { Logger } from "../log.ts";
+import { TPM_KDF } from "../sys/cryptsetup.ts";
+import type { Sys, TpmOps } from "../sys/index.ts";
+import type { PolicyStep } from "../sys/tss.ts";
+import { keyFingerprint, policyPcr, rsaPublicArea, sealPolicy, ZERO_DIGEST } from "./policy.ts";
+import { describeBinding, parseToken, refusal, type Requirement, tokenJson, type Tpm2Token } from "./token.ts";
+
+/** Where systemd-stub puts the UKI's .pcrsig section for the initrd. */
+export const PCR_SIGNATURE = "/.extra/tpm2-pcr-signature.json";
+/** The persistent SRK handle (TCG provisioning guidance; systemd >= 254 uses the same). */
+export const SRK_HANDLE = "0x81000001";
+
+export function requirement(cfg: AgentConfig): Requirement {
+  const t = cfg.tpm;
+  return { bank: t.bank, pcrs: t.pcrs, latchPcr: t.latchPcr, signedPcrs: t.signedPcrs, ...(t.pcrPublicKey ? { signer: t.pcrPublicKey } : {}) };
+}
+
+/** The key as the LUKS2 keyslot sees it: base64 text, as systemd-cryptenroll enrolls it. */
+export const keyslotPassphrase = (key: Uint8Array): Buffer => Buffer.from(Buffer.from(key).toString("base64"), "ascii");
+
+export interface PcrSignature {
+  pol: Uint8Array;
+  sig: Uint8Array;
+}
+
+/**
+ * The signed PCR policy for this UKI, from the file systemd-stub wrote. It is data: the TPM
+ * checks the signature; here only the entry for the config's PCRs and signer is picked.
+ */
+export function readPcrSignature(sys: Sys, req: Requirement, fingerprint: string): PcrSignature | string {
+  const text = sys.readFile(PCR_SIGNATURE);
+  if (text === null) return `no ${PCR_SIGNATURE}: this UKI carries no PCR signature (not a production build)`;
+  let entries: unknown;
+  try {
+    entries = (JSON.parse(text) as Record<string, unknown>)[req.bank];
+  } catch {
+    return `${PCR_SIGNATURE} is not JSON`;
+  }
+  if (!Array.isArray(entries)) return `${PCR_SIGNATURE} has no ${req.bank} entries`;
+  const want = [...req.signedPcrs].sort((a, b) => a - b).join(",");
+  for (const e of entries as Record<string, unknown>[]) {
+    const pcrs = Array.isArray(e.pcrs) ? [...(e.pcrs as number[])].sort((a, b) => a - b).join(",") : "";
+    if (pcrs !== want || e.pkfp !== fingerprint) continue;
+    if (typeof e.pol !== "string" || !/^[0-9a-f]{64}$/.test(e.pol) || typeof e.sig !== "string") return `${PCR_SIGNATURE}: malformed entry for PCR ${want}`;
+    return { pol: new Uint8Array(Buffer.from(e.pol, "hex")), sig: new Uint8Array(Buffer.from(e.sig, "base64")) };
+  }
+  return `${PCR_SIGNATURE} has no signature for PCR ${want} by the configured PCR key`;
+}
+
+/** The `systemd-tpm2` tokens of a volume; malformed ones are logged and skipped. */
+export function readTokens(sys: Sys, log: Logger, device: string): Tpm2Token[] {
+  const out: Tpm2Token[] = [];
+  for (const { id, json } of sys.luks.tokens(device)) {
+    try {
+      const t = parseToken(id, json);
+      if (t) out.push(t);
+    } catch (e) {
+      log.err(`unlock: ${device}: ${describe(e)}; ignored`);
+    }
+  }
+  return out;
+}
+
+export interface UnsealedKey {
+  device: string;
+  token: number;
+  keyslot: number;
+  key: Uint8Array;
+}
+
+/**
+ * Unseals every usable token of every volume. Never throws: a token that does not meet the
+ * config, or that the TPM refuses, is one line in the log. The caller latches right after.
+ */
+export function unsealTokens(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, volumes: readonly string[]): UnsealedKey[] {
+  const keys: UnsealedKey[] = [];
+  let signature: PcrSignature | string | undefined;
+  const fingerprint = req.signer ? keyFingerprint(req.signer) : "";
+  for (const device of volumes) {
+    const tokens = readTokens(sys, log, device);
+    if (!tokens.length) log.warn(`unlock: ${device}: no systemd-tpm2 token in the LUKS2 header`);
+    for (const t of tokens) {
+      const name = `${device} token ${t.id} (${describeBinding(t.pcrs, t.signedPcrs)}, keyslot ${t.keyslot})`;
+      const refused = refusal(t, req);
+      if (refused) {
+        log.err(`unlock: ${device}: refused ${refused}`);
+        continue;
+      }
+      try {
+        const steps: PolicyStep[] = [];
+        if (t.signedPcrs.length) {
+          signature ??= readPcrSignature(sys, req, fingerprint);
+          if (typeof signature === "string") throw new Error(signature);
+          // The TPM decides; this only names the cause when the signature is for another UKI.
+          const now = policyPcr(ZERO_DIGEST, t.signedPcrs, tpm.pcrRead(t.signedPcrs));
+          if (!Buffer.from(now).equals(signature.pol)) throw new Error(`PCR ${t.signedPcrs.join(",")} is not what the PCR key signed (another UKI, or another boot phase)`);
+          steps.push({ kind: "authorize", pcrs: t.signedPcrs, publicArea: rsaPublicArea(req.signer!), approvedPolicy: signature.pol, signature: signature.sig });
+        }
+        if (t.pcrs.length) {
+          const expected = sealPolicy({ pcrs: t.pcrs, values: tpm.pcrRead(t.pcrs), ...(t.signedPcrs.length ? { signer: req.signer! } : {}) });
+          if (!Buffer.from(expected).equals(t.policyHash)) throw new Error(`sealed for other values of PCR ${t.pcrs.join(",")} than this boot's (firmware, Secure Boot keys or dbx changed, or the latch is already extended)`);
+          steps.push({ kind: "pcr", pcrs: t.pcrs });
+        }
+        const key = tpm.unseal(t.blob, t.srk ? { kind: "srk" } : { kind: "legacy-ecc" }, steps, t.srk);
+        log.info(`unlock: ${name}: unsealed${t.srk ? ` under the SRK ${SRK_HANDLE}` : ""}`);
+        keys.push({ device, token: t.id, keyslot: t.keyslot, key });
+      } catch (e) {
+        log.err(`unlock: ${name}: TPM did not release the key: ${describe(e)}`);
+      }
+    }
+  }
+  return keys;
+}
+
+export interface Enrolled {
+  token: number;
+  keyslot: number;
+}
+
+/** Refuses to seal where a seal would not protect the key; one line saying why. */
+function checkSealable(req: Requirement, secureBoot: string): void {
+  if (secureBoot !== "on") throw new BootError(`refusing to seal the disk key: Secure Boot is ${secureBoot}, so PCR 7 would vouch for nothing`);
+  if (req.signedPcrs.length && !req.signer) throw new BootError("refusing to seal the disk key: the signed config names no PCR signer (tpm.pcrPublicKey)");
+}
+
+/**
+ * Seals `key`, which opens `keyslot` of `device` (as keyslotPassphrase), to the config's
+ * binding and writes the token. Only with Secure Boot on: with it off, PCR 7 vouches for
+ * nothing, and a key sealed to it would unseal for any kernel.
+ */
+export function sealKey(sys: Sys, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, key: Uint8Array, keyslot: number): Enrolled {
+  checkSealable(req, secureBoot);
+  const srk = tpm.ensureSrk();
+  const pcrs = [...req.pcrs, req.latchPcr];
+  const values = tpm.pcrRead(req.pcrs);
+  values.set(req.latchPcr, new Uint8Array(32)); // the latch is zero until the boot path latches
+  const signer = req.signedPcrs.length ? { signer: req.signer! } : {};
+  const policyHash = sealPolicy({ pcrs, values, ...signer });
+  const blob = tpm.seal(key, policyHash, { kind: "srk" });
+  const token = sys.luks.setToken(
+    device,
+    tokenJson({ keyslot, blob, pcrs, bank: req.bank, primaryAlg: "ecc", policyHash, pin: false, signedPcrs: [...req.signedPcrs], ...signer, srk: srk.serialized }),
+  );
+  return { token, keyslot };
+}
+
+/** A new random key in a new keyslot of `device` (authorised by `existing`), sealed (sealKey). */
+export function enroll(sys: Sys, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, existing: Uint8Array): Enrolled {
+  checkSealable(req, secureBoot); // before the keyslot: a refused seal leaves the header as it was
+  const key = sys.randomBytes(32);
+  const passphrase = keyslotPassphrase(key);
+  try {
+    const keyslot = sys.luks.addKey(device, existing, passphrase, TPM_KDF);
+    return sealKey(sys, tpm, req, secureBoot, device, key, keyslot);
+  } finally {
+    key.fill(0);
+    passphrase.fill(0);
+  }
+}
+
+export interface ResealResult extends Enrolled {
+  /** Keyslots (and their tokens) removed: each proven this boot to hold a TPM key. */
+  removed: number[];
+  /** Old TPM tokens kept because nothing proved what their keyslot holds. */
+  kept: number[];
+}
+
+/**
+ * A new seal after a passphrase unlock (PCR 7 moved, or the old seal is unusable). The new token
+ * is written first; then only keyslots this boot *proved* to hold a TPM key (a key the TPM
+ * released opened them) are removed, never the one the passphrase opened. Old tokens whose
+ * keyslot nothing proved stay: the disk loses nothing, and they can only unseal in the measured
+ * state they were sealed to.
+ */
+export function reseal(
+  sys: Sys,
+  log: Logger,
+  tpm: TpmOps,
+  req: Requirement,
+  secureBoot: string,
+  device: string,
+  passphrase: Uint8Array,
+  passphraseSlot: number,
+  provenTpmSlots: ReadonlySet<number>,
+): ResealResult {
+  const before = readTokens(sys, log, device);
+  const made = enroll(sys, tpm, req, secureBoot, device, passphrase);
+  const removed: number[] = [];
+  const kept: number[] = [];
+  for (const t of before) {
+    if (t.keyslot === made.keyslot) continue;
+    if (t.keyslot !== passphraseSlot && provenTpmSlots.has(t.keyslot)) {
+      sys.luks.destroySlot(device, t.keyslot);
+      sys.luks.removeToken(device, t.id);
+      removed.push(t.keyslot);
+    } else {
+      kept.push(t.id);
+    }
+  }
+  return { ...made, removed, kept };
+}
