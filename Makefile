@@ -3,8 +3,14 @@
 #   make demo    install what is missing, build, boot the signed UKI under QEMU (Secure Boot + TPM)
 #   make test    install what is missing, build, run every unit and integration test
 #
-# Signing keys: SB_KEY / SB_CERT (PEM), SB_KEY_PASS when the key is encrypted. The defaults are
-# Debian's snakeoil keys, which the snakeoil OVMF firmware trusts: for tests and the demo only.
+# Signing keys: SB_KEY / SB_CERT (PEM), SB_KEY_PASS when the key is encrypted; PCR_KEY (PEM, RSA),
+# PCR_KEY_PASS when encrypted. Passphrases go in the environment (export them), never on a command
+# line: the recipes hand them to openssl and the build as `env:VAR`, so no process has them in its
+# argv, and keys are decrypted only into pipes or in-process, never into build/. The defaults are
+# Debian's snakeoil keys, which the snakeoil OVMF firmware trusts, and a PCR key made here: for
+# tests and the demo only. Your SB_KEY signs only what a real machine boots (target.efi,
+# installer.efi); the test and demo UKIs (initos.efi and boot.img, reference.efi) are always
+# signed with the snakeoil key.
 
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
@@ -18,9 +24,19 @@ export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 
 # MB under TCG, measured by make bench), while the kernel unpacks both as fast; it costs ~40 s of
 # build time, paid only when the agent changes.
 ZSTD_LEVEL  ?= 19
-SB_KEY      ?= /usr/share/ovmf/PkKek-1-snakeoil.key
-SB_CERT     ?= /usr/share/ovmf/PkKek-1-snakeoil.pem
-SB_KEY_PASS ?= snakeoil
+TEST_SB_KEY  := /usr/share/ovmf/PkKek-1-snakeoil.key
+TEST_SB_CERT := /usr/share/ovmf/PkKek-1-snakeoil.pem
+export TEST_SB_KEY_PASS := snakeoil
+SB_KEY      ?= $(TEST_SB_KEY)
+SB_CERT     ?= $(TEST_SB_CERT)
+SB_KEY_PASS ?= $(if $(filter $(TEST_SB_KEY),$(SB_KEY)),snakeoil)
+export SB_KEY_PASS
+# The PCR signer (separate from the db key): signs the PCR 11 value each production UKI has in
+# the enter-initrd phase (its .pcrsig); its public key goes into the agent config and .pcrpkey.
+# The default is a test key made once into build/keys.
+TEST_PCR_KEY := $(B)/keys/pcr-test.key
+PCR_KEY     ?= $(TEST_PCR_KEY)
+PCR_PUB     := $(B)/keys/pcr.pub.pem
 # The cmdline signed into the UKI. The demo and the Secure Boot tests boot the test root.
 CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@ initos.reboot_delay=3 -- demo
 # The installed machine's UKI: no root=, the encrypted pool names it. The installer's UKI.
@@ -35,7 +51,9 @@ SSH_AUTHORIZED_KEYS ?= $(B)/test-ssh/id_ed25519.pub
 DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
 	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
 	zstd cpio busybox-static libcryptsetup12 libkmod2 libblkid1 kmod binutils gcc libc6-dev \
-	openssl openssh-client util-linux fdisk \
+	openssl openssh-client util-linux fdisk systemd \
+	libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0 libtss2-tctildr0 libtss2-tcti-device0 \
+	libtss2-tcti-swtpm0 libtss2-tcti-pcap0 \
 	lz4 xz-utils gzip fonts-dejavu-core
 
 AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
@@ -88,8 +106,8 @@ $(IMAGES) &: $(B)/kernel.json initrd/images.ts initrd/debs.ts
 $(B)/test-ssh/id_ed25519.pub:
 	@mkdir -p -m 700 $(B)/test-ssh
 	ssh-keygen -q -t ed25519 -N '' -C initos-test -f $(B)/test-ssh/id_ed25519
-$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(IMAGES) $(SSH_AUTHORIZED_KEYS) $(BUILD_SRC)
-	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --images $(B)/images --ssh-keys $(SSH_AUTHORIZED_KEYS) --out $@
+$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(IMAGES) $(SSH_AUTHORIZED_KEYS) $(PCR_PUB) $(BUILD_SRC)
+	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --images $(B)/images --ssh-keys $(SSH_AUTHORIZED_KEYS) --pcr-pub $(PCR_PUB) --out $@
 $(B)/sigrelay.so: initrd/sigrelay.c
 	@mkdir -p $(B)
 	gcc -shared -fPIC -Os -Wall -Wextra -o $@ $<
@@ -101,17 +119,54 @@ $(B)/agent.cpio: $(B)/initos-agent $(B)/sigrelay.so $(BUILD_SRC)
 $(B)/initrd.img: $(B)/base.cpio.zst $(B)/agent.cpio.zst
 	cat $^ > $@
 
+# --- keys --------------------------------------------------------------------------------
+# The key files in use, one path a line: switching to another (even older) key file re-signs.
+# (It also removes the decrypted db key older builds left here.)
+KEY_PATHS := $(abspath $(SB_KEY) $(SB_CERT) $(PCR_KEY))
+$(shell mkdir -p -m 700 $(B)/keys; rm -f $(B)/keys/db.key; \
+	printf '%s\n' $(KEY_PATHS) | cmp -s - $(B)/keys/paths || printf '%s\n' $(KEY_PATHS) > $(B)/keys/paths)
+$(TEST_PCR_KEY):
+	@mkdir -p -m 700 $(dir $@)
+	(umask 077; openssl genrsa -out $@ 2048 2>/dev/null)
+$(PCR_PUB): $(PCR_KEY) $(B)/keys/paths
+	openssl pkey -in $(PCR_KEY) $(if $(PCR_KEY_PASS),-passin env:PCR_KEY_PASS) -pubout -out $@
+# Secure Boot signing: $(call sbsign,KEY,CERT,PASS_VAR). The key is decrypted by openssl into a
+# pipe sbsign reads (process substitution: /dev/fd/N), so no decrypted copy ever lands in a file;
+# the passphrase reaches openssl as env:PASS_VAR. sbsign's and sbverify's chatter ("gaps between
+# PE/COFF sections?") is shown only if they fail.
+sbsign = out=$$(sbsign --key <(openssl pkey -in $(1) $(if $($(3)),-passin env:$(3))) --cert $(2) --output $@ $< 2>&1 \
+	&& sbverify --cert $(2) $@ 2>&1) || { echo "$$out" >&2; exit 1; }
+export PCR_KEY_PASS
+
 # --- UKI ---------------------------------------------------------------------------------
+# Which UKI may unseal the disk: only those whose PCR 11 the PCR key signed (.pcrsig, over
+# exactly their sections, enter-initrd phase only): the installed machine's UKI (target.efi)
+# and the bench's shell initrd (reference.efi). Every other UKI carries the PCR signer's
+# public key (.pcrpkey) but no signature, so it can never unseal a key sealed to that signer,
+# even when the same db key signed it: the installer (installer.efi) and the demo/test UKI
+# (initos.efi, whose cmdline boots the test root).
+UKI_PCR = --pcrpkey $(PCR_PUB)
+$(B)/target.unsigned.efi $(B)/reference.unsigned.efi: private UKI_PCR = --pcrpkey $(PCR_PUB) --pcr-key $(PCR_KEY) --pcr-key-pass-env PCR_KEY_PASS
+$(B)/target.unsigned.efi $(B)/reference.unsigned.efi: $(PCR_KEY)
 $(B)/cmdline.txt: FORCE
 	@mkdir -p $(B)
 	@echo '$(CMDLINE)' | cmp -s - $@ || echo '$(CMDLINE)' > $@
-$(B)/initos.unsigned.efi: $(B)/initrd.img $(B)/kernel.json $(B)/cmdline.txt $(BUILD_SRC)
-	$(BUILD) uki --kernel $(B)/kernel.json --initrd $(B)/initrd.img --cmdline "$$(cat $(B)/cmdline.txt)" --out $@
-# Every UKI is built by one recipe from <name>.initrd and <name>.cmdline.
-$(B)/%.unsigned.efi: $(B)/%.initrd $(B)/%.cmdline $(B)/kernel.json $(BUILD_SRC)
-	$(BUILD) uki --kernel $(B)/kernel.json --initrd $< --cmdline "$$(cat $(B)/$*.cmdline)" --out $@
-$(B)/%.efi: $(B)/%.unsigned.efi $(B)/keys/db.key $(SB_CERT)
-	sbsign --key $(B)/keys/db.key --cert $(SB_CERT) --output $@ $< 2>/dev/null
+$(B)/initos.unsigned.efi: $(B)/initrd.img $(B)/kernel.json $(B)/cmdline.txt $(PCR_PUB) $(BUILD_SRC)
+	$(BUILD) uki --kernel $(B)/kernel.json --initrd $(B)/initrd.img --cmdline "$$(cat $(B)/cmdline.txt)" $(UKI_PCR) --out $@
+# Every other UKI is built by one recipe from <name>.initrd and <name>.cmdline.
+$(B)/%.unsigned.efi: $(B)/%.initrd $(B)/%.cmdline $(B)/kernel.json $(PCR_PUB) $(BUILD_SRC)
+	$(BUILD) uki --kernel $(B)/kernel.json --initrd $< --cmdline "$$(cat $(B)/$*.cmdline)" $(UKI_PCR) --out $@
+# Signed with SB_KEY: only what a real machine boots. Everything else: the snakeoil test key.
+SIGN_KEY  = $(TEST_SB_KEY)
+SIGN_CERT = $(TEST_SB_CERT)
+SIGN_PASS = TEST_SB_KEY_PASS
+$(B)/target.efi $(B)/installer.efi: private SIGN_KEY = $(SB_KEY)
+$(B)/target.efi $(B)/installer.efi: private SIGN_CERT = $(SB_CERT)
+$(B)/target.efi $(B)/installer.efi: private SIGN_PASS = SB_KEY_PASS
+$(B)/target.efi $(B)/installer.efi: $(SB_KEY) $(SB_CERT) $(B)/keys/paths
+$(B)/initos.efi $(B)/reference.efi: $(TEST_SB_KEY) $(TEST_SB_CERT)
+$(B)/%.efi: $(B)/%.unsigned.efi
+	$(call sbsign,$(SIGN_KEY),$(SIGN_CERT),$(SIGN_PASS))
 
 $(B)/target.cmdline: FORCE
 	@echo '$(TARGET_CMDLINE)' | cmp -s - $@ || echo '$(TARGET_CMDLINE)' > $@
@@ -131,13 +186,6 @@ $(B)/installer.initrd: $(B)/initrd.img $(B)/install.cpio.zst
 $(B)/installer.img: $(B)/installer.efi $(B)/target.efi $(B)/rootfs.tar $(IMAGES)
 	$(BUILD) disk --uki $< --images $(B)/images --add initos/install/BOOTX64.EFI=$(B)/target.efi --add initos/install/rootfs.tar=$(B)/rootfs.tar --out $@
 
-$(B)/keys/db.key: $(SB_KEY)
-	@mkdir -p -m 700 $(B)/keys
-	$(if $(SB_KEY_PASS),openssl rsa -in $< -passin pass:$(SB_KEY_PASS) -out $@ 2>/dev/null,cp $< $@)
-	chmod 600 $@
-$(B)/initos.efi: $(B)/initos.unsigned.efi $(B)/keys/db.key $(SB_CERT)
-	sbsign --key $(B)/keys/db.key --cert $(SB_CERT) --output $@ $< 2>/dev/null
-	sbverify --cert $(SB_CERT) $@ >/dev/null
 # The boot disk: GPT with two ESPs (slots A and B), each with the UKI and the images.
 $(B)/boot.img: $(B)/initos.efi $(IMAGES)
 	$(BUILD) disk --uki $< --images $(B)/images --out $@
@@ -145,8 +193,9 @@ $(B)/boot-unsigned.img: $(B)/initos.unsigned.efi
 	$(BUILD) disk --uki $< --out $@
 
 # --- make bench: a reference initrd doing the agent's work with busybox sh, as InitOS did -----
-# Same kernel, modules, cmdline and db key as the installed machine's UKI (target.efi), so the
-# firmware measures the same PCR 7 and the key the installer sealed unseals for it too.
+# Same kernel, modules and cmdline as the installed machine's UKI (target.efi), and with the
+# default keys the same db key, so the firmware measures the same PCR 7; its PCR 11 is signed
+# with the PCR key, so the key the installer sealed unseals for it too.
 REF_SRC := initrd/reference/init.sh initrd/reference/initrd.ts
 $(B)/reference.cpio: $(B)/kernel.json initrd/config.json $(IMAGES) $(REF_SRC) $(BUILD_SRC)
 	$(BUILD) reference-initrd --kernel $(B)/kernel.json --config initrd/config.json --images $(B)/images --init initrd/reference/init.sh --out $@

@@ -4,9 +4,9 @@
 //
 //   bun initrd/build.ts kernel      --cache DIR [--meta linux-image-amd64] --out kernel.json
 //   bun initrd/build.ts images      --kernel kernel.json --cache DIR --out DIR
-//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] [--ssh-keys FILE] [--add DEST=FILE] --out FILE.cpio
+//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] [--ssh-keys FILE] [--pcr-pub PUB.pem] [--add DEST=FILE] --out FILE.cpio
 //   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
-//   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT --out FILE.efi
+//   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT [--pcrpkey PUB.pem [--pcr-key KEY.pem [--pcr-key-pass-env VAR]]] --out FILE.efi
 //   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
 //   bun initrd/build.ts testroot    --init FILE --out root.img
 //   bun initrd/build.ts rootfs      --init FILE --out rootfs.tar
@@ -15,6 +15,7 @@
 //   bun initrd/build.ts reference-initrd --kernel kernel.json --config FILE --images DIR --init init.sh --out FILE.cpio
 //   bun initrd/build.ts vmimage     --from DIR|ROOTFS.tar[.gz]|OCI-LAYOUT.tar --out FILE.img [--label L]
 import { execFileSync } from "node:child_process";
+import { createPublicKey } from "node:crypto";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
@@ -25,13 +26,13 @@ import { ensureKernel, type KernelInfo } from "./kernel.ts";
 import { moduleClosure, readModuleIndex } from "./kmods.ts";
 import { collectLibs } from "./libs.ts";
 import { buildModulesImage, buildSidecarImage, ensureFirmware, type ImageInfo } from "./images.ts";
-import { buildUki } from "./uki.ts";
+import { buildUkiFrom } from "./uki.ts";
 import { referenceEntries } from "./reference/initrd.ts";
 import { buildVmImage } from "./vmimage.ts";
 import { imageArgv } from "./oci.ts";
 
 /** Libraries the agent opens with dlopen through koffi; DT_NEEDED cannot see them. */
-export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1", "libcryptsetup.so.12"];
+export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1", "libcryptsetup.so.12", "libtss2-esys.so.0", "libtss2-mu.so.0", "libtss2-rc.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0"];
 /**
  * Modules in the initrd besides the config's list: efivarfs for the Secure Boot state, and the
  * storage drivers coldplug may need to see the ESP (built-in ones, like NVMe, need nothing).
@@ -126,6 +127,15 @@ function withRootHashes(template: Record<string, unknown>, imagesDir: string | u
   };
 }
 
+/** A PCR signer's public key file as the config carries it: RSA, public, normalized PEM. */
+function pcrPublicKeyPem(file: string): string {
+  const text = readFileSync(file, "utf8");
+  if (text.includes("PRIVATE KEY")) throw new Error(`--pcr-pub ${file} holds a private key: give the public key`);
+  const key = createPublicKey(text);
+  if (key.asymmetricKeyType !== "rsa") throw new Error(`--pcr-pub ${file}: expected an RSA public key, got ${key.asymmetricKeyType}`);
+  return key.export({ type: "spki", format: "pem" }).toString();
+}
+
 function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
   const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
@@ -134,6 +144,11 @@ function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): v
     const keys = readFileSync(o["ssh-keys"], "utf8").split("\n").map((l) => l.trim()).filter((l) => l && !l.startsWith("#"));
     const ssh = (template.ssh ?? {}) as { authorizedKeys?: string[] };
     template.ssh = { ...ssh, authorizedKeys: [...(ssh.authorizedKeys ?? []), ...keys] };
+  }
+  // The PCR signer's public key, filled in at build time like the images' root hashes.
+  if (o["pcr-pub"]) {
+    const pcrPublicKey = pcrPublicKeyPem(o["pcr-pub"]);
+    template.tpm = { ...((template.tpm ?? {}) as Record<string, unknown>), pcrPublicKey };
   }
   // A bad config fails the build, not the boot.
   const config = AgentConfigSchema.parse(withRootHashes(template, o.images));
@@ -167,14 +182,22 @@ function cmdUki(o: Record<string, string | undefined>): void {
   const out = need(o, "out");
   const tmp = mkdtempSync(`${dirname(out)}/.uki-`);
   try {
+    // These files are the sections, byte for byte: what the stub measures is what was signed.
     writeFileSync(`${tmp}/cmdline`, `${need(o, "cmdline").trim()}\0`);
     writeFileSync(`${tmp}/osrel`, `NAME="initos"\nID=initos\nPRETTY_NAME="initos (${kernel.release})"\nVERSION_ID="${kernel.release}"\n`);
-    const layout = buildUki(out, [
-      { section: ".osrel", file: `${tmp}/osrel` },
-      { section: ".cmdline", file: `${tmp}/cmdline` },
-      { section: ".initrd", file: need(o, "initrd") },
-      { section: ".linux", file: kernel.vmlinuz },
-    ]);
+    const layout = buildUkiFrom(
+      out,
+      {
+        linux: kernel.vmlinuz,
+        initrd: need(o, "initrd"),
+        cmdline: `${tmp}/cmdline`,
+        osrel: `${tmp}/osrel`,
+        pcrpkey: o.pcrpkey,
+        // The key's passphrase, when it is encrypted, only ever comes from the environment.
+        pcrKey: o["pcr-key"] ? { path: o["pcr-key"], passphraseEnv: o["pcr-key-pass-env"] ?? "PCR_KEY_PASS" } : undefined,
+      },
+      tmp,
+    );
     for (const l of layout) console.log(`uki: ${l.section} at 0x${l.vma.toString(16)} (${l.size} bytes)`);
   } finally {
     rmSync(tmp, { recursive: true, force: true });
@@ -351,7 +374,7 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: rest,
     options: {
-      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta"].map((k) => [k, { type: "string" as const }])),
+      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta", "pcrpkey", "pcr-key", "pcr-key-pass-env", "pcr-pub"].map((k) => [k, { type: "string" as const }])),
       add: { type: "string", multiple: true },
     },
   });

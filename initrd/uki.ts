@@ -1,14 +1,20 @@
 // Builds a Unified Kernel Image: systemd's EFI stub with the kernel, initrd, cmdline and
 // os-release added as PE sections, then signs it. ukify is not in this Debian, so the section
 // addresses are computed here from the stub's own section table.
+//
+// Optional sections: .pcrpkey (the PCR signer's public key) and .pcrsig (the signed PCR 11
+// policy, initrd/measure.ts). The stub measures every section into PCR 11 except .pcrsig,
+// which cannot sign itself.
 import { execFileSync } from "node:child_process";
-import { readFileSync, statSync } from "node:fs";
+import { createPublicKey } from "node:crypto";
+import { readFileSync, statSync, writeFileSync } from "node:fs";
+import { pcrSignature } from "./measure.ts";
 import { readPe } from "./pe.ts";
 
 export const STUB = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 
 export interface UkiPart {
-  section: ".osrel" | ".cmdline" | ".initrd" | ".linux";
+  section: ".osrel" | ".cmdline" | ".initrd" | ".pcrpkey" | ".pcrsig" | ".linux";
   file: string;
 }
 
@@ -45,14 +51,64 @@ export function computeLayout(stub: Uint8Array, parts: readonly UkiPart[], sizeO
   });
 }
 
-export function buildUki(out: string, parts: readonly UkiPart[], stub = STUB): UkiLayoutEntry[] {
+export function buildUki(out: string, parts: readonly UkiPart[], stub = STUB, env: NodeJS.ProcessEnv = process.env): UkiLayoutEntry[] {
   const layout = computeLayout(readFileSync(stub), parts, (f) => statSync(f).size);
   const args: string[] = [];
   for (const e of layout) {
     args.push("--add-section", `${e.section}=${e.file}`, "--change-section-vma", `${e.section}=0x${e.vma.toString(16)}`);
   }
-  execFileSync("objcopy", [...args, stub, out], { stdio: ["ignore", "inherit", "inherit"] });
+  execFileSync("objcopy", [...args, stub, out], { stdio: ["ignore", "inherit", "inherit"], env });
   return layout;
+}
+
+/** A UKI's contents as files. Every one of them is measured into PCR 11 by the stub. */
+export interface UkiInputs {
+  linux: string;
+  initrd: string;
+  /** The .cmdline section's file, byte for byte (NUL-terminated). */
+  cmdline: string;
+  osrel: string;
+  /** The PCR signer's public key (PEM): added as .pcrpkey. */
+  pcrpkey?: string;
+  /**
+   * The PCR signer's private key (PEM): adds .pcrsig, the signed PCR 11 policy of exactly these
+   * sections. Without it the UKI can never unseal a key sealed to the signer.
+   */
+  pcrKey?: { path: string; passphraseEnv?: string };
+}
+
+/**
+ * Builds a UKI from `inputs`; with a PCR key, first signs the PCR 11 value the stub will measure
+ * for the very files that go into the image (.pcrsig is written into `workDir`).
+ */
+export function buildUkiFrom(out: string, inputs: UkiInputs, workDir: string, stub = STUB): UkiLayoutEntry[] {
+  const parts: UkiPart[] = [
+    { section: ".osrel", file: inputs.osrel },
+    { section: ".cmdline", file: inputs.cmdline },
+    { section: ".initrd", file: inputs.initrd },
+  ];
+  if (inputs.pcrpkey) {
+    const text = readFileSync(inputs.pcrpkey, "utf8");
+    if (text.includes("PRIVATE KEY")) throw new Error(`--pcrpkey ${inputs.pcrpkey} holds a private key: embed the public key`);
+    const key = createPublicKey(text);
+    if (key.asymmetricKeyType !== "rsa") throw new Error(`--pcrpkey ${inputs.pcrpkey}: expected an RSA public key, got ${key.asymmetricKeyType}`);
+    parts.push({ section: ".pcrpkey", file: inputs.pcrpkey });
+  }
+  if (inputs.pcrKey) {
+    if (!inputs.pcrpkey) throw new Error("a PCR signature needs the public key embedded too (--pcrpkey)");
+    const sig = pcrSignature(
+      { linux: inputs.linux, initrd: inputs.initrd, cmdline: inputs.cmdline, osrel: inputs.osrel, pcrpkey: inputs.pcrpkey },
+      inputs.pcrKey.path,
+      inputs.pcrKey.passphraseEnv,
+    );
+    writeFileSync(`${workDir}/pcrsig`, sig);
+    parts.push({ section: ".pcrsig", file: `${workDir}/pcrsig` });
+  }
+  parts.push({ section: ".linux", file: inputs.linux });
+  // No child needs the PCR key's passphrase: objcopy does not get it in its environment either.
+  const env = { ...process.env };
+  if (inputs.pcrKey?.passphraseEnv) delete env[inputs.pcrKey.passphraseEnv];
+  return buildUki(out, parts, stub, env);
 }
 
 export interface SigningKey {

@@ -69,9 +69,10 @@ export function policyAuthorize(keyName: Uint8Array): Uint8Array {
   return sha256(sha256(ZERO_DIGEST, u32(TPM_CC_POLICY_AUTHORIZE), keyName), new Uint8Array(0));
 }
 
-/** PEM text (or a KeyObject) to an RSA public KeyObject; anything else is refused. */
+/** PEM text (or a KeyObject, public or private) to an RSA public KeyObject; anything else is refused. */
 export function rsaKey(pem: string | Uint8Array | KeyObject): KeyObject {
-  const key = typeof pem === "object" && "asymmetricKeyType" in pem ? pem : createPublicKey(Buffer.from(pem as string | Uint8Array));
+  // A private KeyObject (the build's signing key) gives its public half.
+  const key = typeof pem === "object" && "asymmetricKeyType" in pem ? (pem.type === "private" ? createPublicKey(pem) : pem) : createPublicKey(Buffer.from(pem as string | Uint8Array));
   if (key.asymmetricKeyType !== "rsa") throw new Error(`PCR signer: expected an RSA public key, got ${key.asymmetricKeyType}`);
   return key;
 }
@@ -104,9 +105,12 @@ export function keyName(tpm2bPublic: Uint8Array): Uint8Array {
   return cat(u16(SHA256_ALG), sha256(tpm2bPublic.subarray(2)));
 }
 
-/** systemd's "pkfp": the sha256 of the key's DER SubjectPublicKeyInfo, in hex. */
+/**
+ * systemd's "pkfp": the sha256 of the key in PKCS#1 DER (OpenSSL's i2d_PublicKey), not of the
+ * SubjectPublicKeyInfo, in hex. test/unit/measure.test.ts compares with systemd-measure's.
+ */
 export function keyFingerprint(pem: string | Uint8Array | KeyObject): string {
-  return Buffer.from(sha256(rsaKey(pem).export({ format: "der", type: "spki" }))).toString("hex");
+  return Buffer.from(sha256(rsaKey(pem).export({ format: "der", type: "pkcs1" }))).toString("hex");
 }
 
 export interface SealPolicy {
