@@ -196,9 +196,9 @@ $(B)/boot-unsigned.img: $(B)/initos.unsigned.efi
 # Same kernel, modules and cmdline as the installed machine's UKI (target.efi), and with the
 # default keys the same db key, so the firmware measures the same PCR 7; its PCR 11 is signed
 # with the PCR key, so the key the installer sealed unseals for it too.
-REF_SRC := initrd/reference/init.sh initrd/reference/initrd.ts
-$(B)/reference.cpio: $(B)/kernel.json initrd/config.json $(IMAGES) $(REF_SRC) $(BUILD_SRC)
-	$(BUILD) reference-initrd --kernel $(B)/kernel.json --config initrd/config.json --images $(B)/images --init initrd/reference/init.sh --out $@
+REF_SRC := initrd/reference/init.sh initrd/reference/initrd.ts initrd/reference/tpm2-token.sh
+$(B)/reference.cpio: $(B)/kernel.json initrd/config.json $(IMAGES) $(REF_SRC) $(PCR_PUB) $(BUILD_SRC)
+	$(BUILD) reference-initrd --kernel $(B)/kernel.json --config initrd/config.json --images $(B)/images --init initrd/reference/init.sh --pcr-pub $(PCR_PUB) --out $@
 $(B)/reference.initrd: $(B)/reference.cpio.zst
 	cp $< $@
 $(B)/reference.cmdline: $(B)/target.cmdline

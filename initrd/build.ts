@@ -12,7 +12,7 @@
 //   bun initrd/build.ts rootfs      --init FILE --out rootfs.tar
 //   bun initrd/build.ts install-config --rootfs FILE --target DEV --out install.json
 //   bun initrd/build.ts initrd-extra --add DEST=FILE --out FILE.cpio
-//   bun initrd/build.ts reference-initrd --kernel kernel.json --config FILE --images DIR --init init.sh --out FILE.cpio
+//   bun initrd/build.ts reference-initrd --kernel kernel.json --config FILE --images DIR --init init.sh [--pcr-pub PUB.pem] --out FILE.cpio
 //   bun initrd/build.ts vmimage     --from DIR|ROOTFS.tar[.gz]|OCI-LAYOUT.tar --out FILE.img [--label L]
 import { execFileSync } from "node:child_process";
 import { createPublicKey } from "node:crypto";
@@ -136,6 +136,12 @@ function pcrPublicKeyPem(file: string): string {
   return key.export({ type: "spki", format: "pem" }).toString();
 }
 
+/** The PCR signer's public key, filled in at build time like the images' root hashes. */
+function withPcrPublicKey(template: Record<string, unknown>, file: string | undefined): Record<string, unknown> {
+  if (file) template.tpm = { ...((template.tpm ?? {}) as Record<string, unknown>), pcrPublicKey: pcrPublicKeyPem(file) };
+  return template;
+}
+
 function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
   const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
@@ -145,11 +151,7 @@ function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): v
     const ssh = (template.ssh ?? {}) as { authorizedKeys?: string[] };
     template.ssh = { ...ssh, authorizedKeys: [...(ssh.authorizedKeys ?? []), ...keys] };
   }
-  // The PCR signer's public key, filled in at build time like the images' root hashes.
-  if (o["pcr-pub"]) {
-    const pcrPublicKey = pcrPublicKeyPem(o["pcr-pub"]);
-    template.tpm = { ...((template.tpm ?? {}) as Record<string, unknown>), pcrPublicKey };
-  }
+  withPcrPublicKey(template, o["pcr-pub"]);
   // A bad config fails the build, not the boot.
   const config = AgentConfigSchema.parse(withRootHashes(template, o.images));
   const out = need(o, "out");
@@ -334,7 +336,7 @@ function cmdVmimage(o: Record<string, string | undefined>): void {
  */
 function cmdReferenceInitrd(o: Record<string, string | undefined>): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
-  const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
+  const template = withPcrPublicKey(JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>, o["pcr-pub"]);
   const config = AgentConfigSchema.parse(withRootHashes(template, need(o, "images")));
   const out = need(o, "out");
   const modules = [...config.modules, ...EXTRA_MODULES];

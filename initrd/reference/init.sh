@@ -2,17 +2,20 @@
 # /init of the reference initrd that `make bench` measures the agent against: the boot path of
 # InitOS's shell scripts, done with busybox, veritysetup, cryptsetup and tpm2-tools. It does the
 # work of the agent's host mode on an installed machine, in the same order and with the same
-# checks (images verified in full before they are mounted, the TPM key sealed to PCR 7 + the
-# latch PCR, the latch extended, every LUKS volume opened, the root subvolume and its binds
-# mounted), so the two boots can be compared stage by stage.
+# checks (images verified in full before they are mounted; PCR 11 'enter-initrd'; the disk key
+# unsealed from the volume's systemd-tpm2 LUKS2 token with PCR 7 + the signed PCR 11 policy, as
+# systemd-cryptsetup does; the latch extended; every LUKS volume opened; the root subvolume and
+# its binds mounted; PCR 11 'leave-initrd'), so the two boots can be compared stage by stage.
 #
 # Each stage logs "initos-ref: stage NAME" to /dev/kmsg as it starts; the bench reads the kernel
 # timestamps of those lines. This is a benchmark baseline, not a product: on any error it logs
 # one line and powers off.
 #
 # /etc/initos-ref.env is written at build time (initrd/reference/initrd.ts) from the signed
-# config and build/images/*.json: MODULES, ESP_PARTNAME, ESP_DIR, TPM_WAIT, ROOT_WAIT, and
-# MODULES_ROOTHASH / SIDECAR_ROOTHASH / MODULES_BINDS.
+# config and build/images/*.json: MODULES, ESP_PARTNAME, ESP_DIR, TPM_WAIT, ROOT_WAIT,
+# MODULES_ROOTHASH / SIDECAR_ROOTHASH / MODULES_BINDS, and the TPM binding TPM_BANK, TPM_PCRS,
+# TPM_SIGNED_PCRS, TPM_LATCH; /etc/initos-ref-pcr.pem is the config's PCR signer (public key).
+# The TPM sequence itself is in /usr/lib/initos-ref/tpm2-token.sh (initrd/reference/tpm2-token.sh).
 
 export PATH=/usr/bin
 . /etc/initos-ref.env
@@ -105,7 +108,7 @@ open_image sidecar "$SIDECAR_ROOTHASH"
 cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u | xargs -r modprobe -qa
 log "modules: coldplug from the modules image done"
 
-# --- unlock: the key sealed in the TPM (PCR 7 + latch), the latch, every LUKS volume ----------
+# --- unlock: the key in the LUKS2 token (PCR 7 + signed PCR 11), the latch, every volume -----
 stage unlock
 find_luks() {
 	LUKS=""
@@ -124,39 +127,63 @@ modprobe -qa dm_crypt xts ecb aesni_intel algif_skcipher
 # tpm2-tools from the verified sidecar image, as the agent runs them, through the resource manager.
 export TPM2TOOLS_TCTI=device:/dev/tpmrm0
 tpm2() { LD_LIBRARY_PATH=$SIDECAR/usr/lib/x86_64-linux-gnu "$SIDECAR/usr/bin/tpm2" "$@"; }
-SEAL=$ESP/$ESP_DIR/tpm
-# root.json is one line written by the installer: {"pcrs":[7],"latchPcr":15,"keyslot":0}
-read -r seal < $SEAL/root.json || die "no sealed key on the ESP"
-pcrs=${seal#*\"pcrs\":[}
-pcrs=${pcrs%%]*}
-latch=${seal#*\"latchPcr\":}
-latch=${latch%%[,\}]*}
-slot=${seal#*\"keyslot\":}
-slot=${slot%%[,\}]*}
+# The systemd-tpm2 token functions (t2_*), shared with the test roots' evil-maid attack.
+. /usr/lib/initos-ref/tpm2-token.sh
+T2=$R/tpm
+# What systemd-stub hands the initrd from the UKI's .pcrsig section: the PCR signer's signatures
+# of the PCR 11 policy this UKI has in each phase.
+PCRSIG=/.extra/tpm2-pcr-signature.json
 
-# unseal OUT: the sealed object loaded under the storage primary key (derived from the TPM's
-# seed, the same every time), read through a PCR policy session; the key goes to OUT on tmpfs.
-unseal() {
-	t=$R/tpm
-	mkdir -p -m 0700 $t
-	tpm2 createprimary -Q -C o -G ecc -g sha256 -c $t/primary.ctx &&
-		tpm2 load -Q -C $t/primary.ctx -u $SEAL/root.pub -r $SEAL/root.priv -c $t/seal.ctx &&
-		tpm2 startauthsession -Q --policy-session -S $t/session.ctx &&
-		tpm2 policypcr -Q -S $t/session.ctx -l "sha256:$pcrs,$latch" &&
-		tpm2 unseal -c $t/seal.ctx -p session:$t/session.ctx -o "$1"
-	rc=$?
-	tpm2 flushcontext $t/session.ctx 2>/dev/null
-	rm -rf $t
-	return $rc
+# token_bound: the token t2_token_read read is bound to exactly what the signed config says
+# (PCRs by value, plus the latch PCR at zero if it likes; signed PCRs; bank): a token is data, the
+# policy comes from the config. The blob's own policy decides in the end; this only refuses early.
+token_bound() {
+	[ "$TOK_BANK" = "$TPM_BANK" ] || return 1
+	[ "$(t2_set "$TOK_SIGNED_PCRS")" = "$(t2_set "$TPM_SIGNED_PCRS")" ] || return 1
+	[ "$(t2_set "$TOK_PCRS")" = "$(t2_set "$TPM_PCRS")" ] ||
+		[ "$(t2_set "$TOK_PCRS")" = "$(t2_set "$TPM_PCRS,$TPM_LATCH")" ]
 }
+
+# unseal OUT: the first systemd-tpm2 token of any volume that the TPM opens; sets KEY_DEV and
+# KEY_SLOT. Every refusal is logged (it is what a changed PCR 7 or an unsigned UKI looks like).
+unseal() {
+	for dev in $LUKS; do
+		for id in $(t2_token_ids "$dev"); do
+			if ! t2_token_read "$dev" "$id"; then
+				log "unlock: $dev token $id: $T2_ERR"
+			elif ! token_bound; then
+				log "unlock: $dev token $id: bound to PCR $TOK_PCRS + signed ${TOK_SIGNED_PCRS:-none} ($TOK_BANK), not what the config says"
+			elif t2_unseal_read "$PCRSIG" /etc/initos-ref-pcr.pem "$1"; then
+				KEY_DEV=$dev
+				KEY_SLOT=$TOK_KEYSLOT
+				log "unlock: $dev token $id: unsealed${TOK_SRK:+ under the SRK $T2_SRK_HANDLE}"
+				return 0
+			else
+				log "unlock: $dev token $id: TPM refused: $T2_ERR${T2_NOTE:+ ($T2_NOTE)}"
+			fi
+		done
+	done
+	return 1
+}
+
+# slot_of DEV: the keyslot of the volume's first systemd-tpm2 token, so cryptsetup tries only
+# that one (the recovery slot's argon2id would cost seconds); empty: let cryptsetup try them all.
+slot_of() {
+	for id in $(t2_token_ids "$1"); do
+		t2_token_read "$1" "$id" && echo "$TOK_KEYSLOT" && return
+	done
+}
+
 wait_for "$TPM_WAIT" test -e /dev/tpmrm0 || die "no /dev/tpmrm0 after ${TPM_WAIT}s"
 umask 077
+# systemd-pcrphase's first word: the PCR 11 value the signed policy approves exists from here on.
+t2_extend 11 "$T2_ENTER_INITRD" || die "cannot extend PCR 11 (enter-initrd): $T2_ERR"
 unseal $KEY || log "unlock: TPM did not release the key"
 # Latch whether or not the unseal worked: nothing later this boot may unseal again.
-tpm2 pcrextend "$latch:sha256=$LATCH_DIGEST" || die "cannot extend PCR $latch"
+t2_extend "$TPM_LATCH" "$LATCH_DIGEST" || die "cannot extend PCR $TPM_LATCH: $T2_ERR"
 case " $CMDLINE " in
 *" initos.latchcheck=1 "*)
-	if unseal $R/again 2>/dev/null; then log "unlock: LATCH FAILED"; else log "unlock: latch holds"; fi
+	if unseal $R/again >/dev/null 2>&1; then log "unlock: LATCH FAILED"; else log "unlock: latch holds"; fi
 	rm -f $R/again
 	;;
 esac
@@ -164,7 +191,8 @@ esac
 OPENED=""
 i=0
 for dev in $LUKS; do
-	if cryptsetup open --type luks2 --key-file $KEY --key-slot "$slot" --allow-discards \
+	if [ "$dev" = "$KEY_DEV" ]; then slot=$KEY_SLOT; else slot=$(slot_of "$dev"); fi
+	if cryptsetup open --type luks2 --key-file $KEY ${slot:+--key-slot "$slot"} --allow-discards \
 		--perf-no_read_workqueue --perf-no_write_workqueue "$dev" initos-pool$i; then
 		OPENED="$OPENED /dev/mapper/initos-pool$i"
 		log "unlock: opened $dev"
@@ -226,6 +254,8 @@ while read -r k v _; do
 	case $k in MemAvailable:) avail=$v ;; Shmem:) shmem=$v ;; esac
 done < /proc/meminfo
 log "handoff: MemAvailable $avail kB before switch_root (Shmem $shmem kB)"
+# systemd-pcrphase's last word in the initrd: from here on PCR 11 matches no signed policy.
+t2_extend 11 "$T2_LEAVE_INITRD" || die "cannot extend PCR 11 (leave-initrd): $T2_ERR"
 log "switch_root: exec /sbin/init"
 echo "$DEVKMSG" > /proc/sys/kernel/printk_devkmsg
 for m in dev proc sys run; do
