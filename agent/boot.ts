@@ -148,7 +148,7 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   } else {
     // The installed machine: the encrypted pool says which subvolume is the root.
     if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
-    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, tpm, state.early!.secureBoot, state.sidecar, adminHandler(ctx, state)));
+    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, tpm, state.early!.secureBoot, esp!, state.sidecar, adminHandler(ctx, state)));
     await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
   }
 

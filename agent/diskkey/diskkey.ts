@@ -15,6 +15,7 @@ import { TPM_KDF } from "../sys/cryptsetup.ts";
 import type { Sys, TpmOps } from "../sys/index.ts";
 import type { PolicyStep } from "../sys/tss.ts";
 import { keyFingerprint, policyPcr, rsaPublicArea, sealPolicy, ZERO_DIGEST } from "./policy.ts";
+import type { LegacySeal } from "./legacy.ts";
 import { describeBinding, parseToken, refusal, type Requirement, tokenJson, type Tpm2Token } from "./token.ts";
 
 /** Where systemd-stub puts the UKI's .pcrsig section for the initrd. */
@@ -75,8 +76,10 @@ export function readTokens(sys: Sys, log: Logger, device: string): Tpm2Token[] {
 
 export interface UnsealedKey {
   device: string;
+  /** The token id; -1 for a key sealed in the format before tokens (legacy.ts). */
   token: number;
   keyslot: number;
+  /** What the keyslot takes: the base64 of the unsealed bytes (raw bytes for a legacy seal). */
   key: Uint8Array;
 }
 
@@ -113,15 +116,46 @@ export function unsealTokens(sys: Sys, log: Logger, tpm: TpmOps, req: Requiremen
           if (!Buffer.from(expected).equals(t.policyHash)) throw new Error(`sealed for other values of PCR ${t.pcrs.join(",")} than this boot's (firmware, Secure Boot keys or dbx changed, or the latch is already extended)`);
           steps.push({ kind: "pcr", pcrs: t.pcrs });
         }
-        const key = tpm.unseal(t.blob, t.srk ? { kind: "srk" } : { kind: "legacy-ecc" }, steps, t.srk);
+        const secret = tpm.unseal(t.blob, t.srk ? { kind: "srk" } : { kind: "legacy-ecc" }, steps, t.srk);
         log.info(`unlock: ${name}: unsealed${t.srk ? ` under the SRK ${SRK_HANDLE}` : ""}`);
-        keys.push({ device, token: t.id, keyslot: t.keyslot, key });
+        keys.push({ device, token: t.id, keyslot: t.keyslot, key: keyslotPassphrase(secret) });
+        secret.fill(0);
       } catch (e) {
         log.err(`unlock: ${name}: TPM did not release the key: ${describe(e)}`);
       }
     }
   }
   return keys;
+}
+
+/**
+ * The key of a disk sealed before tokens existed (legacy.ts): PolicyPCR over the config's PCRs
+ * and the latch, under the transient ECC primary tpm2-tools made (the same template as
+ * systemd 252's). Null (with a line) when the TPM refuses.
+ */
+export function unsealLegacy(log: Logger, tpm: TpmOps, req: Requirement, device: string, seal: LegacySeal): UnsealedKey | null {
+  try {
+    const key = tpm.unseal(seal.blob, { kind: "legacy-ecc" }, [{ kind: "pcr", pcrs: [...req.pcrs, req.latchPcr] }]);
+    log.info(`unlock: ${device}: unsealed the key sealed on the ESP by an older initos (keyslot ${seal.keyslot})`);
+    return { device, token: -1, keyslot: seal.keyslot, key };
+  } catch (e) {
+    log.err(`unlock: ${device}: the key sealed on the ESP by an older initos was not released: ${describe(e)}`);
+    return null;
+  }
+}
+
+/**
+ * Moves a disk off the legacy seal: a new key sealed as a token (authorised by the legacy key,
+ * which opened `provenSlot` this boot), then the legacy keyslot destroyed.
+ */
+export function migrateLegacy(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, legacyKey: Uint8Array, provenSlot: number): void {
+  try {
+    const made = enroll(sys, tpm, req, secureBoot, device, legacyKey);
+    sys.luks.destroySlot(device, provenSlot);
+    log.info(`unlock: ${device}: migrated to a systemd-tpm2 token (token ${made.token}, keyslot ${made.keyslot}); the ESP-sealed keyslot ${provenSlot} is destroyed`);
+  } catch (e) {
+    log.err(`unlock: ${device}: not migrated off the ESP-sealed key: ${describe(e)}`);
+  }
 }
 
 export interface Enrolled {

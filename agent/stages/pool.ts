@@ -10,7 +10,9 @@ import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { CRYPT_ACTIVATE_ALLOW_DISCARDS, CRYPT_ACTIVATE_NO_READ_WORKQUEUE, CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE } from "../sys/cryptsetup.ts";
 import type { Sys } from "../sys/index.ts";
-import { keyslotPassphrase, reseal, requirement, unsealTokens } from "../diskkey/diskkey.ts";
+import { migrateLegacy, readTokens, reseal, requirement, unsealLegacy, unsealTokens, type UnsealedKey } from "../diskkey/diskkey.ts";
+import { readLegacySeal } from "../diskkey/legacy.ts";
+import { type EspResult, mountEsp } from "./esp.ts";
 import type { BootTpm } from "../diskkey/latch.ts";
 import type { SecureBoot } from "./early.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
@@ -68,6 +70,7 @@ export function realUnlockOps(
   cfg: AgentConfig,
   tpm: BootTpm,
   secureBoot: SecureBoot,
+  esp: EspResult,
   volumes: readonly string[],
   opened: OpenedVolume[],
   /** Starts the recovery sidecar the first time a human is asked; null if none can run. */
@@ -97,7 +100,19 @@ export function realUnlockOps(
   return {
     hasTpm: tpm.present,
     alreadyLatched: tpm.latched,
-    unsealKeys: () => unsealTokens(sys, log, tpm.tpm, req, volumes),
+    unsealKeys() {
+      const keys = unsealTokens(sys, log, tpm.tpm, req, volumes);
+      // A volume with no token at all may be sealed in the format before tokens (legacy.ts).
+      const bare = volumes.filter((d) => !keys.some((k) => k.device === d) && readTokens(sys, log, d).length === 0);
+      if (bare.length) {
+        const seal = readLegacySeal(sys, mountEsp(sys, esp.slots[0]!), cfg.esp.dir);
+        for (const d of seal ? bare : []) {
+          const k = unsealLegacy(log, tpm.tpm, req, d, seal!);
+          if (k) keys.push(k);
+        }
+      }
+      return keys;
+    },
     latch: () => tpm.latch("after the unseal attempt"),
     latchHolds() {
       const quiet = { ...log, info() {}, warn() {}, err() {}, debug() {} };
@@ -105,15 +120,17 @@ export function realUnlockOps(
       again.forEach((k) => k.key.fill(0));
       return again.length === 0;
     },
-    openWithTpmKeys(keys) {
+    openWithTpmKeys(keys: readonly UnsealedKey[]) {
       for (const k of keys) {
         if (isOpen(k.device)) continue;
-        const passphrase = keyslotPassphrase(k.key);
         // Only the keyslot the token names: a forged token cannot make this key try the others.
-        const slot = open(k.device, passphrase, k.keyslot);
-        passphrase.fill(0);
-        if (slot === null) log.err(`unlock: ${k.device}: the key of token ${k.token} does not open keyslot ${k.keyslot}, which the token names`);
-        else provenTpmSlots.set(k.device, (provenTpmSlots.get(k.device) ?? new Set()).add(slot));
+        const slot = open(k.device, k.key, k.keyslot);
+        if (slot === null) {
+          log.err(`unlock: ${k.device}: the key of ${k.token < 0 ? "the ESP seal" : `token ${k.token}`} does not open keyslot ${k.keyslot}, which ${k.token < 0 ? "it" : "the token"} names`);
+          continue;
+        }
+        provenTpmSlots.set(k.device, (provenTpmSlots.get(k.device) ?? new Set()).add(slot));
+        if (k.token < 0) migrateLegacy(sys, log, tpm.tpm, req, secureBoot, k.device, k.key, slot);
       }
       return volumes.every(isOpen);
     },
@@ -174,7 +191,7 @@ export interface UnlockedPool {
  * and `reseal` requests go to it and the rest to `admin`. The boot plan stops it before
  * switch_root.
  */
-export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, sidecar: RecoverySidecar, admin: CtlHandler): Promise<UnlockedPool> {
+export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, esp: EspResult, sidecar: RecoverySidecar, admin: CtlHandler): Promise<UnlockedPool> {
   const volumes = await waitUntil(sys, log, cold, "an encrypted volume (LUKS2)", cmdline.rootWaitSeconds ?? cfg.rootWaitSeconds, () => {
     const v = findLuksVolumes(sys);
     return v.length ? v : null;
@@ -193,7 +210,7 @@ export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: Age
     return (await started) ? remote : null;
   };
   try {
-    const result = await unlock(log, realUnlockOps(sys, log, cfg, tpm, secureBoot, volumes, opened, recovery), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
+    const result = await unlock(log, realUnlockOps(sys, log, cfg, tpm, secureBoot, esp, volumes, opened, recovery), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
     return { devices: opened.map((o) => o.mapper), result };
   } finally {
     // The ssh client that sent the passphrase is still reading its answer; give it a moment

@@ -7,7 +7,8 @@ import { describe, expect, it } from "vitest";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { enroll, PCR_SIGNATURE, readPcrSignature, requirement, reseal, sealKey, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm, LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
-import { extendPcr, keyFingerprint, phaseDigest, sealPolicy, signedPcrPolicy } from "../../agent/diskkey/policy.ts";
+import { extendPcr, keyFingerprint, phaseDigest, policyPcr, sealPolicy, signedPcrPolicy, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
+import { realUnlockOps } from "../../agent/stages/pool.ts";
 import { parseToken, refusal, type Requirement, tokenJson } from "../../agent/diskkey/token.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 import { FakeTpm } from "./faketpm.ts";
@@ -121,8 +122,9 @@ describe("sealing and unsealing", () => {
     const keys = unsealTokens(sys, log, tpm, REQ, [DEV]);
     expect(keys).toHaveLength(1);
     expect(tpm.calls).toContain("unseal srk authorize+pcr");
-    // The unsealed bytes, as base64, open exactly the token's keyslot.
-    expect(sys.luks.open(DEV, "x", Buffer.from(Buffer.from(keys[0]!.key).toString("base64")), 0, 2).slot).toBe(2);
+    // The unsealed bytes, as base64 (as systemd enrolls them), open exactly the token's keyslot.
+    expect(sys.luks.open(DEV, "x", keys[0]!.key, 0, 2).slot).toBe(2);
+    expect(Buffer.from(keys[0]!.key).toString()).toMatch(/^[A-Za-z0-9+/]{43}=$/);
     expect(log.lines).toContain("info: unlock: /dev/vda3 token 0 (PCR 7,15 + signed 11, keyslot 2): unsealed under the SRK 0x81000001");
   });
 
@@ -259,5 +261,77 @@ describe("the latch over one boot", () => {
     expect(await none.boot.find()).toBeNull();
     expect(none.sys.sleeps).toBe(0);
     await none.boot.leaveInitrd();
+  });
+});
+
+describe("unlocking a machine with the real unlock operations (fakes underneath)", () => {
+  const cfg = { ...DEFAULT_CONFIG, tpm: { ...DEFAULT_CONFIG.tpm, pcrPublicKey: PEM } };
+  const esp = { slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
+  async function opsFor(sys: FakeSys, secureBoot: "on" | "off" = "on") {
+    sys.devices.add("/dev/tpmrm0");
+    const boot = new BootTpm(sys, silentLog(), { waitSeconds: 0, latchPcr: 15 });
+    await boot.find();
+    const log = silentLog();
+    const opened: { device: string; mapper: string }[] = [];
+    return { log, opened, ops: realUnlockOps(sys, log, cfg, boot, secureBoot, esp, [DEV], opened) };
+  }
+
+  it("opens with the token's key in its keyslot and records nothing to migrate", async () => {
+    const { sys, tpm } = machine();
+    enroll(sys, tpm, REQ, "on", DEV, Buffer.from("recovery"));
+    const { ops, opened } = await opsFor(sys);
+    const keys = ops.unsealKeys();
+    ops.latch();
+    expect(ops.openWithTpmKeys(keys)).toBe(true);
+    expect(opened).toEqual([{ device: DEV, mapper: "/dev/mapper/initos-pool0" }]);
+    expect(ops.latchHolds()).toBe(true);
+  });
+
+  /** A disk installed by the previous format: the key sealed to PCR 7 + 15 on the ESP, raw bytes in keyslot 0. */
+  function legacyMachine() {
+    const m = machine();
+    const legacyKey = Buffer.alloc(32, 0x6b);
+    m.sys.luksSlots.get(DEV)!.set(0, legacyKey.toString("latin1"));
+    const blob = Buffer.from(m.tpm.seal(legacyKey, policyPcr(ZERO_DIGEST, [7, 15], m.tpm.pcrRead([7, 15])), { kind: "legacy-ecc" }));
+    const dir = "/run/initos/esp-a/initos/tpm";
+    m.sys.add(`${dir}/root.priv`, { kind: "file", data: blob.subarray(0, 2).toString("latin1") });
+    m.sys.add(`${dir}/root.pub`, { kind: "file", data: blob.subarray(2).toString("latin1") });
+    m.sys.add(`${dir}/root.json`, { kind: "file", data: '{"pcrs":[7],"latchPcr":15,"keyslot":0}' });
+    return m;
+  }
+
+  it("migrates a disk sealed on the ESP by an older initos: a token for a new keyslot, the proven old keyslot destroyed", async () => {
+    const { sys } = legacyMachine();
+    const { ops, log } = await opsFor(sys);
+    const keys = ops.unsealKeys();
+    expect(keys.map((k) => [k.token, k.keyslot])).toEqual([[-1, 0]]);
+    ops.latch();
+    expect(ops.openWithTpmKeys(keys)).toBe(true);
+    expect(log.lines).toContain("info: unlock: /dev/vda3: migrated to a systemd-tpm2 token (token 0, keyslot 2); the ESP-sealed keyslot 0 is destroyed");
+    expect([...sys.luksSlots.get(DEV)!.keys()].sort()).toEqual([1, 2]);
+    expect(parseToken(0, sys.luks.tokens(DEV)[0]!.json)).toMatchObject({ keyslot: 2, pcrs: [7, 15], signedPcrs: [11] });
+    // Nothing on the ESP was removed: the files stay, their keyslot is gone.
+    expect(sys.exists("/run/initos/esp-a/initos/tpm/root.priv")).toBe(true);
+  });
+
+  it("does not migrate with Secure Boot off (and still unlocks with the old key)", async () => {
+    const { sys } = legacyMachine();
+    const { ops, log } = await opsFor(sys, "off");
+    const keys = ops.unsealKeys();
+    ops.latch();
+    expect(ops.openWithTpmKeys(keys)).toBe(true);
+    expect(log.lines.some((l) => l.startsWith("err: unlock: /dev/vda3: not migrated off the ESP-sealed key: refusing to seal the disk key: Secure Boot is off"))).toBe(true);
+    expect(sys.luksSlots.get(DEV)!.has(0)).toBe(true);
+  });
+
+  it("an ESP seal naming the recovery keyslot opens nothing and destroys nothing", async () => {
+    const { sys } = legacyMachine();
+    sys.add("/run/initos/esp-a/initos/tpm/root.json", { kind: "file", data: '{"pcrs":[7],"latchPcr":15,"keyslot":1}' });
+    const { ops, log } = await opsFor(sys);
+    const keys = ops.unsealKeys();
+    ops.latch();
+    expect(ops.openWithTpmKeys(keys)).toBe(false);
+    expect(log.lines).toContain("err: unlock: /dev/vda3: the key of the ESP seal does not open keyslot 1, which it names");
+    expect([...sys.luksSlots.get(DEV)!.keys()].sort()).toEqual([0, 1]);
   });
 });
