@@ -16,7 +16,7 @@ import type { Sys, TpmOps } from "../sys/index.ts";
 import type { PolicyStep } from "../sys/tss.ts";
 import { keyFingerprint, policyPcr, rsaPublicArea, sealPolicy, ZERO_DIGEST } from "./policy.ts";
 import type { LegacySeal } from "./legacy.ts";
-import { describeBinding, parseToken, refusal, type Requirement, tokenJson, type Tpm2Token } from "./token.ts";
+import { describeBinding, parseToken, refusal, type Requirement, type Sealed, tokenJson, type Tpm2Token } from "./token.ts";
 
 /** Where systemd-stub puts the UKI's .pcrsig section for the initrd. */
 export const PCR_SIGNATURE = "/.extra/tpm2-pcr-signature.json";
@@ -83,14 +83,44 @@ export interface UnsealedKey {
   key: Uint8Array;
 }
 
+/** The signature for this UKI's PCR 11, read once and only when a sealed object needs it. */
+export function pcrSignatureOnce(sys: Sys, req: Requirement): () => PcrSignature {
+  let got: PcrSignature | string | undefined;
+  return () => {
+    got ??= req.signer ? readPcrSignature(sys, req, keyFingerprint(req.signer)) : "the signed config names no PCR signer";
+    if (typeof got === "string") throw new Error(got);
+    return got;
+  };
+}
+
+/**
+ * Replays what `t` is bound to in a policy session and unseals it; throws with the cause. The
+ * object must have passed refusal() against `req` (so its signer is the config's).
+ */
+export function unsealObject(tpm: TpmOps, req: Requirement, t: Sealed, signature: () => PcrSignature): Uint8Array {
+  const steps: PolicyStep[] = [];
+  if (t.signedPcrs.length) {
+    const sig = signature();
+    // The TPM decides; this only names the cause when the signature is for another UKI.
+    const now = policyPcr(ZERO_DIGEST, t.signedPcrs, tpm.pcrRead(t.signedPcrs));
+    if (!Buffer.from(now).equals(sig.pol)) throw new Error(`PCR ${t.signedPcrs.join(",")} is not what the PCR key signed (another UKI, or another boot phase)`);
+    steps.push({ kind: "authorize", pcrs: t.signedPcrs, publicArea: rsaPublicArea(req.signer!), approvedPolicy: sig.pol, signature: sig.sig });
+  }
+  if (t.pcrs.length) {
+    const expected = sealPolicy({ pcrs: t.pcrs, values: tpm.pcrRead(t.pcrs), ...(t.signedPcrs.length ? { signer: req.signer! } : {}) });
+    if (!Buffer.from(expected).equals(t.policyHash)) throw new Error(`sealed for other values of PCR ${t.pcrs.join(",")} than this boot's (firmware, Secure Boot keys or dbx changed, or the latch is already extended)`);
+    steps.push({ kind: "pcr", pcrs: t.pcrs });
+  }
+  return tpm.unseal(t.blob, t.srk ? { kind: "srk" } : { kind: "legacy-ecc" }, steps, t.srk);
+}
+
 /**
  * Unseals every usable token of every volume. Never throws: a token that does not meet the
  * config, or that the TPM refuses, is one line in the log. The caller latches right after.
  */
 export function unsealTokens(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, volumes: readonly string[]): UnsealedKey[] {
   const keys: UnsealedKey[] = [];
-  let signature: PcrSignature | string | undefined;
-  const fingerprint = req.signer ? keyFingerprint(req.signer) : "";
+  const signature = pcrSignatureOnce(sys, req);
   for (const device of volumes) {
     const tokens = readTokens(sys, log, device);
     if (!tokens.length) log.warn(`unlock: ${device}: no systemd-tpm2 token in the LUKS2 header`);
@@ -102,21 +132,7 @@ export function unsealTokens(sys: Sys, log: Logger, tpm: TpmOps, req: Requiremen
         continue;
       }
       try {
-        const steps: PolicyStep[] = [];
-        if (t.signedPcrs.length) {
-          signature ??= readPcrSignature(sys, req, fingerprint);
-          if (typeof signature === "string") throw new Error(signature);
-          // The TPM decides; this only names the cause when the signature is for another UKI.
-          const now = policyPcr(ZERO_DIGEST, t.signedPcrs, tpm.pcrRead(t.signedPcrs));
-          if (!Buffer.from(now).equals(signature.pol)) throw new Error(`PCR ${t.signedPcrs.join(",")} is not what the PCR key signed (another UKI, or another boot phase)`);
-          steps.push({ kind: "authorize", pcrs: t.signedPcrs, publicArea: rsaPublicArea(req.signer!), approvedPolicy: signature.pol, signature: signature.sig });
-        }
-        if (t.pcrs.length) {
-          const expected = sealPolicy({ pcrs: t.pcrs, values: tpm.pcrRead(t.pcrs), ...(t.signedPcrs.length ? { signer: req.signer! } : {}) });
-          if (!Buffer.from(expected).equals(t.policyHash)) throw new Error(`sealed for other values of PCR ${t.pcrs.join(",")} than this boot's (firmware, Secure Boot keys or dbx changed, or the latch is already extended)`);
-          steps.push({ kind: "pcr", pcrs: t.pcrs });
-        }
-        const secret = tpm.unseal(t.blob, t.srk ? { kind: "srk" } : { kind: "legacy-ecc" }, steps, t.srk);
+        const secret = unsealObject(tpm, req, t, signature);
         log.info(`unlock: ${name}: unsealed${t.srk ? ` under the SRK ${SRK_HANDLE}` : ""}`);
         keys.push({ device, token: t.id, keyslot: t.keyslot, key: keyslotPassphrase(secret) });
         secret.fill(0);
@@ -170,24 +186,30 @@ function checkSealable(req: Requirement, secureBoot: string): void {
 }
 
 /**
- * Seals `key`, which opens `keyslot` of `device` (as keyslotPassphrase), to the config's
- * binding and writes the token. Only with Secure Boot on: with it off, PCR 7 vouches for
- * nothing, and a key sealed to it would unseal for any kernel.
+ * Seals `secret` under the persistent SRK to `pcrs` (by value: the config's PCRs as they are now,
+ * the latch PCR at zero) and, when the config names a signer, its signed PCR policy. Refuses
+ * where a seal would protect nothing (checkSealable).
  */
-export function sealKey(sys: Sys, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, key: Uint8Array, keyslot: number): Enrolled {
+export function sealObject(tpm: TpmOps, req: Requirement, secureBoot: string, secret: Uint8Array, pcrs: readonly number[]): Sealed {
   checkSealable(req, secureBoot);
   const srk = tpm.ensureSrk();
-  const pcrs = [...req.pcrs, req.latchPcr];
-  const values = tpm.pcrRead(req.pcrs);
-  values.set(req.latchPcr, new Uint8Array(32)); // the latch is zero until the boot path latches
+  const values = tpm.pcrRead(pcrs.filter((p) => p !== req.latchPcr));
+  if (pcrs.includes(req.latchPcr)) values.set(req.latchPcr, new Uint8Array(32)); // zero until the boot path latches
   const signer = req.signedPcrs.length ? { signer: req.signer! } : {};
   const policyHash = sealPolicy({ pcrs, values, ...signer });
-  const blob = tpm.seal(key, policyHash, { kind: "srk" });
-  const token = sys.luks.setToken(
-    device,
-    tokenJson({ keyslot, blob, pcrs, bank: req.bank, primaryAlg: "ecc", policyHash, pin: false, signedPcrs: [...req.signedPcrs], ...signer, srk: srk.serialized }),
-  );
-  return { token, keyslot };
+  const blob = tpm.seal(secret, policyHash, { kind: "srk" });
+  return { blob, pcrs: [...pcrs], bank: req.bank, primaryAlg: "ecc", policyHash, pin: false, signedPcrs: [...req.signedPcrs], ...signer, srk: srk.serialized };
+}
+
+/**
+ * Seals `key`, which opens `keyslot` of `device` (as keyslotPassphrase), to the config's
+ * binding (its PCRs, the latch at zero, the signed policy) and writes the token. Only with
+ * Secure Boot on: with it off, PCR 7 vouches for nothing, and a key sealed to it would unseal
+ * for any kernel.
+ */
+export function sealKey(sys: Sys, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, key: Uint8Array, keyslot: number): Enrolled {
+  const sealed = sealObject(tpm, req, secureBoot, key, [...req.pcrs, req.latchPcr]);
+  return { token: sys.luks.setToken(device, tokenJson({ keyslot, ...sealed })), keyslot };
 }
 
 /** A new random key in a new keyslot of `device` (authorised by `existing`), sealed (sealKey). */

@@ -12,11 +12,9 @@ export const TOKEN_TYPE = "systemd-tpm2";
 const pcrList = z.array(z.number().int().min(0).max(23)).max(24);
 const base64 = z.string().regex(/^[A-Za-z0-9+/]*={0,2}$/, "expected base64");
 
-/** The fields initos reads; others (newer systemd's) are kept but not trusted for anything. */
-const TokenSchema = z
+/** The sealed object's fields; others (newer systemd's) are kept but not trusted for anything. */
+const SealedSchema = z
   .object({
-    type: z.literal(TOKEN_TYPE),
-    keyslots: z.array(z.string().regex(/^\d{1,2}$/)),
     "tpm2-blob": base64,
     "tpm2-pcrs": pcrList,
     "tpm2-pcr-bank": z.string().default("sha256"),
@@ -29,11 +27,10 @@ const TokenSchema = z
     tpm2_srk: base64.optional(),
   })
   .passthrough();
+const TokenSchema = SealedSchema.extend({ type: z.literal(TOKEN_TYPE), keyslots: z.array(z.string().regex(/^\d{1,2}$/)) });
 
-export interface Tpm2Token {
-  /** The LUKS2 token id in the header. */
-  id: number;
-  keyslot: number;
+/** A secret sealed in the TPM, and what it is bound to: a token's content, or a sealed file's. */
+export interface Sealed {
   blob: Uint8Array;
   pcrs: number[];
   bank: string;
@@ -41,30 +38,23 @@ export interface Tpm2Token {
   policyHash: Uint8Array;
   pin: boolean;
   signedPcrs: number[];
-  /** The PCR signer's public key (PEM text), when the token has a signed PCR policy. */
+  /** The PCR signer's public key (PEM text), when the object has a signed PCR policy. */
   signer?: string;
   /** The persistent SRK's serialization; absent: a transient ECC primary (systemd 252). */
   srk?: Uint8Array;
 }
 
+/** A LUKS2 `systemd-tpm2` token: a sealed key and the one keyslot it opens. */
+export interface Tpm2Token extends Sealed {
+  /** The LUKS2 token id in the header. */
+  id: number;
+  keyslot: number;
+}
+
 const b64 = (s: string) => new Uint8Array(Buffer.from(s, "base64"));
 
-/** Parses one token's JSON; null when it is another type; throws (naming the field) when malformed. */
-export function parseToken(id: number, json: string): Tpm2Token | null {
-  let raw: unknown;
-  try {
-    raw = JSON.parse(json);
-  } catch {
-    throw new Error(`token ${id}: not JSON`);
-  }
-  if ((raw as { type?: unknown } | null)?.type !== TOKEN_TYPE) return null;
-  const r = TokenSchema.safeParse(raw);
-  if (!r.success) throw new Error(`token ${id}: ${zodIssue(r.error)}`);
-  const t = r.data;
-  if (t.keyslots.length !== 1) throw new Error(`token ${id}: names ${t.keyslots.length} keyslots, expected exactly one`);
+function fromSchema(t: z.output<typeof SealedSchema>): Sealed {
   return {
-    id,
-    keyslot: Number(t.keyslots[0]),
     blob: b64(t["tpm2-blob"]),
     pcrs: [...t["tpm2-pcrs"]],
     bank: t["tpm2-pcr-bank"],
@@ -77,12 +67,38 @@ export function parseToken(id: number, json: string): Tpm2Token | null {
   };
 }
 
-/** The token JSON for the header, with systemd's field names and order. */
-export function tokenJson(t: Omit<Tpm2Token, "id">): string {
+function parseJson(what: string, json: string): unknown {
+  try {
+    return JSON.parse(json);
+  } catch {
+    throw new Error(`${what}: not JSON`);
+  }
+}
+
+/** Parses one token's JSON; null when it is another type; throws (naming the field) when malformed. */
+export function parseToken(id: number, json: string): Tpm2Token | null {
+  const raw = parseJson(`token ${id}`, json);
+  if ((raw as { type?: unknown } | null)?.type !== TOKEN_TYPE) return null;
+  const r = TokenSchema.safeParse(raw);
+  if (!r.success) throw new Error(`token ${id}: ${zodIssue(r.error)}`);
+  if (r.data.keyslots.length !== 1) throw new Error(`token ${id}: names ${r.data.keyslots.length} keyslots, expected exactly one`);
+  return { id, keyslot: Number(r.data.keyslots[0]), ...fromSchema(r.data) };
+}
+
+/** A sealed object kept in a file of its own (`what` names it in errors), with `type`. */
+export function parseSealed(what: string, type: string, json: string): Sealed {
+  const raw = parseJson(what, json);
+  if ((raw as { type?: unknown } | null)?.type !== type) throw new Error(`${what}: not an ${type} object`);
+  const r = SealedSchema.safeParse(raw);
+  if (!r.success) throw new Error(`${what}: ${zodIssue(r.error)}`);
+  return fromSchema(r.data);
+}
+
+/** The JSON of a sealed object with systemd's field names and order (`head` goes first). */
+export function sealedJson(head: Record<string, unknown>, t: Sealed): string {
   const b = (u: Uint8Array) => Buffer.from(u).toString("base64");
   return JSON.stringify({
-    type: TOKEN_TYPE,
-    keyslots: [String(t.keyslot)],
+    ...head,
     "tpm2-blob": b(t.blob),
     "tpm2-pcrs": t.pcrs,
     "tpm2-pcr-bank": t.bank,
@@ -92,6 +108,11 @@ export function tokenJson(t: Omit<Tpm2Token, "id">): string {
     ...(t.signer !== undefined ? { tpm2_pubkey_pcrs: t.signedPcrs, tpm2_pubkey: Buffer.from(t.signer, "utf8").toString("base64") } : {}),
     ...(t.srk !== undefined ? { tpm2_srk: b(t.srk) } : {}),
   });
+}
+
+/** The token JSON for the header, as systemd-cryptenroll writes it. */
+export function tokenJson(t: Omit<Tpm2Token, "id">): string {
+  return sealedJson({ type: TOKEN_TYPE, keyslots: [String(t.keyslot)] }, t);
 }
 
 /** What the signed config requires of a token before its blob goes to the TPM. */
@@ -124,24 +145,24 @@ export function describeBinding(pcrs: readonly number[], signedPcrs: readonly nu
  * required binding (the latch optional): a token bound to less is weaker than the config
  * allows, and one bound to other PCRs would need a policy session the config did not choose.
  */
-export function refusal(t: Tpm2Token, req: Requirement): string | null {
+export function refusal(t: Sealed & { id?: number }, req: Requirement, name = `token ${t.id}`): string | null {
   const wanted = `${describeBinding(req.pcrs, req.signedPcrs)} (latch ${req.latchPcr} optional)`;
-  if (t.bank !== req.bank) return `token ${t.id}: PCR bank ${t.bank}, the config requires ${req.bank}`;
-  if (t.pin) return `token ${t.id}: needs a TPM PIN, which an unattended boot cannot give`;
-  if (t.primaryAlg !== "ecc") return `token ${t.id}: primary key algorithm ${t.primaryAlg}, only ecc is supported`;
+  if (t.bank !== req.bank) return `${name}: PCR bank ${t.bank}, the config requires ${req.bank}`;
+  if (t.pin) return `${name}: needs a TPM PIN, which an unattended boot cannot give`;
+  if (t.primaryAlg !== "ecc") return `${name}: primary key algorithm ${t.primaryAlg}, only ecc is supported`;
   if (!same(t.pcrs, req.pcrs) && !same(t.pcrs, [...req.pcrs, req.latchPcr])) {
-    return `token ${t.id}: bound to ${describeBinding(t.pcrs, t.signedPcrs)}; the config requires ${wanted}`;
+    return `${name}: bound to ${describeBinding(t.pcrs, t.signedPcrs)}; the config requires ${wanted}`;
   }
-  if (!same(t.signedPcrs, req.signedPcrs)) return `token ${t.id}: bound to ${describeBinding(t.pcrs, t.signedPcrs)}; the config requires ${wanted}`;
+  if (!same(t.signedPcrs, req.signedPcrs)) return `${name}: bound to ${describeBinding(t.pcrs, t.signedPcrs)}; the config requires ${wanted}`;
   if (req.signedPcrs.length) {
-    if (!req.signer) return `token ${t.id}: the config names no PCR signer (tpm.pcrPublicKey), so no signed policy can be checked`;
+    if (!req.signer) return `${name}: the config names no PCR signer (tpm.pcrPublicKey), so no signed policy can be checked`;
     let fp: string;
     try {
       fp = t.signer ? keyFingerprint(t.signer) : "";
     } catch (e) {
-      return `token ${t.id}: its PCR signer key is not an RSA public key (${(e as Error).message})`;
+      return `${name}: its PCR signer key is not an RSA public key (${(e as Error).message})`;
     }
-    if (fp !== keyFingerprint(req.signer)) return `token ${t.id}: signed by another PCR key (${fp ? fp.slice(0, 16) : "none"}...), not the one in the signed config`;
+    if (fp !== keyFingerprint(req.signer)) return `${name}: signed by another PCR key (${fp ? fp.slice(0, 16) : "none"}...), not the one in the signed config`;
   }
   return null;
 }

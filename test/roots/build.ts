@@ -31,11 +31,12 @@ export const BUSYBOX = "/bin/busybox";
 export const TOOLS = ["/usr/bin/tpm2", "/usr/sbin/cryptsetup", "/usr/bin/systemd-cryptenroll"];
 /**
  * Opened with dlopen, so DT_NEEDED does not name them: systemd 252 loads tpm2-tss (esys, rc, mu)
- * and libcryptsetup itself; tctildr loads the TCTI for device:/dev/tpmrm0. cryptsetup's token
+ * and libcryptsetup itself; tctildr loads the TCTI for device:/dev/tpmrm0; glibc loads libgcc_s
+ * when a thread exits (systemd-cryptenroll aborts without it). cryptsetup's token
  * plugins (libcryptsetup-token-systemd-*) are not needed: export, import, luksDump and
  * --test-passphrase with a key file work without them.
  */
-export const DLOPENED = ["libtss2-esys.so.0", "libtss2-rc.so.0", "libtss2-mu.so.0", "libtss2-tcti-device.so.0", "libcryptsetup.so.12"];
+export const DLOPENED = ["libtss2-esys.so.0", "libtss2-rc.so.0", "libtss2-mu.so.0", "libtss2-tcti-device.so.0", "libcryptsetup.so.12", "libgcc_s.so.1"];
 /** Not links: busybox itself, and applets that are (or would shadow) the init. */
 const SKIP_APPLETS = new Set(["busybox", "init", "linuxrc"]);
 

@@ -5,10 +5,12 @@ import { generateKeyPairSync, sign } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
-import { enroll, PCR_SIGNATURE, readPcrSignature, requirement, reseal, sealKey, unsealTokens } from "../../agent/diskkey/diskkey.ts";
+import { enroll, PCR_SIGNATURE, pcrSignatureOnce, readPcrSignature, requirement, reseal, sealKey, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm, LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
 import { extendPcr, keyFingerprint, phaseDigest, policyPcr, sealPolicy, signedPcrPolicy, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
 import { realUnlockOps } from "../../agent/stages/pool.ts";
+import { HOST_KEY } from "../../agent/stages/sidecar.ts";
+import { sealHostKey, unsealHostKey } from "../../agent/diskkey/hostkey.ts";
 import { parseToken, refusal, type Requirement, tokenJson } from "../../agent/diskkey/token.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 import { FakeTpm } from "./faketpm.ts";
@@ -333,5 +335,51 @@ describe("unlocking a machine with the real unlock operations (fakes underneath)
     expect(ops.openWithTpmKeys(keys)).toBe(false);
     expect(log.lines).toContain("err: unlock: /dev/vda3: the key of the ESP seal does not open keyslot 1, which it names");
     expect([...sys.luksSlots.get(DEV)!.keys()].sort()).toEqual([0, 1]);
+  });
+});
+
+describe("the recovery sidecar's sealed ssh host key", () => {
+  const FILE = "/run/initos/esp-a/initos/recovery-hostkey.json";
+  const sealedOn = (m: ReturnType<typeof machine>) => {
+    m.sys.add(FILE, { kind: "file", data: sealHostKey(m.tpm, REQ, "on", Buffer.from("dropbear-key-bytes")) });
+    return m;
+  };
+  const unseal = (m: ReturnType<typeof machine>, log = silentLog()) => unsealHostKey(m.sys, log, m.tpm, REQ, FILE, pcrSignatureOnce(m.sys, REQ));
+
+  it("is sealed to the signed PCR 11 policy and the latch, not to PCR 7: a firmware update does not lose it", () => {
+    const m = sealedOn(machine());
+    expect(JSON.parse(m.sys.readFile(FILE)!)).toMatchObject({ type: "initos-recovery-hostkey", "tpm2-pcrs": [15], tpm2_pubkey_pcrs: [11] });
+    expect(Buffer.from(unseal(m)!).toString()).toBe("dropbear-key-bytes");
+    m.tpm.extend(7, phaseDigest("dbx update"));
+    expect(Buffer.from(unseal(m)!).toString()).toBe("dropbear-key-bytes");
+  });
+
+  it("another UKI (PCR 11 not signed), or after the latch: nothing, and one line", () => {
+    const other = sealedOn(machine());
+    other.tpm.extend(11, phaseDigest("another UKI"));
+    const log = silentLog();
+    expect(unseal(other, log)).toBeNull();
+    expect(log.lines.at(-1)).toMatch(/^warn: recovery: the sealed ssh host key was not released: PCR 11 is not what the PCR key signed/);
+    const latched = sealedOn(machine());
+    latched.tpm.extend(15, LATCH_DIGEST);
+    expect(unseal(latched)).toBeNull();
+  });
+
+  it("is not sealed at all without a signed PCR policy in the config", () => {
+    const { tpm } = machine();
+    expect(() => sealHostKey(tpm, { ...REQ, signedPcrs: [] }, "on", Buffer.from("k"))).toThrow(/would unseal for any UKI/);
+  });
+
+  it("the unlock path puts it where the recovery sidecar's sshd reads it, before the latch", async () => {
+    const m = sealedOn(machine());
+    enroll(m.sys, m.tpm, REQ, "on", DEV, Buffer.from("recovery"));
+    m.sys.devices.add("/dev/tpmrm0");
+    const boot = new BootTpm(m.sys, silentLog(), { waitSeconds: 0, latchPcr: 15 });
+    await boot.find();
+    const cfg = { ...DEFAULT_CONFIG, tpm: { ...DEFAULT_CONFIG.tpm, pcrPublicKey: PEM } };
+    const esp = { slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
+    const ops = realUnlockOps(m.sys, silentLog(), cfg, boot, "on", esp, [DEV], []);
+    ops.unsealKeys();
+    expect(m.sys.readFile(HOST_KEY)).toBe("dropbear-key-bytes");
   });
 });
