@@ -3,6 +3,7 @@
 import { type Cmdline, parseCmdline } from "./cmdline.ts";
 import { type AgentConfig, CONFIG_PATH, parseConfig } from "./config.ts";
 import { BootError, describe } from "./errors.ts";
+import { applyFailurePolicy } from "./failure.ts";
 import { type Logger, Timeline, uptime } from "./log.ts";
 import { type EarlyResult, restoreKmsgThrottle, setupEarly } from "./stages/early.ts";
 import { Coldplug } from "./stages/devices.ts";
@@ -10,7 +11,7 @@ import { type EspResult, findEsps } from "./stages/esp.ts";
 import { install, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
 import { mountPool, unlockPool } from "./stages/pool.ts";
 import { countZombies, memAvailableKiB, powerAction, procStatusKiB } from "./pid1.ts";
-import { type Supervised, supervise } from "./supervise.ts";
+import { type Supervised, stopServices, supervise } from "./supervise.ts";
 import { SSH_DIR } from "./stages/sidecar.ts";
 import { besideWanted, startBeside } from "./stages/beside.ts";
 import { networkRequested, setupNetwork } from "./stages/network.ts";
@@ -39,6 +40,11 @@ export interface BootState {
   sidecar: RecoverySidecar;
   /** The TPM over this boot: phases, the latch. */
   tpm?: BootTpm;
+  /**
+   * switch_root made the OS's root "/" (set by switchRoot just before it pivots or chroots).
+   * From then on the failure policy only logs and reboots: nothing is written into the OS.
+   */
+  pastPointOfNoReturn?: boolean;
 }
 
 /** Runs one named stage, logs and records its duration whether it succeeds or fails. */
@@ -108,11 +114,11 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   // unlock path unseals, and it latches right after its attempt; every other path latches now,
   // before it touches another disk, the network, sshd or a root.
   const tpm = (state.tpm = new BootTpm(sys, log, config.tpm));
-  const unseals = !cmdline.root && (cmdline.mode ?? "host") === "host" && !!esp;
+  const noUnseal = whyNoUnseal(cmdline, !!esp);
   await stage(ctx, "tpm", async () => {
     if (!(await tpm.find())) return;
     tpm.measurePhase("enter-initrd");
-    if (!unseals) tpm.latch(cmdline.mode ? `${cmdline.mode} mode` : cmdline.root ? "root= on the cmdline" : "no ESP");
+    if (noUnseal) tpm.latch(noUnseal);
   });
 
   // Sidecar mode stays here until an operator sends `switch-root`; then the boot goes on.
@@ -157,8 +163,8 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   await tpm.leaveInitrd();
   tpm.close();
   // Nothing the initrd started may outlive it (unless beside the OS, in its own namespace).
-  state.sidecar.stop();
-  for (const s of services) s.stop();
+  await state.sidecar.stop();
+  await stopServices(sys, log, services);
   if (besideWanted(cmdline, config)) {
     ctx.timeline.save(); // the sidecar takes a copy of the timeline with it
     const network = () => state.sidecar.network(sys, log, cold, cmdline, config);
@@ -176,7 +182,15 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     args,
     env: initEnv(),
     beforeExec: () => restoreKmsgThrottle(sys, devkmsg),
+    onPointOfNoReturn: () => void (state.pastPointOfNoReturn = true),
   });
+}
+
+/** The failure policy for this boot: what main.ts runs for any error that ends the boot. */
+export function failBoot(ctx: BootContext, state: BootState, error: unknown): Promise<never> {
+  const past = state.pastPointOfNoReturn === true;
+  const recovery = past ? undefined : () => startFailureSidecar(ctx, state);
+  return applyFailurePolicy(ctx.sys, ctx.log, ctx.timeline, error, rebootDelay(state), recovery, past);
 }
 
 /**
@@ -232,6 +246,8 @@ export function adminHandler(ctx: BootContext, state: BootState, continueBoot?: 
 export async function startFailureSidecar(ctx: BootContext, state: BootState): Promise<boolean> {
   const { cmdline, config } = state;
   if (!cmdline || !config) return false;
+  // The sidecar's setup writes /etc/passwd, /etc/shells, /root/.ssh: after the chroot those are the OS's.
+  if (state.pastPointOfNoReturn) return false;
   // The network and sshd come after the latch, here too; a latch that fails means no sidecar.
   const tpm = (state.tpm ??= new BootTpm(ctx.sys, ctx.log, config.tpm));
   try {
@@ -261,6 +277,18 @@ export function statusText(ctx: BootContext, state: BootState): string {
  */
 function forgetSecrets(sys: Sys): void {
   if (sys.exists(SSH_DIR)) sys.removeTreeOnDevice(SSH_DIR, sys.lstat(SSH_DIR).dev);
+}
+
+/**
+ * Why this boot will not unseal the disk key (and so latches at once), or null on the one path
+ * that does: the host mode with no root= and an ESP to boot from. Sidecar mode may continue into
+ * the unlock later, but only with the passphrase: it runs network and sshd first.
+ */
+export function whyNoUnseal(cmdline: Pick<Cmdline, "mode" | "root">, hasEsp: boolean): string | null {
+  if (cmdline.mode && cmdline.mode !== "host") return `${cmdline.mode} mode`;
+  if (cmdline.root) return "root= on the cmdline";
+  if (!hasEsp) return "no ESP";
+  return null;
 }
 
 /** initos.insecure=1 weakens verification, so it counts only when Secure Boot is off. */

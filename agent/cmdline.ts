@@ -2,6 +2,7 @@
 // validated with zod; a malformed value is reported in one line naming the key and the value,
 // and the safe default is used instead, so a typo never stops the machine from booting.
 import { z } from "zod";
+import { subvolumeName } from "./hostconfig.ts";
 
 export const MODES = ["host", "vm", "sidecar", "install"] as const;
 export type Mode = (typeof MODES)[number];
@@ -77,7 +78,8 @@ const KEYS = {
   "initos.if": { schema: z.string().regex(/^([\w.-]{1,15}|([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2})$/, "expected an interface name or a MAC address"), fallback: undefined },
   "initos.insecure": { schema: bool01, fallback: false },
   "initos.latchcheck": { schema: bool01, fallback: false },
-  "initos.root": { schema: z.string().regex(/^@?[\w.-]+$/, "expected a subvolume name such as @root"), fallback: undefined },
+  // A plain name at the top of the pool, as in the host config: no ".", "..", "/" or leading dot.
+  "initos.root": { schema: subvolumeName, fallback: undefined },
   "initos.sidecar": { schema: bool01, fallback: undefined },
   "initos.share": { schema: z.string().regex(/^[\w.-]{1,36}(:\/[\w./-]*)?$/, "expected a share tag, optionally :/mountpoint, e.g. z or z:/z"), fallback: undefined },
   "initos.disks": { schema: z.string().regex(/^\/dev\/[\w/-]+:\/[\w./-]*(,\/dev\/[\w/-]+:\/[\w./-]*)*$/, "expected /dev/DISK:/mountpoint[,...], e.g. /dev/vdb:/x"), fallback: undefined },

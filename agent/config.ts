@@ -40,6 +40,23 @@ export const AgentConfigSchema = z
           .object({
             name: z.string().regex(/^[a-z][a-z0-9-]*$/),
             rootHash: z.string().regex(/^[0-9a-f]{64}$/, "expected a sha256 root hash (64 hex digits)"),
+            /**
+             * What `veritysetup format` was given, pinned: the hash device's superblock is
+             * unsigned data on the ESP and must say exactly this. (The number of data blocks is
+             * the one the root hash does not bind: fewer keep the top hash block, and so the
+             * root hash, unchanged.) Filled in by the build from build/images/<name>.json.
+             */
+            verity: z
+              .object({
+                hashType: z.union([z.literal(0), z.literal(1)]),
+                hashAlgorithm: z.string().regex(/^[a-z0-9-]+$/, "expected a hash name such as sha256"),
+                dataBlockSize: z.number().int().min(512).max(524288).refine((n) => (n & (n - 1)) === 0, "expected a power of two"),
+                hashBlockSize: z.number().int().min(512).max(524288).refine((n) => (n & (n - 1)) === 0, "expected a power of two"),
+                dataBlocks: z.number().int().min(1),
+                /** Hex; "" for none. */
+                salt: z.string().regex(/^([0-9a-f]{2}){0,256}$/, "expected the salt in hex (at most 256 bytes)"),
+              })
+              .strict(),
             binds: z.array(z.object({ from: z.string().regex(/^[\w.-]+$/), to: z.string().regex(/^\//) }).strict()).default([]),
           })
           .strict(),

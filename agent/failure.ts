@@ -24,10 +24,19 @@ export function diagnostics(sys: Sys, reason: string, timeline: Timeline): strin
 /**
  * `recovery`, when given, tries to bring up the recovery sidecar (ssh with the UKI's keys): if
  * it comes up, the machine stays for an operator (status, log, reboot) instead of rebooting.
+ *
+ * `pastPointOfNoReturn`: switch_root already made the OS's root "/" (its execve failed, say).
+ * Then every path below is the user's: diagnostics would land on their disk and the recovery
+ * sidecar would rewrite their /etc/passwd, /etc/shells and /root/.ssh. Only the log (kmsg, an
+ * fd opened long ago) and the reboot remain.
  */
-export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeline, error: unknown, delaySeconds: number, recovery?: () => Promise<boolean>): Promise<never> {
+export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeline, error: unknown, delaySeconds: number, recovery?: () => Promise<boolean>, pastPointOfNoReturn = false): Promise<never> {
   const reason = describe(error);
   log.err(`boot failed: ${reason}`);
+  if (pastPointOfNoReturn) {
+    log.err("past switch_root: / is the OS now; nothing is written into it and no recovery sidecar starts");
+    return rebootAfter(sys, log, delaySeconds);
+  }
   try {
     sys.mkdirp("/run/initos", 0o700);
     sys.writeFile(DIAG_PATH, diagnostics(sys, reason, timeline));
@@ -46,6 +55,10 @@ export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeli
       log.warn(`recovery sidecar: ${describe(e)}`);
     }
   }
+  return rebootAfter(sys, log, delaySeconds);
+}
+
+async function rebootAfter(sys: Sys, log: Logger, delaySeconds: number): Promise<never> {
   log.err(`rebooting in ${delaySeconds}s`);
   await sys.sleep(delaySeconds * 1000);
   sys.sync();

@@ -1,34 +1,84 @@
 // The host config lives on the encrypted btrfs pool (top level): which subvolume is the root
-// and which subvolumes are bound where. It is only readable once the disk is unlocked, so it is
-// as trusted as the disk, but it is still input: validated, with errors naming the key.
+// and which subvolumes are bound where. It is only readable once the disk is unlocked, but it is
+// written by whoever is root in the booted OS, so it is input from a possible attacker (DESIGN
+// §5): validated, with errors naming the key, and never allowed to name a path outside the root.
 import { z } from "zod";
 
 export const HOST_CONFIG_JSON = "initos.json";
 export const HOST_CONFIG_ENV = "initos.env";
 
-const subvol = z.string().regex(/^@?[\w.-]+$/, "expected a subvolume name such as @root");
+/**
+ * A subvolume at the top of the pool, by its plain name: no "/", and no leading "." (so neither
+ * "." nor ".."), which btrfs would otherwise take as a path. Shared with `initos.root=`.
+ */
+export const subvolumeName = z.string().regex(/^@?[A-Za-z0-9_-][A-Za-z0-9_.-]*$/, "expected a subvolume name such as @root");
 
-export const HostConfigSchema = z
+/**
+ * Where a subvolume is bound in the root: an absolute path below "/" without "." or ".."
+ * components. Lexical only: symlinks are refused when the path is resolved (pool.ts).
+ */
+const bindPath = z
+  .string()
+  .regex(/^\/[\w./-]*$/, "expected an absolute path")
+  .refine((p) => !p.split("/").some((c) => c === "." || c === ".."), '"." and ".." are not allowed in a bind path')
+  .refine((p) => p.split("/").some(Boolean), "expected a directory below the root, e.g. /home");
+
+const BindSchema = z.object({ subvol: subvolumeName, path: bindPath }).strict();
+export type Bind = z.output<typeof BindSchema>;
+
+const DEFAULT_BINDS: Bind[] = [
+  { subvol: "@home", path: "/home" },
+  { subvol: "@log", path: "/var/log" },
+  { subvol: "@cache", path: "/var/cache" },
+];
+
+/** The file's shape; each bind entry is checked on its own (see checkBinds). */
+const HostConfigSchema = z
   .object({
-    root: subvol,
+    root: subvolumeName,
     /** Subvolumes mounted into the root; a missing subvolume is skipped with a note. */
-    binds: z
-      .array(z.object({ subvol, path: z.string().regex(/^\/[\w./-]*$/, "expected an absolute path") }).strict())
-      .default([
-        { subvol: "@home", path: "/home" },
-        { subvol: "@log", path: "/var/log" },
-        { subvol: "@cache", path: "/var/cache" },
-      ]),
+    binds: z.array(z.unknown()).optional(),
   })
   .strict();
 
-export type HostConfig = z.output<typeof HostConfigSchema>;
+export interface HostConfig {
+  root: string;
+  binds: Bind[];
+  /** One line per bind entry that was refused (already says it is not mounted), for the log. */
+  refused: string[];
+}
 
 export class HostConfigError extends Error {}
 
 function fail(file: string, e: z.ZodError): never {
   const issue = e.issues[0]!;
   throw new HostConfigError(`host config ${file}: ${issue.path.join(".") || "(top level)"}: ${issue.message}`);
+}
+
+/**
+ * A bad bind entry costs that bind, not the boot: the root the config names is still the one
+ * the machine boots, and the entry's line in the log tells its admin what was ignored. Failing
+ * the whole boot would hand whoever writes the config (root in the OS) a switch to keep the
+ * machine in the initrd, with nothing gained: the refused mount is never made either way.
+ */
+function checkBinds(file: string, entries: readonly unknown[] | undefined): Pick<HostConfig, "binds" | "refused"> {
+  if (entries === undefined) return { binds: DEFAULT_BINDS.map((b) => ({ ...b })), refused: [] };
+  const binds: Bind[] = [];
+  const refused: string[] = [];
+  entries.forEach((entry, i) => {
+    const r = BindSchema.safeParse(entry);
+    if (r.success) return void binds.push(r.data);
+    const issue = r.error.issues[0]!;
+    const shown = (JSON.stringify(entry) ?? String(entry)).slice(0, 120);
+    refused.push(`host config ${file}: refused binds.${i} ${shown}: ${issue.path.join(".") || "(entry)"}: ${issue.message}; not mounted`);
+  });
+  return { binds, refused };
+}
+
+function parsed(file: string, input: unknown): HostConfig {
+  const r = HostConfigSchema.safeParse(input);
+  if (!r.success) fail(file, r.error);
+  return { root: r.data.root, ...checkBinds(file, r.data.binds) };
 }
 
 export function parseHostJson(text: string, file = HOST_CONFIG_JSON): HostConfig {
@@ -38,8 +88,7 @@ export function parseHostJson(text: string, file = HOST_CONFIG_JSON): HostConfig
   } catch (e) {
     throw new HostConfigError(`host config ${file}: not JSON (${(e as Error).message})`);
   }
-  const r = HostConfigSchema.safeParse(json);
-  return r.success ? r.data : fail(file, r.error);
+  return parsed(file, json);
 }
 
 /**
@@ -57,6 +106,5 @@ export function parseHostEnv(text: string, file = HOST_CONFIG_ENV): HostConfig {
   });
   const root = vars.get("INITOS_ROOT");
   if (root === undefined) throw new HostConfigError(`host config ${file}: INITOS_ROOT is not set`);
-  const r = HostConfigSchema.safeParse({ root });
-  return r.success ? r.data : fail(file, r.error);
+  return parsed(file, { root });
 }

@@ -3,8 +3,7 @@ import { existsSync, readdirSync, readFileSync, writeSync } from "node:fs";
 import { dirname } from "node:path";
 import { CONFIG_PATH, parseConfig } from "./config.ts";
 import { BUSYBOX, runAsShell } from "./stages/sidecar.ts";
-import { boot, type BootContext, type BootState, rebootDelay, startFailureSidecar } from "./boot.ts";
-import { applyFailurePolicy } from "./failure.ts";
+import { boot, type BootContext, type BootState, failBoot } from "./boot.ts";
 import { KmsgLogger, Timeline } from "./log.ts";
 import { installPid1Handlers } from "./pid1.ts";
 import { realSys } from "./sys/index.ts";
@@ -29,7 +28,8 @@ async function runAsInit(): Promise<never> {
       return new Promise<never>(() => {});
     }
     failing = true;
-    return applyFailurePolicy(sys, log, timeline, e, rebootDelay(state), () => startFailureSidecar(ctx, state));
+    // After switch_root's chroot (state.pastPointOfNoReturn) this only logs and reboots.
+    return failBoot(ctx, state, e);
   };
 
   installPid1Handlers(sys, log, {

@@ -25,6 +25,11 @@ export interface SwitchRootPlan {
   env: readonly string[];
   /** Last words before exec, after the old root is gone (e.g. restoring kernel settings). */
   beforeExec?: () => void;
+  /**
+   * Called once, just before "/" becomes the new root (pivot_root or MS_MOVE + chroot): from
+   * then on a failure must not write anything (see the failure policy), since "/" is the OS.
+   */
+  onPointOfNoReturn?: () => void;
 }
 
 /**
@@ -129,6 +134,8 @@ export function switchRoot(sys: Sys, log: Logger, plan: SwitchRootPlan): never {
   // Keep a handle on the old root for the cleanup: after chroot the path "/" means the new root,
   // but /proc/self/fd/<fd> still leads to the initramfs (see removeOldRoot).
   const oldRootFd = sys.openDir("/");
+  // The point of no return: past here "/etc/passwd" may be the user's file, not the initramfs'.
+  plan.onPointOfNoReturn?.();
   sys.chdir(newRoot);
   try {
     // Works on real root filesystems; the initramfs (rootfs) itself cannot be pivoted away.

@@ -15,7 +15,7 @@
 //   bun initrd/build.ts reference-initrd --kernel kernel.json --config FILE --images DIR --init init.sh [--pcr-pub PUB.pem] --out FILE.cpio
 //   bun initrd/build.ts vmimage     --from DIR|ROOTFS.tar[.gz]|OCI-LAYOUT.tar --out FILE.img [--label L]
 import { execFileSync } from "node:child_process";
-import { createPublicKey } from "node:crypto";
+import { createHash, createPublicKey } from "node:crypto";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
@@ -113,16 +113,21 @@ function cmdImages(o: Record<string, string | undefined>): void {
   }
 }
 
-/** The config template with each image's root hash filled in from `<imagesDir>/<name>.json`. */
-function withRootHashes(template: Record<string, unknown>, imagesDir: string | undefined): unknown {
+/**
+ * The config template with each image's root hash and verity parameters filled in from
+ * `<imagesDir>/<name>.json`; what the template pins itself stays (each of the two on its own).
+ */
+export function withRootHashes(template: Record<string, unknown>, imagesDir: string | undefined): unknown {
   const images = (template.images ?? []) as Record<string, unknown>[];
   return {
     ...template,
     images: images.map((img) => {
-      if (img.rootHash) return img; // pinned in the template
-      if (!imagesDir) throw new Error(`image ${String(img.name)} has no rootHash and no --images was given`);
-      const info = JSON.parse(readFileSync(`${imagesDir}/${String(img.name)}.json`, "utf8")) as ImageInfo;
-      return { ...img, rootHash: info.rootHash };
+      if (img.rootHash && img.verity) return img; // pinned in the template
+      if (!imagesDir) throw new Error(`image ${String(img.name)} has no rootHash or verity parameters and no --images was given`);
+      const file = `${imagesDir}/${String(img.name)}.json`;
+      const info = JSON.parse(readFileSync(file, "utf8")) as Partial<ImageInfo>;
+      if (!info.params) throw new Error(`${file} has no verity parameters (made by an older build): rebuild the images`);
+      return { rootHash: info.rootHash, verity: info.params, ...img };
     }),
   };
 }
@@ -206,12 +211,26 @@ function cmdUki(o: Record<string, string | undefined>): void {
   }
 }
 
-/** Fixed GUIDs (the disk is test and install material; reproducible beats random). */
 const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 export const DISK_SLOTS = [
-  { name: "a", partLabel: "initos-a", fsLabel: "INITOS_A", uuid: "6e0c8b2a-1f0a-4a5e-9d6b-0000000000a1", volumeId: "1a2b3ca1" },
-  { name: "b", partLabel: "initos-b", fsLabel: "INITOS_B", uuid: "6e0c8b2a-1f0a-4a5e-9d6b-0000000000b2", volumeId: "1a2b3cb2" },
+  { name: "a", partLabel: "initos-a", fsLabel: "INITOS_A", volumeId: "1a2b3ca1" },
+  { name: "b", partLabel: "initos-b", fsLabel: "INITOS_B", volumeId: "1a2b3cb2" },
 ] as const;
+
+/**
+ * GUIDs for a disk the build makes, derived from its file name: reproducible (same inputs, same
+ * bytes), yet two disks of one build (boot.img, installer.img) never share a partition UUID.
+ * They must not: the agent finds the partition it booted from by its UUID, and refuses one it
+ * finds twice (a cloned disk: nothing says which copy the firmware read). Installs get random
+ * ones from sfdisk.
+ */
+export function diskGuids(out: string): { disk: string; slots: string[] } {
+  const guid = (what: string) => {
+    const h = createHash("sha256").update(`initos disk ${basename(out)} ${what}`).digest("hex");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-4${h.slice(13, 16)}-8${h.slice(17, 20)}-${h.slice(20, 32)}`;
+  };
+  return { disk: guid("table"), slots: DISK_SLOTS.map((s) => guid(`slot ${s.name}`)) };
+}
 
 /**
  * A GPT disk with two ESPs, slots A and B, each holding the UKI at the removable-media path
@@ -238,10 +257,11 @@ function cmdDisk(o: Record<string, string | undefined>, extra: string[] = []): v
   const starts = DISK_SLOTS.map((_, i) => (1 + i * espMiB) * sectorsPerMiB);
   rmSync(out, { force: true });
   sh("truncate", ["-s", `${(2 + 2 * espMiB) * MiB}`, out]);
+  const guids = diskGuids(out);
   const table = [
     "label: gpt",
-    "label-id: 6E0C8B2A-1F0A-4A5E-9D6B-00000000D15C",
-    ...DISK_SLOTS.map((s, i) => `start=${starts[i]}, size=${espMiB * sectorsPerMiB}, type=${ESP_TYPE}, uuid=${s.uuid}, name="${s.partLabel}"`),
+    `label-id: ${guids.disk}`,
+    ...DISK_SLOTS.map((s, i) => `start=${starts[i]}, size=${espMiB * sectorsPerMiB}, type=${ESP_TYPE}, uuid=${guids.slots[i]}, name="${s.partLabel}"`),
   ].join("\n");
   execFileSync("sfdisk", ["-q", out], { input: `${table}\n`, stdio: ["pipe", "ignore", "inherit"] });
   DISK_SLOTS.forEach((s, i) => {

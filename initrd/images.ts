@@ -5,17 +5,27 @@
 //                 /firmware/...           firmware (Debian's firmware-linux-free)
 //   sidecar.sqfs  /usr/bin/..., /usr/lib/... the tools recovery needs, with their libraries
 import { createHash } from "node:crypto";
-import { copyFileSync, mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { extractDeb, run } from "./debs.ts";
 import type { KernelInfo } from "./kernel.ts";
 import { collectLibs } from "./libs.ts";
+import type { VerityParams } from "../agent/sys/cryptsetup.ts";
 
 export interface ImageInfo {
   name: string;
   sqfs: string;
   verity: string;
   rootHash: string;
+  /** What `veritysetup format` made the hash tree with: pinned in the signed config beside the root hash. */
+  params: VerityParams;
 }
+
+/**
+ * The hash tree's parameters, all given explicitly rather than left to veritysetup's defaults
+ * (which a cryptsetup update could change): the signed config pins them, so they must be what
+ * the build meant. The salt is per image (see verityFormat).
+ */
+export const VERITY_FORMAT = { hashType: 1, hashAlgorithm: "sha256", dataBlockSize: 4096, hashBlockSize: 4096 } as const;
 
 /** Tools in the sidecar image: the ssh server, an admin shell, TPM, LUKS and btrfs tools. */
 export const SIDECAR_TOOLS = [
@@ -45,16 +55,36 @@ export function mksquashfs(sources: string[], out: string): void {
 
 /**
  * `veritysetup format` with salt and UUID derived from the image, so the same image always
- * gets the same hash tree and root hash (the defaults are random).
+ * gets the same hash tree and root hash (the defaults are random). Returns the root hash and
+ * the parameters as veritysetup reports them, checked against what it was asked for.
  */
-export function verityFormat(sqfs: string, verity: string): string {
+export function verityFormat(sqfs: string, verity: string): { rootHash: string; params: VerityParams } {
   const digest = createHash("sha256").update(readFileSync(sqfs)).digest("hex");
   const uuid = `${digest.slice(0, 8)}-${digest.slice(8, 12)}-4${digest.slice(13, 16)}-8${digest.slice(17, 20)}-${digest.slice(20, 32)}`;
   rmSync(verity, { force: true });
-  const out = run("veritysetup", ["format", "--salt", digest, "--uuid", uuid, sqfs, verity]);
-  const m = /Root hash:\s+([0-9a-f]+)/.exec(out);
-  if (!m) throw new Error(`veritysetup format ${sqfs}: no root hash in its output`);
-  return m[1]!;
+  const f = VERITY_FORMAT;
+  const out = run("veritysetup", [
+    "format", "--format", String(f.hashType), "--hash", f.hashAlgorithm, "--data-block-size", String(f.dataBlockSize),
+    "--hash-block-size", String(f.hashBlockSize), "--salt", digest, "--uuid", uuid, sqfs, verity,
+  ]);
+  const field = (label: string) => {
+    const m = new RegExp(`^${label}:\\s+(\\S+)`, "m").exec(out);
+    if (!m) throw new Error(`veritysetup format ${sqfs}: no "${label}" in its output`);
+    return m[1]!;
+  };
+  const params: VerityParams = {
+    hashType: Number(field("Hash type")),
+    hashAlgorithm: field("Hash algorithm"),
+    dataBlockSize: Number(field("Data block size")),
+    hashBlockSize: Number(field("Hash block size")),
+    dataBlocks: Number(field("Data blocks")),
+    salt: field("Salt"),
+  };
+  const asked: VerityParams = { ...f, dataBlocks: Math.ceil(statSync(sqfs).size / f.dataBlockSize), salt: digest };
+  for (const k of Object.keys(asked) as (keyof VerityParams)[]) {
+    if (params[k] !== asked[k]) throw new Error(`veritysetup format ${sqfs}: made ${k} ${params[k]}, asked for ${asked[k]}`);
+  }
+  return { rootHash: field("Root hash"), params };
 }
 
 /** Firmware for the modules image: Debian's firmware-linux-free, extracted into the cache. */
@@ -92,7 +122,7 @@ export function buildSidecarImage(outDir: string): ImageInfo {
 
 function finish(name: string, sqfs: string): ImageInfo {
   const verity = sqfs.replace(/\.sqfs$/, ".verity");
-  const info: ImageInfo = { name, sqfs, verity, rootHash: verityFormat(sqfs, verity) };
+  const info: ImageInfo = { name, sqfs, verity, ...verityFormat(sqfs, verity) };
   writeFileSync(sqfs.replace(/\.sqfs$/, ".json"), JSON.stringify(info, null, 1) + "\n");
   return info;
 }

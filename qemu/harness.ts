@@ -23,6 +23,11 @@ export interface Disk {
   /** Writes go to a throwaway overlay, so images can be shared between scenarios (default on). */
   snapshot?: boolean;
   format?: "raw" | "qcow2";
+  /**
+   * The firmware's boot order (QEMU `bootindex`, lowest first; OVMF follows it): boots a disk
+   * other than the first, e.g. the second of two disks that both carry a bootable ESP.
+   */
+  bootIndex?: number;
 }
 
 export interface VmOptions {
@@ -216,8 +221,9 @@ export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] 
   }
   (o.disks ?? []).forEach((d, i) => {
     const drive = `file=${resolve(d.file)},format=${d.format ?? "raw"}${(d.snapshot ?? true) ? ",snapshot=on" : ""},if=none,id=disk${i}`;
-    if (d.bus === "nvme") args.push("-drive", drive, "-device", `nvme,serial=initos${i},drive=disk${i}`);
-    else args.push("-drive", drive, "-device", `${dev("blk")},drive=disk${i}`);
+    const boot = d.bootIndex === undefined ? "" : `,bootindex=${d.bootIndex}`;
+    if (d.bus === "nvme") args.push("-drive", drive, "-device", `nvme,serial=initos${i},drive=disk${i}${boot}`);
+    else args.push("-drive", drive, "-device", `${dev("blk")},drive=disk${i}${boot}`);
   });
   if (o.share) args.push("-fsdev", `local,id=share0,path=${resolve(o.share.dir)},security_model=none`, "-device", `${dev("9p")},fsdev=share0,mount_tag=${o.share.tag}`);
   if (tpmSock) args.push("-chardev", `socket,id=tpmchr,path=${tpmSock}`, "-tpmdev", "emulator,id=tpm0,chardev=tpmchr", "-device", "tpm-tis,tpmdev=tpm0");

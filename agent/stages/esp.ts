@@ -1,6 +1,9 @@
-// Stage "esp": find the EFI system partition this boot came from and mount it read-only. Two
-// ESPs (A/B slots) are told apart by their GPT partition names; the firmware's choice comes
-// from LoaderDevicePartUUID, which systemd-stub sets to the partition it was loaded from.
+// Stage "esp": find the EFI system partitions of the disk this boot came from and mount them
+// read-only. The firmware's choice comes from LoaderDevicePartUUID, which systemd-stub sets to
+// the partition it was loaded from; the other A/B slot is the partition with the other slot's
+// GPT name *on the same disk*. Other disks may carry the same names (a second disk of a
+// multi-disk machine, an installer stick left plugged in, a recovery USB, an evil maid's disk):
+// their partitions are never taken for this boot's slots.
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MS } from "../sys/consts.ts";
@@ -34,27 +37,94 @@ export function bootedPartUuid(sys: Sys): string | null {
   return /^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$/.test(s) ? s : null;
 }
 
+export interface Partition {
+  /** /dev/<name> */
+  device: string;
+  /** The whole disk it is on, /dev/<name>. */
+  disk: string;
+  /** Partition UUID, lower case. */
+  uuid: string | null;
+  /** GPT partition name. */
+  name: string | null;
+}
+
+const CLASS_BLOCK = "/sys/class/block";
+
+/**
+ * Every partition the kernel knows now, with its disk and table entry. The disk is the sysfs
+ * parent (/sys/class/block/<part> links to .../block/<disk>/<part>), not a guess from the name
+ * (vda1, nvme0n1p1, mmcblk0p1 all differ).
+ */
+export function partitions(sys: Sys): Partition[] {
+  const out: Partition[] = [];
+  const names = sys.readdir(CLASS_BLOCK).sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
+  for (const name of names) {
+    if (!sys.exists(`${CLASS_BLOCK}/${name}/partition`)) continue;
+    let link: string;
+    try {
+      link = sys.readlink(`${CLASS_BLOCK}/${name}`);
+    } catch {
+      continue; // gone since the listing
+    }
+    const parts = link.split("/");
+    const disk = parts.at(-1) === name ? parts.at(-2) : undefined;
+    if (!disk) continue;
+    const entry = sys.partitionEntry(`/dev/${name}`);
+    if (!entry) continue; // no device node yet, or no table entry: not a slot (yet)
+    out.push({ device: `/dev/${name}`, disk: `/dev/${disk}`, uuid: entry.uuid?.toLowerCase() ?? null, name: entry.name });
+  }
+  return out;
+}
+
+const devices = (ps: readonly Partition[]) => ps.map((p) => p.device).join(", ");
+
+/** The one partition on `disk` named `label`, if any; two are ambiguous and refused. */
+function onDisk(ps: readonly Partition[], disk: string, label: string): Partition | undefined {
+  const found = ps.filter((p) => p.disk === disk && p.name === label);
+  if (found.length > 1) throw new BootError(`esp: ${disk} has several partitions named ${label}: ${devices(found)}`);
+  return found[0];
+}
+
 export async function findEsps(sys: Sys, log: Logger, cold: Coldplug, slots: readonly Slot[], waitSeconds: number): Promise<EspResult> {
   const booted = bootedPartUuid(sys);
-  const bootedDev = booted ? `PARTUUID=${booted}` : null;
-  const labels = slots.map((s) => `PARTLABEL=${s.partLabel}`).join(" or ");
+  const labels = slots.map((s) => s.partLabel);
+  const isSlot = (p: Partition) => p.name !== null && labels.includes(p.name);
   // Wait for the partition we booted from when we know it, else for any slot.
-  const want = bootedDev ?? labels;
-  await waitUntil(sys, log, cold, `boot partition ${want}`, waitSeconds, () => {
-    if (bootedDev) return sys.resolveDevice(bootedDev);
-    return slots.map((s) => sys.resolveDevice(`PARTLABEL=${s.partLabel}`)).find((d) => d) ?? null;
+  const want = booted ? `boot partition PARTUUID=${booted}` : `boot partition named ${labels.join(" or ")}`;
+  const ps = await waitUntil(sys, log, cold, want, waitSeconds, () => {
+    const now = partitions(sys);
+    return now.some((p) => (booted ? p.uuid === booted : isSlot(p))) ? now : null;
   });
-  const bootedPath = bootedDev ? sys.resolveDevice(bootedDev) : null;
+
   const found: EspSlot[] = [];
-  for (const s of slots) {
-    const device = sys.resolveDevice(`PARTLABEL=${s.partLabel}`);
-    if (!device) continue;
-    found.push({ ...s, device, mountPoint: `/run/initos/esp-${s.name}`, booted: device === bootedPath });
+  const slot = (s: Slot, p: Partition, isBooted: boolean) => found.push({ ...s, device: p.device, mountPoint: `/run/initos/esp-${s.name}`, booted: isBooted });
+  if (booted) {
+    // Partition UUIDs are random per install, so two partitions with the booted one's mean a
+    // cloned disk or a forged one: nothing says which of them the firmware read the UKI from.
+    const matches = ps.filter((p) => p.uuid === booted);
+    if (matches.length > 1) throw new BootError(`esp: booted partition ${booted} is on several partitions: ${devices(matches)}`);
+    const part = matches[0]!;
+    const own = slots.find((s) => s.partLabel === part.name);
+    if (!own) throw new BootError(`esp: booted from ${part.device} (${booted}, named ${JSON.stringify(part.name ?? "")}), which is none of the slots ${labels.join(", ")}`);
+    slot(own, part, true);
+    for (const s of slots) {
+      if (s === own) continue;
+      const sibling = onDisk(ps, part.disk, s.partLabel);
+      if (sibling) slot(s, sibling, false);
+    }
+  } else {
+    // A direct kernel boot names no partition. One disk with slots is today's single-disk
+    // machine; with several, a pick by probe order would be chosen by whoever plugs in a disk
+    // (its images still verify against the root hashes, but install mode would read its
+    // payload from it): refuse, and let the operator remove the extra disk or boot the UKI.
+    // A disk that appears after the wait is not seen here.
+    const disks = [...new Set(ps.filter(isSlot).map((p) => p.disk))];
+    if (disks.length > 1) throw new BootError(`esp: slots on several disks (${disks.join(", ")}) and no LoaderDevicePartUUID to tell which one booted`);
+    for (const s of slots) {
+      const p = onDisk(ps, disks[0]!, s.partLabel);
+      if (p) slot(s, p, false);
+    }
   }
-  if (bootedPath && !found.some((s) => s.booted)) {
-    throw new BootError(`booted from ${bootedPath} (${booted}), which is none of the slots ${labels}`);
-  }
-  found.sort((a, b) => Number(b.booted) - Number(a.booted));
   log.info(`esp: ${found.map((s) => `slot ${s.name} ${s.device}${s.booted ? " (booted)" : ""}`).join(", ")}`);
   return { slots: found };
 }

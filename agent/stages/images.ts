@@ -1,10 +1,11 @@
 // Stage "images": open every image named in the signed config with dm-verity against its root
 // hash, mount it read-only, and bind its directories (modules, firmware) into place.
 //
-// Trust: the root hash comes from the UKI; the image comes from a disk anyone could have
-// written. Every data block is checked before the image is mounted, so a copy that differs by
-// one byte is never mounted. The other slot's copy is tried next; it is only as good as its
-// match with the same root hash.
+// Trust: the root hash and the verity parameters come from the UKI; the image and its hash
+// tree's superblock come from a disk anyone could have written. A superblock that says other
+// parameters than the pinned ones is refused, and every data block is checked before the image
+// is mounted, so a copy that differs by one byte is never mounted. The other slot's copy is
+// tried next; it is only as good as its match with the same root hash and parameters.
 import type { AgentConfig } from "../config.ts";
 import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
@@ -37,7 +38,7 @@ export function openImage(sys: Sys, log: Logger, esp: EspResult, dir: string, im
     }
     let device: string;
     try {
-      device = sys.verityOpen(`initos-${image.name}`, `${base}.sqfs`, `${base}.verity`, image.rootHash);
+      device = sys.verityOpen(`initos-${image.name}`, `${base}.sqfs`, `${base}.verity`, image.rootHash, image.verity);
     } catch (e) {
       failures.push(`slot ${slot.name}: ${describe(e)}`);
       log.err(`image ${image.name}: slot ${slot.name} copy rejected: ${describe(e)}`);

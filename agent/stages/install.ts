@@ -24,6 +24,8 @@ import { type Coldplug, waitUntil } from "./devices.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
 import { loadCryptModules } from "./pool.ts";
 import { keyslotPassphrase, requirement, sealKey } from "../diskkey/diskkey.ts";
+import { sealedHostKeyPath, sealHostKey } from "../diskkey/hostkey.ts";
+import { ensureHostKey } from "./sidecar.ts";
 import type { BootTpm } from "../diskkey/latch.ts";
 import type { SecureBoot } from "./early.ts";
 import { describeBinding } from "../diskkey/token.ts";
@@ -66,9 +68,58 @@ export function recoveryPassphrase(random: Uint8Array): string {
   return Array.from({ length: 8 }, (_, i) => chars.slice(i * 5, i * 5 + 5).join("")).join("-");
 }
 
+/**
+ * Unpacks the root filesystem from the installer's stick into `dest`, reading it once: each
+ * chunk is hashed and handed to busybox tar's stdin, so the bytes checked are the bytes
+ * unpacked (reading the stick twice, once to hash and once to unpack, lets a stick that changes
+ * in between pass the check), and the file is never whole in memory (a root filesystem can be
+ * larger than RAM). The hash can only be compared at the end, after tar has written what it
+ * got: a mismatch then fails the install, leaving a half-unpacked @root behind. That is
+ * acceptable because nothing can use it: the host config is not written, the key is not sealed
+ * to the TPM and no ESP gets a UKI, so the disk never boots and the next install starts over.
+ */
+async function unpackVerified(sys: Sys, rootfs: string, sha256: string, dest: string): Promise<void> {
+  const hash = createHash("sha256");
+  async function* hashed(): AsyncGenerator<Uint8Array> {
+    for await (const chunk of sys.readChunks(rootfs, 1 << 20)) {
+      hash.update(chunk);
+      yield chunk;
+    }
+  }
+  const checked = () => {
+    const sum = hash.digest("hex");
+    const file = rootfs.slice(rootfs.lastIndexOf("/") + 1);
+    if (sum !== sha256) throw new BootError(`install: ${file} has sha256 ${sum.slice(0, 16)}..., the signed config expects ${sha256.slice(0, 16)}...`);
+  };
+  try {
+    await sys.runWithInput([`${SIDECAR_ROOT}/usr/bin/busybox`, "tar", "-x", "-f", "-", "-C", dest], hashed());
+  } catch (e) {
+    // The whole file was still read (runWithInput drains it): a tar that choked on a file that
+    // is not the signed one is reported as that, the cause, rather than as tar's complaint.
+    checked();
+    throw e;
+  }
+  checked();
+}
+
 const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const TARGET = "/run/initos/target";
+
+/**
+ * The recovery sidecar's ssh host key: made here, sealed (hostkey.ts) for the ESPs, and its
+ * public half for the operator to pin. The private key is only in /run until the power-off.
+ */
+function recoveryHostKey(sys: Sys, tpm: BootTpm, req: ReturnType<typeof requirement>, secureBoot: SecureBoot): { sealed: string; publicKey: string } {
+  const file = ensureHostKey(sys);
+  const key = sys.readBytes(file);
+  if (!key) throw new BootError(`install: could not make the recovery ssh host key ${file}`);
+  const sealed = sealHostKey(tpm.tpm, req, secureBoot, key);
+  key.fill(0);
+  const publicKey = /^(ssh-ed25519 [A-Za-z0-9+/=]+)/m.exec(sys.run([...sidecarArgv("dropbearkey"), "-y", "-f", file]))?.[1];
+  if (!publicKey) throw new BootError("install: dropbearkey printed no public key for the recovery ssh host key");
+  return { sealed, publicKey };
+}
 
 export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, ic: InstallConfig, esp: EspResult, tpm: BootTpm, secureBoot: SecureBoot): Promise<void> {
   // 0. A machine that cannot seal the key would get a disk only the passphrase opens, or one
@@ -81,20 +132,21 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
   const installerEsp = `${mountEsp(sys, esp.slots[0]!)}/${cfg.esp.dir}`;
   const src = `${installerEsp}/${ic.source}`;
 
-  // 1. Inputs first: nothing is touched until everything we will copy is present and checked.
+  // 1. Inputs first: nothing is touched until everything we will copy is present. The root
+  //    filesystem's hash is checked as it is unpacked (step 4), from the one read of it.
   const rootfs = `${src}/${ic.rootfs.file}`;
-  const tar = sys.readBytes(rootfs);
-  if (!tar) throw new BootError(`install: ${rootfs} is missing`);
-  const sum = createHash("sha256").update(tar).digest("hex");
-  if (sum !== ic.rootfs.sha256) throw new BootError(`install: ${ic.rootfs.file} has sha256 ${sum.slice(0, 16)}..., the signed config expects ${ic.rootfs.sha256.slice(0, 16)}...`);
+  if (sys.lstat(rootfs).kind !== "file") throw new BootError(`install: ${rootfs} is missing`);
   const uki = `${src}/BOOTX64.EFI`;
   if (sys.lstat(uki).kind !== "file") throw new BootError(`install: ${uki} is missing`);
   const imageFiles = cfg.images.flatMap((i) => [`${i.name}.sqfs`, `${i.name}.verity`]);
 
   await waitUntil(sys, log, cold, `install target ${ic.target}`, cfg.rootWaitSeconds, () => (sys.exists(ic.target) ? ic.target : null));
-  const head = sys.readBytes(ic.target, 1 << 20);
-  if (head && head.some((b) => b !== 0) && !ic.overwrite) {
-    throw new BootError(`install: ${ic.target} is not blank (its first MiB has data); set "overwrite": true in the install config to destroy it`);
+  if (!ic.overwrite) {
+    // Only a head read and seen to be zeros counts as blank: a disk that cannot be read (yet)
+    // may well hold someone's data.
+    const head = sys.readBytes(ic.target, 1 << 20);
+    if (!head || head.length === 0) throw new BootError(`install: cannot read the first MiB of ${ic.target}, so it cannot be shown blank; set "overwrite": true in the install config to destroy it`);
+    if (head.some((b) => b !== 0)) throw new BootError(`install: ${ic.target} is not blank (its first MiB has data); set "overwrite": true in the install config to destroy it`);
   }
 
   // 2. Partitions.
@@ -128,7 +180,7 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
   sys.mount(mapper, TARGET, "btrfs", 0, "subvolid=5");
   try {
     for (const sv of [ic.root, ...ic.subvolumes]) tool("btrfs", "-q", "subvolume", "create", `${TARGET}/${sv}`);
-    sys.run([`${SIDECAR_ROOT}/usr/bin/busybox`, "tar", "-x", "-f", rootfs, "-C", `${TARGET}/${ic.root}`]);
+    await unpackVerified(sys, rootfs, ic.rootfs.sha256, `${TARGET}/${ic.root}`);
     sys.writeFile(`${TARGET}/${HOST_CONFIG_JSON}`, JSON.stringify({ root: ic.root }, null, 1) + "\n");
   } finally {
     sys.sync();
@@ -142,8 +194,9 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
   key.fill(0);
   keyPass.fill(0);
   log.info(`install: sealed the disk key as token ${sealed.token} for keyslot ${sealed.keyslot}`);
+  const hostKey = recoveryHostKey(sys, tpm, req, secureBoot);
 
-  // 6. Both ESPs: the UKI at the removable-media path, the images, the sealed key.
+  // 6. Both ESPs: the UKI at the removable-media path, the images, the sealed ssh host key.
   for (const [slot, part] of [["A", espA], ["B", espB]] as const) {
     tool("mkfs.fat", "-F", "32", "-s", "1", "-n", `INITOS_${slot}`, part);
     const mnt = `${TARGET}-esp`;
@@ -155,6 +208,7 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
       sys.mkdirp(`${mnt}/${cfg.esp.dir}`);
       sys.copyFile(uki, `${mnt}/EFI/BOOT/BOOTX64.EFI`);
       for (const f of imageFiles) sys.copyFile(`${installerEsp}/${f}`, `${mnt}/${cfg.esp.dir}/${f}`);
+      sys.writeFile(sealedHostKeyPath(mnt, cfg.esp.dir), hostKey.sealed);
     } finally {
       sys.sync();
       sys.umount(mnt, MNT_DETACH);
@@ -162,6 +216,9 @@ export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentC
   }
 
   // 7. The recovery passphrase, once, on the console only (never in the kernel log).
+  //    The recovery sidecar's host key is public: the operator pins it before ever sending the
+  //    passphrase to this machine over a network.
   sys.toConsole(`\n\nRECOVERY PASSPHRASE (shown once, write it down): ${recovery}\n\n`);
+  log.info(`install: recovery ssh host key (pin it): ${hostKey.publicKey}`);
   log.info(`install: done: ${ic.target} has ${ic.root} and ${ic.subvolumes.join(" ")}, sealed to ${describeBinding([...req.pcrs, req.latchPcr], req.signedPcrs)}`);
 }

@@ -10,7 +10,8 @@ import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { CRYPT_ACTIVATE_ALLOW_DISCARDS, CRYPT_ACTIVATE_NO_READ_WORKQUEUE, CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE } from "../sys/cryptsetup.ts";
 import type { Sys } from "../sys/index.ts";
-import { migrateLegacy, readTokens, reseal, requirement, unsealLegacy, unsealTokens, type UnsealedKey } from "../diskkey/diskkey.ts";
+import { migrateLegacy, pcrSignatureOnce, readTokens, reseal, requirement, unsealLegacy, unsealTokens, type UnsealedKey } from "../diskkey/diskkey.ts";
+import { sealedHostKeyPath, unsealHostKey } from "../diskkey/hostkey.ts";
 import { readLegacySeal } from "../diskkey/legacy.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
 import type { BootTpm } from "../diskkey/latch.ts";
@@ -101,11 +102,19 @@ export function realUnlockOps(
     hasTpm: tpm.present,
     alreadyLatched: tpm.latched,
     unsealKeys() {
+      // The recovery sidecar's pinned host key first: after the latch nothing unseals it.
+      const espMount = mountEsp(sys, esp.slots[0]!);
+      const hostKey = unsealHostKey(sys, log, tpm.tpm, req, sealedHostKeyPath(espMount, cfg.esp.dir), pcrSignatureOnce(sys, req));
+      if (hostKey) {
+        sys.mkdirp(SSH_DIR, 0o700);
+        sys.writeBytes(HOST_KEY, hostKey, 0o600);
+        hostKey.fill(0);
+      }
       const keys = unsealTokens(sys, log, tpm.tpm, req, volumes);
       // A volume with no token at all may be sealed in the format before tokens (legacy.ts).
       const bare = volumes.filter((d) => !keys.some((k) => k.device === d) && readTokens(sys, log, d).length === 0);
       if (bare.length) {
-        const seal = readLegacySeal(sys, mountEsp(sys, esp.slots[0]!), cfg.esp.dir);
+        const seal = readLegacySeal(sys, espMount, cfg.esp.dir);
         for (const d of seal ? bare : []) {
           const k = unsealLegacy(log, tpm.tpm, req, d, seal!);
           if (k) keys.push(k);
@@ -232,6 +241,10 @@ export const POOL_HOST_KEY = "initos/ssh_host_ed25519";
 function keepHostKey(sys: Sys, log: Logger, dev: string): void {
   const onPool = `${POOL}/${POOL_HOST_KEY}`;
   try {
+    // The OS's root can put symlinks on the pool: through one, the read below would take an
+    // initramfs file as the key and the write would land in the initramfs. Nothing runs in
+    // the OS while the initrd looks, so checking first is enough.
+    for (const p of [`${POOL}/initos`, onPool]) if (sys.lstat(p).kind === "link") throw new BootError(`${p} is a symlink`);
     const saved = sys.readBytes(onPool);
     if (saved && saved.length > 0) {
       sys.mkdirp(SSH_DIR, 0o700);
@@ -253,15 +266,47 @@ function keepHostKey(sys: Sys, log: Logger, dev: string): void {
   }
 }
 
+/** The host config at the top of the pool; a symlink there could point into the initramfs. */
 export function readHostConfig(sys: Sys, top: string): HostConfig {
-  const json = sys.readFile(`${top}/${HOST_CONFIG_JSON}`);
-  if (json !== null) return parseHostJson(json);
-  const env = sys.readFile(`${top}/${HOST_CONFIG_ENV}`);
-  if (env !== null) return parseHostEnv(env);
+  for (const [name, parse] of [[HOST_CONFIG_JSON, parseHostJson], [HOST_CONFIG_ENV, parseHostEnv]] as const) {
+    const path = `${top}/${name}`;
+    if (sys.lstat(path).kind === "link") throw new BootError(`host config ${name} is a symlink; refusing it`);
+    const text = sys.readFile(path);
+    if (text !== null) return parse(text);
+  }
   throw new BootError(`no ${HOST_CONFIG_JSON} or ${HOST_CONFIG_ENV} at the top of the pool`);
 }
 
-/** Mounts the root subvolume named by the host config, and its binds, on /sysroot. */
+const ENOENT = 2;
+const ENOTDIR = 20;
+const ELOOP = 40;
+
+/** Why a bind target could not be resolved inside the root, from the errno of openDirInRoot. */
+function unresolved(e: unknown): string {
+  switch ((e as { errno?: number }).errno) {
+    case ELOOP:
+      return "a symlink in the path (a bind target must be a real directory of the root)";
+    case ENOTDIR:
+      return "not a directory";
+    default:
+      return describe(e);
+  }
+}
+
+/**
+ * Mounts the root subvolume named by the host config, and its binds, on /sysroot.
+ *
+ * The host config and everything in the root subvolume are written by the OS's root user, and
+ * these mounts happen in the initramfs' own namespace: a bind path that left /sysroot (".." in
+ * the config, or a symlink such as /home -> /../../usr/bin in the root) would mount over the
+ * initramfs (/usr/bin, /etc/initos, /run/initos/images/sidecar), replacing what the sidecar
+ * beside the OS runs. So ".." never parses (hostconfig.ts), every target is resolved by the
+ * kernel inside /sysroot without following any symlink (openat2), and the mount goes onto the
+ * fd that was resolved, not onto the path again: what was checked is what gets mounted. A bind
+ * refused for that is skipped with one line and the root still boots (see hostconfig.ts). A root
+ * whose bind target is a symlink on purpose (/home -> var/home, as on Fedora's atomic desktops)
+ * names the real directory in its host config instead.
+ */
 export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw: boolean, rootOverride: string | undefined, cfg: AgentConfig): MountedRoot & { config: HostConfig } {
   try {
     sys.loadModule("btrfs");
@@ -275,6 +320,7 @@ export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw:
   sys.mount(dev, POOL, "btrfs", MS.RDONLY | MS.NOSUID | MS.NODEV, `subvolid=5,${devOpts}`);
   try {
     const config = readHostConfig(sys, POOL);
+    for (const line of config.refused) log.err(line);
     if (cfg.ssh.authorizedKeys.length) keepHostKey(sys, log, dev);
     const from = rootOverride ? "initos.root on the cmdline" : "the host config";
     if (rootOverride) config.root = rootOverride;
@@ -287,11 +333,19 @@ export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw:
     const bound: string[] = [];
     for (const b of config.binds) {
       if (sys.lstat(`${POOL}/${b.subvol}`).kind !== "dir") continue; // optional: only when present
-      if (sys.lstat(`${SYSROOT}${b.path}`).kind !== "dir") {
-        log.warn(`pool: ${b.path} does not exist in ${config.root}; ${b.subvol} not mounted`);
+      let fd: number;
+      try {
+        fd = sys.openDirInRoot(SYSROOT, b.path);
+      } catch (e) {
+        if ((e as { errno?: number }).errno === ENOENT) log.warn(`pool: ${b.path} does not exist in ${config.root}; ${b.subvol} not mounted`);
+        else log.err(`pool: refused bind ${b.subvol} on ${b.path}: ${unresolved(e)}; not mounted`);
         continue;
       }
-      sys.mount(dev, `${SYSROOT}${b.path}`, "btrfs", flags, `subvol=${b.subvol},${devOpts}`);
+      try {
+        sys.mount(dev, `/proc/self/fd/${fd}`, "btrfs", flags, `subvol=${b.subvol},${devOpts}`);
+      } finally {
+        sys.close(fd);
+      }
       bound.push(`${b.subvol}->${b.path}`);
     }
     log.info(`pool: root ${config.root} on ${SYSROOT} (${rw ? "rw" : "ro"})${bound.length ? `, ${bound.join(" ")}` : ""}`);

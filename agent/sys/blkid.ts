@@ -1,5 +1,5 @@
-// Block device identification through libblkid: resolve LABEL=/UUID=/PARTUUID= specs and probe
-// filesystem types without hand-written superblock parsers.
+// Block device identification through libblkid: resolve LABEL=/UUID=/PARTUUID= specs, probe
+// filesystem types and read partition table entries without hand-written parsers.
 import { koffi } from "./ffi.ts";
 
 // Loaded on first use, so a missing library fails a stage rather than PID 1's startup.
@@ -12,6 +12,9 @@ const bind = () => {
     freeProbe: lib.func("void blkid_free_probe(blkid_struct_probe *pr)"),
     doSafeprobe: lib.func("int blkid_do_safeprobe(blkid_struct_probe *pr)"),
     lookupValue: lib.func("int blkid_probe_lookup_value(blkid_struct_probe *pr, const char *name, _Out_ const char **data, _Out_ size_t *len)"),
+    enableSuperblocks: lib.func("int blkid_probe_enable_superblocks(blkid_struct_probe *pr, int enable)"),
+    enablePartitions: lib.func("int blkid_probe_enable_partitions(blkid_struct_probe *pr, int enable)"),
+    setPartitionsFlags: lib.func("int blkid_probe_set_partitions_flags(blkid_struct_probe *pr, int flags)"),
     free: koffi.load("libc.so.6").func("void free(void *ptr)"),
   };
 };
@@ -31,6 +34,37 @@ export function resolveSpec(spec: string): string | null {
   return s;
 }
 
+/** blkid.h: fill in PART_ENTRY_* for a partition, read from its disk's table. */
+const BLKID_PARTS_ENTRY_DETAILS = 1 << 2;
+
+function lookup(b: ReturnType<typeof bind>, pr: unknown, key: string): string | null {
+  const data: (string | null)[] = [null];
+  const len = [0];
+  return b.lookupValue(pr, key, data, len) === 0 ? data[0] ?? null : null;
+}
+
+/**
+ * `device`'s entry in the partition table of its disk (libblkid reads the disk's table for a
+ * partition device): GPT name and partition UUID. Null when `device` is not a partition, or
+ * cannot be opened (yet): callers poll for devices that are still appearing.
+ */
+export function partitionEntry(device: string): { uuid: string | null; name: string | null } | null {
+  const b = blkid();
+  const pr = b.newProbe(device);
+  if (!pr) return null;
+  try {
+    // Only the partitions chain: a filesystem on the partition (or an ambiguous one) is not
+    // what is asked, and must not make the entry unreadable.
+    b.enableSuperblocks(pr, 0);
+    b.enablePartitions(pr, 1);
+    b.setPartitionsFlags(pr, BLKID_PARTS_ENTRY_DETAILS);
+    if (b.doSafeprobe(pr) !== 0 || !lookup(b, pr, "PART_ENTRY_SCHEME")) return null;
+    return { uuid: lookup(b, pr, "PART_ENTRY_UUID")?.toLowerCase() ?? null, name: lookup(b, pr, "PART_ENTRY_NAME") };
+  } finally {
+    b.freeProbe(pr);
+  }
+}
+
 /** Superblock values of `device` (TYPE, LABEL, UUID, ...) or null when nothing was recognised. */
 export function probe(device: string, keys: readonly string[] = ["TYPE", "LABEL", "UUID"]): Record<string, string> | null {
   const b = blkid();
@@ -41,9 +75,7 @@ export function probe(device: string, keys: readonly string[] = ["TYPE", "LABEL"
     if (r !== 0) return null; // 1: nothing found, -2: ambiguous; both mean "don't trust it"
     const out: Record<string, string> = {};
     for (const key of keys) {
-      const data: (string | null)[] = [null];
-      const len = [0];
-      const value = b.lookupValue(pr, key, data, len) === 0 ? data[0] : null;
+      const value = lookup(b, pr, key);
       if (value) out[key] = value;
     }
     return out;

@@ -11,7 +11,8 @@ const bind = () => {
     data_device: "const char *",
     hash_device: "const char *",
     fec_device: "const char *",
-    salt: "const char *",
+    // Bytes, not a string: crypt_get_verity_info points it at the superblock's binary salt.
+    salt: "const void *",
     salt_size: "uint32_t",
     hash_type: "uint32_t",
     data_block_size: "uint32_t",
@@ -36,6 +37,7 @@ const bind = () => {
     setLogCallback: lib.func("void crypt_set_log_callback(crypt_device *cd, crypt_log_cb *log, void *usrptr)"),
     initDataDevice: lib.func("int crypt_init_data_device(_Out_ crypt_device **cd, const char *device, const char *data_device)"),
     load: lib.func("int crypt_load(crypt_device *cd, const char *type, crypt_params_verity *params)"),
+    getVerityInfo: lib.func("int crypt_get_verity_info(crypt_device *cd, _Out_ crypt_params_verity *vp)"),
     activate: lib.func("int crypt_activate_by_volume_key(crypt_device *cd, const char *name, const uint8_t *key, size_t size, uint32_t flags)"),
     free: lib.func("void crypt_free(crypt_device *cd)"),
     init: lib.func("int crypt_init(_Out_ crypt_device **cd, const char *device)"),
@@ -69,6 +71,7 @@ const cryptsetup = () => (api ??= bind());
 const CRYPT_VERITY = "VERITY";
 const CRYPT_VERITY_CHECK_HASH = 1 << 1;
 const CRYPT_ACTIVATE_READONLY = 1 << 0;
+const EPERM = 1;
 
 export class VerityError extends Error {
   constructor(
@@ -95,7 +98,53 @@ function rootHashBytes(hex: string): Buffer {
   return Buffer.from(hex, "hex");
 }
 
-function withVerity<T>(data: string, hash: string, check: boolean, fn: (cd: unknown) => T): T {
+/**
+ * The dm-verity parameters an image was formatted with (`veritysetup format`), as the signed
+ * config pins them. The hash area offset and FEC are not among them: they are never read from
+ * the superblock (the agent passes offset 0 and no FEC device).
+ */
+export interface VerityParams {
+  /** 1: normal; 0: Chrome OS (salt after the data). */
+  hashType: number;
+  hashAlgorithm: string;
+  dataBlockSize: number;
+  hashBlockSize: number;
+  /** How many data blocks the tree covers: the device-mapper device's size. */
+  dataBlocks: number;
+  /** Hex; "" for none. */
+  salt: string;
+}
+
+/** Compared in this order; the first difference is reported. */
+const VERITY_FIELDS = ["hashAlgorithm", "hashType", "dataBlockSize", "hashBlockSize", "dataBlocks", "salt"] as const;
+
+/** "field is <superblock's>, the signed config pins <pinned>" for the first field that differs; null if none. */
+export function verityMismatch(superblock: VerityParams, pinned: VerityParams): string | null {
+  const show = (v: string | number) => (v === "" ? "(none)" : String(v));
+  for (const f of VERITY_FIELDS) {
+    if (superblock[f] !== pinned[f]) return `${f} is ${show(superblock[f])}, the signed config pins ${show(pinned[f])}`;
+  }
+  return null;
+}
+
+/** The parameters libcryptsetup loaded from the superblock (crypt_get_verity_info). */
+function loadedParams(cd: unknown): VerityParams {
+  const v: Record<string, unknown> = {};
+  const r = cryptsetup().getVerityInfo(cd, v) as number;
+  if (r < 0) throw new VerityError(`cannot read the verity parameters (${takeMessages() || errnoName(-r)})`, -r);
+  const saltSize = Number(v.salt_size);
+  const salt = saltSize && v.salt ? Buffer.from(koffi.decode(v.salt, "uint8_t", saltSize) as number[]).toString("hex") : "";
+  return {
+    hashType: Number(v.hash_type),
+    hashAlgorithm: String(v.hash_name),
+    dataBlockSize: Number(v.data_block_size),
+    hashBlockSize: Number(v.hash_block_size),
+    dataBlocks: Number(v.data_size),
+    salt,
+  };
+}
+
+function withVerity<T>(data: string, hash: string, check: boolean, pinned: VerityParams | undefined, fn: (cd: unknown) => T): T {
   const c = cryptsetup();
   const out: unknown[] = [null];
   takeMessages();
@@ -107,19 +156,29 @@ function withVerity<T>(data: string, hash: string, check: boolean, fn: (cd: unkn
     // anywhere is caught before anything is mounted, not on some later read.
     r = c.load(cd, CRYPT_VERITY, { hash_area_offset: 0, flags: check ? CRYPT_VERITY_CHECK_HASH : 0 }) as number;
     if (r < 0) throw new VerityError(`${hash}: no valid verity superblock (${takeMessages() || errnoName(-r)})`, -r);
+    // The superblock is unsigned: it must say what the signed config pins, before any of its
+    // parameters are used (and before the slow full check reads every block).
+    const wrong = pinned && verityMismatch(loadedParams(cd), pinned);
+    if (wrong) throw new VerityError(`verity superblock: ${wrong}`, EPERM);
     return fn(cd);
   } finally {
     c.free(cd);
   }
 }
 
+/** What the superblock of `hash` says (for the build's checks and for tests). */
+export function veritySuperblock(data: string, hash: string): VerityParams {
+  return withVerity(data, hash, false, undefined, loadedParams);
+}
+
 /**
  * Verifies every block of `data` against the hash tree in `hash` and `rootHash`, in userspace
- * (no device-mapper needed). Throws VerityError when anything does not match.
+ * (no device-mapper needed), after checking the superblock against `pinned` when given. Throws
+ * VerityError when anything does not match.
  */
-export function verityVerify(data: string, hash: string, rootHash: string): void {
+export function verityVerify(data: string, hash: string, rootHash: string, pinned?: VerityParams): void {
   const key = rootHashBytes(rootHash);
-  withVerity(data, hash, true, (cd) => {
+  withVerity(data, hash, true, pinned, (cd) => {
     const r = cryptsetup().activate(cd, null, key, key.length, 0) as number;
     if (r < 0) throw new VerityError(takeMessages() || `does not match the root hash (${errnoName(-r)})`, -r);
   });
@@ -127,11 +186,12 @@ export function verityVerify(data: string, hash: string, rootHash: string): void
 
 /**
  * Opens a dm-verity device /dev/mapper/<name> over image files (loop devices are set up by
- * libcryptsetup). With `check`, all data is verified before activation.
+ * libcryptsetup). With `pinned`, a superblock that says anything else is refused; with `check`,
+ * all data is verified before activation.
  */
-export function verityOpen(name: string, data: string, hash: string, rootHash: string, check: boolean): string {
+export function verityOpen(name: string, data: string, hash: string, rootHash: string, check: boolean, pinned?: VerityParams): string {
   const key = rootHashBytes(rootHash);
-  return withVerity(data, hash, check, (cd) => {
+  return withVerity(data, hash, check, pinned, (cd) => {
     const r = cryptsetup().activate(cd, name, key, key.length, CRYPT_ACTIVATE_READONLY) as number;
     if (r < 0) throw new VerityError(takeMessages() || `does not match the root hash (${errnoName(-r)})`, -r);
     return `/dev/mapper/${name}`;

@@ -2,7 +2,9 @@
 // koffi, processes or files directly, so their decisions can be tested with fakes.
 import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
-import type { Kdf } from "./cryptsetup.ts";
+import { open } from "node:fs/promises";
+import { ownChildren } from "../pid1.ts";
+import type { Kdf, VerityParams } from "./cryptsetup.ts";
 import type { PolicyStep, Primary } from "./tss.ts";
 
 /** LUKS2 volumes (libcryptsetup). Keys are bytes; nothing here logs them. */
@@ -30,6 +32,11 @@ export interface NetOps {
   linkUp(ifname: string): void;
   addAddress(ifname: string, address: string, prefix: number): void;
   defaultRoute(ifname: string, gateway: string): void;
+  /**
+   * A DHCP lease's address: the kernel drops it by itself after `seconds` unless it is added
+   * again (renewed) before, so nobody keeps an address the server may give to someone else.
+   */
+  addLeasedAddress(ifname: string, address: string, prefix: number, seconds: number): void;
 }
 
 /** The TPM2, in-process (tpm2-tss's ESYS through koffi, see tss.ts). */
@@ -45,6 +52,14 @@ export interface TpmOps {
   /** Replays `steps` in a salted policy session and unseals; TpmError on refusal. */
   unseal(blob: Uint8Array, primary: Primary, steps: readonly PolicyStep[], srkSerialized?: Uint8Array): Uint8Array;
   close(): void;
+}
+
+/** A partition's entry in its disk's partition table, as libblkid reads it (PART_ENTRY_*). */
+export interface PartitionEntry {
+  /** PART_ENTRY_UUID, lower case. */
+  uuid: string | null;
+  /** PART_ENTRY_NAME: the GPT partition name (MBR has none). */
+  name: string | null;
 }
 
 export type FileKind = "file" | "dir" | "link" | "other" | "missing";
@@ -82,8 +97,11 @@ export interface Sys {
   reloadModuleIndex(): void;
   /** Kernel uevents received since the last call, as key/value maps (ACTION, DEVPATH, MODALIAS, ...). */
   pollUevents(): Record<string, string>[];
-  /** Verifies every block, then opens /dev/mapper/<name>. Throws naming what did not match. */
-  verityOpen(name: string, data: string, hash: string, rootHash: string): string;
+  /**
+   * Checks the hash device's superblock against the pinned `verity` parameters, verifies every
+   * block, then opens /dev/mapper/<name>. Throws naming what did not match.
+   */
+  verityOpen(name: string, data: string, hash: string, rootHash: string, verity: VerityParams): string;
   /** A read-only loop device for an image file (only for images allowed unverified). */
   attachLoop(file: string): string;
   luks: LuksOps;
@@ -92,6 +110,20 @@ export interface Sys {
   tpm(): TpmOps;
   /** Runs a tool to completion (install mode: sfdisk, mkfs); throws with its stderr on failure. */
   run(argv: readonly string[], input?: Uint8Array): string;
+  /**
+   * Runs a tool with `input` streamed to its stdin as it comes (never whole in memory); resolves
+   * with its stdout, throws with its stderr on failure. `input` is always read to its end, even
+   * when the tool stops reading early (the caller may be hashing what it hands over).
+   */
+  runWithInput(argv: readonly string[], input: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string>;
+  /** A file's bytes in order, `chunk` bytes at a time, from one open (so one version of it). */
+  readChunks(path: string, chunk?: number): AsyncIterable<Uint8Array>;
+  /**
+   * An O_PATH fd for the directory `path` resolved inside `root` as if it were "/" (openat2
+   * RESOLVE_IN_ROOT), refusing any symlink on the way (errno ELOOP): what the root's owner wrote
+   * cannot lead out of it. Throws with errno (ENOENT, ENOTDIR, ELOOP). Close it with close().
+   */
+  openDirInRoot(root: string, path: string): number;
   /** Reads one line from the console; with echo off for secrets. null: no console. */
   readLine(prompt: string, echo: boolean): Promise<string | null>;
   /** Writes to the console only (never kmsg): for what must not be logged, like a new passphrase. */
@@ -99,6 +131,8 @@ export interface Sys {
   randomBytes(n: number): Uint8Array;
   resolveDevice(spec: string): string | null;
   probe(device: string): Record<string, string> | null;
+  /** `device`'s partition table entry; null when it is not a partition (or cannot be read yet). */
+  partitionEntry(device: string): PartitionEntry | null;
   pid(): number;
   sync(): void;
   chdir(path: string): void;
@@ -113,11 +147,17 @@ export interface Sys {
   symlink(target: string, path: string): void;
   /** This process (its calling thread, then whatever it execs) gets its own mount namespace. */
   unshareMountNs(): void;
+  /** prctl(PR_SET_DUMPABLE): off, no core dump and no ptrace or /proc/<pid> access without CAP_SYS_PTRACE; execve turns it back on. */
+  setDumpable(on: boolean): void;
+  /** prctl(PR_GET_DUMPABLE). */
+  getDumpable(): boolean;
   /** Starts a process that nobody waits for, stdio on /dev/null, with its own argv[0]; its pid. */
   spawnDetached(argv: readonly string[], argv0: string): number;
   signal(pid: number, sig: number): void;
   reboot(cmd: number): void;
   sleep(ms: number): Promise<void>;
+  /** Milliseconds on a monotonic clock: bounds on waits (the fake's advances with its sleep). */
+  now(): number;
 }
 
 function info(path: string): FileInfo {
@@ -170,6 +210,89 @@ function removeTreeOnDevice(dir: string, dev: number): number {
   return removed;
 }
 
+/** One open, then sequential reads into a fresh buffer each (a consumer may still hold the last). */
+export async function* readChunks(path: string, chunk = 1 << 20): AsyncGenerator<Uint8Array> {
+  const f = await open(path, "r");
+  try {
+    for (;;) {
+      const buf = Buffer.alloc(chunk);
+      const { bytesRead } = await f.read(buf, 0, chunk, null);
+      if (bytesRead === 0) return;
+      yield buf.subarray(0, bytesRead);
+    }
+  } finally {
+    await f.close();
+  }
+}
+
+/** See Sys.runWithInput. The child is registered with PID 1's reaper so the runtime gets its status. */
+export async function runWithInput(spawnFn: typeof import("node:child_process").spawn, argv: readonly string[], input: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string> {
+  const [cmd, ...args] = argv;
+  const child = spawnFn(cmd!, args, { stdio: ["pipe", "pipe", "pipe"] });
+  const pid = child.pid;
+  if (pid) ownChildren.add(pid);
+  const stdout: Buffer[] = [];
+  let stderr = "";
+  child.stdout!.on("data", (d: Buffer) => void stdout.push(d));
+  child.stderr!.on("data", (d: Buffer) => void (stderr = (stderr + d.toString("utf8")).slice(-4096)));
+  const exited = new Promise<{ code: number | null; signal: string | null; error?: Error }>((resolve) => {
+    child.on("error", (error) => resolve({ code: null, signal: null, error }));
+    child.on("close", (code, signal) => resolve({ code, signal }));
+  });
+  // EPIPE once the tool stops reading (or never started): from then on the input is only drained.
+  let writable = true;
+  const stdin = child.stdin!;
+  stdin.on("error", () => void (writable = false));
+  stdin.on("close", () => void (writable = false));
+  let r: Awaited<typeof exited>;
+  try {
+    try {
+      for await (const chunk of input) {
+        if (!writable) continue;
+        if (!stdin.write(chunk)) {
+          await new Promise<void>((resolve) => {
+            const done = () => (stdin.off("drain", done), stdin.off("close", done), resolve());
+            stdin.on("drain", done);
+            stdin.on("close", done);
+          });
+        }
+      }
+    } catch (e) {
+      // The input failed (an unreadable stick): the tool must not finish on a truncated stream.
+      child.kill("SIGKILL");
+      await exited;
+      throw e;
+    } finally {
+      stdin.end();
+    }
+    r = await exited;
+  } finally {
+    if (pid) ownChildren.delete(pid);
+  }
+  if (r.error) throw new Error(`${cmd}: ${r.error.message}`);
+  if (r.code !== 0) throw new Error(`${argv.join(" ")}: ${stderr.trim().split("\n").at(-1) || (r.signal ? `killed by ${r.signal}` : `exit ${r.code}`)}`);
+  return Buffer.concat(stdout).toString("utf8");
+}
+
+/**
+ * An RTM_NEWADDR request with IFA_CACHEINFO appended: valid and preferred for `seconds`, after
+ * which the kernel removes the address. Re-sending it (NLM_F_REPLACE) extends the lifetime.
+ */
+export function withLifetime(newaddr: Buffer, seconds: number): Buffer {
+  const IFA_CACHEINFO = 6;
+  const secs = Math.max(1, Math.min(0xfffffffe, Math.floor(seconds))); // 0 is refused, ~0 means forever
+  const info = Buffer.alloc(16); // struct ifa_cacheinfo: ifa_prefered, ifa_valid, cstamp, tstamp
+  info.writeUInt32LE(secs, 0);
+  info.writeUInt32LE(secs, 4);
+  const attr = Buffer.alloc(20); // rtattr header + payload, already a multiple of 4
+  attr.writeUInt16LE(20, 0);
+  attr.writeUInt16LE(IFA_CACHEINFO, 2);
+  info.copy(attr, 4);
+  const out = Buffer.concat([newaddr, attr]);
+  out.writeUInt32LE(out.length, 0); // nlmsg_len covers the new attribute
+  return out;
+}
+
 /** The real machine. Loaded lazily so unit tests of boot logic never load C libraries. */
 export async function realSys(): Promise<Sys> {
   const libc = await import("./libc.ts");
@@ -179,7 +302,7 @@ export async function realSys(): Promise<Sys> {
   const tss = await import("./tss.ts");
   const nl = await import("./netlink.ts");
   const udp = await import("./udp.ts");
-  const { spawnSync } = await import("node:child_process");
+  const { spawn, spawnSync } = await import("node:child_process");
   const { randomBytes } = await import("node:crypto");
   let ueventFd: number | undefined;
   return {
@@ -236,7 +359,7 @@ export async function realSys(): Promise<Sys> {
         .map(parseUevent)
         .filter((e): e is Record<string, string> => e !== null);
     },
-    verityOpen: (n, d, h, r) => cryptsetup.verityOpen(n, d, h, r, true),
+    verityOpen: (n, d, h, r, v) => cryptsetup.verityOpen(n, d, h, r, true, v),
     attachLoop: (f) => libc.attachLoop(f),
     luks: {
       format: cryptsetup.luksFormat,
@@ -254,6 +377,7 @@ export async function realSys(): Promise<Sys> {
       linkUp: (n) => nl.rtnetlink([{ what: `link ${n} up`, build: (s) => nl.linkUpMsg(nl.ifIndex(n), s) }]),
       addAddress: (n, a, p) => nl.rtnetlink([{ what: `address ${a}/${p} on ${n}`, build: (s) => nl.addrAddMsg(nl.ifIndex(n), a, p, s) }]),
       defaultRoute: (n, g) => nl.rtnetlink([{ what: `default route via ${g}`, build: (s) => nl.defaultRouteMsg(nl.ifIndex(n), g, s) }]),
+      addLeasedAddress: (n, a, p, secs) => nl.rtnetlink([{ what: `address ${a}/${p} on ${n} for ${secs}s`, build: (s) => withLifetime(nl.addrAddMsg(nl.ifIndex(n), a, p, s), secs) }]),
     },
     run: (argv, input) => {
       const [cmd, ...args] = argv;
@@ -262,6 +386,9 @@ export async function realSys(): Promise<Sys> {
       if (r.status !== 0) throw new Error(`${argv.join(" ")}: ${(r.stderr || r.stdout).trim().split("\n").at(-1) ?? `exit ${r.status}`}`);
       return r.stdout;
     },
+    runWithInput: (argv, input) => runWithInput(spawn, argv, input),
+    readChunks: (path, chunk) => readChunks(path, chunk),
+    openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
     readLine: (prompt, echo) => libc.readConsoleLine(prompt, echo),
     toConsole: (t) => {
       try {
@@ -273,6 +400,7 @@ export async function realSys(): Promise<Sys> {
     randomBytes: (n) => randomBytes(n),
     resolveDevice: (s) => blkid.resolveSpec(s),
     probe: (d) => blkid.probe(d),
+    partitionEntry: (d) => blkid.partitionEntry(d),
     pid: () => libc.getpid(),
     sync: () => libc.sync(),
     chdir: (p) => libc.chdir(p),
@@ -285,6 +413,8 @@ export async function realSys(): Promise<Sys> {
     unlink: (p) => unlinkSync(p),
     symlink: (t, p) => symlinkSync(t, p),
     unshareMountNs: () => libc.unshare(libc.CLONE_NEWNS),
+    setDumpable: (on) => libc.setDumpable(on),
+    getDumpable: () => libc.getDumpable(),
     spawnDetached: (argv, argv0) => {
       const child = Bun.spawn([...argv], { argv0, stdio: ["ignore", "ignore", "ignore"] });
       child.unref();
@@ -293,6 +423,7 @@ export async function realSys(): Promise<Sys> {
     signal: (pid, sig) => libc.kill(pid, sig),
     reboot: (c) => libc.reboot(c),
     sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
+    now: () => performance.now(),
   };
 }
 

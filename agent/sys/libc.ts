@@ -42,6 +42,7 @@ export const libcCalls = c;
 
 const SYS_pivot_root = 155;
 const SYS_finit_module = 313;
+const SYS_openat2 = 437;
 const WNOHANG = 1;
 
 export function mount(src: string | null, target: string, fstype: string | null, flags: number, data: string | null = null): void {
@@ -80,6 +81,38 @@ export function pivotRoot(newRoot: string, putOld: string): void {
 
 export function finitModule(fd: number, params: string): void {
   check("finit_module", [fd, params], Number(c.syscall(SYS_finit_module, "int", fd, "const char *", params, "int", 0)));
+}
+
+export const O_PATH = 0o10000000;
+export const O_DIRECTORY = 0o200000;
+export const O_CLOEXEC = 0o2000000;
+const AT_FDCWD = -100;
+/** openat2(2) `resolve` flags (linux/openat2.h). */
+export const RESOLVE = { NO_XDEV: 0x01, NO_MAGICLINKS: 0x02, NO_SYMLINKS: 0x04, BENEATH: 0x08, IN_ROOT: 0x10 } as const;
+
+/** openat2(2) (Linux 5.6+): `how` is struct open_how { u64 flags; u64 mode; u64 resolve; }. */
+export function openat2(dirfd: number, path: string, flags: number, resolve: number, shown: readonly unknown[] = [dirfd, path]): number {
+  const how = new Uint8Array(24);
+  const v = new DataView(how.buffer);
+  v.setBigUint64(0, BigInt(flags), true);
+  v.setBigUint64(16, BigInt(resolve), true);
+  return check("openat2", shown, Number(c.syscall(SYS_openat2, "int", dirfd, "const char *", path, "uint8_t *", how, "size_t", how.length)));
+}
+
+/**
+ * An O_PATH fd for the directory `path` inside `root`, resolved by the kernel as if `root`
+ * were "/" (RESOLVE_IN_ROOT: ".." and absolute names cannot leave it) and refusing every
+ * symlink on the way (RESOLVE_NO_SYMLINKS: ELOOP), so what it names is a real directory of
+ * that tree. Mount onto /proc/self/fd/<fd> to use exactly what was resolved.
+ */
+export function openDirInRoot(root: string, path: string): number {
+  const flags = O_PATH | O_DIRECTORY | O_CLOEXEC;
+  const rootFd = openat2(AT_FDCWD, root, flags, 0, [root]);
+  try {
+    return openat2(rootFd, path, flags, RESOLVE.IN_ROOT | RESOLVE.NO_SYMLINKS | RESOLVE.NO_MAGICLINKS, [root, path]);
+  } finally {
+    c.close(rootFd);
+  }
 }
 
 /** The filesystem magic of the filesystem holding `path` (statfs f_type). */
@@ -265,4 +298,23 @@ export function readConsoleLine(prompt: string, echo: boolean): Promise<string |
       });
     next();
   });
+}
+
+// prctl(2) is variadic in glibc's header; declared so, koffi passes the extra arguments the way
+// a C caller would.
+const prctl = libc.func("int prctl(int option, ...)");
+const PR_GET_DUMPABLE = 3;
+const PR_SET_DUMPABLE = 4;
+
+/**
+ * PR_SET_DUMPABLE: a non-dumpable process leaves no core dump (the OS's core_pattern handler
+ * would get its memory) and same-uid processes without CAP_SYS_PTRACE can no longer ptrace it
+ * or open its /proc/<pid>/{mem,environ,root,fd}. execve resets it: set it again after each exec.
+ */
+export function setDumpable(on: boolean): void {
+  check("prctl", ["PR_SET_DUMPABLE", on ? 1 : 0], prctl(PR_SET_DUMPABLE, "unsigned long", on ? 1 : 0));
+}
+
+export function getDumpable(): boolean {
+  return check("prctl", ["PR_GET_DUMPABLE"], prctl(PR_GET_DUMPABLE) as number) === 1;
 }

@@ -6,7 +6,7 @@
 // ways the chain must not see work on copies of it.
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { PLAINTEXT_CANARY } from "../../initrd/build.ts";
@@ -19,6 +19,8 @@ import { espFiles, initrdWith, passphraseOpens, pcrSignatureOf, putUki, replaceT
 const B = "build";
 const TARGET_CMDLINE = readFileSync(`${B}/target.cmdline`, "utf8").trim();
 const KEY = `${B}/test-ssh/id_ed25519`;
+/** known_hosts with the recovery host key the install printed, under the alias initos-recovery. */
+let PINNED = "";
 let dir: string;
 let target: string;
 let tpmState: string;
@@ -27,6 +29,7 @@ let recovery = "";
 beforeAll(() => {
   dir = mkdtempSync(`${tmpdir()}/initos-luks-`);
   target = `${dir}/target.img`;
+  PINNED = `${dir}/known_hosts_pinned`;
   tpmState = `${dir}/tpm`;
   mkdirSync(tpmState);
   execFileSync("truncate", ["-s", "1G", target]);
@@ -111,6 +114,11 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
       expect(espFiles(target, "initos", slot).length).toBeGreaterThan(0);
     }
     expect(passphraseOpens(target, recovery)).toBe(true);
+    // The recovery sidecar's host key, to pin: sealed on both ESPs, its public half on the console.
+    const hk = /initos: install: recovery ssh host key \(pin it\): (ssh-ed25519 [A-Za-z0-9+/=]+)/.exec(out);
+    expect(hk).not.toBeNull();
+    writeFileSync(PINNED, `initos-recovery ${hk![1]}\n`);
+    for (const slot of ["a", "b"]) expect(espFiles(target, "initos", slot)).toContain("recovery-hostkey.json");
   }, 360_000);
 
   it("boots unattended: PCR 11 enter-initrd, the token unsealed, the latch proven, leave-initrd before the hand-off", async () => {
@@ -195,7 +203,7 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
     const vm = await bootDisk({ name: "luks-forged-pcrs", disk, tpmCopy: true });
     await vm.waitFor(PROMPT, 240_000, true);
     expect(vm.output).toMatch(/initos: unlock: \/dev\/vda3: refused token 0: bound to PCR 14 \+ signed 11; the config requires PCR 7 \+ signed 11 \(latch 15 optional\)/);
-    expect(vm.output).not.toMatch(/unsealed/);
+    expect(vm.output).not.toMatch(/\): unsealed/);
   }, 300_000);
 
   it("a token naming the recovery keyslot: its key opens nothing, and a reseal keeps the recovery passphrase", async () => {
@@ -237,6 +245,12 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
     const vm = await bootDisk({ name: "luks-unsigned-remote-reseal", disk, persist: true, net: { forward: [{ host: port, guest: 15022 }] } });
     await vm.waitFor(/initos: recovery: the passphrase is also accepted over ssh/, 240_000);
     expect(vm.output).toMatch(/initos: unlock: \/dev\/vda3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): TPM did not release the key: no \/\.extra\/tpm2-pcr-signature\.json: this UKI carries no PCR signature/);
+    // Not a production UKI: the pinned recovery host key stays sealed, and a client that pinned
+    // it refuses this sidecar before sending anything.
+    expect(vm.output).toMatch(/initos: recovery: the sealed ssh host key was not released: no \/\.extra\/tpm2-pcr-signature\.json/);
+    const pinned = await sshWhenUp(port, "status", { key: KEY, knownHosts: PINNED, alias: "initos-recovery", strict: true });
+    expect(pinned.status).not.toBe(0);
+    expect(pinned.stderr).toMatch(/REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed/);
     const wrong = await sshWhenUp(port, "unlock", { key: KEY, knownHosts: `${dir}/known_hosts_recovery`, input: "not-it\n" });
     expect(wrong.stdout).toBe("wrong passphrase\n");
     const r = await sshWhenUp(port, "reseal", { key: KEY, knownHosts: `${dir}/known_hosts_recovery`, input: `${recovery}\n` });
@@ -275,17 +289,24 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
       expect(spawnSync("cmp", ["-s", "-n", String(1 << 20), blank, "/dev/zero"]).status).toBe(0);
     }, 300_000);
 
-    it("the TPM refuses (PCR 7 moved), the passphrase unlocks, and no reseal is offered", async () => {
-      const vm = await bootDisk({ name: "luks-sb-off", secure: false, tpmCopy: true });
-      await vm.waitFor(PROMPT, 240_000, true);
+    it("the TPM refuses the disk key (PCR 7 moved); the recovery sidecar shows the pinned host key, the passphrase over ssh unlocks; no reseal", async () => {
+      // A production UKI whose cmdline brings the network up: PCR 11 signed, so the pinned host
+      // key (not bound to PCR 7) is released while the disk key (bound to PCR 7) is not.
+      const disk = copyOfTarget("sb-off");
+      putUki(disk, variantUki(dir, "net", { cmdline: `${TARGET_CMDLINE} initos.ip=10.0.2.15/24 initos.gw=10.0.2.2`, pcrSigned: true }));
+      const port = await freePort();
+      const vm = await bootDisk({ name: "luks-sb-off", disk, secure: false, tpmCopy: true, net: { forward: [{ host: port, guest: 15022 }] } });
+      await vm.waitFor(/initos: recovery: the passphrase is also accepted over ssh/, 240_000);
       expect(vm.output).toMatch(/initos: unlock: \/dev\/vda3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): TPM did not release the key: sealed for other values of PCR 7,15 than this boot's/);
-      vm.send(`${recovery}\n`);
+      expect(vm.output).toMatch(/initos: recovery: ssh host key unsealed \(the one pinned at install\)/);
+      const r = await sshWhenUp(port, "unlock", { key: KEY, knownHosts: PINNED, alias: "initos-recovery", strict: true, input: `${recovery}\n` });
+      expect(r.stderr).not.toMatch(/IDENTIFICATION HAS CHANGED|verification failed/);
+      expect(r.stdout).toBe("unlocked; the boot continues\n");
       await vm.waitFor(MARKER, 240_000);
       expect(vm.output).toMatch(/initos: unlock: no reseal: Secure Boot is off: PCR 7 would vouch for nothing/);
-      expect(vm.output).not.toMatch(/Reseal the disk key/);
       expect(vm.output).not.toContain(recovery);
       await vm.waitExit(60_000);
-    }, 360_000);
+    }, 400_000);
   });
 
   it("three wrong passphrases: failure policy, and nothing on the disk changed", async () => {
@@ -372,7 +393,7 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
       const disk = await enrolled("enroll-signed");
       const vm = await bootDisk({ name: "luks-systemd-signed", disk, tpmCopy: true });
       await vm.waitFor(MARKER, 240_000);
-      expect(vm.output).toMatch(/initos: unlock: \/dev\/vda3 token \d+ \(PCR 7 \+ signed 11, keyslot \d+\): unsealed\n/);
+      expect(vm.output).toMatch(/initos: unlock: \/dev\/vda3 token \d+ \(PCR 7 \+ signed 11, keyslot \d+\): unsealed\r?$/m);
       expect(vm.output).toMatch(/initos: unlock: unlocked with the TPM/);
       await vm.waitExit(60_000);
     }, 600_000);
@@ -387,7 +408,7 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
       putUki(disk, variantUki(dir, "pcr7-only", { cmdline: TARGET_CMDLINE, initrd, pcrSigned: false }));
       const vm = await bootDisk({ name: "luks-systemd-pcr7-accepted", disk, tpmCopy: true });
       await vm.waitFor(MARKER, 240_000);
-      expect(vm.output).toMatch(/initos: unlock: \/dev\/vda3 token \d+ \(PCR 7, keyslot \d+\): unsealed\n/);
+      expect(vm.output).toMatch(/initos: unlock: \/dev\/vda3 token \d+ \(PCR 7, keyslot \d+\): unsealed\r?$/m);
       await vm.waitExit(60_000);
     }, 900_000);
   });

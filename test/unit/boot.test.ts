@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { boot, chooseInit, initArgs, rebootDelay, stage, type BootContext } from "../../agent/boot.ts";
+import { boot, chooseInit, initArgs, rebootDelay, stage, startFailureSidecar, whyNoUnseal, type BootContext } from "../../agent/boot.ts";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import { DEFAULT_CONFIG, parseConfig } from "../../agent/config.ts";
 import { applyFailurePolicy, DIAG_PATH } from "../../agent/failure.ts";
@@ -129,6 +129,30 @@ describe("boot plan", () => {
     expect(order).toEqual(["tpm", "mount /dev/vda /sysroot btrfs 0x1 subvol=@", "execve /sbin/init /sbin/init"]);
     expect(c.log.lines).toContain("info: tpm: latch PCR 15 extended (root= on the cmdline)");
     expect(Buffer.from(tpm.pcr(15))).toEqual(Buffer.from(extendPcr(new Uint8Array(32), LATCH_DIGEST)));
+  });
+
+  it("only the host mode with no root= and an ESP unseals; every other path latches at once", () => {
+    expect(whyNoUnseal({}, true)).toBeNull();
+    expect(whyNoUnseal({ mode: "host" }, true)).toBeNull();
+    expect(whyNoUnseal({ root: "LABEL=x" }, true)).toBe("root= on the cmdline");
+    expect(whyNoUnseal({ mode: "sidecar" }, true)).toBe("sidecar mode");
+    expect(whyNoUnseal({ mode: "install" }, true)).toBe("install mode");
+    expect(whyNoUnseal({ mode: "vm" }, false)).toBe("vm mode");
+    expect(whyNoUnseal({}, false)).toBe("no ESP");
+  });
+
+  it("the failure policy's recovery sidecar starts only after the latch; a latch that fails means no sidecar", async () => {
+    const s = new FakeSys();
+    s.devices.add("/dev/tpmrm0");
+    const tpm = (s.tpmFake = new FakeTpm());
+    tpm.failExtend = true;
+    const keyed = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAA test"] } };
+    const c = ctx(s);
+    const state = { sidecar: new RecoverySidecar(), config: keyed, cmdline: parseCmdline("initos.ip=10.0.2.15/24 initos.gw=10.0.2.2").cmdline };
+    expect(await startFailureSidecar(c, state)).toBe(false);
+    expect(tpm.calls).toEqual(["extend 15"]);
+    expect(s.calls.some((x) => x.startsWith("net."))).toBe(false);
+    expect(c.log.lines).toContain("err: tpm: cannot extend the latch PCR 15: Esys_PCR_Extend: TPM_RC_LOCALITY; stopping, fail closed");
   });
 
   it("a latch that cannot be extended stops a root= boot before the root is mounted", async () => {

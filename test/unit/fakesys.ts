@@ -1,6 +1,7 @@
 // A fake machine for unit tests of boot decisions: an in-memory file tree with devices and
 // mounts, and a journal of every system call so tests can assert order and absence.
-import type { FileInfo, LuksOps, NetOps, Sys, TpmOps } from "../../agent/sys/index.ts";
+import type { VerityParams } from "../../agent/sys/cryptsetup.ts";
+import type { FileInfo, LuksOps, NetOps, PartitionEntry, Sys, TpmOps } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
   kind: "file" | "dir" | "link";
@@ -107,6 +108,7 @@ export class FakeSys implements Sys {
     linkUp: (n) => this.log(`net.linkUp ${n}`),
     addAddress: (n, a, p) => this.log(`net.addAddress ${n} ${a}/${p}`),
     defaultRoute: (n, g) => this.log(`net.defaultRoute ${n} ${g}`),
+    addLeasedAddress: (n, a, p, secs) => this.log(`net.addLeasedAddress ${n} ${a}/${p} ${secs}s`),
   };
   tpmFake?: TpmOps;
   tpm(): TpmOps {
@@ -158,8 +160,9 @@ export class FakeSys implements Sys {
   pollUevents(): Record<string, string>[] {
     return this.uevents.splice(0);
   }
-  verityOpen(name: string, data: string, hash: string, rootHash: string): string {
+  verityOpen(name: string, data: string, hash: string, rootHash: string, verity?: VerityParams): string {
     this.log(`verityOpen ${name} ${data} ${hash} ${rootHash.slice(0, 8)}`);
+    if (verity) this.verityPinned.set(data, verity);
     const e = this.verityFailures.get(data);
     if (e) throw e;
     return `/dev/mapper/${name}`;
@@ -204,6 +207,21 @@ export class FakeSys implements Sys {
   probe(): Record<string, string> | null {
     return { TYPE: "btrfs" };
   }
+  /** Partition table entries by partition device (what libblkid reads); see addPartition. */
+  partEntries = new Map<string, PartitionEntry>();
+  /** Partition `/dev/<part>` of disk `/dev/<disk>`, as sysfs shows it (a link under the disk) and libblkid reads it. */
+  addPartition(disk: string, part: string, entry: PartitionEntry): this {
+    this.add(`/sys/class/block/${disk}`, { kind: "link", target: `../../devices/pci0000:00/block/${disk}` });
+    this.add(`/sys/class/block/${part}`, { kind: "link", target: `../../devices/pci0000:00/block/${disk}/${part}` });
+    this.add(`/sys/class/block/${part}/partition`, { kind: "file", data: "1\n" });
+    this.partEntries.set(`/dev/${part}`, entry);
+    return this;
+  }
+  partitionEntry(device: string): PartitionEntry | null {
+    return this.partEntries.get(device) ?? null;
+  }
+  /** The pinned verity parameters each verityOpen was given, by image data path. */
+  verityPinned = new Map<string, VerityParams>();
   pid(): number {
     return this.pidValue;
   }
@@ -248,6 +266,15 @@ export class FakeSys implements Sys {
   unshareMountNs(): void {
     this.log("unshareMountNs");
   }
+  /** prctl PR_SET_DUMPABLE / PR_GET_DUMPABLE; a process starts dumpable. */
+  dumpableValue = true;
+  setDumpable(on: boolean): void {
+    this.log(`setDumpable ${on ? 1 : 0}`);
+    this.dumpableValue = on;
+  }
+  getDumpable(): boolean {
+    return this.dumpableValue;
+  }
   /** What a detached process does when it starts (e.g. create a file), by argv[1]. */
   onSpawn = new Map<string, (sys: FakeSys) => void>();
   spawnDetached(argv: readonly string[], argv0: string): number {
@@ -257,11 +284,114 @@ export class FakeSys implements Sys {
   }
   signal(pid: number, sig: number): void {
     this.log(`signal ${pid} ${sig}`);
+    const p = this.procs.get(pid);
+    if (!p) return;
+    p.onSignal?.(sig, this);
+    if (sig !== 9 && p.ignore?.includes(sig)) return;
+    if (p.exitAfterMs) this.dying.set(pid, Math.min(this.dying.get(pid) ?? Infinity, this.clock + p.exitAfterMs));
+    else this.endProcess(pid);
   }
-  async sleep(_ms: number): Promise<void> {
+  /** Processes shown in /proc/<pid>/stat; see addProcess. */
+  procs = new Map<number, FakeProc>();
+  /** pid → when (on the fake clock) a signalled process is gone. */
+  private dying = new Map<number, number>();
+  /** A running process: signals end it (and its parent's reaping with it) unless it ignores them. */
+  addProcess(p: FakeProc): this {
+    this.procs.set(p.pid, p);
+    const flags = p.kthread ? 0x00200000 : 0x00400100;
+    const sid = p.sid ?? p.pid;
+    this.add(`/proc/${p.pid}/stat`, { kind: "file", data: `${p.pid} (${p.comm ?? "proc"}) ${p.state ?? "S"} ${p.ppid} ${sid} ${sid} 0 -1 ${flags} 0 0 0 0 0 0 0 0 20 0 1 0 ${p.start ?? 100} 0 0` });
+    return this;
+  }
+  /** The process exits and is reaped; its children go to PID 1, as the kernel does. */
+  endProcess(pid: number): void {
+    this.procs.delete(pid);
+    this.dying.delete(pid);
+    this.files.delete(`/proc/${pid}/stat`);
+    for (const c of [...this.procs.values()]) if (c.ppid === pid) this.addProcess({ ...c, ppid: 1 });
+  }
+  /** The fake monotonic clock: sleep() advances it, and nothing else does. */
+  clock = 0;
+  now(): number {
+    return this.clock;
+  }
+  /** Fds handed out by openDirInRoot, and the path (with the root) each one resolved to. */
+  openedInRoot = new Map<number, string>();
+  private nextFd = 100;
+  /** Like openat2(RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS): ENOENT, ELOOP on any symlink, ENOTDIR. */
+  openDirInRoot(root: string, path: string): number {
+    this.log(`openDirInRoot ${root} ${path}`);
+    const fail = (errno: number, name: string) => {
+      throw Object.assign(new Error(`openat2(${JSON.stringify(root)}, ${JSON.stringify(path)}): ${name}`), { errno });
+    };
+    const done: string[] = [];
+    for (const name of path.split("/").filter((n) => n && n !== ".")) {
+      if (name === "..") {
+        done.pop(); // scoped to the root, as RESOLVE_IN_ROOT does
+        continue;
+      }
+      done.push(name);
+      const n = this.files.get(`${root}/${done.join("/")}`);
+      if (!n) fail(2, "ENOENT");
+      else if (n.kind === "link") fail(40, "ELOOP");
+      else if (n.kind !== "dir") fail(20, "ENOTDIR");
+    }
+    const fd = this.nextFd++;
+    this.openedInRoot.set(fd, done.length ? `${root}/${done.join("/")}` : root);
+    return fd;
+  }
+  /** Sizes of the chunks readChunks handed out, per path. */
+  chunkSizes = new Map<string, number[]>();
+  /** The file's content as it is when opened, in chunks (one open, like the real one). */
+  async *readChunks(path: string, chunk = 1 << 20): AsyncGenerator<Uint8Array> {
+    this.log(`readChunks ${path}`);
+    const text = this.readFile(path);
+    if (text === null) throw Object.assign(new Error(`open ${path}: ENOENT`), { errno: 2 });
+    const data = Buffer.from(text, "latin1");
+    const sizes = this.chunkSizes.get(path) ?? [];
+    this.chunkSizes.set(path, sizes);
+    for (let at = 0; at < data.length; at += chunk) {
+      const c = data.subarray(at, at + chunk);
+      sizes.push(c.length);
+      yield c;
+    }
+  }
+  /** What each runWithInput got on stdin, in order; `onRunWithInput` may make it fail. */
+  inputs: { argv: string; data: Buffer }[] = [];
+  onRunWithInput?: (argv: readonly string[]) => void;
+  async runWithInput(argv: readonly string[], input: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string> {
+    this.log(`runWithInput ${argv.join(" ")}`);
+    const parts: Buffer[] = [];
+    for await (const c of input) parts.push(Buffer.from(c));
+    this.inputs.push({ argv: argv.join(" "), data: Buffer.concat(parts) });
+    this.onRunWithInput?.(argv);
+    return "";
+  }
+  async sleep(ms: number): Promise<void> {
     this.sleeps++;
+    this.clock += ms;
+    for (const [pid, at] of this.dying) if (at <= this.clock) this.endProcess(pid);
     for (const [dev, n] of this.appearAfterSleeps) if (this.sleeps >= n) this.devices.add(dev);
   }
+}
+
+/** A process of FakeSys.addProcess: /proc/<pid>/stat fields and how it takes signals. */
+export interface FakeProc {
+  pid: number;
+  ppid: number;
+  /** Session id; its own pid by default (a session leader). */
+  sid?: number;
+  comm?: string;
+  state?: string;
+  /** starttime, in clock ticks after boot. */
+  start?: number;
+  kthread?: boolean;
+  /** Signals it ignores (SIGKILL cannot be). */
+  ignore?: number[];
+  /** It takes this long (fake clock) to exit once signalled. */
+  exitAfterMs?: number;
+  /** Called before the signal takes effect (e.g. to fork a child). */
+  onSignal?: (sig: number, sys: FakeSys) => void;
 }
 
 export function silentLog() {

@@ -8,8 +8,9 @@ import { openImage, setupImages } from "../../agent/stages/images.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const HASH = "ab".repeat(32);
+const VERITY = { hashType: 1, hashAlgorithm: "sha256", dataBlockSize: 4096, hashBlockSize: 4096, dataBlocks: 25000, salt: "cd".repeat(32) };
 const cfg = AgentConfigSchema.parse({
-  images: [{ name: "modules", rootHash: HASH, binds: [{ from: "modules", to: "/lib/modules" }] }],
+  images: [{ name: "modules", rootHash: HASH, verity: VERITY, binds: [{ from: "modules", to: "/lib/modules" }] }],
 });
 const SLOTS = cfg.esp.slots;
 
@@ -17,8 +18,7 @@ const SLOTS = cfg.esp.slots;
 function machine(booted?: "a" | "b"): FakeSys {
   const s = new FakeSys();
   const uuid = { a: "11111111-2222-3333-4444-55555555aaaa", b: "11111111-2222-3333-4444-55555555bbbb" };
-  s.devices.add("PARTLABEL=initos-a").add("PARTLABEL=initos-b");
-  s.resolveDevice = (spec) => ({ "PARTLABEL=initos-a": "/dev/vda1", "PARTLABEL=initos-b": "/dev/vda2", [`PARTUUID=${uuid.a}`]: "/dev/vda1", [`PARTUUID=${uuid.b}`]: "/dev/vda2" })[spec] ?? null;
+  s.addPartition("vda", "vda1", { uuid: uuid.a, name: "initos-a" }).addPartition("vda", "vda2", { uuid: uuid.b, name: "initos-b" });
   if (booted) {
     const v = Buffer.concat([Buffer.from([7, 0, 0, 0]), Buffer.from(`${uuid[booted].toUpperCase()}\0`, "utf16le")]);
     s.add(LOADER_PART_UUID, { kind: "file", data: v.toString("latin1") });
@@ -51,13 +51,13 @@ describe("ESP slots", () => {
 
   it("refuses a boot partition that is neither slot", async () => {
     const s = machine("a");
-    s.resolveDevice = (spec) => (spec.startsWith("PARTUUID=") ? "/dev/sdz9" : spec === "PARTLABEL=initos-a" ? "/dev/vda1" : null);
-    await expect(esps(s)).rejects.toThrow("booted from /dev/sdz9 (11111111-2222-3333-4444-55555555aaaa), which is none of the slots PARTLABEL=initos-a or PARTLABEL=initos-b");
+    s.partEntries.set("/dev/vda1", { uuid: "11111111-2222-3333-4444-55555555aaaa", name: "ESP" });
+    await expect(esps(s)).rejects.toThrow('esp: booted from /dev/vda1 (11111111-2222-3333-4444-55555555aaaa, named "ESP"), which is none of the slots initos-a, initos-b');
   });
 
   it("waits for the ESP, bounded, naming the partitions", async () => {
     const s = new FakeSys();
-    await expect(esps(s)).rejects.toThrow("boot partition PARTLABEL=initos-a or PARTLABEL=initos-b did not appear within 1s");
+    await expect(esps(s)).rejects.toThrow("boot partition named initos-a or initos-b did not appear within 1s");
   });
 });
 
@@ -72,6 +72,25 @@ describe("verified images", () => {
     expect(s.calls).toContain("mount /run/initos/images/modules/modules /lib/modules null 0x1000");
     expect(s.calls).toContain("reloadModuleIndex"); // a new module tree: re-read its index
     expect(s.calls.some((c) => c.startsWith("mount /dev/vda2"))).toBe(false); // slot b never needed
+    // The superblock is held to the signed config's parameters, not only the root hash.
+    expect(s.verityPinned.get("/run/initos/esp-a/initos/modules.sqfs")).toEqual(VERITY);
+  });
+
+  it("a superblock that disagrees with the pinned parameters is one slot's reason, and the other slot is tried", async () => {
+    const s = machine("a");
+    s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("verity superblock: dataBlocks is 24999, the signed config pins 25000"));
+    const log = silentLog();
+    expect(openImage(s, log, await esps(s), "initos", cfg.images[0]!, false).slot).toBe("b");
+    expect(log.lines).toContain("err: image modules: slot a copy rejected: verity superblock: dataBlocks is 24999, the signed config pins 25000");
+  });
+
+  it("the config refuses an image without pinned verity parameters, or with malformed ones", () => {
+    const image = { name: "modules", rootHash: HASH };
+    expect(AgentConfigSchema.safeParse({ images: [image] }).success).toBe(false);
+    expect(AgentConfigSchema.safeParse({ images: [{ ...image, verity: { ...VERITY, salt: "xyz" } }] }).success).toBe(false);
+    expect(AgentConfigSchema.safeParse({ images: [{ ...image, verity: { ...VERITY, dataBlockSize: 4000 } }] }).success).toBe(false);
+    expect(AgentConfigSchema.safeParse({ images: [{ ...image, verity: { ...VERITY, fecRoots: 2 } }] }).success).toBe(false);
+    expect(AgentConfigSchema.safeParse({ images: [{ ...image, verity: { ...VERITY, salt: "" } }] }).success).toBe(true);
   });
 
   it("falls back to the other slot's copy when the first does not verify, and says so", async () => {

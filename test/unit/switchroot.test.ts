@@ -97,6 +97,21 @@ describe("switch_root sequence", () => {
     expect(log.lines).toContain("warn: switch_root: /sysroot/run missing, detaching /run");
   });
 
+  it("tells the boot when it passes the point of no return: right before / becomes the new root, never when refused", () => {
+    const s = ready();
+    s.failOn.set("pivotRoot", new Error("EINVAL"));
+    let at = -1;
+    let times = 0;
+    const marked = { ...plan, onPointOfNoReturn: () => ((at = s.calls.length), times++) };
+    expect(() => switchRoot(s, silentLog(), marked)).toThrow("execve reached");
+    expect(times).toBe(1);
+    expect(s.calls.slice(at - 2, at + 1)).toEqual(["mount /run /sysroot/run null 0x2000", "openDir /", "chdir /sysroot"]);
+    const refused = ready();
+    refused.pidValue = 7;
+    expect(() => switchRoot(refused, silentLog(), marked)).toThrow("switch_root refused");
+    expect(times).toBe(1);
+  });
+
   it("runs beforeExec after the cleanup, just before exec", () => {
     const s = ready();
     let at = -1;

@@ -1,4 +1,5 @@
 import { describe, expect, it } from "vitest";
+import { parseCmdline } from "../../agent/cmdline.ts";
 import { parseHostEnv, parseHostJson } from "../../agent/hostconfig.ts";
 import { InstallConfigSchema, partition, recoveryPassphrase } from "../../agent/stages/install.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
@@ -133,6 +134,7 @@ describe("host config", () => {
         { subvol: "@log", path: "/var/log" },
         { subvol: "@cache", path: "/var/cache" },
       ],
+      refused: [],
     });
   });
 
@@ -144,10 +146,54 @@ describe("host config", () => {
   it("names what is wrong in malformed configs", () => {
     expect(() => parseHostJson("{")).toThrow(/host config initos.json: not JSON/);
     expect(() => parseHostJson('{"root":"../etc"}')).toThrow("host config initos.json: root: expected a subvolume name such as @root");
-    expect(() => parseHostJson('{"root":"@r","binds":[{"subvol":"@h","path":"home"}]}')).toThrow("binds.0.path: expected an absolute path");
+    expect(parseHostJson('{"root":"@r","binds":[{"subvol":"@h","path":"home"}]}').refused).toEqual([
+      'host config initos.json: refused binds.0 {"subvol":"@h","path":"home"}: path: expected an absolute path; not mounted',
+    ]);
+    expect(() => parseHostJson('{"root":"@r","binds":{}}')).toThrow("host config initos.json: binds: ");
     expect(() => parseHostJson('{"root":"@r","extra":1}')).toThrow(/\(top level\)/);
     expect(() => parseHostEnv("INITOS_ROOT=@r; rm -rf /")).toThrow("host config initos.env: line 1: expected KEY=value");
     expect(() => parseHostEnv("FOO=1")).toThrow("host config initos.env: INITOS_ROOT is not set");
+  });
+
+  it("a root subvolume is a plain name: no ., .., / or leading dot (host config and cmdline alike)", () => {
+    for (const bad of ["..", ".", "@..", ".hidden", "@root/..", "a/b", ""]) {
+      expect(() => parseHostJson(JSON.stringify({ root: bad })), bad).toThrow("host config initos.json: root: expected a subvolume name such as @root");
+      expect(() => parseHostEnv(`INITOS_ROOT=${bad}`), bad).toThrow("host config initos.env: root: expected a subvolume name such as @root");
+    }
+    expect(parseHostJson('{"root":"@snap-2024.01_a"}').root).toBe("@snap-2024.01_a");
+    for (const bad of ["..", ".", "@..", ".x"]) {
+      const { cmdline, errors } = parseCmdline(`initos.root=${bad}`);
+      expect(cmdline.rootSubvolume).toBeUndefined();
+      expect(errors).toEqual([`cmdline: initos.root=${JSON.stringify(bad)} is invalid (expected a subvolume name such as @root); using the default`]);
+    }
+    expect(parseCmdline("initos.root=@snap.1").cmdline.rootSubvolume).toBe("@snap.1");
+  });
+
+  it("refuses each hostile bind with one line naming it, keeps the others, and still parses the root", () => {
+    const c = parseHostJson(
+      JSON.stringify({
+        root: "@root",
+        binds: [
+          { subvol: "@x", path: "/../usr/bin" },
+          { subvol: "@x", path: "/home/../../run/initos/images/sidecar" },
+          { subvol: "@x", path: "/./etc" },
+          { subvol: "../x", path: "/srv" },
+          { subvol: "@x", path: "/" },
+          { subvol: "@x" },
+          { subvol: "@ok", path: "/srv/data" },
+        ],
+      }),
+    );
+    expect(c.root).toBe("@root");
+    expect(c.binds).toEqual([{ subvol: "@ok", path: "/srv/data" }]);
+    expect(c.refused).toEqual([
+      'host config initos.json: refused binds.0 {"subvol":"@x","path":"/../usr/bin"}: path: "." and ".." are not allowed in a bind path; not mounted',
+      'host config initos.json: refused binds.1 {"subvol":"@x","path":"/home/../../run/initos/images/sidecar"}: path: "." and ".." are not allowed in a bind path; not mounted',
+      'host config initos.json: refused binds.2 {"subvol":"@x","path":"/./etc"}: path: "." and ".." are not allowed in a bind path; not mounted',
+      'host config initos.json: refused binds.3 {"subvol":"../x","path":"/srv"}: subvol: expected a subvolume name such as @root; not mounted',
+      'host config initos.json: refused binds.4 {"subvol":"@x","path":"/"}: path: expected a directory below the root, e.g. /home; not mounted',
+      expect.stringMatching(/^host config initos.json: refused binds.5 \{"subvol":"@x"\}: path: .*; not mounted$/),
+    ]);
   });
 });
 
@@ -164,11 +210,81 @@ describe("mounting the pool", () => {
     const r = mountPool(s, silentLog(), ["/dev/mapper/initos-pool0", "/dev/mapper/initos-pool1"], true, undefined, DEFAULT_CONFIG);
     expect(r.config.root).toBe("@root");
     const dev = "device=/dev/mapper/initos-pool0,device=/dev/mapper/initos-pool1";
-    expect(s.calls.filter((c) => c.startsWith("mount"))).toEqual([
+    // The bind target is resolved inside the root by the kernel and mounted by its fd.
+    expect(s.calls.filter((c) => /^(mount|openDirInRoot|close)/.test(c))).toEqual([
       `mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x7 subvolid=5,${dev}`,
       `mount /dev/mapper/initos-pool0 /sysroot btrfs 0x0 subvol=@root,${dev}`,
-      `mount /dev/mapper/initos-pool0 /sysroot/home btrfs 0x4 subvol=@home,${dev}`, // @log, @cache absent: skipped
+      "openDirInRoot /sysroot /home",
+      `mount /dev/mapper/initos-pool0 /proc/self/fd/100 btrfs 0x4 subvol=@home,${dev}`, // @log, @cache absent: skipped
+      "close 100",
     ]);
+    expect(s.openedInRoot.get(100)).toBe("/sysroot/home");
+    expect(s.calls.at(-1)).toBe("umount /run/initos/pool 2");
+  });
+
+  /** A pool whose host config (written by the OS's root) asks for `binds`; @root, @home and @x exist. */
+  function hostile(binds: unknown[]): FakeSys {
+    return new FakeSys()
+      .add("/run/initos/pool/initos.json", { kind: "file", data: JSON.stringify({ root: "@root", binds }) })
+      .add("/run/initos/pool/@root", { kind: "dir" })
+      .add("/run/initos/pool/@home", { kind: "dir" })
+      .add("/run/initos/pool/@x", { kind: "dir" })
+      .add("/sysroot/home", { kind: "dir" })
+      .add("/usr/bin", { kind: "dir" })
+      .add("/etc/initos", { kind: "dir" });
+  }
+  const mountsOfX = (s: FakeSys) => s.calls.filter((c) => c.startsWith("mount") && c.includes("subvol=@x"));
+
+  it("a bind path with .. in the host config is refused with one line; nothing is mounted over the initramfs; the root boots", () => {
+    const s = hostile([
+      { subvol: "@x", path: "/../usr/bin" },
+      { subvol: "@x", path: "/../etc/initos" },
+      { subvol: "@home", path: "/home" },
+    ]);
+    const log = silentLog();
+    const r = mountPool(s, log, ["/dev/mapper/initos-pool0"], true, undefined, DEFAULT_CONFIG);
+    expect(r.path).toBe("/sysroot");
+    expect(mountsOfX(s)).toEqual([]);
+    expect(s.calls.some((c) => c.startsWith("openDirInRoot") && c.includes(".."))).toBe(false);
+    expect(log.lines.filter((l) => l.startsWith("err:"))).toEqual([
+      'err: host config initos.json: refused binds.0 {"subvol":"@x","path":"/../usr/bin"}: path: "." and ".." are not allowed in a bind path; not mounted',
+      'err: host config initos.json: refused binds.1 {"subvol":"@x","path":"/../etc/initos"}: path: "." and ".." are not allowed in a bind path; not mounted',
+    ]);
+    expect(log.lines).toContain("info: pool: root @root on /sysroot (rw), @home->/home");
+  });
+
+  it("a symlink in a bind path (inside the root subvolume) is refused, not followed out of the root", () => {
+    const s = hostile([
+      { subvol: "@x", path: "/home" },
+      { subvol: "@x", path: "/var/log" },
+      { subvol: "@x", path: "/sbin" },
+    ]);
+    s.files.delete("/sysroot/home");
+    s.add("/sysroot/home", { kind: "link", target: "/../../usr/bin" }) // the OS's root made /home a symlink
+      .add("/sysroot/var", { kind: "link", target: "/etc/initos" })
+      .add("/sysroot/sbin", { kind: "file" });
+    const log = silentLog();
+    mountPool(s, log, ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG);
+    expect(mountsOfX(s)).toEqual([]);
+    expect(log.lines.filter((l) => l.startsWith("err:"))).toEqual([
+      "err: pool: refused bind @x on /home: a symlink in the path (a bind target must be a real directory of the root); not mounted",
+      "err: pool: refused bind @x on /var/log: a symlink in the path (a bind target must be a real directory of the root); not mounted",
+      "err: pool: refused bind @x on /sbin: not a directory; not mounted",
+    ]);
+    expect(log.lines).toContain("info: pool: root @root on /sysroot (ro)");
+  });
+
+  it("a bind target missing from the root is skipped with a warning, as before", () => {
+    const s = hostile([{ subvol: "@home", path: "/srv/home" }]);
+    const log = silentLog();
+    mountPool(s, log, ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG);
+    expect(log.lines).toContain("warn: pool: /srv/home does not exist in @root; @home not mounted");
+    expect(s.calls.filter((c) => c.startsWith("mount")).length).toBe(2); // the pool and the root
+  });
+
+  it("a host config that is a symlink is refused (it could point into the initramfs)", () => {
+    const s = new FakeSys().add("/run/initos/pool/initos.json", { kind: "link", target: "/etc/initos/config.json" }).add("/run/initos/pool/@root", { kind: "dir" });
+    expect(() => mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG)).toThrow("host config initos.json is a symlink; refusing it");
     expect(s.calls.at(-1)).toBe("umount /run/initos/pool 2");
   });
 
@@ -202,6 +318,18 @@ describe("the sidecar's ssh host key on the pool", () => {
       "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x27",
     ]);
     expect(log.lines).toContain(`info: pool: ssh host key saved as ${POOL_HOST_KEY} (first boot)`);
+  });
+
+  it("is never read or written through a symlink on the pool (it could point into the initramfs)", () => {
+    for (const link of ["initos", POOL_HOST_KEY]) {
+      const s = pool().add(HOST_KEY, { kind: "file", data: "this-boots-key" }).add(`/run/initos/pool/${link}`, { kind: "link", target: "/etc/initos/x" });
+      if (link !== "initos") s.add("/run/initos/pool/initos", { kind: "dir" });
+      const log = silentLog();
+      mountPool(s, log, ["/dev/mapper/initos-pool0"], false, undefined, keyed);
+      expect(s.calls.filter((c) => c.startsWith("writeFile"))).toEqual([]);
+      expect(s.readFile(HOST_KEY)).toBe("this-boots-key");
+      expect(log.lines).toContain(`warn: pool: ssh host key not kept on the pool: /run/initos/pool/${link} is a symlink`);
+    }
   });
 
   it("is left alone when no ssh keys are configured (no sshd will ever run)", () => {
