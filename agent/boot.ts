@@ -7,7 +7,7 @@ import { applyFailurePolicy } from "./failure.ts";
 import { type Logger, Timeline, uptime } from "./log.ts";
 import { type EarlyResult, restoreKmsgThrottle, setupEarly } from "./stages/early.ts";
 import { Coldplug } from "./stages/devices.ts";
-import { type EspResult, findEsps } from "./stages/esp.ts";
+import { type EspResult, findEsps, unmountEsps } from "./stages/esp.ts";
 import { install, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
 import { mountPool, unlockPool } from "./stages/pool.ts";
 import { countZombies, memAvailableKiB, powerAction, procStatusKiB } from "./pid1.ts";
@@ -19,10 +19,10 @@ import { mountVmRoot, POD_PATH, preparePod, setupVmMounts, type VmPlan, vmPlan }
 import { RecoverySidecar } from "./stages/recovery.ts";
 import { BootTpm } from "./diskkey/latch.ts";
 import { type CtlHandler, type CtlResponse } from "./ctl.ts";
-import { setupImages } from "./stages/images.ts";
+import { bindImagesForOs, releaseImages, setupImages } from "./stages/images.ts";
 import { loadModules } from "./stages/modules.ts";
 import { mountRoot, SYSROOT } from "./stages/root.ts";
-import { findInit, switchRoot } from "./switchroot.ts";
+import { findInit, resolveInRoot, switchRoot } from "./switchroot.ts";
 import type { Sys } from "./sys/index.ts";
 
 export interface BootContext {
@@ -158,7 +158,7 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
   }
 
-  const { init, args } = await stage(ctx, "handoff-check", () => handoffTarget(sys, cmdline, config, vm));
+  const target = await stage(ctx, "handoff-check", () => handoffTarget(sys, log, cmdline, config, vm));
   // The OS must find the latch extended and PCR 11 past the initrd, whatever path led here.
   await tpm.leaveInitrd();
   tpm.close();
@@ -171,6 +171,9 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     // The OS matters more than its remote admin: a sidecar that cannot start is logged, no more.
     await stage(ctx, "sidecar-beside", () => startBeside(sys, log, cmdline, config, network)).catch((e: unknown) => log.err(describe(e)));
   }
+  // After the sidecar beside the OS took its own copy of its image: /run moves into the OS, and
+  // nothing of the initrd may stay mounted there but the modules and firmware bound into the root.
+  await stage(ctx, "os-mounts", () => handOverMounts(sys, log, config, esp));
   forgetSecrets(sys);
   log.info(`timeline: ${ctx.timeline.summary()}`);
   log.info(`handoff: MemAvailable ${memAvailableKiB(sys) ?? "?"} kB before switch_root`);
@@ -178,8 +181,8 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   const devkmsg = state.early.devkmsg;
   return switchRoot(sys, log, {
     newRoot: SYSROOT,
-    init,
-    args,
+    init: target.init,
+    args: initArgs(target.resolved, target.app, initrdStateFd(sys, log, target)),
     env: initEnv(),
     beforeExec: () => restoreKmsgThrottle(sys, devkmsg),
     onPointOfNoReturn: () => void (state.pastPointOfNoReturn = true),
@@ -302,11 +305,23 @@ export function unverifiedAllowed(early: EarlyResult, cmdline: Cmdline, log: Log
   return true;
 }
 
+export interface HandoffTarget {
+  /** What is exec'd, as named: argv[0] (busybox picks its applet by it). */
+  init: string;
+  /** The same init resolved inside the new root (/sbin/init -> /usr/lib/systemd/systemd). */
+  resolved: string;
+  /** Its arguments, before what systemd is told about the initrd. */
+  app: string[];
+}
+
 /** What runs as PID 1 after the switch: a VM's app under the pod reaper, else the root's init. */
-export function handoffTarget(sys: Sys, cmdline: Cmdline, config: AgentConfig, vm?: VmPlan): { init: string; args: string[] } {
-  if (vm?.app.length) return { init: POD_PATH, args: preparePod(sys, vm.app) };
+export function handoffTarget(sys: Sys, log: Logger, cmdline: Cmdline, config: AgentConfig, vm?: VmPlan): HandoffTarget {
+  if (vm?.app.length) return { init: POD_PATH, resolved: POD_PATH, app: preparePod(sys, vm.app) };
   const init = chooseInit(sys, cmdline, config);
-  return { init, args: initArgs(init, cmdline.app) };
+  // Resolved the way exec will after the chroot: symlinks followed, never out of the new root.
+  const resolved = resolveInRoot(sys, SYSROOT, init) ?? init;
+  log.info(`handoff: init ${init}${resolved === init ? "" : ` is ${resolved}`}${isSystemd(resolved) ? " (systemd: switched root)" : ""}`);
+  return { init, resolved, app: [...cmdline.app] };
 }
 
 export function chooseInit(sys: Sys, cmdline: Cmdline, config: AgentConfig): string {
@@ -316,10 +331,59 @@ export function chooseInit(sys: Sys, cmdline: Cmdline, config: AgentConfig): str
   return init;
 }
 
-/** systemd must be told it comes from an initrd; other inits get the `--` args as they are. */
-export function initArgs(init: string, app: readonly string[]): string[] {
-  if (/(^|\/)systemd$/.test(init)) return ["--switched-root", "--system", ...app];
-  return [...app];
+/** Whether an init, resolved inside the new root, is systemd (decided on the file, not the name asked for). */
+export function isSystemd(resolved: string): boolean {
+  return /(^|\/)systemd$/.test(resolved);
+}
+
+/**
+ * systemd must be told it comes from an initrd, as systemd's own initrd does at its switch_root:
+ * `--switched-root --system --deserialize FD`, the fd holding the state it reads (here only the
+ * initrd's start). Other inits get the `--` args as they are.
+ */
+export function initArgs(resolved: string, app: readonly string[], stateFd?: number): string[] {
+  if (!isSystemd(resolved)) return [...app];
+  return ["--switched-root", "--system", ...(stateFd === undefined ? [] : ["--deserialize", String(stateFd)]), ...app];
+}
+
+/**
+ * systemd 252 reads no RD_TIMESTAMP from its environment: it learns when the initrd started the
+ * way its own initrd tells it, as `initrd-timestamp=<realtime µs> <monotonic µs>` in the state
+ * it deserializes, and `systemd-analyze` then shows the "(initrd)" part. preinit noted that
+ * time in RD_TIMESTAMP (dracut's format, the same two numbers). null when it is not there.
+ */
+export function initrdState(rdTimestamp: string | undefined): string | null {
+  const m = /^(\d{1,20}) (\d{1,20})$/.exec(rdTimestamp?.trim() ?? "");
+  return m ? `initrd-timestamp=${m[1]} ${m[2]}\n` : null;
+}
+
+/** The fd for `--deserialize`, made last (only the exec inherits it); undefined when systemd gets none. */
+function initrdStateFd(sys: Sys, log: Logger, target: HandoffTarget): number | undefined {
+  if (!isSystemd(target.resolved)) return undefined;
+  const state = initrdState(process.env.RD_TIMESTAMP);
+  if (!state) {
+    log.warn("handoff: no RD_TIMESTAMP; systemd will not show the initrd's time");
+    return undefined;
+  }
+  try {
+    return sys.inheritableData("initrd-state", state);
+  } catch (e) {
+    log.warn(`handoff: initrd state for systemd: ${describe(e)}`);
+    return undefined;
+  }
+}
+
+/**
+ * The mounts the OS keeps, and the ones it must not get. The kernel came from the UKI, so its
+ * modules and firmware stay, bound read-only into the new root from the verified image (its
+ * dm-verity device stays open under them). Everything else the initrd mounted under /run (the
+ * images, the ESPs) is let go: /run moves into the OS, where it would stay mounted and busy
+ * until systemd's shutdown failed to unmount it.
+ */
+export function handOverMounts(sys: Sys, log: Logger, config: AgentConfig, esp?: EspResult): void {
+  const kept = bindImagesForOs(sys, log, config, SYSROOT);
+  releaseImages(sys, log, config, kept);
+  if (esp) unmountEsps(sys, log, esp);
 }
 
 function initEnv(): string[] {

@@ -41,6 +41,18 @@ export interface Pid1Hooks {
   onFatal(error: unknown): void;
 }
 
+/** The installed reaper (installPid1Handlers), for reapNow. */
+let reaper: (() => number) | undefined;
+
+/**
+ * One pass of the orphan reaper now, as if SIGCHLD had come: for code that waits for processes
+ * to be gone from /proc (stopping services). The same rules: the runtime's own children are
+ * left to it. Nothing happens until PID 1's handlers are installed (tests, other roles).
+ */
+export function reapNow(): number {
+  return reaper?.() ?? 0;
+}
+
 export function reapOrphans(sys: Sys, hooks: Pid1Hooks): number {
   let n = 0;
   for (const pid of findZombies(sys, hooks.listPids(), sys.pid())) {
@@ -74,7 +86,8 @@ export function watchSignalPipe(fd: number, onSignal: (signo: number) => void): 
 }
 
 export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { relaySignal?: (sig: number) => number }): void {
-  process.on("SIGCHLD", () => reapOrphans(sys, hooks));
+  reaper = () => reapOrphans(sys, hooks);
+  process.on("SIGCHLD", reaper);
   process.on("SIGTERM", () => powerAction(sys, log, "poweroff", "SIGTERM"));
   process.on("SIGINT", () => powerAction(sys, log, "reboot", "SIGINT (ctrl-alt-del)"));
   // The runtime owns SIGPWR (JavaScriptCore's thread suspension); sigrelay hands us the ones

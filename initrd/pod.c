@@ -13,6 +13,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/input.h>
 #include <poll.h>
 #include <signal.h>
@@ -71,6 +72,12 @@ static int power_pressed(int fd) {
 	return 0;
 }
 
+static long long now_ms(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 /* What is left after the app: asked to stop, then killed, then reaped; then power off. */
 static void power_off(void) {
 	kill(-1, SIGTERM);
@@ -95,6 +102,7 @@ int main(int argc, char **argv) {
 	for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) sigaddset(&handled, sigs[i]);
 	sigprocmask(SIG_BLOCK, &handled, NULL);
 	int sfd = signalfd(-1, &handled, SFD_CLOEXEC | SFD_NONBLOCK);
+	if (sfd < 0) say("signalfd: %s; looking for exits once a second", strerror(errno));
 
 	int buttons[MAX_BUTTONS];
 	int nbuttons = open_power_buttons(buttons);
@@ -113,28 +121,40 @@ int main(int argc, char **argv) {
 	}
 	say("started %s (pid %d)%s", argv[1], app, nbuttons ? "; power button forwards SIGTERM" : "");
 
-	time_t deadline = 0; /* when the app gets SIGKILL, once asked to stop */
+	long long deadline = 0; /* when the app gets SIGKILL once asked to stop (monotonic ms); 0: none */
+	int stopping = 0;
 	for (;;) {
 		struct pollfd p[1 + MAX_BUTTONS] = {{.fd = sfd, .events = POLLIN}};
 		for (int i = 0; i < nbuttons; i++) p[1 + i] = (struct pollfd){.fd = buttons[i], .events = POLLIN};
-		int timeout = deadline ? (int)(deadline - time(NULL)) * 1000 : -1;
-		poll(p, 1 + nbuttons, timeout < 0 ? 0 : timeout);
+		/* Block until a signal or a button press; only a pending SIGKILL sets a timeout. (A
+		 * timeout of 0 here kept PID 1 on a CPU for the whole life of the VM.) */
+		int timeout = -1;
+		if (deadline) {
+			long long left = deadline - now_ms();
+			timeout = left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int)left;
+		}
+		if (sfd < 0 && (timeout < 0 || timeout > 1000)) timeout = 1000; /* no signal wakes us */
+		poll(p, 1 + nbuttons, timeout);
 
 		int stop = 0;
 		struct signalfd_siginfo si;
 		while (read(sfd, &si, sizeof si) == sizeof si) {
 			if (si.ssi_signo != SIGCHLD) stop = (int)si.ssi_signo;
 		}
-		for (int i = 0; i < nbuttons; i++)
+		for (int i = 0; i < nbuttons; i++) {
 			if ((p[1 + i].revents & POLLIN) && power_pressed(buttons[i])) stop = -1;
-		if (stop && !deadline) {
+			/* A button that went away would wake every poll at once: stop watching it. */
+			if (p[1 + i].revents & (POLLERR | POLLHUP | POLLNVAL)) buttons[i] = -1;
+		}
+		if (stop && !stopping) {
 			say("%s: sending SIGTERM to the app", stop < 0 ? "power button" : strsignal(stop));
 			kill(app, SIGTERM);
-			deadline = time(NULL) + GRACE_SECONDS;
-		} else if (deadline && time(NULL) >= deadline) {
+			stopping = 1;
+			deadline = now_ms() + GRACE_SECONDS * 1000;
+		} else if (deadline && now_ms() >= deadline) {
 			say("the app did not stop within %ds: SIGKILL", GRACE_SECONDS);
 			kill(app, SIGKILL);
-			deadline = time(NULL) + 3600;
+			deadline = 0; /* nothing more to time: its exit wakes the poll (SIGCHLD) */
 		}
 
 		int status;

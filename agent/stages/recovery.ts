@@ -9,10 +9,10 @@ import type { AgentConfig } from "../config.ts";
 import type { CtlHandler, CtlRequest, CtlResponse } from "../ctl.ts";
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { Supervised } from "../supervise.ts";
+import { STOP_BOUNDS, type StopBounds, type Supervised } from "../supervise.ts";
 import type { Sys } from "../sys/index.ts";
 import type { Coldplug } from "./devices.ts";
-import { networkRequested, setupNetwork } from "./network.ts";
+import { handLeasesToOs, networkRequested, setupNetwork } from "./network.ts";
 import { startCtl, startSshd } from "./sidecar.ts";
 
 /** Hands passphrases from `ctl unlock`/`ctl reseal` to the unlock loop, and its verdict back. */
@@ -56,11 +56,25 @@ export class RemoteSecrets {
   }
 }
 
+/** How long a client that got an answer has, from then, before its ssh session is stopped. */
+const ANSWER_GRACE_MS = 2000;
+
+/** Closes `server` and waits (at most `ms`) until its open connections have ended. */
+function closeServer(server: Server, ms: number): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    server.close(() => (clearTimeout(timer), resolve()));
+  });
+}
+
 /** Network, the admin socket and sshd, for as long as the initrd needs a human. */
 export class RecoverySidecar {
   private server?: Server;
   private sshd?: Supervised | null;
   private net?: Promise<string | null>;
+  private sys?: Sys;
+  /** When the admin socket last answered (sys.now()). */
+  private answeredAt = -Infinity;
   private handler: CtlHandler = async (req) => ({ ok: false, text: `${req.cmd}: not available yet` });
 
   get running(): boolean {
@@ -95,14 +109,30 @@ export class RecoverySidecar {
 
   /** The admin socket and sshd, once the network is up. */
   serve(sys: Sys, log: Logger, cfg: AgentConfig): void {
-    this.server = startCtl(log, (req) => this.handler(req));
+    this.sys = sys;
+    this.server = startCtl(log, (req) =>
+      this.handler(req).finally(() => {
+        this.answeredAt = sys.now();
+      }),
+    );
     this.sshd = startSshd(sys, log, cfg);
   }
 
-  stop(): void {
-    this.sshd?.stop();
-    this.server?.close();
+  /**
+   * Before switch_root: no new admin requests, and the answers already given reach their clients
+   * (`switch-root` was answered moments ago); then sshd, with every session and what runs in it,
+   * is stopped and waited for. A DHCP lease is the OS's from now on (network.ts).
+   */
+  async stop(bounds: StopBounds = STOP_BOUNDS): Promise<void> {
+    const { server, sshd, sys } = this;
     this.server = undefined;
     this.sshd = undefined;
+    handLeasesToOs();
+    if (server) await closeServer(server, bounds.termMs);
+    // A client's session still has to print its answer and close; stopped at once, it would see
+    // the connection drop instead (pool.ts waits the same way after a remote unlock).
+    const grace = this.answeredAt + ANSWER_GRACE_MS - (sys?.now() ?? 0);
+    if (sys && grace > 0) await sys.sleep(Math.min(grace, ANSWER_GRACE_MS));
+    if (sshd && sys) await sshd.stop(sys, bounds);
   }
 }

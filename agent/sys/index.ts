@@ -5,7 +5,7 @@ import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, m
 import { open } from "node:fs/promises";
 import { ownChildren } from "../pid1.ts";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
-import type { PolicyStep, Primary } from "./tss.ts";
+import type { TpmDevice } from "./tss.ts";
 
 /** LUKS2 volumes (libcryptsetup). Keys are bytes; nothing here logs them. */
 export interface LuksOps {
@@ -39,20 +39,8 @@ export interface NetOps {
   addLeasedAddress(ifname: string, address: string, prefix: number, seconds: number): void;
 }
 
-/** The TPM2, in-process (tpm2-tss's ESYS through koffi, see tss.ts). */
-export interface TpmOps {
-  /** sha256 bank values. */
-  pcrRead(pcrs: readonly number[]): Map<number, Uint8Array>;
-  /** Extends `pcr`'s sha256 bank with a 32-byte digest. */
-  extend(pcr: number, digest: Uint8Array): void;
-  /** The persistent SRK at 0x81000001, created when absent. */
-  ensureSrk(): { created: boolean; name: Uint8Array; serialized: Uint8Array };
-  /** Seals `secret` to `policyDigest`; systemd's "tpm2-blob" (TPM2B_PRIVATE then TPM2B_PUBLIC). */
-  seal(secret: Uint8Array, policyDigest: Uint8Array, primary: Primary): Uint8Array;
-  /** Replays `steps` in a salted policy session and unseals; TpmError on refusal. */
-  unseal(blob: Uint8Array, primary: Primary, steps: readonly PolicyStep[], srkSerialized?: Uint8Array): Uint8Array;
-  close(): void;
-}
+/** The TPM2, in-process (tpm2-tss's ESYS through koffi): the interface lives with it in tss.ts. */
+export type TpmOps = TpmDevice;
 
 /** A partition's entry in its disk's partition table, as libblkid reads it (PART_ENTRY_*). */
 export interface PartitionEntry {
@@ -143,6 +131,11 @@ export interface Sys {
   /** Deletes everything below `dir` that is on device `dev`, never crossing into other mounts. */
   removeTreeOnDevice(dir: string, dev: number): number;
   execve(path: string, argv: readonly string[], env: readonly string[]): never;
+  /**
+   * A memfd holding `data` from offset 0, left open across execve (not close-on-exec): state
+   * handed to the next program by fd number (systemd's `--deserialize FD`). Its fd.
+   */
+  inheritableData(name: string, data: string): number;
   unlink(path: string): void;
   symlink(target: string, path: string): void;
   /** This process (its calling thread, then whatever it execs) gets its own mount namespace. */
@@ -410,6 +403,7 @@ export async function realSys(): Promise<Sys> {
     close: (fd) => closeSync(fd),
     removeTreeOnDevice,
     execve: (p, a, e) => libc.execve(p, a, e),
+    inheritableData: (n, d) => libc.memfdWith(n, Buffer.from(d, "utf8")),
     unlink: (p) => unlinkSync(p),
     symlink: (t, p) => symlinkSync(t, p),
     unshareMountNs: () => libc.unshare(libc.CLONE_NEWNS),

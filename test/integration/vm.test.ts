@@ -86,6 +86,19 @@ describe.sequential("vm mode", () => {
     expect(await vm.waitExit(60_000)).toBe(0);
   }, 240_000);
 
+  it("microvm: the pod blocks while the app sleeps (its CPU time is a small part of the wall time)", async () => {
+    const vm = await bootVm("vm-pod-idle", "-- /bin/app-under-test podcpu 6");
+    const m = await vm.waitFor(/APP-UNDER-TEST podcpu ticks=(-?\d+) hz=(\d+) elapsed_ms=(\d+)/, 120_000);
+    const [ticks, hz, elapsedMs] = [Number(m[1]), Number(m[2]), Number(m[3])];
+    expect(ticks).toBeGreaterThanOrEqual(0);
+    expect(elapsedMs).toBeGreaterThanOrEqual(5000);
+    // A pod that polls with timeout 0 is on its CPU all the time (~100%); one that blocks, ~0.
+    // TCG under load slows the guest but does not make an idle PID 1 busy: 20% is a wide margin.
+    expect(((ticks / hz) * 1000) / elapsedMs).toBeLessThan(0.2);
+    await vm.waitFor(/initos-pod: app exited with 0/, 60_000);
+    expect(await vm.waitExit(60_000)).toBe(0);
+  }, 240_000);
+
   it("q35 (PCI): without --, the root's /sbin/init runs as PID 1", async () => {
     const vm = await bootVm("vm-init", "", { machine: "q35" });
     await vm.waitFor(/INITOS-TEST-ROOT pid=1 root=subvol=oci-image /, 120_000);

@@ -3,8 +3,10 @@
  * PID, its argv, which subvolume it runs from and whether /home is a separate mount, the uptime
  * at which it started and the memory then available (the benchmark reads both), then powers the
  * VM off. With an argument `hold=N` it first stays up N seconds (or until SIGTERM, SIGINT or
- * SIGUSR2), so a test can talk to whatever runs beside it.
+ * SIGUSR2), so a test can talk to whatever runs beside it. With an argument `ps` it first lists
+ * every process that is not a kernel thread (what the initrd left running), one line each.
  */
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -37,6 +39,35 @@ static long mem_available(void) {
 	return p ? strtol(p + 13, NULL, 10) : -1;
 }
 
+/*
+ * "INITOS-TEST-ROOT ps pid=N ppid=N state=S comm=NAME" for every process but the kernel's
+ * threads (PF_KTHREAD in /proc/<pid>/stat), then "INITOS-TEST-ROOT ps end count=N".
+ */
+static void dump_processes(void) {
+	DIR *d = opendir("/proc");
+	int count = 0;
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
+		char path[300], line[1024];
+		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+		read_line(path, line, sizeof line);
+		/* "pid (comm) state ppid pgrp session tty tpgid flags ...": comm may hold spaces and parens */
+		char *open = strchr(line, '('), *close = strrchr(line, ')');
+		if (!open || !close || close < open) continue;
+		char state = 0;
+		int ppid = 0;
+		unsigned long flags = 0;
+		if (sscanf(close + 1, " %c %d %*d %*d %*d %*d %lu", &state, &ppid, &flags) != 3) continue;
+		if (flags & 0x00200000) continue; /* PF_KTHREAD */
+		*close = 0;
+		printf("INITOS-TEST-ROOT ps pid=%s ppid=%d state=%c comm=%s\n", e->d_name, ppid, state, open + 1);
+		count++;
+	}
+	if (d) closedir(d);
+	printf("INITOS-TEST-ROOT ps end count=%d\n", count);
+	fflush(stdout);
+}
+
 int main(int argc, char **argv) {
 	char root[64], timeline[8], up[64];
 	struct stat st_root, st_home;
@@ -47,16 +78,18 @@ int main(int argc, char **argv) {
 	read_line("/etc/initos-test-root", root, sizeof root);
 	snprintf(timeline, sizeof timeline, "%s", access("/run/initos/boot.json", R_OK) == 0 ? "yes" : "no");
 	printf("INITOS-TEST-ROOT pid=%d root=%s home=%s timeline=%s argc=%d argv=[", getpid(), root, home, timeline, argc);
-	int hold = 0;
+	int hold = 0, ps = 0;
 	for (int i = 1; i < argc; i++) {
 		printf("%s%s", i > 1 ? " " : "", argv[i]);
 		if (strncmp(argv[i], "hold=", 5) == 0) hold = atoi(argv[i] + 5);
+		if (strcmp(argv[i], "ps") == 0) ps = 1;
 	}
 	/* RD_TIMESTAMP "<realtime usec> <monotonic usec>": when the initrd started, for systemd. */
 	const char *rd = getenv("RD_TIMESTAMP");
 	const char *mono = rd ? strchr(rd, ' ') : NULL;
 	printf("] uptime=%s memavailable=%ldkB rd_monotonic_us=%s\n", up, mem_available(), mono ? mono + 1 : "none");
 	fflush(stdout);
+	if (ps) dump_processes();
 	if (hold > 0) {
 		signal(SIGTERM, on_signal);
 		signal(SIGINT, on_signal);

@@ -252,6 +252,14 @@ export class FakeSys implements Sys {
     this.log(`execve ${p} ${argv.join(" ")}`);
     throw new Error("execve reached (fake)");
   }
+  /** What inheritableData handed out: fd → [name, data]. */
+  inherited = new Map<number, [string, string]>();
+  inheritableData(name: string, data: string): number {
+    this.log(`inheritableData ${name}`);
+    const fd = 3 + this.inherited.size;
+    this.inherited.set(fd, [name, data]);
+    return fd;
+  }
   reboot(cmd: number): void {
     this.log(`reboot 0x${cmd.toString(16)}`);
   }
