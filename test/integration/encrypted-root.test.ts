@@ -118,7 +118,7 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
     const hk = /initos: install: recovery ssh host key \(pin it\): (ssh-ed25519 [A-Za-z0-9+/=]+)/.exec(out);
     expect(hk).not.toBeNull();
     writeFileSync(PINNED, `initos-recovery ${hk![1]}\n`);
-    for (const slot of ["a", "b"]) expect(espFiles(target, "initos", slot)).toContain("recovery-hostkey.json");
+    for (const slot of ["a", "b"]) expect(espFiles(target, "initos", slot)).toContain("::/initos/recovery-hostkey.json");
   }, 360_000);
 
   it("boots unattended: PCR 11 enter-initrd, the token unsealed, the latch proven, leave-initrd before the hand-off", async () => {
