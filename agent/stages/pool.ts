@@ -10,9 +10,8 @@ import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { CRYPT_ACTIVATE_ALLOW_DISCARDS, CRYPT_ACTIVATE_NO_READ_WORKQUEUE, CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE } from "../sys/cryptsetup.ts";
 import type { Sys } from "../sys/index.ts";
-import { migrateLegacy, pcrSignatureOnce, readTokens, reseal, requirement, unsealLegacy, unsealTokens, type UnsealedKey } from "../diskkey/diskkey.ts";
-import { sealedHostKeyPath, unsealHostKey } from "../diskkey/hostkey.ts";
-import { readLegacySeal } from "../diskkey/legacy.ts";
+import { migrateLegacy, reseal, requirement, unsealTokens, type UnsealedKey } from "../diskkey/diskkey.ts";
+import { releaseKeys } from "../diskkey/release.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
 import type { BootTpm } from "../diskkey/latch.ts";
 import type { SecureBoot } from "./early.ts";
@@ -101,27 +100,7 @@ export function realUnlockOps(
   return {
     hasTpm: tpm.present,
     alreadyLatched: tpm.latched,
-    unsealKeys() {
-      // The recovery sidecar's pinned host key first: after the latch nothing unseals it.
-      const espMount = mountEsp(sys, esp.slots[0]!);
-      const hostKey = unsealHostKey(sys, log, tpm.tpm, req, sealedHostKeyPath(espMount, cfg.esp.dir), pcrSignatureOnce(sys, req));
-      if (hostKey) {
-        sys.mkdirp(SSH_DIR, 0o700);
-        sys.writeBytes(HOST_KEY, hostKey, 0o600);
-        hostKey.fill(0);
-      }
-      const keys = unsealTokens(sys, log, tpm.tpm, req, volumes);
-      // A volume with no token at all may be sealed in the format before tokens (legacy.ts).
-      const bare = volumes.filter((d) => !keys.some((k) => k.device === d) && readTokens(sys, log, d).length === 0);
-      if (bare.length) {
-        const seal = readLegacySeal(sys, espMount, cfg.esp.dir);
-        for (const d of seal ? bare : []) {
-          const k = unsealLegacy(log, tpm.tpm, req, d, seal!);
-          if (k) keys.push(k);
-        }
-      }
-      return keys;
-    },
+    unsealKeys: () => releaseKeys(sys, log, tpm.tpm, req, mountEsp(sys, esp.slots[0]!), cfg.esp.dir, volumes),
     latch: () => tpm.latch("after the unseal attempt"),
     latchHolds() {
       const quiet = { ...log, info() {}, warn() {}, err() {}, debug() {} };
