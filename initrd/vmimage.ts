@@ -4,7 +4,7 @@
 import { execFileSync } from "node:child_process";
 import { chmodSync, closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, ftruncateSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { applyLayer, DirTree, extractImage, type ImageConfig, isOciLayoutTar, layoutFromTar, openLayoutDir, openTarFile, readTar } from "./oci.ts";
+import { applyLayer, DirTree, extractImage, type ImageConfig, isOciLayoutTar, layoutFromTar, openLayoutDir, openTarFile, readTar, type Tree } from "./oci.ts";
 
 export interface VmImageOptions {
   /** A directory, a rootfs tarball (.tar, .tar.gz, .tar.zst) or a tar of an OCI image layout. */
@@ -26,6 +26,33 @@ export interface VmImageResult {
   config?: ImageConfig;
   /** Entries that could not be created without root (device nodes). */
   skipped: string[];
+  /** Mount points the source lacked and the image got (see addMountPoints); none for a directory. */
+  mountPoints: string[];
+}
+
+/**
+ * The API filesystems' mount points, with the modes a distribution gives them (Debian's
+ * base-files), and /tmp. Container images usually have none of them, since container runtimes
+ * make them; a VM's root needs them for the agent's /dev /proc /sys /run to move onto (vm mode
+ * can make them itself only in a writable root), and nothing mounts a /tmp in a VM.
+ */
+const MOUNT_POINTS = [
+  ["dev", 0o755],
+  ["proc", 0o555],
+  ["sys", 0o555],
+  ["run", 0o755],
+  ["tmp", 0o1777],
+] as const;
+
+/** Adds the mount points `tree` lacks; what it has (a directory, a symlink tmp -> var/tmp) is its choice and stays. */
+export function addMountPoints(tree: Tree): string[] {
+  const added: string[] = [];
+  for (const [name, mode] of MOUNT_POINTS) {
+    if (tree.kind(name) !== undefined) continue;
+    tree.mkdir(name, { mode, uid: 0, gid: 0, mtime: 0 });
+    added.push(name);
+  }
+  return added;
 }
 
 const MiB = 2 ** 20;
@@ -74,8 +101,10 @@ function run(cmd: string, args: string[]): void {
   }
 }
 
+type Staged = Pick<VmImageResult, "source" | "config" | "skipped" | "mountPoints">;
+
 /** Stages `from` into `stage` (a new empty directory); returns how it was read. */
-function stage(from: string, stageDir: string): Pick<VmImageResult, "source" | "config" | "skipped"> {
+function stage(from: string, stageDir: string): Staged {
   const tree = new DirTree(stageDir);
   // mkdtemp made it 0700; the image root is world-readable unless the source says otherwise.
   tree.setMeta("", { mode: 0o755, uid: 0, gid: 0, mtime: 0 });
@@ -103,8 +132,11 @@ function stage(from: string, stageDir: string): Pick<VmImageResult, "source" | "
       tar.close();
     }
   }
+  // An image or a rootfs archive is a root by nature; a plain directory (below) may be a data
+  // disk, and is used as it is.
+  const mountPoints = addMountPoints(tree);
   tree.finish();
-  return { ...result, skipped: tree.skipped };
+  return { ...result, skipped: tree.skipped, mountPoints };
 }
 
 const isOciLayoutDir = (dir: string) => lstatSync(`${dir}/index.json`, { throwIfNoEntry: false })?.isFile() === true && lstatSync(`${dir}/blobs`, { throwIfNoEntry: false })?.isDirectory() === true;
@@ -126,11 +158,11 @@ export function buildVmImage(o: VmImageOptions): VmImageResult {
   const tmp = mkdtempSync(`${dirname(out)}/.vmimage-`);
   try {
     let rootdir: string;
-    let staged: Pick<VmImageResult, "source" | "config" | "skipped">;
+    let staged: Staged;
     if (st.isDirectory() && !isOciLayoutDir(o.from)) {
       // A plain directory is already the tree: mkfs reads it in place.
       rootdir = o.from;
-      staged = { source: "dir", skipped: [] };
+      staged = { source: "dir", skipped: [], mountPoints: [] };
     } else {
       rootdir = `${tmp}/root`;
       mkdirSync(rootdir);

@@ -20,6 +20,28 @@ import { mountRoot, SYSROOT } from "./root.ts";
 /** The reaper the app runs under: in the initrd, and copied into /run, which moves into the root. */
 export const POD_SOURCE = "/usr/lib/initos/pod";
 export const POD_PATH = "/run/initos/pod";
+/**
+ * Where the pod goes when the root has no /run to move /run onto (a read-only image without
+ * one): /dev is the other API mount the pod can live in. It is a devtmpfs, so writable,
+ * mounted without noexec, and it moves into the root like /run; /proc and /sys take no files.
+ * A hidden directory only root can enter, so the app sees no stray command in its /dev.
+ * The alternatives were worse: a tmpfs overlay over the whole root changes what the app's
+ * writes do and costs memory; a tmpfs on the missing mount point's parent is impossible,
+ * since that parent is "/"; and remounting a read-only root rw writes into a disk the VM
+ * was told to keep unchanged (and fails on a read-only device).
+ */
+export const POD_PATH_DEV = "/dev/.initos/pod";
+/**
+ * What switch_root moves into the root, with the modes a distribution gives their mount
+ * points (Debian's base-files). Container images often have none of them: a container
+ * runtime makes them, so here vm mode does.
+ */
+const API_MOUNT_POINTS = [
+  ["/dev", 0o755],
+  ["/proc", 0o555],
+  ["/sys", 0o555],
+  ["/run", 0o755],
+] as const;
 const DEFAULT_SHARE = { tag: "z", path: "/z" };
 /** Where a bare app name is looked for in the root, like a shell's PATH. */
 const APP_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"];
@@ -77,8 +99,39 @@ function mountPoint(sys: Sys, plan: VmPlan, path: string, what: string): string 
   return target;
 }
 
-/** Extra disks, the share and the host name, once the root is mounted. */
+/**
+ * The API mount points in the root, made where missing when the root is writable. One that
+ * cannot be made (read-only root, a refused mkdir, a file or symlink in its place, which is
+ * left as it is) is only reported: switch_root then detaches that mount, the app runs without
+ * it, and podHandoff keeps the pod out of it.
+ */
+function apiMountPoints(sys: Sys, log: Logger, plan: VmPlan): void {
+  const created: string[] = [];
+  const missing: string[] = [];
+  for (const [path, mode] of API_MOUNT_POINTS) {
+    const target = `${SYSROOT}${path}`;
+    const kind = sys.lstat(target).kind;
+    if (kind === "dir") continue;
+    if (kind !== "missing") {
+      log.warn(`vm: ${path} in the root is not a directory: not mounted there`);
+    } else if (!plan.rw) {
+      missing.push(path);
+    } else {
+      try {
+        sys.mkdirp(target, mode);
+        created.push(path);
+      } catch (e) {
+        log.warn(`vm: cannot create ${path} in the root (${describe(e)}): not mounted there`);
+      }
+    }
+  }
+  if (created.length) log.info(`vm: created ${created.join(" ")} in the root (the image has none)`);
+  if (missing.length) log.warn(`vm: ${missing.join(" ")} missing from the read-only root: not mounted there (boot with rw, or add them to the image)`);
+}
+
+/** The API mount points, extra disks, the share and the host name, once the root is mounted. */
 export async function setupVmMounts(sys: Sys, log: Logger, cold: Coldplug, plan: VmPlan, waitSeconds: number): Promise<void> {
+  apiMountPoints(sys, log, plan);
   for (const d of plan.disks) {
     const what = `disk ${d.path}`;
     await mountRoot(sys, log, cold, { spec: d.device, rw: plan.rw, waitSeconds, target: mountPoint(sys, plan, d.path, what), what });
@@ -124,11 +177,8 @@ function mountShare(sys: Sys, log: Logger, plan: VmPlan): void {
   log.info(`vm: no share tagged ${tag}`);
 }
 
-/**
- * The app's path in the root (checked before the switch: after it there is nothing left to
- * fail over to), and the pod reaper copied to /run so it is in the root after the switch.
- */
-export function preparePod(sys: Sys, app: readonly string[]): string[] {
+/** The app's path in the root, checked before the switch: after it there is nothing left to fail over to. */
+function findApp(sys: Sys, app: readonly string[]): string[] {
   const name = app[0]!;
   const candidates = name.startsWith("/") ? [name] : APP_PATH.map((d) => `${d}/${name}`);
   const found = candidates.find((c) => {
@@ -139,6 +189,24 @@ export function preparePod(sys: Sys, app: readonly string[]): string[] {
   });
   if (!found) throw new BootError(`vm: app ${name} not found (or not executable) in the root`);
   if (!sys.exists(POD_SOURCE)) throw new BootError(`vm: ${POD_SOURCE} is not in this initrd; build the VM initrd`);
-  sys.copyFile(POD_SOURCE, POD_PATH);
   return [found, ...app.slice(1)];
 }
+
+/** An API mount the pod can live in: mounted here, and with a directory in the root to move onto. */
+const podHomeUsable = (sys: Sys, mount: string) => sys.mountPoints().includes(mount) && sys.lstat(`${SYSROOT}${mount}`).kind === "dir";
+
+/**
+ * What runs as PID 1 after the switch: the pod reaper, copied into a mount that moves into the
+ * root (/run, else /dev: see POD_PATH_DEV), with the app's path and arguments. A root with
+ * neither is refused here, before the point of no return, where the failure policy still has
+ * all its options.
+ */
+export function podHandoff(sys: Sys, app: readonly string[]): { init: string; args: string[] } {
+  const args = findApp(sys, app);
+  const init = [POD_PATH, POD_PATH_DEV].find((p) => podHomeUsable(sys, `/${p.split("/")[1]}`));
+  if (!init) throw new BootError("vm: the root has neither /run nor /dev for the pod reaper (boot with rw, or add them to the image)");
+  sys.mkdirp(init.slice(0, init.lastIndexOf("/")), 0o700);
+  sys.copyFile(POD_SOURCE, init);
+  return { init, args };
+}
+
