@@ -9,15 +9,29 @@
 //
 // Why its own root and not a process left in the initramfs: switch_root deletes the initramfs
 // and moves /dev /proc /sys /run into the OS. A process standing on those paths would see its
-// files vanish and the OS's /run instead of its own. The OS, for its part, never sees the
-// sidecar's mounts, key or socket.
+// files vanish and the OS's /run instead of its own. The OS's ordinary processes never see the
+// sidecar's mounts, key or socket (the OS's root can: see the README).
+//
+// What it keeps. Its namespace starts as a copy of the initramfs' whole tree: the root
+// (/sysroot and its binds), the pool, the ESPs, the verity images, /lib/modules, the API
+// filesystems, each copy holding its filesystem and device busy. PID 1's removal of the
+// initramfs happens to drop most of them (the kernel detaches, in every namespace, the mounts on
+// a directory that is removed), but only after the switch, and only what it removes. So phase 1
+// detaches every inherited mount itself, before PID 1 may go on, and keeps:
+// its tmpfs root, binds of the agent and its libraries (files of the initramfs, which is never
+// freed anyway), fresh proc/sys/devtmpfs/devpts, and the verified sidecar image. That image is
+// needed for as long as sshd runs (dropbear re-execs itself from it for every connection), so
+// /dev/mapper/initos-sidecar, its loop devices and the read-only ESP file under them stay open
+// until power off: the OS cannot close that one verity device at shutdown. Everything there is
+// read-only and verified, so nothing is left unflushed; the pool, the root and the ESP's
+// mount are not held.
 import type { Cmdline } from "../cmdline.ts";
 import { type AgentConfig, CONFIG_PATH, parseConfig } from "../config.ts";
 import type { CtlHandler, CtlResponse } from "../ctl.ts";
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { procStatusKiB } from "../pid1.ts";
-import { MS } from "../sys/consts.ts";
+import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
 import { SIDECAR_ROOT } from "../sys/sidecar.ts";
 import { AGENT_PATH, HOST_KEY, SSH_DIR, startCtl, startSshd } from "./sidecar.ts";
@@ -30,6 +44,12 @@ const STAGING = "/beside";
 /** Phase 1 creates this in the shared /run when its root is in place; PID 1 waits for it. */
 const READY = "/run/initos/beside.ready";
 const TIMELINE = "/run/initos/boot.json";
+/**
+ * In the sidecar's own root: the mounts of its namespace that were outside that root when it
+ * chrooted (one a line; none when empty). Recorded before the chroot because afterwards
+ * /proc/self/mountinfo no longer shows them, though they would still pin their devices.
+ */
+const OUTSIDE = "/run/initos/beside.outside";
 /** Files and directories of the initrd the agent needs to run: itself and its libraries. */
 const LIB_DIRS = ["/usr/lib64", "/usr/lib/x86_64-linux-gnu"];
 
@@ -72,11 +92,16 @@ export async function startBeside(sys: Sys, log: Logger, cmdline: Cmdline, confi
 
 /**
  * Phase 1, in the new process: its own mount namespace, a tmpfs root holding binds of the
- * agent, its libraries and the sidecar image, moved over "/"; then exec the agent again there.
+ * agent, its libraries and the sidecar image, every inherited mount detached, the tmpfs moved
+ * over "/"; then exec the agent again there.
  * Binds, not copies: the files keep using the memory they already use, and a bind survives
  * the initramfs being emptied (only the name goes, the file stays while it is mounted).
  */
 export function enterBesideRoot(sys: Sys, log: Logger): never {
+  // First: the OS's processes must not read this one's memory, nor get it in a core dump.
+  sys.setDumpable(false);
+  // Opens kmsg while /dev is still there: the log keeps that fd once the old /dev is detached.
+  log.debug("sidecar beside the OS: building its root");
   sys.unshareMountNs();
   // Private: nothing we mount here may propagate into the OS's namespace, or back.
   sys.mount(null, "/", null, MS.REC | MS.PRIVATE);
@@ -104,6 +129,7 @@ export function enterBesideRoot(sys: Sys, log: Logger): never {
   for (const f of [CONFIG_PATH, TIMELINE, HOST_KEY]) {
     if (sys.exists(f)) sys.copyFile(f, `${STAGING}${f}`);
   }
+  const detached = detachInherited(sys);
   // Over "/" and chroot, as the classic switch_root does: pivot_root refuses the initramfs.
   sys.chdir(STAGING);
   sys.mount(".", "/", null, MS.MOVE);
@@ -111,17 +137,45 @@ export function enterBesideRoot(sys: Sys, log: Logger): never {
   // (the same tmpfs, mounted in our copy of its namespace): the last moment to tell PID 1 that
   // the initramfs may go.
   sys.writeFile(READY, `${sys.pid()}\n`);
+  // The OS's /run from now on: not ours to hold. Still reached from the old root, as above.
+  sys.umount("/run", MNT_DETACH);
   sys.chroot(".");
   sys.chdir("/");
   // A devpts of our own, for the ptys of shell sessions (when the config allows a shell).
   sys.mkdirp("/dev/pts");
   sys.mount("devpts", "/dev/pts", "devpts", MS.NOSUID | MS.NOEXEC, "newinstance,gid=5,mode=620,ptmxmode=0666");
-  log.info("sidecar beside the OS: root ready; starting");
+  log.info(`sidecar beside the OS: root ready, ${detached + 1} inherited mounts detached; starting`); // + /run
   return sys.execve(AGENT_PATH, [BESIDE_ARGV0, "beside-run"], ["PATH=/usr/bin"]);
+}
+
+/**
+ * Detaches every mount the namespace inherited except "/" (the initramfs, under the new root)
+ * and the new root's tree, deepest first; /run stays for PID 1's ready file and is detached
+ * after it. Records what is left outside the new root, with /proc/self/mounts still showing
+ * the whole namespace. A mount that cannot be detached is an error: no sidecar is better than
+ * one that keeps the OS from closing its disks. Returns how many were detached.
+ */
+function detachInherited(sys: Sys): number {
+  const inside = (m: string, dir: string) => m === dir || m.startsWith(`${dir}/`);
+  // "/proc" last: this process reads the mount table through it.
+  const kept = (m: string) => m === "/" || m === "/run" || m === "/proc" || inside(m, STAGING);
+  const gone: string[] = [];
+  for (const m of [...sys.mountPoints()].reverse()) {
+    // A lazy detach takes the submounts with it: one listed before its parent is already gone.
+    if (kept(m) || gone.some((g) => m.startsWith(`${g}/`))) continue;
+    sys.umount(m, MNT_DETACH);
+    gone.push(m);
+  }
+  const outside = sys.mountPoints().filter((m) => !kept(m));
+  sys.writeFile(`${STAGING}${OUTSIDE}`, outside.map((m) => `${m}\n`).join(""));
+  sys.umount("/proc", MNT_DETACH);
+  return gone.length + 1;
 }
 
 /** Phase 2, in the sidecar's own root: the admin socket and sshd, until the machine goes down. */
 export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }): Promise<never> {
+  // Again: the exec into this phase made the process dumpable.
+  sys.setDumpable(false);
   const { config, error } = parseConfig(sys.readFile(CONFIG_PATH));
   if (error) log.err(error);
   sys.mkdirp(SSH_DIR, 0o700);
@@ -184,5 +238,38 @@ export function besideStatus(sys: Sys): string {
   }
   const argv0 = (sys.readFile("/proc/self/cmdline") ?? "").split("\0")[0];
   const rss = procStatusKiB(sys, "VmRSS") ?? "?";
-  return [`mode: sidecar beside the OS`, `process: ${argv0} (pid ${sys.pid()})`, `boot stages: ${stages}`, `agent rss: ${rss} kB`].join("\n");
+  const outside = sys.readFile(OUTSIDE)?.split("\n").filter(Boolean);
+  return [
+    `mode: sidecar beside the OS`,
+    `process: ${argv0} (pid ${sys.pid()})`,
+    `boot stages: ${stages}`,
+    `agent rss: ${rss} kB`,
+    `dumpable: ${sys.getDumpable() ? 1 : 0}`,
+    `mounts: ${summarizeMounts(sys.readFile("/proc/self/mountinfo") ?? "")}`,
+    `mounts left outside its root: ${outside === undefined ? "unknown" : outside.join(", ") || "none"}`,
+  ].join("\n");
+}
+
+/** mountinfo escapes space, tab, newline and backslash as octal. */
+const unoctal = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+
+/**
+ * "/ tmpfs, /run/initos/images/sidecar squashfs /dev/mapper/initos-sidecar, ...; N files of the
+ * initrd": each mount with its type and, for a block device, its source; binds of the
+ * initramfs' own files (the agent, its libraries) only counted.
+ */
+export function summarizeMounts(mountinfo: string): string {
+  const shown: string[] = [];
+  let files = 0;
+  for (const line of mountinfo.split("\n").filter(Boolean)) {
+    const f = line.split(" ");
+    const dash = f.indexOf("-", 6);
+    if (dash < 0) continue;
+    const target = unoctal(f[4]!);
+    const [type, source] = [f[dash + 1]!, unoctal(f[dash + 2] ?? "")];
+    if (type === "rootfs") files++;
+    else shown.push(`${target} ${type}${source.startsWith("/dev/") ? ` ${source}` : ""}`);
+  }
+  if (files) return `${shown.join(", ")}; ${files} files of the initrd`;
+  return shown.join(", ") || "none";
 }

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
-import { besideHandler, besideWanted, enterBesideRoot, shutdownSignal, startBeside } from "../../agent/stages/beside.ts";
+import { besideHandler, besideStatus, besideWanted, enterBesideRoot, runBeside, shutdownSignal, startBeside, summarizeMounts } from "../../agent/stages/beside.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const keyed = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAA k"] } };
@@ -69,6 +69,84 @@ describe("the sidecar beside the OS", () => {
     ]);
   });
 
+  it("phase 1 makes itself non-dumpable before anything else", () => {
+    const s = initramfs();
+    expect(() => enterBesideRoot(s, silentLog())).toThrow("execve reached");
+    expect(s.calls[0]).toBe("setDumpable 0");
+    expect(s.getDumpable()).toBe(false);
+  });
+
+  it("phase 2 makes itself non-dumpable before anything else (exec made it dumpable again)", async () => {
+    const s = new FakeSys();
+    s.failOn.set("mkdirp", new Error("stop here"));
+    await expect(runBeside(s, silentLog())).rejects.toThrow("stop here");
+    expect(s.calls).toEqual(["setDumpable 0", "mkdirp /run/initos/ssh"]);
+  });
+
+  it("detaches every mount it inherited (pool, ESP, images, /sysroot, the API filesystems) before PID 1 may go on; keeps only its own root", () => {
+    const s = initramfs();
+    expect(() => enterBesideRoot(s, silentLog())).toThrow("execve reached");
+    const umounts = s.calls.filter((c) => c.startsWith("umount"));
+    // Deepest first, all lazily (MNT_DETACH = 2): nothing of the initramfs' tree is kept.
+    expect(umounts).toEqual([
+      "umount /sysroot/var/log 2",
+      "umount /sysroot/home 2",
+      "umount /sysroot 2",
+      "umount /lib/firmware 2",
+      "umount /lib/modules 2",
+      "umount /run/initos/pool 2",
+      "umount /run/initos/images/sidecar 2",
+      "umount /run/initos/images/modules 2",
+      "umount /run/initos/esp-a 2",
+      "umount /sys/firmware/efi/efivars 2",
+      "umount /dev/pts 2",
+      "umount /dev 2",
+      "umount /sys 2",
+      "umount /proc 2",
+      "umount /run 2",
+    ]);
+    // What is left is its own tree, which becomes "/", and the initramfs under it.
+    // (and the devpts of its own, mounted after the chroot on its /dev/pts)
+    // (a Set: the fake also records the propagation change on "/" as a mount)
+    expect(new Set(s.mounts.filter((m) => !m.startsWith("/beside")))).toEqual(new Set(["/", "/dev/pts"]));
+    expect(s.mounts).toContain("/beside/run/initos/images/sidecar");
+    const at = (c: string) => s.calls.indexOf(c);
+    // The verified image is bound into its root before the original goes.
+    expect(at("mount /run/initos/images/sidecar /beside/run/initos/images/sidecar null 0x5000")).toBeLessThan(at("umount /run/initos/images/sidecar 2"));
+    // The record of what was left outside its root is taken with the full view, before the chroot hides it.
+    expect(s.readFile("/beside/run/initos/beside.outside")).toBe("");
+    // /run, the OS's own tmpfs, goes last: right after PID 1 is told, before the chroot.
+    expect(at("writeFile /run/initos/beside.ready")).toBeLessThan(at("umount /run 2"));
+    expect(at("umount /run 2")).toBeLessThan(at("chroot ."));
+    expect(at("umount /proc 2")).toBeLessThan(at("mount . / null 0x2000"));
+  });
+
+  it("a mount it cannot detach stops it before PID 1 is told to go on: no sidecar rather than one pinning the pool", () => {
+    const s = initramfs();
+    s.failOn.set("umount /sysroot 2", new Error("umount2: EINVAL"));
+    expect(() => enterBesideRoot(s, silentLog())).toThrow("umount2: EINVAL");
+    expect(s.calls).not.toContain("writeFile /run/initos/beside.ready");
+    expect(s.calls.filter((c) => /^(chroot|execve)/.test(c))).toEqual([]);
+  });
+
+  it("status: not dumpable, its own mounts, and what was left outside its root", () => {
+    const s = new FakeSys();
+    s.setDumpable(false);
+    s.add("/proc/self/mountinfo", { kind: "file", data: MOUNTINFO });
+    s.add("/run/initos/beside.outside", { kind: "file", data: "" });
+    const st = besideStatus(s).split("\n");
+    expect(st).toContain("dumpable: 0");
+    expect(st).toContain("mounts: / tmpfs, /run/initos/images/sidecar squashfs /dev/mapper/initos-sidecar, /proc proc, /sys sysfs, /dev devtmpfs, /dev/pts devpts; 2 files of the initrd");
+    expect(st).toContain("mounts left outside its root: none");
+    s.add("/run/initos/beside.outside", { kind: "file", data: "/sysroot\n/run/initos/esp-a\n" });
+    expect(besideStatus(s).split("\n")).toContain("mounts left outside its root: /sysroot, /run/initos/esp-a");
+  });
+
+  it("summarizes mountinfo, unescaping names", () => {
+    expect(summarizeMounts("30 1 0:30 / / rw - tmpfs tmpfs rw\n31 30 0:31 / /my\\040dir rw - proc proc rw\n")).toBe("/ tmpfs, /my dir proc");
+    expect(summarizeMounts("")).toBe("none");
+  });
+
   it("asks the OS's init to reboot or power off instead of doing it behind its back", async () => {
     expect(shutdownSignal("reboot", "/usr/lib/systemd/systemd")).toBe(2);
     expect(shutdownSignal("poweroff", "/usr/lib/systemd/systemd")).toBe(38);
@@ -80,5 +158,61 @@ describe("the sidecar beside the OS", () => {
     expect(s.calls).toContain("signal 1 2");
     expect(await h({ cmd: "switch-root" })).toEqual({ ok: false, text: "switch-root: not available beside the running OS" });
     expect(await h({ cmd: "unlock", passphrase: "x" })).toEqual({ ok: false, text: "unlock: not available beside the running OS" });
+  });
+});
+
+/** The initramfs as PID 1 leaves it just before switch_root, with an open pool and ESP. */
+function initramfs(): FakeSys {
+  const s = new FakeSys()
+    .add("/usr/bin/initos-agent", { kind: "file" })
+    .add("/usr/lib/x86_64-linux-gnu/libc.so.6", { kind: "file" })
+    .add("/usr/lib64/ld-linux-x86-64.so.2", { kind: "file" })
+    .add("/etc/initos/config.json", { kind: "file", data: "{}" })
+    .add("/run/initos/ssh/host_ed25519", { kind: "file", data: "key" });
+  s.mounts = [
+    "/",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/dev/pts",
+    "/sys/firmware/efi/efivars",
+    "/run/initos/esp-a",
+    "/run/initos/images/modules",
+    "/run/initos/images/sidecar",
+    "/run/initos/pool",
+    "/lib/modules",
+    "/lib/firmware",
+    "/sysroot",
+    "/sysroot/home",
+    "/sysroot/var/log",
+  ];
+  return s;
+}
+
+/** The sidecar's own /proc/self/mountinfo as the kernel shows it after the chroot. */
+const MOUNTINFO = [
+  "40 21 0:40 / / rw,nosuid,nodev - tmpfs tmpfs rw,size=16384k,mode=755",
+  "41 40 0:2 /usr/bin/initos-agent /usr/bin/initos-agent rw - rootfs rootfs rw",
+  "42 40 0:2 /usr/lib/x86_64-linux-gnu/libc.so.6 /usr/lib/x86_64-linux-gnu/libc.so.6 rw - rootfs rootfs rw",
+  "43 40 253:1 / /run/initos/images/sidecar ro,nosuid,nodev - squashfs /dev/mapper/initos-sidecar ro",
+  "44 40 0:41 / /proc rw,nosuid,nodev,noexec - proc proc rw",
+  "45 40 0:42 / /sys ro,nosuid,nodev,noexec - sysfs sysfs ro",
+  "46 40 0:5 / /dev rw,nosuid - devtmpfs devtmpfs rw,size=4096k,mode=755",
+  "47 46 0:43 / /dev/pts rw,nosuid,noexec - devpts devpts rw,gid=5,mode=620,ptmxmode=666",
+  "",
+].join("\n");
+
+describe("PR_SET_DUMPABLE through koffi, for real", () => {
+  it("sets and reads this process's dumpable flag (restored after)", async () => {
+    const libc = await import("../../agent/sys/libc.ts");
+    expect(libc.getDumpable()).toBe(true);
+    try {
+      libc.setDumpable(false);
+      expect(libc.getDumpable()).toBe(false);
+    } finally {
+      libc.setDumpable(true);
+    }
+    expect(libc.getDumpable()).toBe(true);
   });
 });
