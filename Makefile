@@ -51,17 +51,17 @@ SSH_AUTHORIZED_KEYS ?= $(B)/test-ssh/id_ed25519.pub
 DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-bin \
 	squashfs-tools btrfs-progs systemd-boot-efi sbsigntool dropbear-bin mtools dosfstools \
 	zstd cpio busybox-static libcryptsetup12 libkmod2 libblkid1 kmod binutils gcc libc6-dev \
-	openssl openssh-client util-linux fdisk systemd \
+	openssl openssh-client util-linux fdisk systemd buildah \
 	libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0 libtss2-tctildr0 libtss2-tcti-device0 \
 	libtss2-tcti-swtpm0 libtss2-tcti-pcap0 \
-	lz4 xz-utils gzip fonts-dejavu-core
+	lz4 xz-utils gzip fonts-dejavu-core debootstrap
 
 AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
-BUILD_SRC := $(filter-out initrd/images.ts initrd/oci.ts initrd/vmimage.ts,$(wildcard initrd/*.ts)) agent/config.ts
+BUILD_SRC := $(filter-out initrd/images.ts initrd/oci.ts initrd/vmimage.ts initrd/debian.ts,$(wildcard initrd/*.ts)) agent/config.ts
 
 ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.efi \
 	$(B)/boot.img $(B)/boot-unsigned.img $(B)/testroot.img $(B)/installer.img \
-	$(B)/vm/vmlinuz $(B)/vm/initrd.img $(B)/app-under-test
+	$(B)/vm/vmlinuz $(B)/vm/initrd.img $(B)/app-under-test $(B)/debian.img
 
 .PHONY: all deps debs npm test unit integration demo bench typecheck clean
 all: $(ARTIFACTS)
@@ -229,6 +229,11 @@ $(B)/app-under-test: test/vm/app.c
 	gcc -static -Os -Wall -Wextra -o $@ $<
 $(B)/testroot.img: $(B)/test-init initrd/build.ts
 	$(BUILD) testroot --init $< --out $@
+# A real distribution to switch into: Debian 12 with systemd, debootstrapped once into
+# .cache/debian (again only when its package list or trimming changes, see initrd/debian.ts).
+$(B)/debian.img: initrd/debian.ts initrd/build.ts | npm debs
+	@mkdir -p $(B)
+	$(BUILD) debian --cache .cache/debian --out $@
 
 # --- entry points ------------------------------------------------------------------------
 typecheck: | npm
@@ -247,7 +252,7 @@ integration: deps
 	npx vitest run test/integration
 
 demo: deps
-	$(MAKE) --no-print-directory all
+	$(MAKE) --no-print-directory all $(B)/debian.img
 	$(BUN) qemu/demo.ts
 
 # Boots the installed machine N times (BENCH_RUNS, default 3) with the agent and with the

@@ -15,7 +15,7 @@ import { type Supervised, stopServices, supervise } from "./supervise.ts";
 import { SSH_DIR } from "./stages/sidecar.ts";
 import { besideWanted, startBeside } from "./stages/beside.ts";
 import { networkRequested, setupNetwork } from "./stages/network.ts";
-import { mountVmRoot, POD_PATH, preparePod, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
+import { mountVmRoot, podHandoff, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
 import { RecoverySidecar } from "./stages/recovery.ts";
 import { BootTpm } from "./diskkey/latch.ts";
 import { type CtlHandler, type CtlResponse } from "./ctl.ts";
@@ -316,7 +316,11 @@ export interface HandoffTarget {
 
 /** What runs as PID 1 after the switch: a VM's app under the pod reaper, else the root's init. */
 export function handoffTarget(sys: Sys, log: Logger, cmdline: Cmdline, config: AgentConfig, vm?: VmPlan): HandoffTarget {
-  if (vm?.app.length) return { init: POD_PATH, resolved: POD_PATH, app: preparePod(sys, vm.app) };
+  if (vm?.app.length) {
+    // The pod reaper goes where the root lets it survive the move (/run, else /dev): vm.ts.
+    const pod = podHandoff(sys, vm.app);
+    return { init: pod.init, resolved: pod.init, app: pod.args };
+  }
   const init = chooseInit(sys, cmdline, config);
   // Resolved the way exec will after the chroot: symlinks followed, never out of the new root.
   const resolved = resolveInRoot(sys, SYSROOT, init) ?? init;

@@ -9,6 +9,8 @@ import type { Sys } from "./sys/index.ts";
 /** Mounts the new root inherits. Submounts (/dev/pts, /dev/shm, efivarfs) move with them. */
 const API_MOUNTS = ["/dev", "/proc", "/sys", "/run"] as const;
 const MAX_SYMLINKS = 40; // the kernel's own limit for one path walk
+/** The initrd's own directory in /run: what is mounted below it never moves into the OS. */
+const INITRD_RUN = "/run/initos";
 
 export class SwitchRootRefused extends Error {
   constructor(reason: string) {
@@ -90,11 +92,30 @@ export function checkSwitchRoot(sys: Sys, plan: SwitchRootPlan): void {
   const newDev = sys.lstat(plan.newRoot);
   if (newDev.kind !== "dir") throw new SwitchRootRefused(`${plan.newRoot} is not a directory`);
   if (newDev.dev === rootDev) throw new SwitchRootRefused(`${plan.newRoot} is not a mount (same device as /)`);
-  // Check the init exists before destroying anything: a missing init after the switch is a panic.
-  // /run moves into the new root, so an init kept there (the VM pod reaper) is checked in place.
-  const initRoot = plan.init.startsWith("/run/") ? "" : plan.newRoot;
-  if (!findInit(sys, initRoot, [plan.init])) {
-    throw new SwitchRootRefused(`init ${plan.init} not found or not executable in ${plan.newRoot}`);
+  checkInit(sys, plan);
+}
+
+/**
+ * The init must exist, and be where exec will look for it, before anything is destroyed: a
+ * missing init after the switch is a panic (or, for the failure policy, a boot past the point
+ * of no return with nothing left to recover with). An init kept in one of the API mounts (the
+ * VM pod reaper in /run/initos, or /dev/.initos) is checked where it is now, and only reaches
+ * the new root if that mount is mounted and the new root has a directory to move it onto:
+ * otherwise the move detaches it, init included.
+ */
+function checkInit(sys: Sys, plan: SwitchRootPlan): void {
+  const carrier = API_MOUNTS.find((m) => plan.init.startsWith(`${m}/`));
+  if (!findInit(sys, carrier ? "" : plan.newRoot, [plan.init])) {
+    throw new SwitchRootRefused(`init ${plan.init} not found or not executable in ${carrier ?? plan.newRoot}`);
+  }
+  if (!carrier) return;
+  if (!sys.mountPoints().includes(carrier)) {
+    throw new SwitchRootRefused(`init ${plan.init} lives in ${carrier}, which is not a mount (it would stay behind)`);
+  }
+  // The same test the move makes: anything but a directory (a symlink would be followed in the
+  // initramfs, not in the new root) gets the mount detached.
+  if (sys.lstat(`${plan.newRoot}${carrier}`).kind !== "dir") {
+    throw new SwitchRootRefused(`init ${plan.init} lives in ${carrier}, which ${plan.newRoot} has no directory for (it would be detached)`);
   }
 }
 
@@ -112,9 +133,13 @@ export function switchRoot(sys: Sys, log: Logger, plan: SwitchRootPlan): never {
   const mountPoints = sys.mountPoints(); // read now: /proc is about to move
   // Whatever else is mounted in the initramfs (image binds over /lib/modules) would pin its
   // devices forever once the initramfs is unreachable: detach it, deepest first.
+  // The initrd's own mounts under /run (images, ESPs) would move into the OS with /run: the
+  // boot lets go of them before; one still there is detached here, and named.
   const inside = (m: string, dir: string) => m === dir || m.startsWith(`${dir}/`);
   for (const m of [...mountPoints].reverse()) {
-    if (m === "/" || inside(m, newRoot) || API_MOUNTS.some((a) => inside(m, a))) continue;
+    const initrds = m.startsWith(`${INITRD_RUN}/`);
+    if (m === "/" || inside(m, newRoot) || (API_MOUNTS.some((a) => inside(m, a)) && !initrds)) continue;
+    if (initrds) log.warn(`switch_root: ${m} still mounted; detached, not moved into the OS`);
     sys.umount(m, MNT_DETACH);
   }
 

@@ -14,6 +14,7 @@
 //   bun initrd/build.ts initrd-extra --add DEST=FILE --out FILE.cpio
 //   bun initrd/build.ts reference-initrd --kernel kernel.json --config FILE --images DIR --init init.sh [--pcr-pub PUB.pem] --out FILE.cpio
 //   bun initrd/build.ts vmimage     --from DIR|ROOTFS.tar[.gz]|OCI-LAYOUT.tar --out FILE.img [--label L]
+//   bun initrd/build.ts debian      --cache DIR --out debian.img
 import { execFileSync } from "node:child_process";
 import { createHash, createPublicKey } from "node:crypto";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -30,6 +31,7 @@ import { buildUkiFrom } from "./uki.ts";
 import { referenceEntries } from "./reference/initrd.ts";
 import { buildVmImage } from "./vmimage.ts";
 import { imageArgv } from "./oci.ts";
+import { buildDebianImage } from "./debian.ts";
 
 /** Libraries the agent opens with dlopen through koffi; DT_NEEDED cannot see them. */
 export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1", "libcryptsetup.so.12", "libtss2-esys.so.0", "libtss2-mu.so.0", "libtss2-rc.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0"];
@@ -349,6 +351,14 @@ function cmdVmimage(o: Record<string, string | undefined>): void {
   for (const s of r.skipped) console.log(`vmimage: skipped ${s} (needs root)`);
 }
 
+/** A real distribution root: Debian 12 with systemd, debootstrapped once into --cache (see debian.ts). */
+function cmdDebian(o: Record<string, string | undefined>): void {
+  const start = performance.now();
+  const out = need(o, "out");
+  const r = buildDebianImage(need(o, "cache"), out);
+  console.log(`debian: ${out} ${r.sizeMiB} MiB (root ${r.usedMiB} MiB) in ${((performance.now() - start) / 1000).toFixed(0)}s`);
+}
+
 /**
  * The reference initrd `make bench` boots beside the agent's: busybox sh running
  * initrd/reference/init.sh as /init, with the same kernel modules as the base initrd and the
@@ -384,6 +394,7 @@ const commands: Record<string, (o: Record<string, string | undefined>, adds: str
   "initrd-extra": cmdInitrdExtra,
   vmimage: cmdVmimage,
   "reference-initrd": cmdReferenceInitrd,
+  debian: cmdDebian,
 };
 
 if (import.meta.main) {

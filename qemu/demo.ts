@@ -2,7 +2,10 @@
 // from verified images, (2) the signed installer installs onto a blank disk (LUKS2 + btrfs,
 // key sealed to the TPM), (3) the installed machine boots unattended into its encrypted root;
 // then (4) a machine in sidecar mode is managed over ssh: status, switch-root, and the sidecar
-// still answering beside the booted OS. The serial console streams by; a summary follows.
+// still answering beside the booted OS; (5) a real distribution, Debian 12 with systemd
+// (build/debian.img), boots through the agent's root= path: systemd told it came from an
+// initrd, the kernel's modules from the verified image. The serial console streams by; a
+// summary follows.
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -87,6 +90,17 @@ try {
     },
   );
 
+  const debian = await show("5. a real distribution: Debian 12 with systemd after switch_root", {
+    name: "demo-debian",
+    direct: {
+      kernel: "build/vmlinuz",
+      initrd: "build/initrd.img",
+      append: "console=ttyS0 root=LABEL=initos-debian rootfstype=btrfs rootflags=subvol=@ rw",
+    },
+    // The boot disk first: the agent finds the ESP and the verified modules image there.
+    disks: [{ file: "build/boot.img" }, { file: "build/debian.img" }],
+  });
+
   console.log("\n==== initos demo ====");
   console.log(`Secure Boot:          ${pick(verified, /initos: secureboot: (\S+)/)}`);
   console.log(`verified images:      ${pick(verified, /initos: (image modules: verified[^\r\n]*)/)}`);
@@ -98,6 +112,10 @@ try {
   console.log(`switched-to root:     ${pick(unlocked, /(INITOS-TEST-ROOT[^\r\n]*)/)}`);
   console.log(`ssh beside the OS:    ${besideStatus.split("\n").slice(0, 2).join("; ") || "(missing)"}`);
   console.log(`switched-to root:     ${pick(managed, /(INITOS-TEST-ROOT[^\r\n]*)/)}`);
+  console.log(`Debian's systemd:     ${pick(debian, /INITOS-DEBIAN analyze: ([^\r\n]*)/)}`);
+  console.log(`  its PID 1:          ${pick(debian, /INITOS-DEBIAN pid1: ([^\r\n]*)/)} (${pick(debian, /INITOS-DEBIAN state: ([^\r\n]*)/)})`);
+  console.log(`  modules, firmware:  modprobe dummy ${pick(debian, /INITOS-DEBIAN modprobe dummy: ([^\r\n]*)/)}; ${pick(debian, /INITOS-DEBIAN firmware: ([^\r\n]*)/)}`);
+  console.log(`  shutdown:           ${/Failed unmounting/.test(debian) ? "a mount failed to unmount" : pick(debian, /systemd-shutdown\[1\]: (All filesystems[^\r\n]*)/)}`);
   console.log(`serial logs:          build/logs/demo*.log`);
 } catch (e) {
   console.error(`demo failed: ${(e as Error).message}`);

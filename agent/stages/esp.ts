@@ -6,7 +6,7 @@
 // their partitions are never taken for this boot's slots.
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import { MS } from "../sys/consts.ts";
+import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 
@@ -136,4 +136,17 @@ export function mountEsp(sys: Sys, slot: EspSlot): string {
     sys.mount(slot.device, slot.mountPoint, "vfat", MS.RDONLY | MS.NOSUID | MS.NODEV | MS.NOEXEC, "umask=0077");
   }
   return slot.mountPoint;
+}
+
+/**
+ * Lets go of the ESPs before the switch: they are mounted under /run, which moves into the OS,
+ * where they would stay busy until shutdown failed to unmount them. Detached lazily: the loop
+ * devices under a verified image the OS keeps (the modules) still read its file, and keep the
+ * read-only filesystem until that image is closed at shutdown.
+ */
+export function unmountEsps(sys: Sys, log: Logger, esp: EspResult): void {
+  const mounted = sys.mountPoints();
+  const gone = esp.slots.filter((s) => mounted.includes(s.mountPoint));
+  for (const s of gone) sys.umount(s.mountPoint, MNT_DETACH);
+  if (gone.length) log.info(`esp: unmounted ${gone.map((s) => s.mountPoint).join(", ")}`);
 }

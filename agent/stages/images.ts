@@ -9,7 +9,7 @@
 import type { AgentConfig } from "../config.ts";
 import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import { MS } from "../sys/consts.ts";
+import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
 import type { Coldplug } from "./devices.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
@@ -96,4 +96,185 @@ export function setupImages(sys: Sys, log: Logger, cfg: AgentConfig, esp: EspRes
     log.info(`modules: ${more.length ? `loaded ${more.join(" ")}` : "nothing more to load"} from the modules image`);
   }
   return mounted;
+}
+
+const MODULES_DIR = "/lib/modules";
+const RELEASE = "/proc/sys/kernel/osrelease";
+const MAX_SYMLINKS = 40;
+/** libmount's table of userspace mount options, in the /run that moves into the OS. */
+export const UTAB = "/run/mount/utab";
+
+/** One image directory bound into the new root for the OS. */
+export interface OsBind {
+  image: string;
+  /** In the image, e.g. modules/6.1.0-57-cloud-amd64. */
+  from: string;
+  /** In the new root, e.g. /lib/modules/6.1.0-57-cloud-amd64. */
+  to: string;
+}
+
+/**
+ * What the OS keeps of the images: the config's binds, into the new root. A module tree is
+ * narrowed to the running kernel's release, so trees the OS has for other kernels stay visible.
+ */
+export function osBinds(cfg: AgentConfig, release: string): OsBind[] {
+  return cfg.images.flatMap((image) =>
+    image.binds.map((b) =>
+      b.to === MODULES_DIR ? { image: image.name, from: `${b.from}/${release}`, to: `${MODULES_DIR}/${release}` } : { image: image.name, from: b.from, to: b.to },
+    ),
+  );
+}
+
+/**
+ * `path` resolved inside `root` as the OS will see it: symlinks followed (/lib -> usr/lib on a
+ * merged-/usr root) but never out of the root, and the directories that are missing made.
+ * Returns the resolved path, relative to the root; throws naming what is in the way.
+ */
+export function mountPointInRoot(sys: Sys, root: string, path: string): string {
+  let pending = path.split("/").filter(Boolean);
+  const done: string[] = [];
+  let hops = 0;
+  while (pending.length > 0) {
+    const name = pending.shift()!;
+    if (name === ".") continue;
+    if (name === "..") {
+      done.pop(); // no higher than the root, as after the chroot
+      continue;
+    }
+    const here = `${root}/${[...done, name].join("/")}`;
+    const st = sys.lstat(here);
+    if (st.kind === "link") {
+      if (++hops > MAX_SYMLINKS) throw new BootError(`${path}: too many symlinks in the root`);
+      const target = sys.readlink(here);
+      if (target.startsWith("/")) done.length = 0;
+      pending = [...target.split("/").filter(Boolean), ...pending];
+      continue;
+    }
+    // Every parent is a real directory by now, so this makes exactly one.
+    if (st.kind === "missing") sys.mkdirp(here);
+    else if (st.kind !== "dir") throw new BootError(`${path}: /${[...done, name].join("/")} is not a directory in the root`);
+    done.push(name);
+  }
+  return `/${done.join("/")}`;
+}
+
+/**
+ * Binds one image directory into the root, read-only. The target is opened by the kernel inside
+ * the root with no symlink on the way (openat2) and the bind goes onto that fd: what was
+ * resolved is what gets mounted over, even if the root's owner planted a link (see pool.ts).
+ */
+function bindIntoRoot(sys: Sys, root: string, source: string, resolved: string): void {
+  const fd = sys.openDirInRoot(root, resolved);
+  try {
+    sys.mount(source, `/proc/self/fd/${fd}`, null, MS.BIND);
+  } finally {
+    sys.close(fd);
+  }
+  sys.mount(null, `${root}${resolved}`, null, MS.BIND | MS.REMOUNT | MS.RDONLY | MS.NOSUID | MS.NODEV);
+}
+
+/**
+ * Binds the images' modules and firmware into the new root for the OS (see osBinds): the kernel
+ * comes from the UKI, so no distribution carries its modules. Missing mount points are made; a
+ * read-only root that has no /lib/modules/<release> gets the image's whole module tree over its
+ * /lib/modules instead (that hides the root's own trees, said in one line). A bind that cannot
+ * be made is logged and the boot goes on: the OS matters more than a driver. The binds are
+ * marked as the initrd's (see markInitrdMounts). Returns the names of the images the OS now
+ * holds open.
+ */
+export function bindImagesForOs(sys: Sys, log: Logger, cfg: AgentConfig, root: string): Set<string> {
+  const release = sys.readFile(RELEASE)?.trim() ?? "";
+  const kept = new Set<string>();
+  const marks: { src: string; target: string; root: string }[] = [];
+  for (const b of osBinds(cfg, release)) {
+    const mounted = `${IMAGES_DIR}/${b.image}`;
+    if (!sys.mountPoints().includes(mounted)) continue;
+    let source = `${mounted}/${b.from}`;
+    if (sys.lstat(source).kind !== "dir") {
+      log.warn(`image ${b.image}: has no ${b.from}/ for the OS's ${b.to}`);
+      continue;
+    }
+    let to = b.to;
+    let resolved: string;
+    // A read-only root that lacks a mount point cannot get it: said in one line (a warning: it
+    // is how that root was mounted, and the boot goes on), anything else in the way is an error.
+    const notBound = (e: unknown) => {
+      const line = `image ${b.image}: ${b.to} not bound for the OS: ${describe(e)}`;
+      if (isReadOnly(e)) log.warn(line);
+      else log.err(line);
+    };
+    try {
+      resolved = mountPointInRoot(sys, root, to);
+    } catch (e) {
+      const parent = to.slice(0, to.lastIndexOf("/"));
+      if (parent !== MODULES_DIR || !isReadOnly(e)) {
+        notBound(e);
+        continue;
+      }
+      // No directory for the release: the whole tree goes over the root's /lib/modules.
+      source = source.slice(0, source.lastIndexOf("/"));
+      to = parent;
+      try {
+        resolved = mountPointInRoot(sys, root, to);
+      } catch (e2) {
+        notBound(e2);
+        continue;
+      }
+      log.warn(`image ${b.image}: read-only root has no ${b.to}; its ${to} is hidden under the image's`);
+    }
+    try {
+      bindIntoRoot(sys, root, source, resolved);
+    } catch (e) {
+      log.err(`image ${b.image}: ${to} not bound for the OS: ${describe(e)}`);
+      continue;
+    }
+    kept.add(b.image);
+    marks.push({ src: `/dev/mapper/initos-${b.image}`, target: resolved, root: source.slice(mounted.length) });
+    log.info(`image ${b.image}: ${source.slice(mounted.length + 1)} bound read-only on the OS's ${to}${resolved === to ? "" : ` (${resolved})`}`);
+  }
+  if (marks.length) markInitrdMounts(sys, marks);
+  return kept;
+}
+
+const isReadOnly = (e: unknown) => (e as { code?: string }).code === "EROFS";
+
+/** libmount's escapes for utab fields (as in /proc/self/mountinfo). */
+const mangle = (s: string) => s.replace(/[\\ \t\n]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, "0")}`);
+
+/**
+ * Marks the binds as mounts made by the initrd (x-initrd.mount, in libmount's utab, which moves
+ * into the OS with /run; libmount matches an entry to the mount by its root and target). systemd
+ * then leaves them mounted while it stops the OS, and systemd-shutdown unmounts them at the very
+ * end, once every process is gone, before it detaches the DM devices under them. Stopped like any
+ * other mount instead, one could still be busy (udev loading a module from it) and fail in red.
+ */
+export function markInitrdMounts(sys: Sys, marks: readonly { src: string; target: string; root: string }[]): void {
+  sys.mkdirp("/run/mount");
+  const lines = marks.map((m) => `SRC=${mangle(m.src)} TARGET=${mangle(m.target)} ROOT=${mangle(m.root)} OPTS=x-initrd.mount\n`);
+  sys.writeFile(UTAB, (sys.readFile(UTAB) ?? "") + lines.join(""));
+}
+
+/**
+ * Lets go of the images in the initramfs' namespace before the switch: their mounts are under
+ * /run, which moves into the OS. Detached lazily, so that what still uses an image keeps it:
+ * the binds into the new root (`kept`), or the sidecar beside the OS, whose own namespace has
+ * its own bind. An image nothing holds any more is closed (its verity device and loop devices).
+ */
+export function releaseImages(sys: Sys, log: Logger, cfg: AgentConfig, kept: ReadonlySet<string>): void {
+  for (const image of cfg.images) {
+    const mountPoint = `${IMAGES_DIR}/${image.name}`;
+    if (!sys.mountPoints().includes(mountPoint)) continue;
+    sys.umount(mountPoint, MNT_DETACH);
+    if (kept.has(image.name)) {
+      log.info(`image ${image.name}: unmounted from ${mountPoint}; open for the OS`);
+      continue;
+    }
+    try {
+      sys.luks.close(`initos-${image.name}`);
+      log.info(`image ${image.name}: unmounted and closed`);
+    } catch (e) {
+      // The sidecar beside the OS still runs from it (or it was an unverified loop mount).
+      log.info(`image ${image.name}: unmounted from ${mountPoint}; still open (${describe(e)})`);
+    }
+  }
 }

@@ -43,6 +43,7 @@ export const libcCalls = c;
 const SYS_pivot_root = 155;
 const SYS_finit_module = 313;
 const SYS_openat2 = 437;
+const SYS_memfd_create = 319;
 const WNOHANG = 1;
 
 export function mount(src: string | null, target: string, fstype: string | null, flags: number, data: string | null = null): void {
@@ -238,6 +239,16 @@ export function attachLoop(file: string): string {
 
 export function kill(pid: number, sig: number): void {
   check("kill", [pid, sig], c.kill(pid, sig));
+}
+
+/**
+ * A memfd with `data` at offset 0 and without MFD_CLOEXEC, so it survives execve: the one fd
+ * the agent means the next program to inherit (everything the runtime opens is close-on-exec).
+ */
+export function memfdWith(name: string, data: Uint8Array): number {
+  const fd = check("memfd_create", [name], Number(c.syscall(SYS_memfd_create, "const char *", name, "unsigned int", 0)));
+  writeSync(fd, data, 0, data.length, 0); // pwrite: the offset stays at 0, where the reader starts
+  return fd;
 }
 
 /**

@@ -1,7 +1,9 @@
 import { describe, expect, it } from "vitest";
-import { boot, chooseInit, initArgs, rebootDelay, stage, startFailureSidecar, whyNoUnseal, type BootContext } from "../../agent/boot.ts";
+import { boot, chooseInit, handOverMounts, handoffTarget, initArgs, initrdState, isSystemd, rebootDelay, stage, startFailureSidecar, whyNoUnseal, type BootContext } from "../../agent/boot.ts";
 import { parseCmdline } from "../../agent/cmdline.ts";
-import { DEFAULT_CONFIG, parseConfig } from "../../agent/config.ts";
+import { AgentConfigSchema, DEFAULT_CONFIG, parseConfig } from "../../agent/config.ts";
+import type { EspResult } from "../../agent/stages/esp.ts";
+import { UTAB } from "../../agent/stages/images.ts";
 import { applyFailurePolicy, DIAG_PATH } from "../../agent/failure.ts";
 import { Timeline } from "../../agent/log.ts";
 import { Coldplug, waitUntil } from "../../agent/stages/devices.ts";
@@ -114,6 +116,7 @@ describe("boot plan", () => {
       ["tpm", true],
       ["root", true],
       ["handoff-check", true],
+      ["os-mounts", true],
     ]);
   });
 
@@ -203,6 +206,227 @@ describe("init choice", () => {
   it("tells systemd it was switched to from an initrd", () => {
     expect(initArgs("/lib/systemd/systemd", [])).toEqual(["--switched-root", "--system"]);
     expect(initArgs("/sbin/init", ["a"])).toEqual(["a"]);
+  });
+});
+
+/** A merged-/usr Debian root on /sysroot: /sbin -> usr/sbin, /lib -> usr/lib, /usr/sbin/init -> /lib/systemd/systemd. */
+function debianRoot(s = new FakeSys()): FakeSys {
+  const dir = { kind: "dir" as const, dev: 2 };
+  return s
+    .add("/sysroot", dir)
+    .add("/sysroot/sbin", { kind: "link", target: "usr/sbin", dev: 2 })
+    .add("/sysroot/lib", { kind: "link", target: "usr/lib", dev: 2 })
+    .add("/sysroot/bin", { kind: "link", target: "usr/bin", dev: 2 })
+    .add("/sysroot/usr", dir)
+    .add("/sysroot/usr/sbin", dir)
+    .add("/sysroot/usr/bin", dir)
+    .add("/sysroot/usr/sbin/init", { kind: "link", target: "/lib/systemd/systemd", dev: 2 })
+    .add("/sysroot/usr/lib", dir)
+    .add("/sysroot/usr/lib/systemd", dir)
+    .add("/sysroot/usr/lib/systemd/systemd", { kind: "file", mode: 0o755, dev: 2 })
+    .add("/sysroot/usr/bin/busybox", { kind: "file", mode: 0o755, dev: 2 });
+}
+
+describe("hand-off: the init is resolved inside the new root, then judged", () => {
+  const cmd = (c: string) => parseCmdline(c).cmdline;
+
+  it("/sbin/init that leads to /usr/lib/systemd/systemd is systemd: exec'd by its name, told it was switched", () => {
+    const log = silentLog();
+    const t = handoffTarget(debianRoot(), log, cmd("-- x"), DEFAULT_CONFIG);
+    expect(t).toEqual({ init: "/sbin/init", resolved: "/usr/lib/systemd/systemd", app: ["x"] });
+    expect(initArgs(t.resolved, t.app, 3)).toEqual(["--switched-root", "--system", "--deserialize", "3", "x"]);
+    expect(log.lines).toContain("info: handoff: init /sbin/init is /usr/lib/systemd/systemd (systemd: switched root)");
+  });
+
+  it("a symlink that climbs out of the root resolves inside it, as exec will after the chroot", () => {
+    // In the initramfs the same path would be the agent's own tree; in the root it is systemd.
+    const s = debianRoot().add("/sysroot/usr/sbin/init", { kind: "link", target: "../../../../../usr/lib/systemd/systemd", dev: 2 });
+    s.add("/usr/lib/systemd/systemd", { kind: "file", mode: 0o755 }); // the initramfs', never chosen
+    expect(handoffTarget(s, silentLog(), cmd(""), DEFAULT_CONFIG).resolved).toBe("/usr/lib/systemd/systemd");
+    const out = debianRoot().add("/sysroot/usr/sbin/init", { kind: "link", target: "/../../bin/agent-in-initramfs", dev: 2 }).add("/bin/agent-in-initramfs", { kind: "file", mode: 0o755 });
+    expect(() => handoffTarget(out, silentLog(), cmd("init=/sbin/init"), DEFAULT_CONFIG)).toThrow("no init in the root: tried /sbin/init");
+  });
+
+  it("the name decides nothing: busybox linked as /lib/systemd/systemd gets no systemd arguments", () => {
+    const s = debianRoot().add("/sysroot/usr/lib/systemd/systemd", { kind: "link", target: "/bin/busybox", dev: 2 });
+    const t = handoffTarget(s, silentLog(), cmd("init=/lib/systemd/systemd -- a"), DEFAULT_CONFIG);
+    expect(t).toEqual({ init: "/lib/systemd/systemd", resolved: "/usr/bin/busybox", app: ["a"] });
+    expect(isSystemd(t.resolved)).toBe(false);
+    expect(initArgs(t.resolved, t.app, 3)).toEqual(["a"]);
+  });
+
+  it("RD_TIMESTAMP becomes systemd's serialized initrd-timestamp; anything else none", () => {
+    expect(initrdState("1700000000123456 4567890")).toBe("initrd-timestamp=1700000000123456 4567890\n");
+    expect(initrdState(" 1 2\n")).toBe("initrd-timestamp=1 2\n");
+    for (const bad of [undefined, "", "1", "1 2 3", "-1 2", "1 x", "1\n2", `1 2\ninitrd-timestamp=9 9`]) expect(initrdState(bad)).toBeNull();
+  });
+
+  it("a boot into a systemd root: exec /sbin/init --switched-root --system --deserialize FD, the fd holding the initrd's start", async () => {
+    const s = debianRoot()
+      .add("/proc/cmdline", { kind: "file", data: "root=/dev/vda rw" })
+      .add("/etc/initos/config.json", { kind: "file", data: JSON.stringify({ modules: ["btrfs"] }) });
+    s.devices.add("/dev/vda");
+    const saved = process.env.RD_TIMESTAMP;
+    process.env.RD_TIMESTAMP = "1700000000123456 4567890";
+    try {
+      await expect(boot(ctx(s), { sidecar: new RecoverySidecar() })).rejects.toThrow("execve reached");
+    } finally {
+      if (saved === undefined) delete process.env.RD_TIMESTAMP;
+      else process.env.RD_TIMESTAMP = saved;
+    }
+    expect(s.calls.at(-1)).toBe("execve /sbin/init /sbin/init --switched-root --system --deserialize 3");
+    expect(s.inherited.get(3)).toEqual(["initrd-state", "initrd-timestamp=1700000000123456 4567890\n"]);
+    // Made last, right before the switch (after the sidecar beside the OS and the services): only the exec inherits it.
+    expect(s.calls[s.calls.indexOf("sync") - 1]).toBe("inheritableData initrd-state");
+  });
+
+  it("without RD_TIMESTAMP systemd is still told it was switched, and the log says what it lacks", async () => {
+    const s = debianRoot().add("/proc/cmdline", { kind: "file", data: "root=/dev/vda" }).add("/etc/initos/config.json", { kind: "file", data: "{}" });
+    s.devices.add("/dev/vda");
+    const saved = process.env.RD_TIMESTAMP;
+    delete process.env.RD_TIMESTAMP;
+    const c = ctx(s);
+    try {
+      await expect(boot(c, { sidecar: new RecoverySidecar() })).rejects.toThrow("execve reached");
+    } finally {
+      if (saved !== undefined) process.env.RD_TIMESTAMP = saved;
+    }
+    expect(s.calls.at(-1)).toBe("execve /sbin/init /sbin/init --switched-root --system");
+    expect(c.log.lines).toContain("warn: handoff: no RD_TIMESTAMP; systemd will not show the initrd's time");
+  });
+});
+
+describe("hand-off: what the OS keeps of the initrd's mounts", () => {
+  const HASH = "ab".repeat(32);
+  const VERITY = { hashType: 1, hashAlgorithm: "sha256", dataBlockSize: 4096, hashBlockSize: 4096, dataBlocks: 25000, salt: "" };
+  const cfg = AgentConfigSchema.parse({
+    images: [
+      { name: "modules", rootHash: HASH, verity: VERITY, binds: [{ from: "modules", to: "/lib/modules" }, { from: "firmware", to: "/lib/firmware" }] },
+      { name: "sidecar", rootHash: HASH, verity: VERITY },
+    ],
+  });
+  const REL = "6.1.0-57-cloud-amd64";
+  const esp: EspResult = {
+    slots: [
+      { name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true },
+      { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: "/run/initos/esp-b", booted: false },
+    ],
+  };
+  /** Before the switch: both images verified and mounted, their binds in the initramfs, slot a's ESP mounted. */
+  function machine(): FakeSys {
+    const s = debianRoot()
+      .add("/proc/sys/kernel/osrelease", { kind: "file", data: `${REL}\n` })
+      .add("/run/initos/images/modules/modules", { kind: "dir" })
+      .add(`/run/initos/images/modules/modules/${REL}`, { kind: "dir" })
+      .add("/run/initos/images/modules/firmware", { kind: "dir" })
+      .add("/run/initos/images/sidecar/usr", { kind: "dir" });
+    s.mounts.push("/run", "/run/initos/esp-a", "/run/initos/images/modules", "/run/initos/images/sidecar", "/usr/lib/modules", "/usr/lib/firmware", "/sysroot");
+    return s;
+  }
+  const MOUNTISH = /^(mkdirp|openDirInRoot|mount|umount|luks|close)/;
+
+  it("binds the release's modules and the firmware read-only through the root's own /lib link, then lets go of the images and the ESP", () => {
+    const s = machine();
+    const log = silentLog();
+    handOverMounts(s, log, cfg, esp);
+    expect(s.calls.filter((c) => MOUNTISH.test(c))).toEqual([
+      "mkdirp /sysroot/usr/lib/modules",
+      `mkdirp /sysroot/usr/lib/modules/${REL}`,
+      `openDirInRoot /sysroot /usr/lib/modules/${REL}`,
+      `mount /run/initos/images/modules/modules/${REL} /proc/self/fd/100 null 0x1000`,
+      "close 100",
+      `mount null /sysroot/usr/lib/modules/${REL} null 0x1027`, // bind remount: read-only, nosuid, nodev
+      "mkdirp /sysroot/usr/lib/firmware",
+      "openDirInRoot /sysroot /usr/lib/firmware",
+      "mount /run/initos/images/modules/firmware /proc/self/fd/101 null 0x1000",
+      "close 101",
+      "mount null /sysroot/usr/lib/firmware null 0x1027",
+      "mkdirp /run/mount",
+      "umount /run/initos/images/modules 2", // lazily: the binds keep the verity device open
+      "umount /run/initos/images/sidecar 2",
+      "luks.close initos-sidecar", // nothing uses it any more
+      "umount /run/initos/esp-a 2", // slot b was never mounted
+    ]);
+    expect(s.mountPoints().filter((m) => m.startsWith("/run/initos"))).toEqual([]);
+    // systemd leaves them to systemd-shutdown (x-initrd.mount): unmounted last, before the DM devices go.
+    expect(s.readFile(UTAB)).toBe(
+      [
+        `SRC=/dev/mapper/initos-modules TARGET=/usr/lib/modules/${REL} ROOT=/modules/${REL} OPTS=x-initrd.mount`,
+        "SRC=/dev/mapper/initos-modules TARGET=/usr/lib/firmware ROOT=/firmware OPTS=x-initrd.mount",
+        "",
+      ].join("\n"),
+    );
+    expect(log.lines).toContain(`info: image modules: modules/${REL} bound read-only on the OS's /lib/modules/${REL} (/usr/lib/modules/${REL})`);
+    expect(log.lines).toContain("info: image sidecar: unmounted and closed");
+    expect(log.lines).toContain("info: esp: unmounted /run/initos/esp-a");
+  });
+
+  it("an image the sidecar beside the OS still runs from is unmounted here but stays open", () => {
+    const s = machine();
+    s.failOn.set("luks.close initos-sidecar", new Error("close initos-sidecar: Device or resource busy"));
+    const log = silentLog();
+    handOverMounts(s, log, cfg, esp);
+    expect(s.calls).toContain("umount /run/initos/images/sidecar 2");
+    expect(log.lines).toContain("info: image sidecar: unmounted from /run/initos/images/sidecar; still open (close initos-sidecar: Device or resource busy)");
+  });
+
+  it("existing mount points are used as they are (a root that has /lib/modules/<release> and /lib/firmware)", () => {
+    const s = machine().add("/sysroot/usr/lib/modules", { kind: "dir", dev: 2 }).add(`/sysroot/usr/lib/modules/${REL}`, { kind: "dir", dev: 2 }).add("/sysroot/usr/lib/firmware", { kind: "dir", dev: 2 });
+    handOverMounts(s, silentLog(), cfg, esp);
+    expect(s.calls.filter((c) => c.startsWith("mkdirp /sysroot"))).toEqual([]);
+  });
+
+  it("a read-only root without /lib/modules/<release>: the image's whole tree over its /lib/modules, said in one line", () => {
+    const s = machine().add("/sysroot/usr/lib/modules", { kind: "dir", dev: 2 });
+    const erofs = (p: string) => Object.assign(new Error(`EROFS: read-only file system, mkdir '${p}'`), { code: "EROFS" });
+    s.failOn.set(`mkdirp /sysroot/usr/lib/modules/${REL}`, erofs(`/sysroot/usr/lib/modules/${REL}`));
+    s.failOn.set("mkdirp /sysroot/usr/lib/firmware", erofs("/sysroot/usr/lib/firmware"));
+    const log = silentLog();
+    handOverMounts(s, log, cfg, esp);
+    expect(s.calls.filter((c) => c.startsWith("mount /run/initos/images"))).toEqual(["mount /run/initos/images/modules/modules /proc/self/fd/100 null 0x1000"]);
+    expect(log.lines.filter((l) => /^(warn|err):/.test(l))).toEqual([
+      `warn: image modules: read-only root has no /lib/modules/${REL}; its /lib/modules is hidden under the image's`,
+      "warn: image modules: /lib/firmware not bound for the OS: EROFS: read-only file system, mkdir '/sysroot/usr/lib/firmware'",
+    ]);
+    expect(s.readFile(UTAB)).toBe("SRC=/dev/mapper/initos-modules TARGET=/usr/lib/modules ROOT=/modules OPTS=x-initrd.mount\n");
+  });
+
+  it("a read-only root with no /lib at all (the tiny test root): a warning per bind, nothing bound or marked", () => {
+    const s = machine();
+    for (const p of ["/sysroot/lib", "/sysroot/usr/lib", "/sysroot/usr/lib/systemd", "/sysroot/usr/lib/systemd/systemd"]) s.files.delete(p);
+    s.failOn.set("mkdirp /sysroot/lib", Object.assign(new Error("EROFS: read-only file system, mkdir '/sysroot/lib'"), { code: "EROFS" }));
+    const log = silentLog();
+    handOverMounts(s, log, cfg, esp);
+    expect(log.lines.filter((l) => /^(warn|err):/.test(l))).toEqual([
+      `warn: image modules: /lib/modules/${REL} not bound for the OS: EROFS: read-only file system, mkdir '/sysroot/lib'`,
+      "warn: image modules: /lib/firmware not bound for the OS: EROFS: read-only file system, mkdir '/sysroot/lib'",
+    ]);
+    expect(s.calls.filter((c) => c.startsWith("mount "))).toEqual([]);
+    expect(s.readFile(UTAB)).toBeNull();
+    expect(s.calls).toContain("umount /run/initos/esp-a 2");
+  });
+
+  it("a root whose /lib leads out of it: the mount point is made and bound inside the root, never in the initramfs", () => {
+    const s = machine().add("/sysroot/lib", { kind: "link", target: "../../../../run/initos/images/sidecar", dev: 2 });
+    handOverMounts(s, silentLog(), cfg, esp);
+    const targets = [...s.openedInRoot.values()];
+    expect(targets).toEqual([`/sysroot/run/initos/images/sidecar/modules/${REL}`, "/sysroot/run/initos/images/sidecar/firmware"]);
+    expect(s.calls.filter((c) => c.startsWith("mkdirp ") && !c.startsWith("mkdirp /sysroot/") && c !== "mkdirp /run/mount")).toEqual([]);
+  });
+
+  it("a file in the way: one line, that bind skipped, the rest goes on", () => {
+    const s = machine().add("/sysroot/usr/lib/firmware", { kind: "file", dev: 2 });
+    const log = silentLog();
+    handOverMounts(s, log, cfg, esp);
+    expect(log.lines.filter((l) => l.startsWith("err:"))).toEqual(["err: image modules: /lib/firmware not bound for the OS: /lib/firmware: /usr/lib/firmware is not a directory in the root"]);
+    expect(s.calls).toContain(`mount null /sysroot/usr/lib/modules/${REL} null 0x1027`);
+    expect(s.calls).toContain("umount /run/initos/esp-a 2");
+  });
+
+  it("VMs (no images, no ESP): nothing to keep, nothing to let go", () => {
+    const s = debianRoot();
+    handOverMounts(s, silentLog(), DEFAULT_CONFIG);
+    expect(s.calls.filter((c) => MOUNTISH.test(c))).toEqual([]);
   });
 });
 

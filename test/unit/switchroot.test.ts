@@ -56,6 +56,57 @@ describe("switch_root guards", () => {
   });
 });
 
+describe("switch_root guard: an init kept in a moved mount must survive the move", () => {
+  const pod: SwitchRootPlan = { ...plan, init: "/run/initos/pod", args: ["/bin/app"] };
+  /** The VM case: the pod reaper was copied into the initramfs' /run; the root has no /sbin/init. */
+  const withPod = (at = "/run/initos/pod") => {
+    const s = ready();
+    s.files.delete("/sysroot/sbin/init");
+    const parts = at.split("/").filter(Boolean);
+    for (let i = 1; i < parts.length; i++) s.add(`/${parts.slice(0, i).join("/")}`, { kind: "dir" });
+    return s.add(at, { kind: "file", mode: 0o755 });
+  };
+
+  it("refuses before anything moves when the new root has no /run for /run/initos/pod", () => {
+    const s = withPod();
+    s.files.delete("/sysroot/run");
+    let past = false;
+    const log = silentLog();
+    expect(() => switchRoot(s, log, { ...pod, onPointOfNoReturn: () => (past = true) })).toThrow(
+      "switch_root refused: init /run/initos/pod lives in /run, which /sysroot has no directory for (it would be detached)",
+    );
+    expect(s.calls.filter((c) => DESTRUCTIVE.test(c))).toEqual([]);
+    expect(past).toBe(false);
+    expect(log.lines).toEqual([]);
+    // Only an init inside a moved mount depends on it: the root's own /sbin/init does not.
+    const own = ready();
+    own.files.delete("/sysroot/run");
+    expect(() => checkSwitchRoot(own, plan)).not.toThrow();
+  });
+
+  it("a mount point that is a file or a symlink in the new root does not count: the move would detach it too", () => {
+    for (const node of [{ kind: "file" as const }, { kind: "link" as const, target: "/var/run" }]) {
+      const s = withPod();
+      s.add("/sysroot/run", { ...node, dev: 2 });
+      expect(() => checkSwitchRoot(s, pod)).toThrow("which /sysroot has no directory for");
+    }
+  });
+
+  it("refuses when the mount holding the init is not mounted (nothing would move it)", () => {
+    const s = withPod();
+    s.mounts = s.mounts.filter((m) => m !== "/run");
+    expect(() => checkSwitchRoot(s, pod)).toThrow("switch_root refused: init /run/initos/pod lives in /run, which is not a mount (it would stay behind)");
+  });
+
+  it("checks an init in a moved mount in place: any of /dev /proc /sys /run, not only /run", () => {
+    const s = withPod("/dev/.initos/pod");
+    expect(() => checkSwitchRoot(s, { ...pod, init: "/dev/.initos/pod" })).not.toThrow();
+    s.files.delete("/sysroot/dev");
+    expect(() => checkSwitchRoot(s, { ...pod, init: "/dev/.initos/pod" })).toThrow("init /dev/.initos/pod lives in /dev, which /sysroot has no directory for");
+    expect(() => checkSwitchRoot(withPod(), { ...pod, init: "/run/initos/nope" })).toThrow("init /run/initos/nope not found or not executable in /run");
+  });
+});
+
 describe("switch_root sequence", () => {
   it("syncs, makes / private, moves the API mounts, falls back to MS_MOVE+chroot, frees the old root, execs", () => {
     const s = ready();
@@ -118,6 +169,34 @@ describe("switch_root sequence", () => {
     expect(() => switchRoot(s, silentLog(), { ...plan, beforeExec: () => (at = s.calls.length) })).toThrow("execve reached");
     expect(s.calls[at - 1]).toBe("close 9");
     expect(s.calls[at]).toMatch(/^execve/);
+  });
+});
+
+describe("switch_root: nothing of the initrd moves into the OS with /run", () => {
+  it("detaches a mount left under /run/initos, names it, and still moves /run with the rest of it", () => {
+    const s = ready();
+    s.mounts.push("/run/initos/esp-a", "/run/initos/images/modules", "/run/credentials");
+    s.failOn.set("pivotRoot", new Error("EINVAL"));
+    const log = silentLog();
+    expect(() => switchRoot(s, log, plan)).toThrow("execve reached");
+    const moveRun = s.calls.indexOf("mount /run /sysroot/run null 0x2000");
+    expect(s.calls.indexOf("umount /run/initos/images/modules 2")).toBeLessThan(moveRun);
+    expect(s.calls.indexOf("umount /run/initos/esp-a 2")).toBeLessThan(moveRun);
+    expect(s.calls).not.toContain("umount /run/credentials 2");
+    expect(s.mountPoints()).toContain("/sysroot/run/credentials");
+    expect(s.mountPoints().filter((m) => m.includes("/run/initos"))).toEqual([]);
+    expect(log.lines.filter((l) => l.startsWith("warn:"))).toEqual([
+      "warn: switch_root: /run/initos/images/modules still mounted; detached, not moved into the OS",
+      "warn: switch_root: /run/initos/esp-a still mounted; detached, not moved into the OS",
+    ]);
+  });
+
+  it("/run/initos itself (a directory of the moved /run, not a mount) moves: the timeline goes with it", () => {
+    const s = ready();
+    const log = silentLog();
+    expect(() => switchRoot(s, log, plan)).toThrow("execve reached");
+    expect(s.calls.filter((c) => c.startsWith("umount /run"))).toEqual([]);
+    expect(log.lines.filter((l) => l.startsWith("warn:"))).toEqual([]);
   });
 });
 
