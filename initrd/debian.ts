@@ -112,11 +112,19 @@ export function ensureDebianRoot(cache: string): string {
   return root;
 }
 
-/** The check's script: one marked line per fact, then power off. */
+/** The cmdline word that keeps the machine up after the check (see checkScript). */
+export const HOLD_WORD = "initos.test.hold";
+
+/**
+ * The check's script: one marked line per fact, then power off; with `initos.test.hold` on the
+ * kernel's cmdline it stays up instead, for a test that shuts the machine down its own way
+ * (over the sidecar's ssh: test/integration/debian-sidecar.test.ts).
+ */
 export function checkScript(): string {
   return `#!/bin/sh
 # initos-check: what test/integration/debian.test.ts reads off the console, one "${MARKER}"
-# line each, once the boot is done; then the machine powers off (the shutdown is checked too).
+# line each, once the boot is done; then the machine powers off (the shutdown is checked too),
+# unless ${HOLD_WORD} is on the cmdline: then whoever booted it decides when it goes down.
 say() { echo "${MARKER} $*"; }
 say "state: $(systemctl is-system-running --wait 2>&1)"
 failed=$(systemctl --failed --no-legend --plain 2>&1 | awk '{print $1}' | tr '\\n' ' ')
@@ -138,7 +146,11 @@ say "left to systemd-shutdown: $left"
 say "initrd mounts: $(awk '$2 ~ "^/run/initos" {printf "%s ", $2}' /proc/self/mounts)"
 say "dm: $(ls /dev/mapper 2>&1 | tr '\\n' ' ')"
 say "done"
-systemctl poweroff --no-block
+if grep -qwF '${HOLD_WORD}' /proc/cmdline; then
+  say "hold: staying up (${HOLD_WORD})"
+else
+  systemctl poweroff --no-block
+fi
 `;
 }
 

@@ -5,7 +5,8 @@
 //      execs itself again inside it;
 //   2. (in that root) serves the admin socket and sshd, as sidecar mode does.
 // Its argv[0] starts with '@': systemd leaves such processes alone when it kills everything at
-// shutdown, so the sidecar can still be reached while the OS goes down.
+// shutdown, so the sidecar can still be reached while the OS goes down. When systemd-shutdown
+// kills everything else at the very end, it stops sshd and lets go of its image (watchOsShutdown).
 //
 // Why its own root and not a process left in the initramfs: switch_root deletes the initramfs
 // and moves /dev /proc /sys /run into the OS. A process standing on those paths would see its
@@ -22,7 +23,8 @@
 // freed anyway), fresh proc/sys/devtmpfs/devpts, and the verified sidecar image. That image is
 // needed for as long as sshd runs (dropbear re-execs itself from it for every connection), so
 // /dev/mapper/initos-sidecar, its loop devices and the read-only ESP file under them stay open
-// until power off: the OS cannot close that one verity device at shutdown. Everything there is
+// until systemd-shutdown's killing spree, when the sidecar lets go of the image, so that the
+// "Detaching DM devices" after it can close the device like any other. Everything there is
 // read-only and verified, so nothing is left unflushed; the pool, the root and the ESP's
 // mount are not held.
 import type { Cmdline } from "../cmdline.ts";
@@ -34,6 +36,7 @@ import { procStatusKiB } from "../pid1.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
 import { SIDECAR_ROOT } from "../sys/sidecar.ts";
+import type { Supervised } from "../supervise.ts";
 import { AGENT_PATH, HOST_KEY, SSH_DIR, startCtl, startSshd } from "./sidecar.ts";
 import { networkRequested } from "./network.ts";
 
@@ -180,24 +183,108 @@ export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }):
   if (error) log.err(error);
   sys.mkdirp(SSH_DIR, 0o700);
   startCtl(log, besideHandler(sys, log));
-  startSshd(sys, log, config);
+  const sshd = startSshd(sys, log, config);
+  watchOsShutdown(sys, log, sshd);
   log.info(`sidecar beside the OS: ready (pid ${sys.pid()})`);
   for (;;) await sys.sleep(3_600_000);
 }
 
-/** Linux signal numbers for asking the OS's init to shut down. */
-const SIGINT = 2;
-const SIGUSR2 = 12;
-const SIGRTMIN_4 = 34 + 4;
+/** The program systemd execs as PID 1 once every unit is stopped: it kills, unmounts, detaches. */
+export function isSystemdShutdown(initExe: string): boolean {
+  return /(^|\/)systemd-shutdown$/.test(initExe);
+}
+
+/**
+ * How the sidecar learns that the OS is in its last seconds, and lets go of its image.
+ *
+ * systemd-shutdown (systemd 252, src/shared/killall.c) sends SIGTERM, then SIGKILL, to every
+ * process but those whose argv[0] starts with '@': the sidecar is spared, dropbear and its
+ * sessions are not. Right after that it unmounts, detaches loop devices and removes the DM
+ * devices nobody holds. Left as it was, the sidecar would keep the verified image mounted in
+ * its namespace and systemd-shutdown would find /dev/mapper/initos-sidecar (and its loops)
+ * busy, for nothing: sshd is being killed anyway.
+ *
+ * The cue: the spree never signals us, but it brackets each round with kill(-1, SIGSTOP) ...
+ * kill(-1, SIGCONT), which reaches every process, '@' or not. A SIGCONT while PID 1 is
+ * systemd-shutdown: no more sshd restarts, and the image detached (lazily: it goes once the
+ * dying dropbear lets go of its file, which the SIGTERM round waits for anyway). Any other
+ * SIGCONT (someone's `kill -CONT`) changes nothing. Not a guarantee, a head start: this runs
+ * while the SIGTERM round waits for journald and dropbear, and systemd-shutdown still has the
+ * SIGKILL round and its unmounts to do before it detaches DM devices (measured under TCG: the
+ * detach came 0.2-0.85 s after this); were the sidecar later than that, the device would be
+ * reported busy, as it was before, and nothing else would change.
+ *
+ * Why the sidecar stays rather than exits: a process that is exiting, or a zombie not yet
+ * reaped, shows an empty cmdline, so the spree's next round no longer spares it and logs
+ * "Sending SIGKILL to PID … (initos-agent)"; the runtime's exit is slow enough under emulation
+ * for that to happen (seen). Staying costs nothing: it holds no device any more.
+ *
+ * Why PID 1 then gets a SIGCHLD from us: the SIGTERM round waits for every process it signalled,
+ * but looks again at one that is not its child (dropbear is ours) only when a SIGCHLD wakes it,
+ * else after 10 s (seen: the reboot took 10 s longer). It is the SIGCHLD PID 1 would have had,
+ * were dropbear its child; an extra one at any other moment is ignored or only re-checks.
+ *
+ * Other inits do not spare '@' processes: their SIGTERM ends the sidecar (the runtime's default
+ * action), and its mounts with it.
+ */
+export function watchOsShutdown(
+  sys: Sys,
+  log: Logger,
+  sshd: Supervised | null,
+  on: (signal: "SIGCONT", handler: () => void) => void = (sig, h) => void process.on(sig, h),
+): void {
+  let leaving = false;
+  on("SIGCONT", () => {
+    if (leaving) return;
+    let init = "";
+    try {
+      init = sys.readlink("/proc/1/exe");
+    } catch {
+      return; // cannot tell: stay as we are
+    }
+    if (!isSystemdShutdown(init)) return;
+    leaving = true;
+    // stop() marks it stopped at once (no restart from the image), then ends what is left of it.
+    const stopping = sshd?.stop(sys);
+    let released = "released the sidecar image";
+    try {
+      sys.umount(SIDECAR_ROOT, MNT_DETACH);
+    } catch (e) {
+      released = `could not detach the sidecar image: ${e instanceof Error ? e.message : String(e)}`;
+    }
+    log.info(`sidecar beside the OS: the OS is going down (PID 1 is ${init}); no more sshd, ${released}`);
+    void stopping
+      ?.catch((e: unknown) => log.warn(`sidecar beside the OS: stopping sshd: ${e instanceof Error ? e.message : String(e)}`))
+      .then(() => {
+        try {
+          sys.signal(1, SIGCHLD);
+        } catch {
+          // PID 1 still finds out, at its next check
+        }
+      });
+  });
+}
+
+const SIGCHLD = 17;
+
+/** glibc's SIGRTMIN (the kernel's 32, plus the two glibc keeps for itself), as systemd counts. */
+const SIGRTMIN = 34;
 
 /**
  * The OS owns the machine now: reboot and poweroff are requests to its init, not reboot(2),
- * which would skip its clean shutdown. SIGINT is ctrl-alt-del (systemd, sysvinit and busybox
- * init reboot on it); poweroff is SIGRTMIN+4 for systemd and SIGUSR2 for busybox-style inits.
+ * which would skip its clean shutdown.
+ * systemd: SIGRTMIN+5 starts reboot.target and SIGRTMIN+4 poweroff.target, both "replace-
+ * irreversibly", the job `systemctl reboot` / `poweroff` asks for. Not SIGINT: that is
+ * ctrl-alt-del.target, which hardened systems mask (then nothing happens) and which systemd
+ * rate-limits into CtrlAltDelBurstAction.
+ * Other inits: SIGINT is ctrl-alt-del (sysvinit and busybox init reboot on it), SIGUSR2 is
+ * busybox init's poweroff.
  */
-export function shutdownSignal(action: "reboot" | "poweroff", initExe: string): number {
-  if (action === "reboot") return SIGINT;
-  return /(^|\/)systemd$/.test(initExe) ? SIGRTMIN_4 : SIGUSR2;
+export function shutdownSignal(action: "reboot" | "poweroff", initExe: string): { signal: number; name: string } {
+  if (/(^|\/)systemd$/.test(initExe)) {
+    return action === "reboot" ? { signal: SIGRTMIN + 5, name: "SIGRTMIN+5" } : { signal: SIGRTMIN + 4, name: "SIGRTMIN+4" };
+  }
+  return action === "reboot" ? { signal: 2, name: "SIGINT" } : { signal: 12, name: "SIGUSR2" };
 }
 
 export function besideHandler(sys: Sys, log: Logger & { recent(): string[] }): CtlHandler {
@@ -216,8 +303,8 @@ export function besideHandler(sys: Sys, log: Logger & { recent(): string[] }): C
           // unknown init: the generic signal
         }
         const sig = shutdownSignal(req.cmd, init);
-        log.info(`sidecar beside the OS: asking init (${init || "?"}) to ${req.cmd}`);
-        setTimeout(() => sys.signal(1, sig), 200); // answer first: the OS may go down fast
+        log.info(`sidecar beside the OS: asking init (${init || "?"}) to ${req.cmd} (signal ${sig.signal}: ${sig.name})`);
+        setTimeout(() => sys.signal(1, sig.signal), 200); // answer first: the OS may go down fast
         return { ok: true, text: `${req.cmd} requested from the OS's init` };
       }
       case "unlock":

@@ -6,7 +6,7 @@
 // `cryptsetup reencrypt --encrypt` works on a plain file with no device-mapper (measured: 0.4 s
 // for 160 MiB). The btrfs is made 32 MiB smaller than the file, the room the LUKS2 header takes.
 import { execFileSync } from "node:child_process";
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 
 const BUN = "node_modules/@oven/bun-linux-x64-baseline/bin/bun";
@@ -66,7 +66,9 @@ export function testRootfs(out: string, init = "build/test-init"): string {
 /**
  * A btrfs test root like build/testroot.img (subvolume "@"), whose /sbin/init has `initContent`.
  * Its init's atime is set a day ahead: relatime then leaves it alone when the kernel reads the
- * file for an exec, so a boot that writes nothing leaves the image byte for byte the same.
+ * file for an exec, so a boot that writes nothing leaves the image byte for byte the same. It
+ * has the mount points a distribution has for the kernel's modules and firmware, which the agent
+ * would otherwise create (before the switch) to bind the verified image's onto.
  */
 export function testRootWithInit(out: string, initContent: string): string {
   const init = `${out}.init`;
@@ -79,7 +81,9 @@ export function testRootWithInit(out: string, initContent: string): string {
   }
   const mnt = mkdtempSync(`${dirname(out)}/.atime-`);
   try {
-    sh("unshare", ["-m", "sh", "-ec", `mount -o loop,subvol=@ ${q(out)} ${q(mnt)}\ntouch -a -d tomorrow ${q(`${mnt}/sbin/init`)}\numount ${q(mnt)}`]);
+    const release = (JSON.parse(readFileSync("build/kernel.json", "utf8")) as { release: string }).release;
+    const dirs = [`${mnt}/lib/modules/${release}`, `${mnt}/lib/firmware`].map(q).join(" ");
+    sh("unshare", ["-m", "sh", "-ec", `mount -o loop,subvol=@ ${q(out)} ${q(mnt)}\nmkdir -p ${dirs}\ntouch -a -d tomorrow ${q(`${mnt}/sbin/init`)}\numount ${q(mnt)}`]);
   } finally {
     rmSync(mnt, { recursive: true, force: true });
   }

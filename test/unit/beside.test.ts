@@ -1,7 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
-import { besideHandler, besideStatus, besideWanted, enterBesideRoot, runBeside, shutdownSignal, startBeside, summarizeMounts } from "../../agent/stages/beside.ts";
+import { besideHandler, besideStatus, besideWanted, enterBesideRoot, isSystemdShutdown, runBeside, shutdownSignal, startBeside, summarizeMounts, watchOsShutdown } from "../../agent/stages/beside.ts";
+import type { Supervised } from "../../agent/supervise.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const keyed = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAA k"] } };
@@ -147,17 +148,126 @@ describe("the sidecar beside the OS", () => {
     expect(summarizeMounts("")).toBe("none");
   });
 
-  it("asks the OS's init to reboot or power off instead of doing it behind its back", async () => {
-    expect(shutdownSignal("reboot", "/usr/lib/systemd/systemd")).toBe(2);
-    expect(shutdownSignal("poweroff", "/usr/lib/systemd/systemd")).toBe(38);
-    expect(shutdownSignal("poweroff", "/sbin/init")).toBe(12);
+  it("asks systemd for reboot.target / poweroff.target (SIGRTMIN+5 / +4), not ctrl-alt-del.target, which may be masked", () => {
+    expect(shutdownSignal("reboot", "/usr/lib/systemd/systemd")).toEqual({ signal: 39, name: "SIGRTMIN+5" });
+    expect(shutdownSignal("poweroff", "/usr/lib/systemd/systemd")).toEqual({ signal: 38, name: "SIGRTMIN+4" });
+    expect(shutdownSignal("reboot", "/lib/systemd/systemd")).toEqual({ signal: 39, name: "SIGRTMIN+5" });
+    // Other inits: ctrl-alt-del, and busybox init's poweroff; systemd-shutdown is not systemd.
+    expect(shutdownSignal("reboot", "/sbin/init")).toEqual({ signal: 2, name: "SIGINT" });
+    expect(shutdownSignal("poweroff", "/sbin/init")).toEqual({ signal: 12, name: "SIGUSR2" });
+    expect(shutdownSignal("reboot", "")).toEqual({ signal: 2, name: "SIGINT" });
+    expect(shutdownSignal("reboot", "/usr/lib/systemd/systemd-shutdown")).toEqual({ signal: 2, name: "SIGINT" });
+  });
+
+  it("asks the OS's init to reboot or power off instead of doing it behind its back, answering first", async () => {
     const s = new FakeSys().add("/proc/1/exe", { kind: "link", target: "/lib/systemd/systemd" });
-    const h = besideHandler(s, silentLog());
+    const log = silentLog();
+    const h = besideHandler(s, log);
     expect(await h({ cmd: "reboot" })).toEqual({ ok: true, text: "reboot requested from the OS's init" });
+    expect(s.calls.filter((c) => c.startsWith("signal"))).toEqual([]);
     await new Promise((r) => setTimeout(r, 300));
-    expect(s.calls).toContain("signal 1 2");
+    expect(s.calls).toContain("signal 1 39");
+    expect(log.lines).toContain("info: sidecar beside the OS: asking init (/lib/systemd/systemd) to reboot (signal 39: SIGRTMIN+5)");
+    const busybox = new FakeSys().add("/proc/1/exe", { kind: "link", target: "/bin/busybox" });
+    expect(await besideHandler(busybox, silentLog())({ cmd: "poweroff" })).toEqual({ ok: true, text: "poweroff requested from the OS's init" });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(busybox.calls).toContain("signal 1 12");
     expect(await h({ cmd: "switch-root" })).toEqual({ ok: false, text: "switch-root: not available beside the running OS" });
     expect(await h({ cmd: "unlock", passphrase: "x" })).toEqual({ ok: false, text: "unlock: not available beside the running OS" });
+  });
+});
+
+describe("the sidecar beside the OS at the OS's shutdown", () => {
+  /** watchOsShutdown with its SIGCONT handler caught and a fake sshd that records its stop. */
+  function watched(sys: FakeSys, withSshd = true) {
+    const log = silentLog();
+    const handlers: (() => void)[] = [];
+    const order: string[] = [];
+    const sshd: Supervised = {
+      name: "sshd",
+      stop: async () => {
+        // What the real one does first, synchronously: no restart from here on.
+        order.push(`stop sshd (after ${sys.calls.length} calls)`);
+      },
+    };
+    watchOsShutdown(sys, log, withSshd ? sshd : null, (sig, h) => (expect(sig).toBe("SIGCONT"), handlers.push(h)));
+    expect(handlers).toHaveLength(1);
+    return { log, order, cont: () => handlers[0]!() };
+  }
+  const pid1 = (init: string) => new FakeSys().add("/proc/1/exe", { kind: "link", target: init });
+
+  it("knows systemd-shutdown by its path, not systemd itself", () => {
+    expect(isSystemdShutdown("/usr/lib/systemd/systemd-shutdown")).toBe(true);
+    expect(isSystemdShutdown("/lib/systemd/systemd-shutdown")).toBe(true);
+    expect(isSystemdShutdown("/usr/lib/systemd/systemd")).toBe(false);
+    expect(isSystemdShutdown("/sbin/my-systemd-shutdown-wrapper")).toBe(false);
+    expect(isSystemdShutdown("")).toBe(false);
+  });
+
+  it("on systemd-shutdown's killing spree (the SIGCONT of its kill(-1, SIGSTOP/SIGCONT)): sshd stopped for good, then the image detached; it stays, once", async () => {
+    const s = pid1("/usr/lib/systemd/systemd-shutdown");
+    s.mounts.push("/run/initos/images/sidecar");
+    const w = watched(s);
+    w.cont();
+    // No sshd restart from the image first, then the image lazily (MNT_DETACH = 2) detached.
+    expect(w.order).toEqual(["stop sshd (after 0 calls)"]);
+    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2"]);
+    expect(s.mounts).not.toContain("/run/initos/images/sidecar");
+    expect(w.log.lines).toEqual(["info: sidecar beside the OS: the OS is going down (PID 1 is /usr/lib/systemd/systemd-shutdown); no more sshd, released the sidecar image"]);
+    // Once sshd is gone: the SIGCHLD that wakes systemd-shutdown to look for dropbear again.
+    // No exit, no other signal: spared until the end, it holds nothing more.
+    await new Promise((r) => setTimeout(r, 0));
+    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2", "signal 1 17"]);
+    // The spree's second round (SIGKILL) continues everyone again: nothing more to do.
+    w.cont();
+    await new Promise((r) => setTimeout(r, 0));
+    expect(s.calls).toHaveLength(2);
+    expect(w.order).toHaveLength(1);
+  });
+
+  it("wakes systemd-shutdown only once sshd is gone, not before", async () => {
+    const s = pid1("/usr/lib/systemd/systemd-shutdown");
+    let gone!: () => void;
+    const sshd: Supervised = { name: "sshd", stop: () => new Promise<void>((r) => (gone = r)) };
+    let cont!: () => void;
+    watchOsShutdown(s, silentLog(), sshd, (_sig, h) => (cont = h));
+    cont();
+    await new Promise((r) => setTimeout(r, 0));
+    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2"]);
+    gone();
+    await new Promise((r) => setTimeout(r, 0));
+    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2", "signal 1 17"]);
+  });
+
+  it("a SIGCONT while the OS runs (systemd, or any other init) changes nothing", () => {
+    for (const init of ["/usr/lib/systemd/systemd", "/sbin/init", ""]) {
+      const s = pid1(init);
+      const w = watched(s);
+      w.cont();
+      expect(s.calls).toEqual([]);
+      expect(w.order).toEqual([]);
+      expect(w.log.lines).toEqual([]);
+    }
+    // PID 1 unreadable: cannot tell, so stay as it is.
+    const s = new FakeSys();
+    s.readlink = (p: string): string => {
+      throw new Error(`readlink ${p}: EACCES`);
+    };
+    const w = watched(s);
+    w.cont();
+    expect(s.calls).toEqual([]);
+    expect(w.order).toEqual([]);
+  });
+
+  it("without sshd, or when the image cannot be detached, says so and goes on", async () => {
+    const s = pid1("/usr/lib/systemd/systemd-shutdown");
+    s.failOn.set("umount", new Error("umount2: EINVAL"));
+    const w = watched(s, false);
+    w.cont();
+    await new Promise((r) => setTimeout(r, 0));
+    // No dropbear of ours for systemd-shutdown to wait for: no SIGCHLD either.
+    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2"]);
+    expect(w.log.lines).toEqual(["info: sidecar beside the OS: the OS is going down (PID 1 is /usr/lib/systemd/systemd-shutdown); no more sshd, could not detach the sidecar image: umount2: EINVAL"]);
   });
 });
 
