@@ -14,6 +14,7 @@ import { countZombies, memAvailableKiB, powerAction, procStatusKiB } from "./pid
 import { type Supervised, stopServices, supervise } from "./supervise.ts";
 import { SSH_DIR } from "./stages/sidecar.ts";
 import { besideWanted, startBeside } from "./stages/beside.ts";
+import { SIDECAR_ROOT } from "./sys/sidecar.ts";
 import { networkRequested, setupNetwork } from "./stages/network.ts";
 import { mountVmRoot, podHandoff, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
 import { RecoverySidecar } from "./stages/recovery.ts";
@@ -165,15 +166,20 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
   // Nothing the initrd started may outlive it (unless beside the OS, in its own namespace).
   await state.sidecar.stop();
   await stopServices(sys, log, services);
+  let beside = false;
   if (besideWanted(cmdline, config)) {
     ctx.timeline.save(); // the sidecar takes a copy of the timeline with it
     const network = () => state.sidecar.network(sys, log, cold, cmdline, config);
     // The OS matters more than its remote admin: a sidecar that cannot start is logged, no more.
-    await stage(ctx, "sidecar-beside", () => startBeside(sys, log, cmdline, config, network)).catch((e: unknown) => log.err(describe(e)));
+    beside = await stage(ctx, "sidecar-beside", () => startBeside(sys, log, cmdline, config, network)).then(
+      () => true,
+      (e: unknown) => (log.err(describe(e)), false),
+    );
   }
   // After the sidecar beside the OS took its own copy of its image: /run moves into the OS, and
-  // nothing of the initrd may stay mounted there but the modules and firmware bound into the root.
-  await stage(ctx, "os-mounts", () => handOverMounts(sys, log, config, esp));
+  // nothing of the initrd may stay mounted there but the modules and firmware bound into the root
+  // (and the tools image stays open, unmounted here, for the sidecar that runs from it).
+  await stage(ctx, "os-mounts", () => handOverMounts(sys, log, config, esp, beside ? [TOOLS_IMAGE] : []));
   forgetSecrets(sys);
   log.info(`timeline: ${ctx.timeline.summary()}`);
   log.info(`handoff: MemAvailable ${memAvailableKiB(sys) ?? "?"} kB before switch_root`);
@@ -188,6 +194,9 @@ export async function boot(ctx: BootContext, state: BootState): Promise<never> {
     onPointOfNoReturn: () => void (state.pastPointOfNoReturn = true),
   });
 }
+
+/** The verified tools image the sidecar beside the OS runs dropbear from (its name in the config). */
+const TOOLS_IMAGE = SIDECAR_ROOT.slice(SIDECAR_ROOT.lastIndexOf("/") + 1);
 
 /** The failure policy for this boot: what main.ts runs for any error that ends the boot. */
 export function failBoot(ctx: BootContext, state: BootState, error: unknown): Promise<never> {
@@ -384,9 +393,11 @@ function initrdStateFd(sys: Sys, log: Logger, target: HandoffTarget): number | u
  * images, the ESPs) is let go: /run moves into the OS, where it would stay mounted and busy
  * until systemd's shutdown failed to unmount it.
  */
-export function handOverMounts(sys: Sys, log: Logger, config: AgentConfig, esp?: EspResult): void {
+export function handOverMounts(sys: Sys, log: Logger, config: AgentConfig, esp?: EspResult, inUse: readonly string[] = []): void {
   const kept = bindImagesForOs(sys, log, config, SYSROOT);
-  releaseImages(sys, log, config, kept);
+  // An image the sidecar beside the OS runs from cannot be closed (libcryptsetup would retry the
+  // removal for ~5 s before it gives up): it is left open for that sidecar.
+  releaseImages(sys, log, config, kept, new Set(inUse));
   if (esp) unmountEsps(sys, log, esp);
 }
 

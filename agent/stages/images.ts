@@ -260,20 +260,20 @@ export function markInitrdMounts(sys: Sys, marks: readonly { src: string; target
  * the binds into the new root (`kept`), or the sidecar beside the OS, whose own namespace has
  * its own bind. An image nothing holds any more is closed (its verity device and loop devices).
  */
-export function releaseImages(sys: Sys, log: Logger, cfg: AgentConfig, kept: ReadonlySet<string>): void {
+export function releaseImages(sys: Sys, log: Logger, cfg: AgentConfig, kept: ReadonlySet<string>, besideUses: ReadonlySet<string> = new Set()): void {
   for (const image of cfg.images) {
     const mountPoint = `${IMAGES_DIR}/${image.name}`;
     if (!sys.mountPoints().includes(mountPoint)) continue;
     sys.umount(mountPoint, MNT_DETACH);
-    if (kept.has(image.name)) {
-      log.info(`image ${image.name}: unmounted from ${mountPoint}; open for the OS`);
+    if (kept.has(image.name) || besideUses.has(image.name)) {
+      log.info(`image ${image.name}: unmounted from ${mountPoint}; open for ${kept.has(image.name) ? "the OS" : "the sidecar beside the OS"}`);
       continue;
     }
     try {
       sys.luks.close(`initos-${image.name}`);
       log.info(`image ${image.name}: unmounted and closed`);
     } catch (e) {
-      // The sidecar beside the OS still runs from it (or it was an unverified loop mount).
+      // Something else still holds it (an unverified loop mount, a process on it).
       log.info(`image ${image.name}: unmounted from ${mountPoint}; still open (${describe(e)})`);
     }
   }
