@@ -34,15 +34,20 @@ export interface SwitchRootPlan {
   onPointOfNoReturn?: () => void;
 }
 
+/** Where a walk inside the new root stopped, and why. */
+export type RootWalk = { resolved: string } | { failed: "missing" | "not a directory" | "too many symlinks"; at: string };
+
 /**
- * Resolves `path` inside `root` the way it will resolve after the switch: absolute symlinks
- * (e.g. /sbin/init -> /lib/systemd/systemd) point into the new root, not into the initramfs.
- * Returns the resolved path relative to the new root, or null if it does not exist.
+ * Walks `path` inside `root` the way the kernel will after the switch: absolute symlinks (e.g.
+ * /sbin/init -> /lib/systemd/systemd) point into the new root, not into the initramfs, and ".."
+ * cannot climb above it. `makeMissing`, when given, is asked to create a missing directory (it
+ * returns false to stop there); with it every component must be a directory.
  */
-export function resolveInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string, path: string): string | null {
+export function walkInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string, path: string, makeMissing?: (here: string) => boolean): RootWalk {
   let pending = path.split("/").filter(Boolean);
   const done: string[] = [];
   let hops = 0;
+  const at = (name: string) => `/${[...done, name].join("/")}`;
   while (pending.length > 0) {
     const name = pending.shift()!;
     if (name === ".") continue;
@@ -50,20 +55,27 @@ export function resolveInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string
       done.pop(); // cannot climb above the new root, just like after chroot
       continue;
     }
-    const here = `${root}/${[...done, name].join("/")}`;
+    const here = `${root}${at(name)}`;
     const st = sys.lstat(here);
-    if (st.kind === "missing") return null;
     if (st.kind === "link") {
-      if (++hops > MAX_SYMLINKS) return null;
+      if (++hops > MAX_SYMLINKS) return { failed: "too many symlinks", at: at(name) };
       const target = sys.readlink(here);
       if (target.startsWith("/")) done.length = 0;
       pending = [...target.split("/").filter(Boolean), ...pending];
       continue;
     }
-    if (pending.length > 0 && st.kind !== "dir") return null;
+    // Every parent is a real directory by now, so a missing one is made exactly once.
+    if (st.kind === "missing" && !makeMissing?.(here)) return { failed: "missing", at: at(name) };
+    if (st.kind !== "missing" && st.kind !== "dir" && (makeMissing || pending.length > 0)) return { failed: "not a directory", at: at(name) };
     done.push(name);
   }
-  return `/${done.join("/")}`;
+  return { resolved: `/${done.join("/")}` };
+}
+
+/** `path` resolved inside `root` (see walkInRoot), relative to it; null if it does not exist. */
+export function resolveInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string, path: string): string | null {
+  const w = walkInRoot(sys, root, path);
+  return "resolved" in w ? w.resolved : null;
 }
 
 /** Picks the first init candidate that exists and is executable in the new root. */

@@ -11,6 +11,7 @@ import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
+import { walkInRoot } from "../switchroot.ts";
 import type { Coldplug } from "./devices.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
 
@@ -100,7 +101,6 @@ export function setupImages(sys: Sys, log: Logger, cfg: AgentConfig, esp: EspRes
 
 const MODULES_DIR = "/lib/modules";
 const RELEASE = "/proc/sys/kernel/osrelease";
-const MAX_SYMLINKS = 40;
 /** libmount's table of userspace mount options, in the /run that moves into the OS. */
 export const UTAB = "/run/mount/utab";
 
@@ -131,31 +131,9 @@ export function osBinds(cfg: AgentConfig, release: string): OsBind[] {
  * Returns the resolved path, relative to the root; throws naming what is in the way.
  */
 export function mountPointInRoot(sys: Sys, root: string, path: string): string {
-  let pending = path.split("/").filter(Boolean);
-  const done: string[] = [];
-  let hops = 0;
-  while (pending.length > 0) {
-    const name = pending.shift()!;
-    if (name === ".") continue;
-    if (name === "..") {
-      done.pop(); // no higher than the root, as after the chroot
-      continue;
-    }
-    const here = `${root}/${[...done, name].join("/")}`;
-    const st = sys.lstat(here);
-    if (st.kind === "link") {
-      if (++hops > MAX_SYMLINKS) throw new BootError(`${path}: too many symlinks in the root`);
-      const target = sys.readlink(here);
-      if (target.startsWith("/")) done.length = 0;
-      pending = [...target.split("/").filter(Boolean), ...pending];
-      continue;
-    }
-    // Every parent is a real directory by now, so this makes exactly one.
-    if (st.kind === "missing") sys.mkdirp(here);
-    else if (st.kind !== "dir") throw new BootError(`${path}: /${[...done, name].join("/")} is not a directory in the root`);
-    done.push(name);
-  }
-  return `/${done.join("/")}`;
+  const w = walkInRoot(sys, root, path, (here) => (sys.mkdirp(here), true));
+  if ("resolved" in w) return w.resolved;
+  throw new BootError(w.failed === "too many symlinks" ? `${path}: too many symlinks in the root` : `${path}: ${w.at} is not a directory in the root`);
 }
 
 /**
