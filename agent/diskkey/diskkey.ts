@@ -118,9 +118,8 @@ export function unsealObject(tpm: TpmOps, req: Requirement, t: Sealed, signature
  * Unseals every usable token of every volume. Never throws: a token that does not meet the
  * config, or that the TPM refuses, is one line in the log. The caller latches right after.
  */
-export function unsealTokens(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, volumes: readonly string[]): UnsealedKey[] {
+export function unsealTokens(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, volumes: readonly string[], signature = pcrSignatureOnce(sys, req)): UnsealedKey[] {
   const keys: UnsealedKey[] = [];
-  const signature = pcrSignatureOnce(sys, req);
   for (const device of volumes) {
     const tokens = readTokens(sys, log, device);
     if (!tokens.length) log.warn(`unlock: ${device}: no systemd-tpm2 token in the LUKS2 header`);

@@ -11,13 +11,14 @@ import type { Requirement } from "./token.ts";
 
 export function releaseKeys(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, espMount: string, espDir: string, volumes: readonly string[]): UnsealedKey[] {
   // The host key first: after the latch nothing unseals it, and the recovery sidecar needs it.
-  const hostKey = unsealHostKey(sys, log, tpm, req, sealedHostKeyPath(espMount, espDir), pcrSignatureOnce(sys, req));
+  const signature = pcrSignatureOnce(sys, req); // /.extra read once, when first needed
+  const hostKey = unsealHostKey(sys, log, tpm, req, sealedHostKeyPath(espMount, espDir), signature);
   if (hostKey) {
     sys.mkdirp(SSH_DIR, 0o700);
     sys.writeBytes(HOST_KEY, hostKey, 0o600);
     hostKey.fill(0);
   }
-  const keys = unsealTokens(sys, log, tpm, req, volumes);
+  const keys = unsealTokens(sys, log, tpm, req, volumes, signature);
   // Only a volume with no token at all may be sealed in the format before tokens.
   const bare = volumes.filter((d) => !keys.some((k) => k.device === d) && readTokens(sys, log, d).length === 0);
   const seal = bare.length ? readLegacySeal(sys, espMount, espDir) : null;

@@ -5,7 +5,7 @@
 // is refused before the TPM is asked.
 import { z } from "zod";
 import { zodIssue } from "../errors.ts";
-import { keyFingerprint } from "./policy.ts";
+import { keyFingerprint, sortedPcrs } from "./policy.ts";
 
 export const TOKEN_TYPE = "systemd-tpm2";
 
@@ -128,12 +128,8 @@ export interface Requirement {
   signer?: string;
 }
 
-const same = (a: readonly number[], b: readonly number[]) => {
-  const x = [...new Set(a)].sort((p, q) => p - q);
-  const y = [...new Set(b)].sort((p, q) => p - q);
-  return x.length === y.length && x.every((v, i) => v === y[i]);
-};
-const list = (p: readonly number[]) => (p.length ? [...p].sort((a, b) => a - b).join(",") : "none");
+const list = (p: readonly number[]) => (p.length ? sortedPcrs(p).join(",") : "none");
+const same = (a: readonly number[], b: readonly number[]) => list(a) === list(b);
 
 /** "PCR 7 + signed 11", for log lines. */
 export function describeBinding(pcrs: readonly number[], signedPcrs: readonly number[]): string {
