@@ -47,12 +47,7 @@ describe("the sidecar beside the OS", () => {
   });
 
   it("builds its root in its own namespace: private first, binds not copies, signals PID 1 before the chroot, execs itself", () => {
-    const s = new FakeSys()
-      .add("/usr/bin/initos-agent", { kind: "file" })
-      .add("/usr/lib/x86_64-linux-gnu/libc.so.6", { kind: "file" })
-      .add("/usr/lib64/ld-linux-x86-64.so.2", { kind: "file" })
-      .add("/etc/initos/config.json", { kind: "file", data: "{}" })
-      .add("/run/initos/ssh/host_ed25519", { kind: "file", data: "key" });
+    const s = agentFiles();
     expect(() => enterBesideRoot(s, silentLog())).toThrow("execve reached");
     const c = s.calls.filter((x) => /^(unshare|mount|chroot|writeFile \/run|execve|copyFile)/.test(x));
     expect(c.slice(0, 3)).toEqual(["unshareMountNs", "mount null / null 0x44000", "mount tmpfs /beside tmpfs 0x6 mode=0755,size=16m"]);
@@ -271,14 +266,19 @@ describe("the sidecar beside the OS at the OS's shutdown", () => {
   });
 });
 
-/** The initramfs as PID 1 leaves it just before switch_root, with an open pool and ESP. */
-function initramfs(): FakeSys {
-  const s = new FakeSys()
+/** What the sidecar binds into its root: the agent, its libraries, its config and host key. */
+function agentFiles(): FakeSys {
+  return new FakeSys()
     .add("/usr/bin/initos-agent", { kind: "file" })
     .add("/usr/lib/x86_64-linux-gnu/libc.so.6", { kind: "file" })
     .add("/usr/lib64/ld-linux-x86-64.so.2", { kind: "file" })
     .add("/etc/initos/config.json", { kind: "file", data: "{}" })
     .add("/run/initos/ssh/host_ed25519", { kind: "file", data: "key" });
+}
+
+/** The initramfs as PID 1 leaves it just before switch_root, with an open pool and ESP. */
+function initramfs(): FakeSys {
+  const s = agentFiles();
   s.mounts = [
     "/",
     "/proc",
