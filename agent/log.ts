@@ -124,9 +124,27 @@ export function uptime(): number {
   return anchor.uptime + (performance.now() - anchor.perf) / 1000;
 }
 
+/** Where the boot's timeline is kept: in /run, which moves into the OS. */
+export const TIMELINE_PATH = "/run/initos/boot.json";
+
+/** `early 12ms, modules 340ms, ...`: the stages in one line (a failed one says so). */
+export function summarizeStages(stages: readonly Pick<StageRecord, "name" | "durationMs" | "ok">[]): string {
+  return stages.map((s) => `${s.name} ${s.durationMs.toFixed(0)}ms${s.ok === false ? " FAILED" : ""}`).join(", ");
+}
+
+/** The stages of a saved timeline (boot.json), or null when it cannot be read. */
+export function savedStages(text: string | null): StageRecord[] | null {
+  try {
+    const t = JSON.parse(text ?? "") as { stages?: unknown };
+    return Array.isArray(t.stages) ? (t.stages as StageRecord[]) : null;
+  } catch {
+    return null;
+  }
+}
+
 export class Timeline {
   readonly stages: StageRecord[] = [];
-  constructor(private readonly path = "/run/initos/boot.json") {}
+  constructor(private readonly path = TIMELINE_PATH) {}
 
   record(r: StageRecord): void {
     this.stages.push(r);
@@ -148,6 +166,6 @@ export class Timeline {
 
   /** One line per stage, for the console: `timeline: early 12ms, modules 340ms, ...`. */
   summary(): string {
-    return this.stages.map((s) => `${s.name} ${s.durationMs.toFixed(0)}ms${s.ok ? "" : " FAILED"}`).join(", ");
+    return summarizeStages(this.stages);
   }
 }

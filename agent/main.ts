@@ -4,10 +4,12 @@ import { dirname } from "node:path";
 import { CONFIG_PATH, parseConfig } from "./config.ts";
 import { BUSYBOX, runAsShell } from "./stages/sidecar.ts";
 import { boot, type BootContext, type BootState, failBoot } from "./boot.ts";
+import { CTL_COMMANDS, CTL_SOCKET } from "./admin.ts";
+import { describe } from "./errors.ts";
 import { KmsgLogger, Timeline } from "./log.ts";
 import { installPid1Handlers } from "./pid1.ts";
 import { realSys } from "./sys/index.ts";
-import { RecoverySidecar } from "./stages/recovery.ts";
+import { RemoteAdmin } from "./stages/remote.ts";
 
 /** Where the initrd build puts sigrelay.so (see initrd/sigrelay.c). */
 const SIGRELAY_LIB = "/usr/lib/initos/sigrelay.so";
@@ -18,13 +20,13 @@ async function runAsInit(): Promise<never> {
   const sys = await realSys();
   const libc = await import("./sys/libc.ts");
   const ctx: BootContext = { sys, log, timeline };
-  const state: BootState = { sidecar: new RecoverySidecar() };
+  const state: BootState = { remote: new RemoteAdmin(sys, log) };
 
   let failing = false;
   const fail = (e: unknown): Promise<never> => {
     if (failing) {
       // A second failure while handling the first: keep the first reason, do not recurse.
-      log.err(`also: ${e instanceof Error ? e.message : String(e)}`);
+      log.err(`also: ${describe(e)}`);
       return new Promise<never>(() => {});
     }
     failing = true;
@@ -52,7 +54,7 @@ async function runAsInit(): Promise<never> {
  */
 function lastResort(e: unknown): void {
   try {
-    writeSync(1, `initos: fatal before the failure policy could run: ${e instanceof Error ? e.message : String(e)}\n`);
+    writeSync(1, `initos: fatal before the failure policy could run: ${describe(e)}\n`);
   } catch {
     // no console either: nothing left to tell
   }
@@ -79,7 +81,7 @@ async function runBesideSidecar(phase: "beside" | "beside-run"): Promise<never> 
     const beside = await import("./stages/beside.ts");
     return phase === "beside" ? beside.enterBesideRoot(sys, log) : await beside.runBeside(sys, log);
   } catch (e) {
-    log.err(`sidecar beside the OS: ${e instanceof Error ? e.message : String(e)}`);
+    log.err(`sidecar beside the OS: ${describe(e)}`);
     process.exit(1);
   }
 }
@@ -97,11 +99,12 @@ function main(): void {
     // `initos-agent ctl status`, sshd running the agent as root's shell (`-c "status"`), or an
     // interactive ssh login (argv[0] "-initos-agent", no arguments).
     const args = process.argv[2] === "ctl" ? ["-c", process.argv.slice(3).join(" ")] : process.argv.slice(2);
-    void runAsShell(args, { readStdin, shell: shellOffered() })
-      .catch((e: unknown) => (process.stderr.write(`initos: ${(e as Error).message}\n`), 1))
+    const request = async (line: string) => (await import("./sys/ctlsocket.ts")).requestLine(CTL_SOCKET, line);
+    void runAsShell(args, { readStdin, request, shell: shellOffered() })
+      .catch((e: unknown) => (process.stderr.write(`initos: ${describe(e)}\n`), 1))
       .then((code) => process.exit(code));
   } else {
-    process.stderr.write("initos-agent: PID 1 of the initrd; as a client: initos-agent ctl {status|log|unlock|reseal|switch-root|reboot|poweroff}\n");
+    process.stderr.write(`initos-agent: PID 1 of the initrd; as a client: initos-agent ctl {${CTL_COMMANDS.join("|")}}\n`);
     process.exit(2);
   }
 }

@@ -8,10 +8,12 @@
 // SIGTERM, SIGKILL after a bound, and waited for until /proc no longer shows them. Before
 // switch_root a last sweep ends whatever escaped (an orphan that left its session): nothing of
 // the initrd may run on in the OS.
-import { spawn } from "node:child_process";
 import type { Logger } from "./log.ts";
-import { ownChildren, reapNow } from "./pid1.ts";
-import type { Sys } from "./sys/index.ts";
+import { reapNow } from "./pid1.ts";
+import type { Clock, Files, Processes } from "./sys/index.ts";
+
+/** What supervising touches: processes, the clock, and /proc to find what a service started. */
+export type SuperviseSys = Processes & Clock & Pick<Files, "readdir" | "readFile">;
 
 export interface Service {
   name: string;
@@ -44,12 +46,12 @@ export interface Supervised {
    * Stops the service for good, with every process it started (before switch_root: nothing of
    * the initrd may outlive it). Resolves once they are gone, or the bounds have passed.
    */
-  stop(sys: Sys, bounds?: StopBounds): Promise<void>;
+  stop(sys: SuperviseSys, bounds?: StopBounds): Promise<void>;
 }
 
-export function supervise(log: Logger, svc: Service): Supervised {
+export function supervise(sys: SuperviseSys, log: Logger, svc: Service): Supervised {
   const handle: Handle = { stopped: false };
-  start(log, svc, MIN_BACKOFF_MS / 2, handle);
+  start(sys, log, svc, MIN_BACKOFF_MS / 2, handle);
   return {
     name: svc.name,
     async stop(sys, bounds = STOP_BOUNDS) {
@@ -68,34 +70,17 @@ interface Handle {
   pid?: number;
 }
 
-function start(log: Logger, svc: Service, backoffMs: number, handle: Handle): void {
-  const started = performance.now();
-  // detached: setsid() in the child, so the service and what it starts share a session id.
-  const child = spawn(svc.argv[0]!, svc.argv.slice(1), { env: svc.env ?? {}, stdio: ["ignore", "pipe", "pipe"], detached: true });
-  if (child.pid) ownChildren.add(child.pid);
+function start(sys: SuperviseSys, log: Logger, svc: Service, backoffMs: number, handle: Handle): void {
+  const started = sys.now();
+  const child = sys.spawnService(svc.argv, svc.env ?? {}, (line) => log.info(`${svc.name}: ${line}`));
   handle.pid = child.pid;
   log.info(`supervise: ${svc.name} started (pid ${child.pid ?? "?"})`);
-  for (const stream of [child.stdout, child.stderr]) {
-    let rest = "";
-    stream.setEncoding("utf8");
-    stream.on("data", (d: string) => {
-      const lines = (rest + d).split("\n");
-      rest = lines.pop()!;
-      for (const l of lines) if (l.trim()) log.info(`${svc.name}: ${l.trim()}`);
-    });
-  }
-  let done = false;
-  const restart = (why: string) => {
-    if (done) return;
-    done = true;
-    if (child.pid) ownChildren.delete(child.pid);
+  void child.exited.then((why) => {
     if (handle.stopped) return;
-    const delay = nextBackoff(backoffMs, performance.now() - started);
+    const delay = nextBackoff(backoffMs, sys.now() - started);
     log.warn(`supervise: ${svc.name} ${why}; restarting in ${(delay / 1000).toFixed(0)}s`);
-    setTimeout(() => handle.stopped || start(log, svc, delay, handle), delay);
-  };
-  child.on("exit", (code, signal) => restart(signal ? `killed by ${signal}` : `exited with ${code}`));
-  child.on("error", (e) => restart(`failed to start: ${e.message}`));
+    sys.after(delay, () => handle.stopped || start(sys, log, svc, delay, handle));
+  });
 }
 
 /** A process as /proc/<pid>/stat shows it: what stopping needs to know. */
@@ -123,7 +108,7 @@ export function parseStat(stat: string): Proc | null {
   return Number.isInteger(p.pid) && Number.isInteger(p.ppid) ? p : null;
 }
 
-export function listProcs(sys: Pick<Sys, "readdir" | "readFile">): Proc[] {
+export function listProcs(sys: Pick<Files, "readdir" | "readFile">): Proc[] {
   const out: Proc[] = [];
   for (const name of sys.readdir("/proc")) {
     if (!/^\d+$/.test(name)) continue;
@@ -184,7 +169,7 @@ const names = (ps: readonly Proc[]) => {
  * poll for orphans; the runtime reaps its own children. Returns what could not be ended
  * (uninterruptible sleep), which the caller can only log.
  */
-export async function endProcesses(sys: Sys, log: Logger, what: string, members: Members, bounds: StopBounds = STOP_BOUNDS): Promise<Proc[]> {
+export async function endProcesses(sys: SuperviseSys, log: Logger, what: string, members: Members, bounds: StopBounds = STOP_BOUNDS): Promise<Proc[]> {
   const t0 = sys.now();
   const known = new Map<string, Proc>();
   const sent = new Map<string, number>(); // member → the last signal it got
@@ -224,7 +209,7 @@ export async function endProcesses(sys: Sys, log: Logger, what: string, members:
  * running (an orphan that left its service's session, what an ssh session left behind): only
  * PID 1 goes on into the OS. The sidecar beside the OS is started after this.
  */
-export async function stopServices(sys: Sys, log: Logger, services: readonly Supervised[], bounds: StopBounds = STOP_BOUNDS): Promise<void> {
+export async function stopServices(sys: SuperviseSys, log: Logger, services: readonly Supervised[], bounds: StopBounds = STOP_BOUNDS): Promise<void> {
   await Promise.all(services.map((s) => s.stop(sys, bounds)));
   await endProcesses(sys, log, "leftovers", everythingBut(sys.pid()), bounds);
 }

@@ -89,6 +89,16 @@ export function findInit(sys: Pick<Sys, "lstat" | "readlink">, root: string, can
   return null;
 }
 
+/** Whether an init, resolved inside the new root, is systemd (decided on the file, not the name asked for). */
+export function isSystemd(resolved: string): boolean {
+  return /(^|\/)systemd$/.test(resolved);
+}
+
+/** The program systemd execs as PID 1 once every unit is stopped: it kills, unmounts, detaches. */
+export function isSystemdShutdown(initExe: string): boolean {
+  return /(^|\/)systemd-shutdown$/.test(initExe);
+}
+
 /** The guards: nothing is touched unless all of them pass. Throws SwitchRootRefused. */
 export function checkSwitchRoot(sys: Sys, plan: SwitchRootPlan): void {
   // Only PID 1 may do this: another process would strand the real init in an empty initramfs.

@@ -29,15 +29,16 @@
 // mount are not held.
 import type { Cmdline } from "../cmdline.ts";
 import { type AgentConfig, CONFIG_PATH, parseConfig } from "../config.ts";
-import type { CtlHandler, CtlResponse } from "../ctl.ts";
-import { BootError } from "../errors.ts";
-import type { Logger } from "../log.ts";
+import { type AdminCaps, adminHandler, type PowerAction, serveAdmin, type StatusField } from "../admin.ts";
+import { BootError, describe } from "../errors.ts";
+import { type Logger, savedStages, summarizeStages, TIMELINE_PATH } from "../log.ts";
 import { procStatusKiB } from "../pid1.ts";
+import { isSystemd, isSystemdShutdown } from "../switchroot.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Sys } from "../sys/index.ts";
 import { SIDECAR_ROOT } from "../sys/sidecar.ts";
 import type { Supervised } from "../supervise.ts";
-import { AGENT_PATH, HOST_KEY, SSH_DIR, startCtl, startSshd } from "./sidecar.ts";
+import { AGENT_PATH, HOST_KEY, SSH_DIR, startSshd } from "./sidecar.ts";
 import { networkRequested } from "./network.ts";
 
 /** argv[0] of the sidecar process: the '@' is systemd's "do not kill me at shutdown". */
@@ -46,7 +47,6 @@ export const BESIDE_ARGV0 = "@initos-sidecar";
 const STAGING = "/beside";
 /** Phase 1 creates this in the shared /run when its root is in place; PID 1 waits for it. */
 const READY = "/run/initos/beside.ready";
-const TIMELINE = "/run/initos/boot.json";
 /**
  * In the sidecar's own root: the mounts of its namespace that were outside that root when it
  * chrooted (one a line; none when empty). Recorded before the chroot because afterwards
@@ -81,9 +81,9 @@ export async function startBeside(sys: Sys, log: Logger, cmdline: Cmdline, confi
   }
   await network();
   const pid = sys.spawnDetached([AGENT_PATH, "beside"], BESIDE_ARGV0);
-  const start = performance.now();
+  const start = sys.now();
   while (!sys.exists(READY)) {
-    if (performance.now() - start > timeoutMs || !sys.exists(`/proc/${pid}`)) {
+    if (sys.now() - start > timeoutMs || !sys.exists(`/proc/${pid}`)) {
       throw new BootError(`sidecar beside the OS: pid ${pid} did not set up its root within ${timeoutMs / 1000}s`);
     }
     await sys.sleep(20);
@@ -129,7 +129,7 @@ export function enterBesideRoot(sys: Sys, log: Logger): never {
   sys.mount("sysfs", `${STAGING}/sys`, "sysfs", MS.NOSUID | MS.NODEV | MS.NOEXEC | MS.RDONLY);
   sys.mount("devtmpfs", `${STAGING}/dev`, "devtmpfs", MS.NOSUID, "mode=0755");
   // Small files are copied: the config (signed, in the initrd), the boot timeline, the host key.
-  for (const f of [CONFIG_PATH, TIMELINE, HOST_KEY]) {
+  for (const f of [CONFIG_PATH, TIMELINE_PATH, HOST_KEY]) {
     if (sys.exists(f)) sys.copyFile(f, `${STAGING}${f}`);
   }
   const detached = detachInherited(sys);
@@ -182,16 +182,11 @@ export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }):
   const { config, error } = parseConfig(sys.readFile(CONFIG_PATH));
   if (error) log.err(error);
   sys.mkdirp(SSH_DIR, 0o700);
-  startCtl(log, besideHandler(sys, log));
+  serveAdmin(sys, log, adminHandler(besideAdmin(sys, log)));
   const sshd = startSshd(sys, log, config);
   watchOsShutdown(sys, log, sshd);
   log.info(`sidecar beside the OS: ready (pid ${sys.pid()})`);
   for (;;) await sys.sleep(3_600_000);
-}
-
-/** The program systemd execs as PID 1 once every unit is stopped: it kills, unmounts, detaches. */
-export function isSystemdShutdown(initExe: string): boolean {
-  return /(^|\/)systemd-shutdown$/.test(initExe);
 }
 
 /**
@@ -250,11 +245,11 @@ export function watchOsShutdown(
     try {
       sys.umount(SIDECAR_ROOT, MNT_DETACH);
     } catch (e) {
-      released = `could not detach the sidecar image: ${e instanceof Error ? e.message : String(e)}`;
+      released = `could not detach the sidecar image: ${describe(e)}`;
     }
     log.info(`sidecar beside the OS: the OS is going down (PID 1 is ${init}); no more sshd, ${released}`);
     void stopping
-      ?.catch((e: unknown) => log.warn(`sidecar beside the OS: stopping sshd: ${e instanceof Error ? e.message : String(e)}`))
+      ?.catch((e: unknown) => log.warn(`sidecar beside the OS: stopping sshd: ${describe(e)}`))
       .then(() => {
         try {
           sys.signal(1, SIGCHLD);
@@ -280,61 +275,53 @@ const SIGRTMIN = 34;
  * Other inits: SIGINT is ctrl-alt-del (sysvinit and busybox init reboot on it), SIGUSR2 is
  * busybox init's poweroff.
  */
-export function shutdownSignal(action: "reboot" | "poweroff", initExe: string): { signal: number; name: string } {
-  if (/(^|\/)systemd$/.test(initExe)) {
+export function shutdownSignal(action: PowerAction, initExe: string): { signal: number; name: string } {
+  if (isSystemd(initExe)) {
     return action === "reboot" ? { signal: SIGRTMIN + 5, name: "SIGRTMIN+5" } : { signal: SIGRTMIN + 4, name: "SIGRTMIN+4" };
   }
   return action === "reboot" ? { signal: 2, name: "SIGINT" } : { signal: 12, name: "SIGUSR2" };
 }
 
-export function besideHandler(sys: Sys, log: Logger & { recent(): string[] }): CtlHandler {
-  return async (req): Promise<CtlResponse> => {
-    switch (req.cmd) {
-      case "status":
-        return { ok: true, text: besideStatus(sys) };
-      case "log":
-        return { ok: true, text: log.recent().join("\n") };
-      case "reboot":
-      case "poweroff": {
-        let init = "";
-        try {
-          init = sys.readlink("/proc/1/exe");
-        } catch {
-          // unknown init: the generic signal
-        }
-        const sig = shutdownSignal(req.cmd, init);
-        log.info(`sidecar beside the OS: asking init (${init || "?"}) to ${req.cmd} (signal ${sig.signal}: ${sig.name})`);
-        setTimeout(() => sys.signal(1, sig.signal), 200); // answer first: the OS may go down fast
-        return { ok: true, text: `${req.cmd} requested from the OS's init` };
+/**
+ * What the agent beside the OS may do: it speaks for a machine the OS owns now, so power
+ * actions are requests to the OS's init, and nothing that belongs to the boot (unlock,
+ * switch-root) is left to do.
+ */
+export function besideAdmin(sys: Sys, log: Logger & { recent(): string[] }): AdminCaps {
+  const refused = { refused: "not available beside the running OS" };
+  return {
+    status: () => besideStatus(sys),
+    log: () => log.recent(),
+    power(action) {
+      let init = "";
+      try {
+        init = sys.readlink("/proc/1/exe");
+      } catch {
+        // unknown init: the generic signal
       }
-      case "unlock":
-      case "reseal":
-      case "switch-root":
-        return { ok: false, text: `${req.cmd}: not available beside the running OS` };
-    }
+      const sig = shutdownSignal(action, init);
+      log.info(`sidecar beside the OS: asking init (${init || "?"}) to ${action} (signal ${sig.signal}: ${sig.name})`);
+      sys.after(200, () => sys.signal(1, sig.signal)); // answer first: the OS may go down fast
+      return `${action} requested from the OS's init`;
+    },
+    passphrase: refused,
+    switchRoot: refused,
   };
 }
 
-export function besideStatus(sys: Sys): string {
-  let stages = "unknown";
-  try {
-    const t = JSON.parse(sys.readFile(TIMELINE) ?? "") as { stages: { name: string; durationMs: number }[] };
-    stages = t.stages.map((s) => `${s.name} ${s.durationMs.toFixed(0)}ms`).join(", ");
-  } catch {
-    // no timeline: say so
-  }
+export function besideStatus(sys: Sys): StatusField[] {
+  const stages = savedStages(sys.readFile(TIMELINE_PATH));
   const argv0 = (sys.readFile("/proc/self/cmdline") ?? "").split("\0")[0];
-  const rss = procStatusKiB(sys, "VmRSS") ?? "?";
   const outside = sys.readFile(OUTSIDE)?.split("\n").filter(Boolean);
   return [
-    `mode: sidecar beside the OS`,
-    `process: ${argv0} (pid ${sys.pid()})`,
-    `boot stages: ${stages}`,
-    `agent rss: ${rss} kB`,
-    `dumpable: ${sys.getDumpable() ? 1 : 0}`,
-    `mounts: ${summarizeMounts(sys.readFile("/proc/self/mountinfo") ?? "")}`,
-    `mounts left outside its root: ${outside === undefined ? "unknown" : outside.join(", ") || "none"}`,
-  ].join("\n");
+    ["mode", "sidecar beside the OS"],
+    ["process", `${argv0} (pid ${sys.pid()})`],
+    ["boot stages", stages ? summarizeStages(stages) : "unknown"],
+    ["agent rss", `${procStatusKiB(sys, "VmRSS") ?? "?"} kB`],
+    ["dumpable", sys.getDumpable() ? 1 : 0],
+    ["mounts", summarizeMounts(sys.readFile("/proc/self/mountinfo") ?? "")],
+    ["mounts left outside its root", outside === undefined ? "unknown" : outside.join(", ") || "none"],
+  ];
 }
 
 /** mountinfo escapes space, tab, newline and backslash as octal. */

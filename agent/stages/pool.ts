@@ -2,7 +2,7 @@
 // passphrase, see unlock.ts), open them all, mount the btrfs pool, read the host config on it
 // and mount the root subvolume with its binds on /sysroot.
 import type { Cmdline } from "../cmdline.ts";
-import type { CtlHandler } from "../ctl.ts";
+import type { AdminCaps } from "../admin.ts";
 import type { AgentConfig } from "../config.ts";
 import { BootError, describe } from "../errors.ts";
 import { HOST_CONFIG_ENV, HOST_CONFIG_JSON, type HostConfig, parseHostEnv, parseHostJson } from "../hostconfig.ts";
@@ -18,7 +18,7 @@ import type { SecureBoot } from "./early.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";
-import { RecoverySidecar, RemoteSecrets } from "./recovery.ts";
+import { type RemoteAdmin, RemoteSecrets } from "./remote.ts";
 import { ensureHostKey, HOST_KEY, SSH_DIR } from "./sidecar.ts";
 import { unlock, type UnlockOps, type UnlockResult } from "./unlock.ts";
 
@@ -174,12 +174,12 @@ export interface UnlockedPool {
 }
 
 /**
- * Opens the encrypted pool. `sidecar` is the boot's recovery sidecar: started here the first
- * time a human is asked (or already running in sidecar mode); while the unlock waits, `unlock`
- * and `reseal` requests go to it and the rest to `admin`. The boot plan stops it before
- * switch_root.
+ * Opens the encrypted pool. `remoteAdmin` is the boot's: started here the first time a human is
+ * asked (or already running in sidecar mode); while the unlock waits, it answers `unlock` and
+ * `reseal` with the passphrase loop and everything else as `admin`. The boot plan stops it
+ * before switch_root.
  */
-export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, esp: EspResult, sidecar: RecoverySidecar, admin: CtlHandler): Promise<UnlockedPool> {
+export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, esp: EspResult, remoteAdmin: RemoteAdmin, admin: AdminCaps): Promise<UnlockedPool> {
   const volumes = await waitUntil(sys, log, cold, "an encrypted volume (LUKS2)", cmdline.rootWaitSeconds ?? cfg.rootWaitSeconds, () => {
     const v = findLuksVolumes(sys);
     return v.length ? v : null;
@@ -188,10 +188,10 @@ export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: Age
   loadCryptModules(sys, log);
   const opened: OpenedVolume[] = [];
   const remote = new RemoteSecrets();
-  const route: CtlHandler = (req) => (req.cmd === "unlock" || req.cmd === "reseal" ? remote.handle(req) : admin(req));
+  const waiting: AdminCaps = { ...admin, passphrase: { run: remote.handle } };
   let started: Promise<boolean> | undefined;
   const recovery = async () => {
-    started ??= sidecar.start(sys, log, cold, cfg, cmdline, route).then((up) => {
+    started ??= remoteAdmin.start(cold, cfg, cmdline, waiting).then((up) => {
       if (up) log.info("recovery: the passphrase is also accepted over ssh: ssh root@<host> unlock (or reseal)");
       return up;
     });
@@ -204,7 +204,7 @@ export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: Age
     // The ssh client that sent the passphrase is still reading its answer; give it a moment
     // before the boot goes on (and sshd with it), or it sees the connection drop instead.
     if (remote.answeredOk) await sys.sleep(3000);
-    sidecar.route(admin);
+    remoteAdmin.route(admin);
   }
 }
 

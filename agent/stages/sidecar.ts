@@ -1,9 +1,8 @@
 // Sidecar mode: no root to switch to (or recovery): PID 1 stays, with sshd on the network and
 // the admin commands behind it. An ssh session gets the agent itself as its "shell", which only
 // speaks the ctl commands: there is no shell to break into.
-import type { Server } from "node:net";
 import type { AgentConfig } from "../config.ts";
-import { callCtl, type CtlHandler, requestFromArgs, serveCtl } from "../ctl.ts";
+import { callAdmin, requestFromArgs } from "../admin.ts";
 import type { Logger } from "../log.ts";
 import { type Supervised, supervise } from "../supervise.ts";
 import type { Sys } from "../sys/index.ts";
@@ -41,7 +40,7 @@ export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): Supervised |
   const hostKey = ensureHostKey(sys);
   // -F foreground, -E log to stderr (our log), -s no passwords, -j/-k no forwarding.
   const dropbear = sidecarExec("dropbear");
-  const svc = supervise(log, { name: "sshd", argv: [...dropbear.argv, "-F", "-E", "-s", "-j", "-k", "-p", String(cfg.ssh.port), "-r", hostKey], env: dropbear.env });
+  const svc = supervise(sys, log, { name: "sshd", argv: [...dropbear.argv, "-F", "-E", "-s", "-j", "-k", "-p", String(cfg.ssh.port), "-r", hostKey], env: dropbear.env });
   log.info(`sidecar: sshd on port ${cfg.ssh.port}, ${cfg.ssh.authorizedKeys.length} authorized key(s)`);
   return svc;
 }
@@ -53,15 +52,13 @@ export function ensureHostKey(sys: Sys): string {
   return HOST_KEY;
 }
 
-export function startCtl(log: Logger, handle: CtlHandler): Server {
-  return serveCtl(log, handle);
-}
-
 /** busybox from the verified sidecar image: the only shell there is, and only when the config offers it. */
 export const BUSYBOX = `${SIDECAR_ROOT}/usr/bin/busybox`;
 
 export interface ShellIo {
   readStdin(): string;
+  /** Sends one request line to the admin socket; the reply line. */
+  request(line: string): Promise<string>;
   /** Runs busybox with these arguments on the session's stdio; absent when no shell is offered. */
   shell?: (args: string[]) => Promise<number>;
 }
@@ -80,7 +77,7 @@ export async function runAsShell(args: readonly string[], io: ShellIo): Promise<
     process.stderr.write(`initos: ${req}\n`);
     return 2;
   }
-  const res = await callCtl(req);
+  const res = await callAdmin(req, io.request);
   process.stdout.write(res.text.endsWith("\n") ? res.text : `${res.text}\n`);
   return res.ok ? 0 : 1;
 }

@@ -3,7 +3,6 @@
 import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import { open } from "node:fs/promises";
-import { ownChildren } from "../pid1.ts";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
 import type { TpmDevice } from "./tss.ts";
 
@@ -59,7 +58,12 @@ export interface FileInfo {
   dev: number;
 }
 
-export interface Sys {
+// Small interfaces, one per kind of side effect: a stage takes the intersection of those it
+// uses (`sys: Files & Mounts`), so its signature shows what it touches, and a fake needs only
+// those. `Sys` is all of them: what the real machine (realSys) and the full fake provide.
+
+/** Files and directories (never a mount). */
+export interface Files {
   readFile(path: string): string | null;
   /** A file's bytes (the first `limit` bytes when given, e.g. a disk's head); null if unreadable. */
   readBytes(path: string, limit?: number): Uint8Array | null;
@@ -72,38 +76,8 @@ export interface Sys {
   /** Directory entries; empty when the directory cannot be read. */
   readdir(path: string): string[];
   mkdirp(path: string, mode?: number): void;
-  /** Mount points from /proc/self/mounts. */
-  mountPoints(): string[];
-  mount(src: string | null, target: string, fstype: string | null, flags: number, data?: string | null): void;
-  umount(target: string, flags: number): void;
-  /** mount(2) on a worker thread, for mounts that take long; the error names no errno. */
-  mountInBackground(src: string | null, target: string, fstype: string | null, flags: number): Promise<void>;
-  statfsType(path: string): number;
-  /** Loads a module (name or alias) with its dependencies: what was inserted, what matched. */
-  loadModule(nameOrAlias: string): { modules: string[]; matched: string[] };
-  /** Re-reads /lib/modules/<release> after a new tree is mounted there. */
-  reloadModuleIndex(): void;
-  /** Kernel uevents received since the last call, as key/value maps (ACTION, DEVPATH, MODALIAS, ...). */
-  pollUevents(): Record<string, string>[];
-  /**
-   * Checks the hash device's superblock against the pinned `verity` parameters, verifies every
-   * block, then opens /dev/mapper/<name>. Throws naming what did not match.
-   */
-  verityOpen(name: string, data: string, hash: string, rootHash: string, verity: VerityParams): string;
-  /** A read-only loop device for an image file (only for images allowed unverified). */
-  attachLoop(file: string): string;
-  luks: LuksOps;
-  net: NetOps;
-  /** The TPM on /dev/tpmrm0 (the kernel's resource manager). */
-  tpm(): TpmOps;
-  /** Runs a tool to completion (install mode: sfdisk, mkfs); throws with its stderr on failure. */
-  run(argv: readonly string[], input?: Uint8Array): string;
-  /**
-   * Runs a tool with `input` streamed to its stdin as it comes (never whole in memory); resolves
-   * with its stdout, throws with its stderr on failure. `input` is always read to its end, even
-   * when the tool stops reading early (the caller may be hashing what it hands over).
-   */
-  runWithInput(argv: readonly string[], input: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string>;
+  unlink(path: string): void;
+  symlink(target: string, path: string): void;
   /** A file's bytes in order, `chunk` bytes at a time, from one open (so one version of it). */
   readChunks(path: string, chunk?: number): AsyncIterable<Uint8Array>;
   /**
@@ -112,46 +86,141 @@ export interface Sys {
    * cannot lead out of it. Throws with errno (ENOENT, ENOTDIR, ELOOP). Close it with close().
    */
   openDirInRoot(root: string, path: string): number;
-  /** Reads one line from the console; with echo off for secrets. null: no console. */
-  readLine(prompt: string, echo: boolean): Promise<string | null>;
-  /** Writes to the console only (never kmsg): for what must not be logged, like a new passphrase. */
-  toConsole(text: string): void;
-  randomBytes(n: number): Uint8Array;
-  resolveDevice(spec: string): string | null;
-  probe(device: string): Record<string, string> | null;
-  /** `device`'s partition table entry; null when it is not a partition (or cannot be read yet). */
-  partitionEntry(device: string): PartitionEntry | null;
-  pid(): number;
-  sync(): void;
-  chdir(path: string): void;
-  chroot(path: string): void;
-  pivotRoot(newRoot: string, putOld: string): void;
   openDir(path: string): number;
   close(fd: number): void;
   /** Deletes everything below `dir` that is on device `dev`, never crossing into other mounts. */
   removeTreeOnDevice(dir: string, dev: number): number;
+}
+
+/** The mount table, and this process's root and mount namespace. */
+export interface Mounts {
+  /** Mount points from /proc/self/mounts. */
+  mountPoints(): string[];
+  mount(src: string | null, target: string, fstype: string | null, flags: number, data?: string | null): void;
+  umount(target: string, flags: number): void;
+  /** mount(2) on a worker thread, for mounts that take long; the error names no errno. */
+  mountInBackground(src: string | null, target: string, fstype: string | null, flags: number): Promise<void>;
+  statfsType(path: string): number;
+  chdir(path: string): void;
+  chroot(path: string): void;
+  pivotRoot(newRoot: string, putOld: string): void;
+  /** This process (its calling thread, then whatever it execs) gets its own mount namespace. */
+  unshareMountNs(): void;
+}
+
+/** Kernel modules (libkmod). */
+export interface Modules {
+  /** Loads a module (name or alias) with its dependencies: what was inserted, what matched. */
+  loadModule(nameOrAlias: string): { modules: string[]; matched: string[] };
+  /** Re-reads /lib/modules/<release> after a new tree is mounted there. */
+  reloadModuleIndex(): void;
+}
+
+/** Devices as they appear: uevents, and what libblkid says about them. */
+export interface Devices {
+  /** Kernel uevents received since the last call, as key/value maps (ACTION, DEVPATH, MODALIAS, ...). */
+  pollUevents(): Record<string, string>[];
+  resolveDevice(spec: string): string | null;
+  probe(device: string): Record<string, string> | null;
+  /** `device`'s partition table entry; null when it is not a partition (or cannot be read yet). */
+  partitionEntry(device: string): PartitionEntry | null;
+  /** A read-only loop device for an image file (only for images allowed unverified). */
+  attachLoop(file: string): string;
+}
+
+/** Block-device crypto (libcryptsetup) and key material. */
+export interface Crypt {
+  /**
+   * Checks the hash device's superblock against the pinned `verity` parameters, verifies every
+   * block, then opens /dev/mapper/<name>. Throws naming what did not match.
+   */
+  verityOpen(name: string, data: string, hash: string, rootHash: string, verity: VerityParams): string;
+  luks: LuksOps;
+  randomBytes(n: number): Uint8Array;
+}
+
+export interface Net {
+  net: NetOps;
+}
+
+export interface Tpm {
+  /** The TPM on /dev/tpmrm0 (the kernel's resource manager). */
+  tpm(): TpmOps;
+}
+
+/** A service process (supervise.ts): started in a session of its own, its output by line. */
+export interface ServiceProcess {
+  /** undefined when it could not be started (exited then says why). */
+  readonly pid: number | undefined;
+  /** Resolves once it has ended and been reaped: "exited with N", "killed by SIG…", "failed to start: …". */
+  readonly exited: Promise<string>;
+}
+
+/** Processes: tools, services, signals; this process's identity and power over the machine. */
+export interface Processes {
+  /** Runs a tool to completion (install mode: sfdisk, mkfs); throws with its stderr on failure. */
+  run(argv: readonly string[], input?: Uint8Array): string;
+  /**
+   * Runs a tool with `input` streamed to its stdin as it comes (never whole in memory); resolves
+   * with its stdout, throws with its stderr on failure. `input` is always read to its end, even
+   * when the tool stops reading early (the caller may be hashing what it hands over).
+   */
+  runWithInput(argv: readonly string[], input: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string>;
+  /**
+   * Starts a service: its own session (setsid), only `env` in its environment, stdout and
+   * stderr handed to `onLine` line by line. Registered with PID 1's reaper as the runtime's.
+   */
+  spawnService(argv: readonly string[], env: Readonly<Record<string, string>>, onLine: (line: string) => void): ServiceProcess;
+  /** Starts a process that nobody waits for, stdio on /dev/null, with its own argv[0]; its pid. */
+  spawnDetached(argv: readonly string[], argv0: string): number;
+  signal(pid: number, sig: number): void;
+  pid(): number;
   execve(path: string, argv: readonly string[], env: readonly string[]): never;
   /**
    * A memfd holding `data` from offset 0, left open across execve (not close-on-exec): state
    * handed to the next program by fd number (systemd's `--deserialize FD`). Its fd.
    */
   inheritableData(name: string, data: string): number;
-  unlink(path: string): void;
-  symlink(target: string, path: string): void;
-  /** This process (its calling thread, then whatever it execs) gets its own mount namespace. */
-  unshareMountNs(): void;
   /** prctl(PR_SET_DUMPABLE): off, no core dump and no ptrace or /proc/<pid> access without CAP_SYS_PTRACE; execve turns it back on. */
   setDumpable(on: boolean): void;
   /** prctl(PR_GET_DUMPABLE). */
   getDumpable(): boolean;
-  /** Starts a process that nobody waits for, stdio on /dev/null, with its own argv[0]; its pid. */
-  spawnDetached(argv: readonly string[], argv0: string): number;
-  signal(pid: number, sig: number): void;
+  sync(): void;
   reboot(cmd: number): void;
-  sleep(ms: number): Promise<void>;
-  /** Milliseconds on a monotonic clock: bounds on waits (the fake's advances with its sleep). */
-  now(): number;
 }
+
+/** Time: bounds on waits, and work done later. The fake's clock moves only when told to. */
+export interface Clock {
+  sleep(ms: number): Promise<void>;
+  /** Milliseconds on a monotonic clock. */
+  now(): number;
+  /** Runs `fn` after `ms` (e.g. a power action once its answer went out); the returned function cancels it. */
+  after(ms: number, fn: () => void): () => void;
+}
+
+/** The console, for humans at the machine. */
+export interface Console {
+  /** Reads one line from the console; with echo off for secrets. null: no console. */
+  readLine(prompt: string, echo: boolean): Promise<string | null>;
+  /** Writes to the console only (never kmsg): for what must not be logged, like a new passphrase. */
+  toConsole(text: string): void;
+}
+
+/** A unix socket answering one line per connection (the admin socket): see ctlsocket.ts. */
+export interface LineServer {
+  /** Stops accepting; resolves once every open connection has ended. */
+  close(): Promise<void>;
+}
+export interface Sockets {
+  /**
+   * Listens on `path` (mode 0600, a stale socket file replaced). Each connection sends one
+   * line; `answer` gets it (null when it ran past `maxLine` bytes without a newline) and its
+   * result is sent back as the reply before the connection is closed.
+   */
+  serveLines(path: string, maxLine: number, answer: (line: string | null) => Promise<string>): LineServer;
+}
+
+export interface Sys extends Files, Mounts, Modules, Devices, Crypt, Net, Tpm, Processes, Clock, Console, Sockets {}
 
 function info(path: string): FileInfo {
   try {
@@ -218,55 +287,6 @@ export async function* readChunks(path: string, chunk = 1 << 20): AsyncGenerator
   }
 }
 
-/** See Sys.runWithInput. The child is registered with PID 1's reaper so the runtime gets its status. */
-export async function runWithInput(spawnFn: typeof import("node:child_process").spawn, argv: readonly string[], input: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string> {
-  const [cmd, ...args] = argv;
-  const child = spawnFn(cmd!, args, { stdio: ["pipe", "pipe", "pipe"] });
-  const pid = child.pid;
-  if (pid) ownChildren.add(pid);
-  const stdout: Buffer[] = [];
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => void stdout.push(d));
-  child.stderr!.on("data", (d: Buffer) => void (stderr = (stderr + d.toString("utf8")).slice(-4096)));
-  const exited = new Promise<{ code: number | null; signal: string | null; error?: Error }>((resolve) => {
-    child.on("error", (error) => resolve({ code: null, signal: null, error }));
-    child.on("close", (code, signal) => resolve({ code, signal }));
-  });
-  // EPIPE once the tool stops reading (or never started): from then on the input is only drained.
-  let writable = true;
-  const stdin = child.stdin!;
-  stdin.on("error", () => void (writable = false));
-  stdin.on("close", () => void (writable = false));
-  let r: Awaited<typeof exited>;
-  try {
-    try {
-      for await (const chunk of input) {
-        if (!writable) continue;
-        if (!stdin.write(chunk)) {
-          await new Promise<void>((resolve) => {
-            const done = () => (stdin.off("drain", done), stdin.off("close", done), resolve());
-            stdin.on("drain", done);
-            stdin.on("close", done);
-          });
-        }
-      }
-    } catch (e) {
-      // The input failed (an unreadable stick): the tool must not finish on a truncated stream.
-      child.kill("SIGKILL");
-      await exited;
-      throw e;
-    } finally {
-      stdin.end();
-    }
-    r = await exited;
-  } finally {
-    if (pid) ownChildren.delete(pid);
-  }
-  if (r.error) throw new Error(`${cmd}: ${r.error.message}`);
-  if (r.code !== 0) throw new Error(`${argv.join(" ")}: ${stderr.trim().split("\n").at(-1) || (r.signal ? `killed by ${r.signal}` : `exit ${r.code}`)}`);
-  return Buffer.concat(stdout).toString("utf8");
-}
-
 /**
  * An RTM_NEWADDR request with IFA_CACHEINFO appended: valid and preferred for `seconds`, after
  * which the kernel removes the address. Re-sending it (NLM_F_REPLACE) extends the lifetime.
@@ -296,6 +316,8 @@ export async function realSys(): Promise<Sys> {
   const nl = await import("./netlink.ts");
   const udp = await import("./udp.ts");
   const { spawn, spawnSync } = await import("node:child_process");
+  const { runWithInput, spawnService } = await import("./spawn.ts");
+  const { serveLines } = await import("./ctlsocket.ts");
   const { randomBytes } = await import("node:crypto");
   let ueventFd: number | undefined;
   return {
@@ -380,6 +402,8 @@ export async function realSys(): Promise<Sys> {
       return r.stdout;
     },
     runWithInput: (argv, input) => runWithInput(spawn, argv, input),
+    spawnService: (argv, env, onLine) => spawnService(spawn, argv, env, onLine),
+    serveLines: (path, max, answer) => serveLines(path, max, answer),
     readChunks: (path, chunk) => readChunks(path, chunk),
     openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
     readLine: (prompt, echo) => libc.readConsoleLine(prompt, echo),
@@ -417,6 +441,10 @@ export async function realSys(): Promise<Sys> {
     signal: (pid, sig) => libc.kill(pid, sig),
     reboot: (c) => libc.reboot(c),
     sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
+    after: (ms, fn) => {
+      const t = setTimeout(fn, ms);
+      return () => clearTimeout(t);
+    },
     now: () => performance.now(),
   };
 }

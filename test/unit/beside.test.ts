@@ -1,7 +1,9 @@
 import { describe, expect, it } from "vitest";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
-import { besideHandler, besideStatus, besideWanted, enterBesideRoot, isSystemdShutdown, runBeside, shutdownSignal, startBeside, summarizeMounts, watchOsShutdown } from "../../agent/stages/beside.ts";
+import { adminHandler, formatStatus } from "../../agent/admin.ts";
+import { besideAdmin, besideStatus, besideWanted, enterBesideRoot, runBeside, shutdownSignal, startBeside, summarizeMounts, watchOsShutdown } from "../../agent/stages/beside.ts";
+import { isSystemdShutdown } from "../../agent/switchroot.ts";
 import type { Supervised } from "../../agent/supervise.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
@@ -130,12 +132,12 @@ describe("the sidecar beside the OS", () => {
     s.setDumpable(false);
     s.add("/proc/self/mountinfo", { kind: "file", data: MOUNTINFO });
     s.add("/run/initos/beside.outside", { kind: "file", data: "" });
-    const st = besideStatus(s).split("\n");
+    const st = formatStatus(besideStatus(s)).split("\n");
     expect(st).toContain("dumpable: 0");
     expect(st).toContain("mounts: / tmpfs, /run/initos/images/sidecar squashfs /dev/mapper/initos-sidecar, /proc proc, /sys sysfs, /dev devtmpfs, /dev/pts devpts; 2 files of the initrd");
     expect(st).toContain("mounts left outside its root: none");
     s.add("/run/initos/beside.outside", { kind: "file", data: "/sysroot\n/run/initos/esp-a\n" });
-    expect(besideStatus(s).split("\n")).toContain("mounts left outside its root: /sysroot, /run/initos/esp-a");
+    expect(formatStatus(besideStatus(s)).split("\n")).toContain("mounts left outside its root: /sysroot, /run/initos/esp-a");
   });
 
   it("summarizes mountinfo, unescaping names", () => {
@@ -157,18 +159,20 @@ describe("the sidecar beside the OS", () => {
   it("asks the OS's init to reboot or power off instead of doing it behind its back, answering first", async () => {
     const s = new FakeSys().add("/proc/1/exe", { kind: "link", target: "/lib/systemd/systemd" });
     const log = silentLog();
-    const h = besideHandler(s, log);
+    const h = adminHandler(besideAdmin(s, log));
     expect(await h({ cmd: "reboot" })).toEqual({ ok: true, text: "reboot requested from the OS's init" });
+    s.advance(199);
     expect(s.calls.filter((c) => c.startsWith("signal"))).toEqual([]);
-    await new Promise((r) => setTimeout(r, 300));
+    s.advance(1);
     expect(s.calls).toContain("signal 1 39");
     expect(log.lines).toContain("info: sidecar beside the OS: asking init (/lib/systemd/systemd) to reboot (signal 39: SIGRTMIN+5)");
     const busybox = new FakeSys().add("/proc/1/exe", { kind: "link", target: "/bin/busybox" });
-    expect(await besideHandler(busybox, silentLog())({ cmd: "poweroff" })).toEqual({ ok: true, text: "poweroff requested from the OS's init" });
-    await new Promise((r) => setTimeout(r, 300));
+    expect(await adminHandler(besideAdmin(busybox, silentLog()))({ cmd: "poweroff" })).toEqual({ ok: true, text: "poweroff requested from the OS's init" });
+    busybox.advance(200);
     expect(busybox.calls).toContain("signal 1 12");
     expect(await h({ cmd: "switch-root" })).toEqual({ ok: false, text: "switch-root: not available beside the running OS" });
     expect(await h({ cmd: "unlock", passphrase: "x" })).toEqual({ ok: false, text: "unlock: not available beside the running OS" });
+    expect(await h({ cmd: "reseal", passphrase: "x" })).toEqual({ ok: false, text: "reseal: not available beside the running OS" });
   });
 });
 

@@ -1,5 +1,7 @@
 import { describe, expect, it } from "vitest";
-import { boot, chooseInit, handOverMounts, handoffTarget, initArgs, initrdState, isSystemd, rebootDelay, stage, startFailureSidecar, whyNoUnseal, type BootContext } from "../../agent/boot.ts";
+import { boot, rebootDelay, stage, startFailureSidecar, whyNoUnseal, type BootContext, type BootState } from "../../agent/boot.ts";
+import { chooseInit, handOverMounts, handoffTarget, initArgs, initrdState } from "../../agent/handoff.ts";
+import { isSystemd } from "../../agent/switchroot.ts";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import { AgentConfigSchema, DEFAULT_CONFIG, parseConfig } from "../../agent/config.ts";
 import type { EspResult } from "../../agent/stages/esp.ts";
@@ -8,7 +10,7 @@ import { applyFailurePolicy, DIAG_PATH } from "../../agent/failure.ts";
 import { Timeline } from "../../agent/log.ts";
 import { Coldplug, waitUntil } from "../../agent/stages/devices.ts";
 import { mountApiFilesystems, readSecureBoot, secureBootFromBootParams, setupEarly } from "../../agent/stages/early.ts";
-import { RecoverySidecar } from "../../agent/stages/recovery.ts";
+import { RemoteAdmin } from "../../agent/stages/remote.ts";
 import { FakeTpm } from "./faketpm.ts";
 import { extendPcr } from "../../agent/diskkey/policy.ts";
 import { LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
@@ -16,6 +18,11 @@ import { FakeSys, silentLog } from "./fakesys.ts";
 
 function ctx(sys: FakeSys): BootContext & { log: ReturnType<typeof silentLog> } {
   return { sys, log: silentLog(), timeline: new Timeline("/nonexistent/boot.json") };
+}
+
+/** A fresh boot state for `c`, as main.ts makes one. */
+function stateFor(c: BootContext, inputs?: Partial<NonNullable<BootState["inputs"]>>): BootState {
+  return { remote: new RemoteAdmin(c.sys, c.log), ...(inputs ? { inputs: { early: { secureBoot: "off", efivars: Promise.resolve(false) }, cmdline: parseCmdline("").cmdline, config: DEFAULT_CONFIG, ...inputs } } : {}) };
 }
 
 describe("early stage", () => {
@@ -96,13 +103,12 @@ describe("boot plan", () => {
       .add("/sysroot/sbin/init", { kind: "file", mode: 0o755, dev: 2 });
   }
 
-  const st = () => ({ sidecar: new RecoverySidecar() });
 
   it("runs early → modules → root → handoff and execs the init with the app args", async () => {
     const s = bootable("root=/dev/vda rootflags=subvol=@ -- x y");
     s.devices.add("/dev/vda");
     const c = ctx(s);
-    await expect(boot(c, st())).rejects.toThrow("execve reached");
+    await expect(boot(c, stateFor(c))).rejects.toThrow("execve reached");
     expect(s.calls.filter((x) => /^(loadModule|mount \/dev\/vda|execve)/.test(x))).toEqual([
       "loadModule virtio_blk",
       "loadModule btrfs",
@@ -126,7 +132,7 @@ describe("boot plan", () => {
     s.add("/sys/firmware/acpi/tables/TPM2", { kind: "file" });
     const tpm = (s.tpmFake = new FakeTpm());
     const c = ctx(s);
-    await expect(boot(c, st())).rejects.toThrow("execve reached");
+    await expect(boot(c, stateFor(c))).rejects.toThrow("execve reached");
     expect(tpm.calls).toEqual(["extend 11", "extend 15", "extend 11", "close"]);
     const order = s.calls.filter((x) => x === "tpm" || /^(mount \/dev\/vda|execve)/.test(x));
     expect(order).toEqual(["tpm", "mount /dev/vda /sysroot btrfs 0x1 subvol=@", "execve /sbin/init /sbin/init"]);
@@ -151,7 +157,7 @@ describe("boot plan", () => {
     tpm.failExtend = true;
     const keyed = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAA test"] } };
     const c = ctx(s);
-    const state = { sidecar: new RecoverySidecar(), config: keyed, cmdline: parseCmdline("initos.ip=10.0.2.15/24 initos.gw=10.0.2.2").cmdline };
+    const state = stateFor(c, { config: keyed, cmdline: parseCmdline("initos.ip=10.0.2.15/24 initos.gw=10.0.2.2").cmdline });
     expect(await startFailureSidecar(c, state)).toBe(false);
     expect(tpm.calls).toEqual(["extend 15"]);
     expect(s.calls.some((x) => x.startsWith("net."))).toBe(false);
@@ -163,7 +169,8 @@ describe("boot plan", () => {
     s.devices.add("/dev/vda").add("/dev/tpmrm0");
     const tpm = (s.tpmFake = new FakeTpm());
     tpm.failExtend = true;
-    await expect(boot(ctx(s), st())).rejects.toThrow(/cannot extend|TPM_RC_LOCALITY/);
+    const c = ctx(s);
+    await expect(boot(c, stateFor(c))).rejects.toThrow(/cannot extend|TPM_RC_LOCALITY/);
     expect(s.calls.some((x) => x.startsWith("mount /dev/vda") || x.startsWith("execve"))).toBe(false);
   });
 
@@ -171,21 +178,22 @@ describe("boot plan", () => {
     const s = bootable("root=/dev/vda initos.rootwait=soon");
     s.devices.add("/dev/vda");
     const c = ctx(s);
-    await expect(boot(c, st())).rejects.toThrow("execve reached");
+    await expect(boot(c, stateFor(c))).rejects.toThrow("execve reached");
     expect(c.log.lines).toContain('err: cmdline: initos.rootwait="soon" is invalid (expected whole seconds 0-3600); using the default');
   });
 
   it("fails the root stage, recorded in the timeline, when the device never appears", async () => {
     const s = bootable("root=/dev/vdz initos.rootwait=0");
     const c = ctx(s);
-    await expect(boot(c, st())).rejects.toThrow("root device /dev/vdz did not appear within 0s");
+    await expect(boot(c, stateFor(c))).rejects.toThrow("root device /dev/vdz did not appear within 0s");
     const last = c.timeline.stages.at(-1)!;
     expect(last).toMatchObject({ name: "root", ok: false, error: "root device /dev/vdz did not appear within 0s" });
     expect(s.calls.some((x) => x.startsWith("execve"))).toBe(false);
   });
 
   it("refuses to boot without root=", async () => {
-    await expect(boot(ctx(bootable("quiet")), st())).rejects.toThrow("no root= on the kernel command line");
+    const c = ctx(bootable("quiet"));
+    await expect(boot(c, stateFor(c))).rejects.toThrow("no root= on the kernel command line");
   });
 
   it("stage() records failures with their cause and rethrows", async () => {
@@ -269,7 +277,8 @@ describe("hand-off: the init is resolved inside the new root, then judged", () =
     const saved = process.env.RD_TIMESTAMP;
     process.env.RD_TIMESTAMP = "1700000000123456 4567890";
     try {
-      await expect(boot(ctx(s), { sidecar: new RecoverySidecar() })).rejects.toThrow("execve reached");
+      const c = ctx(s);
+      await expect(boot(c, stateFor(c))).rejects.toThrow("execve reached");
     } finally {
       if (saved === undefined) delete process.env.RD_TIMESTAMP;
       else process.env.RD_TIMESTAMP = saved;
@@ -287,7 +296,7 @@ describe("hand-off: the init is resolved inside the new root, then judged", () =
     delete process.env.RD_TIMESTAMP;
     const c = ctx(s);
     try {
-      await expect(boot(c, { sidecar: new RecoverySidecar() })).rejects.toThrow("execve reached");
+      await expect(boot(c, stateFor(c))).rejects.toThrow("execve reached");
     } finally {
       if (saved !== undefined) process.env.RD_TIMESTAMP = saved;
     }

@@ -1,7 +1,7 @@
 // A fake machine for unit tests of boot decisions: an in-memory file tree with devices and
 // mounts, and a journal of every system call so tests can assert order and absence.
 import type { VerityParams } from "../../agent/sys/cryptsetup.ts";
-import type { FileInfo, LuksOps, NetOps, PartitionEntry, Sys, TpmOps } from "../../agent/sys/index.ts";
+import type { FileInfo, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
   kind: "file" | "dir" | "link";
@@ -290,8 +290,11 @@ export class FakeSys implements Sys {
     this.onSpawn.get(argv[1] ?? "")?.(this);
     return 4242;
   }
+  /** The last signal each pid got. */
+  lastSignal = new Map<number, number>();
   signal(pid: number, sig: number): void {
     this.log(`signal ${pid} ${sig}`);
+    this.lastSignal.set(pid, sig);
     const p = this.procs.get(pid);
     if (!p) return;
     p.onSignal?.(sig, this);
@@ -312,7 +315,8 @@ export class FakeSys implements Sys {
     return this;
   }
   /** The process exits and is reaped; its children go to PID 1, as the kernel does. */
-  endProcess(pid: number): void {
+  endProcess(pid: number, why = `killed by signal ${this.lastSignal.get(pid) ?? "?"}`): void {
+    this.services.get(pid)?.end(why);
     this.procs.delete(pid);
     this.dying.delete(pid);
     this.files.delete(`/proc/${pid}/stat`);
@@ -377,9 +381,72 @@ export class FakeSys implements Sys {
   }
   async sleep(ms: number): Promise<void> {
     this.sleeps++;
-    this.clock += ms;
-    for (const [pid, at] of this.dying) if (at <= this.clock) this.endProcess(pid);
+    this.advance(ms);
     for (const [dev, n] of this.appearAfterSleeps) if (this.sleeps >= n) this.devices.add(dev);
+  }
+  /** Moves the fake clock: processes due to exit do, timers due run (in order). */
+  advance(ms: number): void {
+    const until = this.clock + ms;
+    for (;;) {
+      const next = this.timers.filter((t) => t.at <= until).sort((a, b) => a.at - b.at)[0];
+      if (!next) break;
+      this.timers.splice(this.timers.indexOf(next), 1);
+      this.clock = Math.max(this.clock, next.at);
+      next.fn();
+    }
+    this.clock = until;
+    for (const [pid, at] of this.dying) if (at <= this.clock) this.endProcess(pid);
+  }
+  /** Pending timers (after()), by when they run on the fake clock. */
+  timers: { at: number; fn: () => void }[] = [];
+  after(ms: number, fn: () => void): () => void {
+    const t = { at: this.clock + ms, fn };
+    this.timers.push(t);
+    return () => void this.timers.splice(this.timers.indexOf(t) >>> 0, this.timers.includes(t) ? 1 : 0);
+  }
+  /** Services started with spawnService, by pid: what they were given, and how to end them. */
+  services = new Map<number, { argv: string[]; env: Readonly<Record<string, string>>; say(line: string): void; end(why: string): void }>();
+  private nextPid = 500;
+  /** argv[0] → why it fails to start (its pid is then undefined). */
+  failToStart = new Map<string, string>();
+  spawnService(argv: readonly string[], env: Readonly<Record<string, string>>, onLine: (line: string) => void): ServiceProcess {
+    this.log(`spawnService ${argv.join(" ")}`);
+    let end!: (why: string) => void;
+    const exited = new Promise<string>((resolve) => (end = resolve));
+    const failed = this.failToStart.get(argv[0]!);
+    if (failed) {
+      end(`failed to start: ${failed}`);
+      return { pid: undefined, exited };
+    }
+    const pid = this.nextPid++;
+    this.addProcess({ pid, ppid: this.pidValue, comm: argv[0]!.split("/").pop()! });
+    let ended = false;
+    this.services.set(pid, {
+      argv: [...argv],
+      env,
+      say: onLine,
+      end: (why) => {
+        if (ended) return;
+        ended = true;
+        this.services.delete(pid);
+        end(why);
+      },
+    });
+    return { pid, exited };
+  }
+  /** Admin sockets served (serveLines), by path; request() talks to one. */
+  lineServers = new Map<string, { maxLine: number; answer: (line: string | null) => Promise<string>; closed: boolean }>();
+  serveLines(path: string, maxLine: number, answer: (line: string | null) => Promise<string>): LineServer {
+    this.log(`serveLines ${path}`);
+    const server = { maxLine, answer, closed: false };
+    this.lineServers.set(path, server);
+    return { close: async () => void (this.log(`close ${path}`), (server.closed = true)) };
+  }
+  /** A client's request line on a served socket (as serveLines' transport would hand it over). */
+  async request(path: string, line: string): Promise<string> {
+    const server = this.lineServers.get(path);
+    if (!server || server.closed) throw new Error(`nothing serves ${path}`);
+    return server.answer(line.length > server.maxLine ? null : line);
   }
 }
 

@@ -7,7 +7,7 @@ import { parseCmdline } from "../../agent/cmdline.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { applyFailurePolicy } from "../../agent/failure.ts";
 import { Timeline } from "../../agent/log.ts";
-import { RecoverySidecar } from "../../agent/stages/recovery.ts";
+import { RemoteAdmin } from "../../agent/stages/remote.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn0test initos-test"];
@@ -24,6 +24,9 @@ function stopAtTheEnd(s: FakeSys): void {
     if (ms >= 3_600_000) throw new Error("stop");
   };
 }
+
+/** The early stage's facts, for a state the boot did not fill in itself. */
+const EARLY = { secureBoot: "off" as const, efivars: Promise.resolve(false) };
 
 describe("failure policy past the point of no return", () => {
   it("only logs and reboots: no diagnostics written, no recovery sidecar", async () => {
@@ -47,7 +50,7 @@ describe("failure policy past the point of no return", () => {
     const s = new FakeSys();
     const c = ctx(s);
     const config = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: KEYS } };
-    const state: BootState = { sidecar: new RecoverySidecar(), config, cmdline: parseCmdline("initos.ip=10.0.2.15/24 initos.gw=10.0.2.2").cmdline, pastPointOfNoReturn: true };
+    const state: BootState = { remote: new RemoteAdmin(s, c.log), inputs: { config, cmdline: parseCmdline("initos.ip=10.0.2.15/24 initos.gw=10.0.2.2").cmdline, early: EARLY }, pastPointOfNoReturn: true };
     expect(await startFailureSidecar(c, state)).toBe(false);
     expect(state.tpm).toBeUndefined();
     expect(s.calls).toEqual([]);
@@ -64,7 +67,7 @@ describe("failure policy past the point of no return", () => {
     s.devices.add("/dev/vda");
     s.failOn.set("execve", Object.assign(new Error('execve("/sbin/init", "/sbin/init"): ENOENT'), { errno: 2 }));
     const c = ctx(s);
-    const state: BootState = { sidecar: new RecoverySidecar() };
+    const state: BootState = { remote: new RemoteAdmin(s, c.log) };
     const error = await boot(c, state).catch((e: unknown) => e);
     expect((error as Error).message).toBe('execve("/sbin/init", "/sbin/init"): ENOENT');
     expect(state.pastPointOfNoReturn).toBe(true);
@@ -87,7 +90,7 @@ describe("failure policy past the point of no return", () => {
     const s = new FakeSys();
     stopAtTheEnd(s);
     const c = ctx(s);
-    const state: BootState = { sidecar: new RecoverySidecar(), config: DEFAULT_CONFIG, cmdline: parseCmdline("root=/dev/vdz").cmdline };
+    const state: BootState = { remote: new RemoteAdmin(s, c.log), inputs: { config: DEFAULT_CONFIG, cmdline: parseCmdline("root=/dev/vdz").cmdline, early: EARLY } };
     await expect(failBoot(c, state, new Error("root device /dev/vdz did not appear within 3s"))).rejects.toThrow("stop");
     expect(s.calls).toContain("writeFile /run/initos/failure.txt");
     expect(c.log.lines).toContain("warn: tpm: none (the firmware announces no TPM2)"); // the sidecar's latch step ran

@@ -6,7 +6,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
 import { ownChildren } from "../../agent/pid1.ts";
-import { readChunks, runWithInput } from "../../agent/sys/index.ts";
+import { readChunks } from "../../agent/sys/index.ts";
+import { runWithInput } from "../../agent/sys/spawn.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-stream-`);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import { boot } from "../../agent/boot.ts";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import { Timeline } from "../../agent/log.ts";
-import { RecoverySidecar } from "../../agent/stages/recovery.ts";
+import { RemoteAdmin } from "../../agent/stages/remote.ts";
 import { POD_PATH, POD_PATH_DEV, podHandoff, setupVmMounts, vmPlan } from "../../agent/stages/vm.ts";
 import { Coldplug } from "../../agent/stages/devices.ts";
 import { MemTree } from "../../initrd/oci.ts";
@@ -40,7 +40,7 @@ describe("vm mode: cmdline to plan", () => {
     const s = new FakeSys();
     s.add("/proc/cmdline", { kind: "file", data: "initos.mode=vm initos.ip=10.0.2.300/24 -- /bin/app" });
     const ctx = { sys: s, log: silentLog(), timeline: new Timeline("/nonexistent/boot.json") };
-    await expect(boot(ctx, { sidecar: new RecoverySidecar() })).rejects.toThrow('vm: cmdline: initos.ip="10.0.2.300/24" is invalid');
+    await expect(boot(ctx, { remote: new RemoteAdmin(s, ctx.log) })).rejects.toThrow('vm: cmdline: initos.ip="10.0.2.300/24" is invalid');
   });
 });
 

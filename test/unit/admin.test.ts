@@ -1,10 +1,11 @@
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
-import { callCtl, parseCtlRequest, requestFromArgs, serveCtl } from "../../agent/ctl.ts";
+import { answerLine, callAdmin, parseCtlRequest, requestFromArgs, serveAdmin } from "../../agent/admin.ts";
+import { requestLine, serveLines } from "../../agent/sys/ctlsocket.ts";
 import { authorizedKeys, runAsShell } from "../../agent/stages/sidecar.ts";
 import { nextBackoff } from "../../agent/supervise.ts";
-import { silentLog } from "./fakesys.ts";
+import { FakeSys, silentLog } from "./fakesys.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-ctl-`);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -32,14 +33,36 @@ describe("ctl requests", () => {
     expect(requestFromArgs(["status", "now"], () => "")).toBe("ctl status: takes no arguments");
   });
 
-  it("serves one request per connection over the unix socket, logging the command but never a passphrase", async () => {
+  it("answers each request line, logging the command but never a passphrase; refuses bad and overlong ones", async () => {
     const log = silentLog();
-    const server = serveCtl(log, async (req) => ({ ok: req.cmd === "status", text: `did ${req.cmd}` }), `${dir}/s`);
-    await new Promise((r) => server.once("listening", r));
-    expect(await callCtl({ cmd: "status" }, `${dir}/s`)).toEqual({ ok: true, text: "did status" });
-    expect(await callCtl({ cmd: "unlock", passphrase: "secret-words" }, `${dir}/s`)).toEqual({ ok: false, text: "did unlock" });
-    server.close();
-    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock"]);
+    const s = new FakeSys();
+    serveAdmin(s, log, async (req) => ({ ok: req.cmd === "status", text: `did ${req.cmd}` }), "/run/initos/ctl.sock");
+    const send = (line: string) => s.request("/run/initos/ctl.sock", line);
+    expect(await callAdmin({ cmd: "status" }, send)).toEqual({ ok: true, text: "did status" });
+    expect(await callAdmin({ cmd: "unlock", passphrase: "secret-words" }, send)).toEqual({ ok: false, text: "did unlock" });
+    expect(JSON.parse(await send('{"cmd":"sh"}'))).toEqual({ ok: false, text: "bad request: cmd: expected one of status, log, unlock, reseal, switch-root, reboot, poweroff" });
+    expect(JSON.parse(await send(`{"cmd":"status","x":"${"y".repeat(9000)}"}`))).toEqual({ ok: false, text: "request too long" });
+    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock", "warn: ctl: refused: bad request: cmd: expected one of status, log, unlock, reseal, switch-root, reboot, poweroff"]);
+    expect(s.lineServers.get("/run/initos/ctl.sock")?.maxLine).toBe(8192);
+  });
+
+  it("a handler that throws answers with its one line instead of dropping the connection", async () => {
+    const res = await answerLine(silentLog(), async () => Promise.reject(new Error("tpm: gone")), '{"cmd":"log"}');
+    expect(res).toEqual({ ok: false, text: "tpm: gone" });
+  });
+
+  it("the socket transport: one line each way per connection, mode 0600, a stale socket file replaced", async () => {
+    const path = `${dir}/s`;
+    writeFileSync(path, "stale");
+    const seen: (string | null)[] = [];
+    const server = serveLines(path, 16, async (line) => (seen.push(line), `got ${line?.length ?? "too long"}`));
+    for (let i = 0; i < 100 && !(existsSync(path) && statSync(path).isSocket() && (statSync(path).mode & 0o777) === 0o600); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(statSync(path).mode & 0o777).toBe(0o600);
+    expect(await requestLine(path, "hello")).toBe("got 5");
+    expect(await requestLine(path, "x".repeat(40))).toBe("got too long");
+    await server.close();
+    expect(seen).toEqual(["hello", null]);
+    await expect(requestLine(path, "hello")).rejects.toThrow(/^cannot reach the agent at /);
   });
 });
 
@@ -59,7 +82,7 @@ describe("sidecar pieces", () => {
 
 describe("remote unlock channel", () => {
   it("hands a ctl passphrase to the waiting unlock loop and the verdict back to the client", async () => {
-    const { RemoteSecrets } = await import("../../agent/stages/recovery.ts");
+    const { RemoteSecrets } = await import("../../agent/stages/remote.ts");
     const r = new RemoteSecrets();
     expect(await r.handle({ cmd: "unlock", passphrase: "x" })).toEqual({ ok: false, text: "unlock: nothing is waiting for a passphrase right now" });
     const next = r.next();
@@ -73,13 +96,12 @@ describe("remote unlock channel", () => {
     r.report(true);
     expect(await answer2).toEqual({ ok: true, text: "unlocked; the boot continues" });
     expect(r.report(true)).toBe(false); // nobody waits for a verdict now
-    expect(await r.handle({ cmd: "status" })).toEqual({ ok: false, text: "status: not available while waiting for the recovery passphrase" });
   });
 });
 
 describe("reseal over ssh", () => {
   it("unlocks, asks the unlock loop to reseal, and answers only after the reseal", async () => {
-    const { RemoteSecrets } = await import("../../agent/stages/recovery.ts");
+    const { RemoteSecrets } = await import("../../agent/stages/remote.ts");
     const r = new RemoteSecrets();
     const next = r.next();
     const answer = r.handle({ cmd: "reseal", passphrase: "right" });
@@ -104,7 +126,16 @@ describe("reseal over ssh", () => {
 });
 
 describe("ssh sessions", () => {
-  const io = (shell?: (a: string[]) => Promise<number>) => ({ readStdin: () => "", shell });
+  const sent: string[] = [];
+  const request = async (line: string) => (sent.push(line), JSON.stringify({ ok: true, text: "answered" }));
+  const io = (shell?: (a: string[]) => Promise<number>) => ({ readStdin: () => "", request, shell });
+
+  it("a ctl command goes to the admin socket as one JSON line, with or without a shell offered", async () => {
+    sent.length = 0;
+    expect(await runAsShell(["-c", "status"], io())).toBe(0);
+    expect(await runAsShell(["-c", "ctl log"], io(async () => 9))).toBe(0);
+    expect(sent).toEqual(['{"cmd":"status"}', '{"cmd":"log"}']);
+  });
 
   it("without a shell offered, anything but a ctl command is refused (exit 2)", async () => {
     expect(await runAsShell(["-c", "cat /etc/passwd"], io())).toBe(2);

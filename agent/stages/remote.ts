@@ -1,19 +1,19 @@
-// The recovery sidecar: when the TPM does not release the key, the machine also listens for the
-// passphrase over ssh (`ssh root@host unlock`, passphrase on stdin), as well as on the console;
-// and when the boot fails, it stays reachable for status, log and reboot. Sidecar mode runs the
-// same services; `switch-root` then hands them to the unlock stage instead of starting a second
-// sshd. Everything here is stopped before switch_root.
-import type { Server } from "node:net";
+// Remote admin while the initrd needs a human: network, the admin socket and sshd. When the TPM
+// does not release the key, the machine also listens for the passphrase over ssh (`ssh
+// root@host unlock`, passphrase on stdin), as well as on the console; when the boot fails, it
+// stays reachable for status, log and reboot. Sidecar mode runs the same services;
+// `switch-root` then hands them to the unlock stage instead of starting a second sshd.
+// Everything here is stopped before switch_root.
 import type { Cmdline } from "../cmdline.ts";
 import type { AgentConfig } from "../config.ts";
-import type { CtlHandler, CtlRequest, CtlResponse } from "../ctl.ts";
+import { type AdminCaps, adminHandler, type CtlHandler, type CtlResponse, type PassphraseRequest, serveAdmin } from "../admin.ts";
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { STOP_BOUNDS, type StopBounds, type Supervised } from "../supervise.ts";
-import type { Sys } from "../sys/index.ts";
+import type { LineServer, Sys } from "../sys/index.ts";
 import type { Coldplug } from "./devices.ts";
 import { handLeasesToOs, networkRequested, setupNetwork } from "./network.ts";
-import { startCtl, startSshd } from "./sidecar.ts";
+import { startSshd } from "./sidecar.ts";
 
 /** Hands passphrases from `ctl unlock`/`ctl reseal` to the unlock loop, and its verdict back. */
 export class RemoteSecrets {
@@ -25,8 +25,7 @@ export class RemoteSecrets {
   wantReseal = false;
 
   /** The ctl side: answers once the unlock loop has tried the passphrase (and resealed). */
-  handle = async (req: CtlRequest): Promise<CtlResponse> => {
-    if (req.cmd !== "unlock" && req.cmd !== "reseal") return { ok: false, text: `${req.cmd}: not available while waiting for the recovery passphrase` };
+  handle = async (req: PassphraseRequest): Promise<CtlResponse> => {
     if (!this.waiting) return { ok: false, text: `${req.cmd}: nothing is waiting for a passphrase right now` };
     const give = this.waiting;
     this.waiting = undefined;
@@ -59,58 +58,58 @@ export class RemoteSecrets {
 /** How long a client that got an answer has, from then, before its ssh session is stopped. */
 const ANSWER_GRACE_MS = 2000;
 
-/** Closes `server` and waits (at most `ms`) until its open connections have ended. */
-function closeServer(server: Server, ms: number): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    server.close(() => (clearTimeout(timer), resolve()));
-  });
-}
-
-/** Network, the admin socket and sshd, for as long as the initrd needs a human. */
-export class RecoverySidecar {
-  private server?: Server;
+/**
+ * Network, the admin socket and sshd, for as long as the initrd needs a human. One per boot:
+ * sidecar mode, the recovery passphrase and the failure policy share it (and the network with
+ * the agent beside the OS).
+ */
+export class RemoteAdmin {
+  private server?: LineServer;
   private sshd?: Supervised | null;
   private net?: Promise<string | null>;
-  private sys?: Sys;
   /** When the admin socket last answered (sys.now()). */
   private answeredAt = -Infinity;
   private handler: CtlHandler = async (req) => ({ ok: false, text: `${req.cmd}: not available yet` });
+
+  constructor(
+    private readonly sys: Sys,
+    private readonly log: Logger,
+  ) {}
 
   get running(): boolean {
     return this.server !== undefined;
   }
 
-  /** Serves requests with `handle` from now on (the boot moved to another stage). */
-  route(handle: CtlHandler): void {
-    this.handler = handle;
+  /** Answers with these capabilities from now on (the boot moved to another stage). */
+  route(caps: AdminCaps): void {
+    this.handler = adminHandler(caps);
   }
 
-  /** Starts it with `handle` behind the socket; false when there are no keys or no address to offer. */
-  async start(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, handle: CtlHandler): Promise<boolean> {
-    this.route(handle);
+  /** Starts it, answering with `caps`; false when there are no keys or no address to offer. */
+  async start(cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, caps: AdminCaps): Promise<boolean> {
+    this.route(caps);
     if (this.running) return true;
     if (!cfg.ssh.authorizedKeys.length || !networkRequested(cmdline)) return false;
     try {
-      await this.network(sys, log, cold, cmdline, cfg);
-      this.serve(sys, log, cfg);
+      await this.network(cold, cmdline, cfg);
+      this.serve(cfg);
       return true;
     } catch (e) {
-      log.err(`recovery: no remote unlock: ${describe(e)}`);
+      this.log.err(`recovery: no remote unlock: ${describe(e)}`);
       return false;
     }
   }
 
-  /** Brings the network up once per boot (sidecar mode, recovery and the sidecar beside the OS share it). */
-  network(sys: Sys, log: Logger, cold: Coldplug, cmdline: Cmdline, cfg: AgentConfig): Promise<string | null> {
-    this.net ??= setupNetwork(sys, log, cold, cmdline, cfg.rootWaitSeconds);
+  /** Brings the network up once per boot. */
+  network(cold: Coldplug, cmdline: Cmdline, cfg: AgentConfig): Promise<string | null> {
+    this.net ??= setupNetwork(this.sys, this.log, cold, cmdline, cfg.rootWaitSeconds);
     return this.net;
   }
 
   /** The admin socket and sshd, once the network is up. */
-  serve(sys: Sys, log: Logger, cfg: AgentConfig): void {
-    this.sys = sys;
-    this.server = startCtl(log, (req) =>
+  serve(cfg: AgentConfig): void {
+    const { sys, log } = this;
+    this.server = serveAdmin(sys, log, (req) =>
       this.handler(req).finally(() => {
         this.answeredAt = sys.now();
       }),
@@ -128,11 +127,12 @@ export class RecoverySidecar {
     this.server = undefined;
     this.sshd = undefined;
     handLeasesToOs();
-    if (server) await closeServer(server, bounds.termMs);
+    // Bounded: a client that keeps its connection open must not hold the boot.
+    if (server) await Promise.race([server.close(), sys.sleep(bounds.termMs)]);
     // A client's session still has to print its answer and close; stopped at once, it would see
     // the connection drop instead (pool.ts waits the same way after a remote unlock).
-    const grace = this.answeredAt + ANSWER_GRACE_MS - (sys?.now() ?? 0);
-    if (sys && grace > 0) await sys.sleep(Math.min(grace, ANSWER_GRACE_MS));
-    if (sshd && sys) await sshd.stop(sys, bounds);
+    const grace = this.answeredAt + ANSWER_GRACE_MS - sys.now();
+    if (grace > 0) await sys.sleep(Math.min(grace, ANSWER_GRACE_MS));
+    if (sshd) await sshd.stop(sys, bounds);
   }
 }

@@ -1,0 +1,148 @@
+// The admin commands: what an operator can ask of initos, over ssh (the agent is root's login
+// shell) or on the admin socket. One table says which commands exist and what each takes; a
+// capability object says what the process answering may do (PID 1 in the initrd, the agent
+// beside the OS); one formatter writes `status`. Every request is validated and logged (never
+// a passphrase), and there is no shell behind it.
+//
+// A new command is one row in COMMANDS, plus a capability where it depends on the process.
+import { z } from "zod";
+import { describe, zodIssue } from "./errors.ts";
+import type { Logger } from "./log.ts";
+import type { LineServer, Sockets } from "./sys/index.ts";
+
+export const CTL_SOCKET = "/run/initos/ctl.sock";
+/** The longest request line; longer ones are refused unread. */
+const MAX_REQUEST = 8192;
+
+export interface CtlResponse {
+  ok: boolean;
+  /** Text for the operator. */
+  text: string;
+}
+
+/** A capability: what to do, or why this process cannot (the answer is "<cmd>: <refused>"). */
+export type Cap<F> = { run: F } | { refused: string };
+
+export type PowerAction = "reboot" | "poweroff";
+
+/** What the process answering the admin commands can do. */
+export interface AdminCaps {
+  /** `status`: the fields to show, in order. */
+  status(): readonly StatusField[];
+  /** `log`: the recent log lines. */
+  log(): string[];
+  /** `reboot`, `poweroff`: starts it (after the answer has gone out); the answer's text. */
+  power(action: PowerAction): string;
+  /** `unlock`, `reseal`: only while a boot waits for the recovery passphrase. */
+  passphrase: Cap<(req: PassphraseRequest) => Promise<CtlResponse>>;
+  /** `switch-root`: only in sidecar mode, where it continues the boot; the answer's text. */
+  switchRoot: Cap<() => string>;
+}
+
+const none = {};
+const passphrase = { passphrase: z.string().min(1).max(1024) };
+
+/** A command's arguments as parsed: `{}` for none, `{ passphrase: string }`. */
+type ArgsOf<A> = { [P in keyof A]: A[P] extends z.ZodType ? z.output<A[P]> : never };
+
+function command<A extends z.ZodRawShape>(args: A, run: (caps: AdminCaps, req: ArgsOf<A>) => CtlResponse | Promise<CtlResponse>) {
+  return { args, run };
+}
+
+const ok = (text: string): CtlResponse => ({ ok: true, text });
+function withCap<F>(cmd: string, cap: Cap<F>, use: (f: F) => CtlResponse | Promise<CtlResponse>): CtlResponse | Promise<CtlResponse> {
+  return "run" in cap ? use(cap.run) : { ok: false, text: `${cmd}: ${cap.refused}` };
+}
+
+/** The commands, in the order an unknown command's answer lists them. */
+const COMMANDS = {
+  status: command(none, (c) => ok(formatStatus(c.status()))),
+  log: command(none, (c) => ok(c.log().join("\n"))),
+  unlock: command(passphrase, (c, r) => withCap("unlock", c.passphrase, (f) => f({ cmd: "unlock", passphrase: r.passphrase }))),
+  /** Unlock with the recovery passphrase, then seal a new TPM key to the PCRs as they are now. */
+  reseal: command(passphrase, (c, r) => withCap("reseal", c.passphrase, (f) => f({ cmd: "reseal", passphrase: r.passphrase }))),
+  /** Sidecar mode: leave it and continue the boot into the root (unlocking it if needed). */
+  "switch-root": command(none, (c) => withCap("switch-root", c.switchRoot, (f) => ok(f()))),
+  reboot: command(none, (c) => ok(c.power("reboot"))),
+  poweroff: command(none, (c) => ok(c.power("poweroff"))),
+};
+type Commands = typeof COMMANDS;
+export type Cmd = keyof Commands;
+export const CTL_COMMANDS = Object.keys(COMMANDS) as Cmd[];
+
+export type CtlRequest = { [K in Cmd]: { cmd: K } & ArgsOf<Commands[K]["args"]> }[Cmd];
+/** `unlock` and `reseal` (spelled out: the table's types refer to AdminCaps, which needs this). */
+export interface PassphraseRequest {
+  cmd: "unlock" | "reseal";
+  passphrase: string;
+}
+export type CtlHandler = (req: CtlRequest) => Promise<CtlResponse>;
+
+const isCmd = (c: unknown): c is Cmd => typeof c === "string" && Object.hasOwn(COMMANDS, c);
+
+/** Parses one request line; a one-line error naming what was wrong otherwise. */
+export function parseCtlRequest(line: string): CtlRequest | string {
+  let json: unknown;
+  try {
+    json = JSON.parse(line);
+  } catch {
+    return "request is not JSON";
+  }
+  const cmd = (json as { cmd?: unknown } | null)?.cmd;
+  if (!isCmd(cmd)) return `bad request: cmd: expected one of ${CTL_COMMANDS.join(", ")}`;
+  const r = z.object({ cmd: z.literal(cmd), ...COMMANDS[cmd].args }).strict().safeParse(json);
+  return r.success ? (r.data as CtlRequest) : `bad request: ${zodIssue(r.error)}`;
+}
+
+/** The words an operator types (`ctl status`, `ctl unlock` + passphrase on stdin) as a request. */
+export function requestFromArgs(args: readonly string[], stdin: () => string): CtlRequest | string {
+  const [cmd, ...rest] = args;
+  if (!isCmd(cmd)) return `unknown command ${JSON.stringify(cmd ?? "")}; try: ${CTL_COMMANDS.join(", ")}`;
+  if (rest.length) return `ctl ${cmd}: takes no arguments`;
+  if ("passphrase" in COMMANDS[cmd].args) {
+    const passphrase = stdin().trim(); // on stdin: never in argv or logs
+    if (!passphrase) return `ctl ${cmd}: give the recovery passphrase on stdin`;
+    return { cmd, passphrase } as CtlRequest;
+  }
+  return { cmd } as CtlRequest;
+}
+
+/** The handler for a process with these capabilities. */
+export function adminHandler(caps: AdminCaps): CtlHandler {
+  return async (req) => COMMANDS[req.cmd].run(caps, req as never);
+}
+
+/** A `status` field: "name: value". */
+export type StatusField = readonly [name: string, value: string | number];
+
+/** The one status format: a "name: value" line per field. */
+export function formatStatus(fields: readonly StatusField[]): string {
+  return fields.map(([k, v]) => `${k}: ${v}`).join("\n");
+}
+
+/** One request line in, one response out: validated, logged by command (never a passphrase). */
+export async function answerLine(log: Logger, handle: CtlHandler, line: string | null): Promise<CtlResponse> {
+  if (line === null) return { ok: false, text: "request too long" };
+  const req = parseCtlRequest(line);
+  if (typeof req === "string") {
+    log.warn(`ctl: refused: ${req}`);
+    return { ok: false, text: req };
+  }
+  log.info(`ctl: ${req.cmd}`);
+  return handle(req).catch((e: unknown): CtlResponse => ({ ok: false, text: describe(e) }));
+}
+
+/** Serves the admin commands on the socket (root only: mode 0600). */
+export function serveAdmin(sys: Sockets, log: Logger, handle: CtlHandler, path = CTL_SOCKET): LineServer {
+  return sys.serveLines(path, MAX_REQUEST, async (line) => JSON.stringify(await answerLine(log, handle, line)));
+}
+
+/** Client side: one request over `send` (a line transport to the socket), the answer. */
+export async function callAdmin(req: CtlRequest, send: (line: string) => Promise<string>): Promise<CtlResponse> {
+  const reply = await send(JSON.stringify(req));
+  try {
+    return JSON.parse(reply) as CtlResponse;
+  } catch {
+    throw new Error("no answer from the agent");
+  }
+}
