@@ -2,7 +2,7 @@
 // trusted (it is signed), but still validated: a build mistake must produce a clear line, and
 // the agent then boots with safe defaults rather than not at all.
 import { z } from "zod";
-import { zodIssue } from "./errors.ts";
+import { zodIssue, describe } from "./errors.ts";
 
 export const CONFIG_PATH = "/etc/initos/config.json";
 
@@ -124,7 +124,7 @@ export function parseConfig(text: string | null, path = CONFIG_PATH): ConfigResu
   try {
     json = JSON.parse(text);
   } catch (e) {
-    return { config: DEFAULT_CONFIG, error: `config: ${path} is not JSON (${(e as Error).message}); using defaults` };
+    return { config: DEFAULT_CONFIG, error: `config: ${path} is not JSON (${describe(e)}); using defaults` };
   }
   const r = AgentConfigSchema.safeParse(json);
   if (r.success) return { config: r.data };

@@ -4,11 +4,11 @@
 import { describe } from "./errors.ts";
 import type { Logger, Timeline } from "./log.ts";
 import { RB } from "./sys/consts.ts";
-import type { Sys } from "./sys/index.ts";
+import type { Clock, Files, Processes } from "./sys/index.ts";
 
 export const DIAG_PATH = "/run/initos/failure.txt";
 
-export function diagnostics(sys: Sys, reason: string, timeline: Timeline): string {
+export function diagnostics(sys: Files, reason: string, timeline: Timeline): string {
   const section = (title: string, path: string) => `## ${title} (${path})\n${sys.readFile(path)?.trimEnd() ?? "(unreadable)"}\n`;
   return [
     `reason: ${reason}`,
@@ -30,7 +30,7 @@ export function diagnostics(sys: Sys, reason: string, timeline: Timeline): strin
  * sidecar would rewrite their /etc/passwd, /etc/shells and /root/.ssh. Only the log (kmsg, an
  * fd opened long ago) and the reboot remain.
  */
-export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeline, error: unknown, delaySeconds: number, recovery?: () => Promise<boolean>, pastPointOfNoReturn = false): Promise<never> {
+export async function applyFailurePolicy(sys: Files & Processes & Clock, log: Logger, timeline: Timeline, error: unknown, delaySeconds: number, recovery?: () => Promise<boolean>, pastPointOfNoReturn = false): Promise<never> {
   const reason = describe(error);
   log.err(`boot failed: ${reason}`);
   if (pastPointOfNoReturn) {
@@ -58,7 +58,7 @@ export async function applyFailurePolicy(sys: Sys, log: Logger, timeline: Timeli
   return rebootAfter(sys, log, delaySeconds);
 }
 
-async function rebootAfter(sys: Sys, log: Logger, delaySeconds: number): Promise<never> {
+async function rebootAfter(sys: Processes & Clock, log: Logger, delaySeconds: number): Promise<never> {
   log.err(`rebooting in ${delaySeconds}s`);
   await sys.sleep(delaySeconds * 1000);
   sys.sync();

@@ -11,7 +11,7 @@ import { SYSROOT } from "./stages/root.ts";
 import { SSH_DIR } from "./stages/sidecar.ts";
 import { podHandoff, type VmPlan } from "./stages/vm.ts";
 import { findInit, isSystemd, resolveInRoot } from "./switchroot.ts";
-import type { Sys } from "./sys/index.ts";
+import type { Crypt, Files, Mounts, Processes } from "./sys/index.ts";
 
 export interface HandoffTarget {
   /** What is exec'd, as named: argv[0] (busybox picks its applet by it). */
@@ -23,7 +23,7 @@ export interface HandoffTarget {
 }
 
 /** What runs as PID 1 after the switch: a VM's app under the pod reaper, else the root's init. */
-export function handoffTarget(sys: Sys, log: Logger, cmdline: Cmdline, config: AgentConfig, vm?: VmPlan): HandoffTarget {
+export function handoffTarget(sys: Files & Mounts, log: Logger, cmdline: Cmdline, config: AgentConfig, vm?: VmPlan): HandoffTarget {
   if (vm?.app.length) {
     // The pod reaper goes where the root lets it survive the move (/run, else /dev): vm.ts.
     const pod = podHandoff(sys, vm.app);
@@ -36,7 +36,7 @@ export function handoffTarget(sys: Sys, log: Logger, cmdline: Cmdline, config: A
   return { init, resolved, app: [...cmdline.app] };
 }
 
-export function chooseInit(sys: Sys, cmdline: Cmdline, config: AgentConfig): string {
+export function chooseInit(sys: Files, cmdline: Cmdline, config: AgentConfig): string {
   const candidates = cmdline.init ? [cmdline.init] : config.initCandidates;
   const init = findInit(sys, SYSROOT, candidates);
   if (!init) throw new BootError(`no init in the root: tried ${candidates.join(", ")}`);
@@ -65,7 +65,7 @@ export function initrdState(rdTimestamp: string | undefined): string | null {
 }
 
 /** The fd for `--deserialize`, made last (only the exec inherits it); undefined when systemd gets none. */
-export function initrdStateFd(sys: Sys, log: Logger, target: HandoffTarget): number | undefined {
+export function initrdStateFd(sys: Processes, log: Logger, target: HandoffTarget): number | undefined {
   if (!isSystemd(target.resolved)) return undefined;
   const state = initrdState(process.env.RD_TIMESTAMP);
   if (!state) {
@@ -87,7 +87,7 @@ export function initrdStateFd(sys: Sys, log: Logger, target: HandoffTarget): num
  * images, the ESPs) is let go: /run moves into the OS, where it would stay mounted and busy
  * until systemd's shutdown failed to unmount it.
  */
-export function handOverMounts(sys: Sys, log: Logger, config: AgentConfig, esp?: EspResult, inUse: readonly string[] = []): void {
+export function handOverMounts(sys: Files & Mounts & Crypt, log: Logger, config: AgentConfig, esp?: EspResult, inUse: readonly string[] = []): void {
   const kept = bindImagesForOs(sys, log, config, SYSROOT);
   // An image the sidecar beside the OS runs from cannot be closed (libcryptsetup would retry the
   // removal for ~5 s before it gives up): it is left open for that sidecar.
@@ -105,6 +105,6 @@ export function initEnv(): string[] {
  * The ssh host key and the admin socket stay with the initrd: /run moves into the OS, which
  * has no business with the sidecar's key (the sidecar beside the OS took its own copy).
  */
-export function forgetSecrets(sys: Sys): void {
+export function forgetSecrets(sys: Files): void {
   if (sys.exists(SSH_DIR)) sys.removeTreeOnDevice(SSH_DIR, sys.lstat(SSH_DIR).dev);
 }

@@ -2,6 +2,7 @@
 // and which subvolumes are bound where. It is only readable once the disk is unlocked, but it is
 // written by whoever is root in the booted OS, so it is input from a possible attacker (DESIGN
 // §5): validated, with errors naming the key, and never allowed to name a path outside the root.
+import { describe } from "./errors.ts";
 import { z } from "zod";
 
 export const HOST_CONFIG_JSON = "initos.json";
@@ -86,7 +87,7 @@ export function parseHostJson(text: string, file = HOST_CONFIG_JSON): HostConfig
   try {
     json = JSON.parse(text);
   } catch (e) {
-    throw new HostConfigError(`host config ${file}: not JSON (${(e as Error).message})`);
+    throw new HostConfigError(`host config ${file}: not JSON (${describe(e)})`);
   }
   return parsed(file, json);
 }

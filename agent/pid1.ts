@@ -1,16 +1,17 @@
 // Duties of PID 1 that run beside the boot: reaping orphans, turning signals into power
 // actions, and routing any uncaught error into the failure policy instead of an exit (an
 // exiting PID 1 is a kernel panic).
+import { describe } from "./errors.ts";
 import { read } from "node:fs";
 import type { Logger } from "./log.ts";
 import { RB } from "./sys/consts.ts";
-import type { Sys } from "./sys/index.ts";
+import type { Files, Processes } from "./sys/index.ts";
 
 /** Children the runtime itself spawned and will wait for; the orphan reaper leaves them alone. */
 export const ownChildren = new Set<number>();
 
 /** PIDs of zombies whose parent is `parent`, from /proc/<pid>/stat. */
-export function findZombies(sys: Pick<Sys, "readFile">, pids: readonly string[], parent: number): number[] {
+export function findZombies(sys: Pick<Files, "readFile">, pids: readonly string[], parent: number): number[] {
   const out: number[] = [];
   for (const p of pids) {
     if (!/^\d+$/.test(p)) continue;
@@ -24,7 +25,7 @@ export function findZombies(sys: Pick<Sys, "readFile">, pids: readonly string[],
 }
 
 /** Zombies anywhere on the machine (state Z in /proc/<pid>/stat): should stay 0 under PID 1's care. */
-export function countZombies(sys: Pick<Sys, "readFile" | "readdir">): number {
+export function countZombies(sys: Pick<Files, "readFile" | "readdir">): number {
   return sys
     .readdir("/proc")
     .filter((p) => /^\d+$/.test(p))
@@ -53,7 +54,7 @@ export function reapNow(): number {
   return reaper?.() ?? 0;
 }
 
-export function reapOrphans(sys: Sys, hooks: Pid1Hooks): number {
+export function reapOrphans(sys: Files & Processes, hooks: Pid1Hooks): number {
   let n = 0;
   for (const pid of findZombies(sys, hooks.listPids(), sys.pid())) {
     if (ownChildren.has(pid)) continue;
@@ -62,7 +63,7 @@ export function reapOrphans(sys: Sys, hooks: Pid1Hooks): number {
   return n;
 }
 
-export function powerAction(sys: Sys, log: Logger, action: "poweroff" | "reboot", why: string): void {
+export function powerAction(sys: Processes, log: Logger, action: "poweroff" | "reboot", why: string): void {
   log.info(`${why}: ${action}`);
   sys.sync();
   sys.reboot(action === "poweroff" ? RB.POWER_OFF : RB.AUTOBOOT);
@@ -85,7 +86,7 @@ export function watchSignalPipe(fd: number, onSignal: (signo: number) => void): 
   next();
 }
 
-export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { relaySignal?: (sig: number) => number }): void {
+export function installPid1Handlers(sys: Files & Processes, log: Logger, hooks: Pid1Hooks & { relaySignal?: (sig: number) => number }): void {
   reaper = () => reapOrphans(sys, hooks);
   process.on("SIGCHLD", reaper);
   process.on("SIGTERM", () => powerAction(sys, log, "poweroff", "SIGTERM"));
@@ -96,7 +97,7 @@ export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { 
     try {
       watchSignalPipe(hooks.relaySignal(SIGPWR), () => powerAction(sys, log, "poweroff", "SIGPWR"));
     } catch (e) {
-      log.warn(`SIGPWR will be ignored: ${(e as Error).message}`);
+      log.warn(`SIGPWR will be ignored: ${describe(e)}`);
     }
   }
   process.on("uncaughtException", (e) => hooks.onFatal(e));
@@ -104,12 +105,12 @@ export function installPid1Handlers(sys: Sys, log: Logger, hooks: Pid1Hooks & { 
 }
 
 /** A "Name:  1234 kB" field of /proc/self/status, in KiB. */
-export function procStatusKiB(sys: Sys, field: string): number | null {
+export function procStatusKiB(sys: Files, field: string): number | null {
   const m = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(sys.readFile("/proc/self/status") ?? "");
   return m ? Number(m[1]) : null;
 }
 
-export function memAvailableKiB(sys: Sys): number | null {
+export function memAvailableKiB(sys: Files): number | null {
   const m = /^MemAvailable:\s+(\d+) kB/m.exec(sys.readFile("/proc/meminfo") ?? "");
   return m ? Number(m[1]) : null;
 }

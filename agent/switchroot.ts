@@ -4,7 +4,7 @@
 // there is nothing left to recover with: the checks run before anything is moved or deleted.
 import type { Logger } from "./log.ts";
 import { FS_MAGIC, MNT_DETACH, MS } from "./sys/consts.ts";
-import type { Sys } from "./sys/index.ts";
+import type { Files, Mounts, Processes } from "./sys/index.ts";
 
 /** Mounts the new root inherits. Submounts (/dev/pts, /dev/shm, efivarfs) move with them. */
 const API_MOUNTS = ["/dev", "/proc", "/sys", "/run"] as const;
@@ -43,7 +43,7 @@ export type RootWalk = { resolved: string } | { failed: "missing" | "not a direc
  * cannot climb above it. `makeMissing`, when given, is asked to create a missing directory (it
  * returns false to stop there); with it every component must be a directory.
  */
-export function walkInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string, path: string, makeMissing?: (here: string) => boolean): RootWalk {
+export function walkInRoot(sys: Pick<Files, "lstat" | "readlink">, root: string, path: string, makeMissing?: (here: string) => boolean): RootWalk {
   let pending = path.split("/").filter(Boolean);
   const done: string[] = [];
   let hops = 0;
@@ -73,13 +73,13 @@ export function walkInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string, p
 }
 
 /** `path` resolved inside `root` (see walkInRoot), relative to it; null if it does not exist. */
-export function resolveInRoot(sys: Pick<Sys, "lstat" | "readlink">, root: string, path: string): string | null {
+export function resolveInRoot(sys: Pick<Files, "lstat" | "readlink">, root: string, path: string): string | null {
   const w = walkInRoot(sys, root, path);
   return "resolved" in w ? w.resolved : null;
 }
 
 /** Picks the first init candidate that exists and is executable in the new root. */
-export function findInit(sys: Pick<Sys, "lstat" | "readlink">, root: string, candidates: readonly string[]): string | null {
+export function findInit(sys: Pick<Files, "lstat" | "readlink">, root: string, candidates: readonly string[]): string | null {
   for (const c of candidates) {
     const resolved = resolveInRoot(sys, root, c);
     if (!resolved) continue;
@@ -100,7 +100,7 @@ export function isSystemdShutdown(initExe: string): boolean {
 }
 
 /** The guards: nothing is touched unless all of them pass. Throws SwitchRootRefused. */
-export function checkSwitchRoot(sys: Sys, plan: SwitchRootPlan): void {
+export function checkSwitchRoot(sys: Files & Mounts & Processes, plan: SwitchRootPlan): void {
   // Only PID 1 may do this: another process would strand the real init in an empty initramfs.
   if (sys.pid() !== 1) throw new SwitchRootRefused(`not PID 1 (pid ${sys.pid()})`);
   // We are about to delete everything on "/"; make sure "/" is the disposable initramfs.
@@ -125,7 +125,7 @@ export function checkSwitchRoot(sys: Sys, plan: SwitchRootPlan): void {
  * the new root if that mount is mounted and the new root has a directory to move it onto:
  * otherwise the move detaches it, init included.
  */
-function checkInit(sys: Sys, plan: SwitchRootPlan): void {
+function checkInit(sys: Files & Mounts, plan: SwitchRootPlan): void {
   const carrier = API_MOUNTS.find((m) => plan.init.startsWith(`${m}/`));
   if (!findInit(sys, carrier ? "" : plan.newRoot, [plan.init])) {
     throw new SwitchRootRefused(`init ${plan.init} not found or not executable in ${carrier ?? plan.newRoot}`);
@@ -142,7 +142,7 @@ function checkInit(sys: Sys, plan: SwitchRootPlan): void {
 }
 
 /** Performs the switch and execs the new init. Only returns by throwing, before the point of no return. */
-export function switchRoot(sys: Sys, log: Logger, plan: SwitchRootPlan): never {
+export function switchRoot(sys: Files & Mounts & Processes, log: Logger, plan: SwitchRootPlan): never {
   checkSwitchRoot(sys, plan);
   const { newRoot } = plan;
   const rootDev = sys.lstat("/").dev;
@@ -209,7 +209,7 @@ export function switchRoot(sys: Sys, log: Logger, plan: SwitchRootPlan): never {
  * The old root is reached through an fd opened before the switch; st_dev checks keep the walk
  * from crossing into any mount (which would delete the user's files).
  */
-function removeOldRoot(sys: Sys, log: Logger, oldRoot: string, rootDev: number): void {
+function removeOldRoot(sys: Files, log: Logger, oldRoot: string, rootDev: number): void {
   const n = sys.removeTreeOnDevice(oldRoot, rootDev);
   log.info(`switch_root: freed initramfs (${n} entries)`);
 }

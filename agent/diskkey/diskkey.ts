@@ -12,7 +12,7 @@ import { BootError, describe } from "../errors.ts";
 import type { AgentConfig } from "../config.ts";
 import type { Logger } from "../log.ts";
 import { TPM_KDF } from "../sys/cryptsetup.ts";
-import type { Sys, TpmOps } from "../sys/index.ts";
+import type { TpmOps, Crypt, Files } from "../sys/index.ts";
 import type { PolicyStep } from "../sys/tss.ts";
 import { keyFingerprint, policyPcr, rsaPublicArea, sealPolicy, ZERO_DIGEST } from "./policy.ts";
 import type { LegacySeal } from "./legacy.ts";
@@ -40,7 +40,7 @@ export interface PcrSignature {
  * The signed PCR policy for this UKI, from the file systemd-stub wrote. It is data: the TPM
  * checks the signature; here only the entry for the config's PCRs and signer is picked.
  */
-export function readPcrSignature(sys: Sys, req: Requirement, fingerprint: string): PcrSignature | string {
+export function readPcrSignature(sys: Files, req: Requirement, fingerprint: string): PcrSignature | string {
   const text = sys.readFile(PCR_SIGNATURE);
   if (text === null) return `no ${PCR_SIGNATURE}: this UKI carries no PCR signature (not a production build)`;
   let entries: unknown;
@@ -61,7 +61,7 @@ export function readPcrSignature(sys: Sys, req: Requirement, fingerprint: string
 }
 
 /** The `systemd-tpm2` tokens of a volume; malformed ones are logged and skipped. */
-export function readTokens(sys: Sys, log: Logger, device: string): Tpm2Token[] {
+export function readTokens(sys: Crypt, log: Logger, device: string): Tpm2Token[] {
   const out: Tpm2Token[] = [];
   for (const { id, json } of sys.luks.tokens(device)) {
     try {
@@ -84,7 +84,7 @@ export interface UnsealedKey {
 }
 
 /** The signature for this UKI's PCR 11, read once and only when a sealed object needs it. */
-export function pcrSignatureOnce(sys: Sys, req: Requirement): () => PcrSignature {
+export function pcrSignatureOnce(sys: Files, req: Requirement): () => PcrSignature {
   let got: PcrSignature | string | undefined;
   return () => {
     got ??= req.signer ? readPcrSignature(sys, req, keyFingerprint(req.signer)) : "the signed config names no PCR signer";
@@ -118,7 +118,7 @@ export function unsealObject(tpm: TpmOps, req: Requirement, t: Sealed, signature
  * Unseals every usable token of every volume. Never throws: a token that does not meet the
  * config, or that the TPM refuses, is one line in the log. The caller latches right after.
  */
-export function unsealTokens(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, volumes: readonly string[], signature = pcrSignatureOnce(sys, req)): UnsealedKey[] {
+export function unsealTokens(sys: Crypt & Files, log: Logger, tpm: TpmOps, req: Requirement, volumes: readonly string[], signature = pcrSignatureOnce(sys, req)): UnsealedKey[] {
   const keys: UnsealedKey[] = [];
   for (const device of volumes) {
     const tokens = readTokens(sys, log, device);
@@ -163,7 +163,7 @@ export function unsealLegacy(log: Logger, tpm: TpmOps, req: Requirement, device:
  * Moves a disk off the legacy seal: a new key sealed as a token (authorised by the legacy key,
  * which opened `provenSlot` this boot), then the legacy keyslot destroyed.
  */
-export function migrateLegacy(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, legacyKey: Uint8Array, provenSlot: number): void {
+export function migrateLegacy(sys: Crypt, log: Logger, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, legacyKey: Uint8Array, provenSlot: number): void {
   try {
     const made = enroll(sys, tpm, req, secureBoot, device, legacyKey);
     sys.luks.destroySlot(device, provenSlot);
@@ -206,13 +206,13 @@ export function sealObject(tpm: TpmOps, req: Requirement, secureBoot: string, se
  * Secure Boot on: with it off, PCR 7 vouches for nothing, and a key sealed to it would unseal
  * for any kernel.
  */
-export function sealKey(sys: Sys, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, key: Uint8Array, keyslot: number): Enrolled {
+export function sealKey(sys: Crypt, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, key: Uint8Array, keyslot: number): Enrolled {
   const sealed = sealObject(tpm, req, secureBoot, key, [...req.pcrs, req.latchPcr]);
   return { token: sys.luks.setToken(device, tokenJson({ keyslot, ...sealed })), keyslot };
 }
 
 /** A new random key in a new keyslot of `device` (authorised by `existing`), sealed (sealKey). */
-export function enroll(sys: Sys, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, existing: Uint8Array): Enrolled {
+export function enroll(sys: Crypt, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, existing: Uint8Array): Enrolled {
   checkSealable(req, secureBoot); // before the keyslot: a refused seal leaves the header as it was
   const key = sys.randomBytes(32);
   const passphrase = keyslotPassphrase(key);
@@ -240,7 +240,7 @@ export interface ResealResult extends Enrolled {
  * state they were sealed to.
  */
 export function reseal(
-  sys: Sys,
+  sys: Crypt,
   log: Logger,
   tpm: TpmOps,
   req: Requirement,

@@ -8,7 +8,7 @@
 //   - the booted OS gets nothing (PCR 11 is past leave-initrd, the latch is extended).
 // The sealed file lies on the ESP: it is data (a blob only this TPM opens, in that state).
 import type { Logger } from "../log.ts";
-import type { Sys, TpmOps } from "../sys/index.ts";
+import type { TpmOps, Files } from "../sys/index.ts";
 import { describe } from "../errors.ts";
 import { type PcrSignature, sealObject, unsealObject } from "./diskkey.ts";
 import { parseSealed, refusal, type Requirement, sealedJson } from "./token.ts";
@@ -32,7 +32,7 @@ export function sealHostKey(tpm: TpmOps, req: Requirement, secureBoot: string, k
  * The sealed host key from the booted ESP, unsealed; null (with one line) when there is none or
  * this boot may not have it. Before the latch only.
  */
-export function unsealHostKey(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, file: string, signature: () => PcrSignature): Uint8Array | null {
+export function unsealHostKey(sys: Files, log: Logger, tpm: TpmOps, req: Requirement, file: string, signature: () => PcrSignature): Uint8Array | null {
   const text = sys.readFile(file);
   if (text === null) {
     log.info("recovery: no sealed ssh host key on the ESP; the recovery sidecar would show a key made for this boot");

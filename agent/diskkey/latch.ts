@@ -8,8 +8,9 @@
 // right after its unseal attempt. A latch that cannot be extended fails the boot: fail closed.
 import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { Sys, TpmOps } from "../sys/index.ts";
+import type { Clock, Files, Tpm, TpmOps } from "../sys/index.ts";
 import { phaseDigest } from "./policy.ts";
+import { pollUntil } from "../wait.ts";
 
 /** The digest the latch PCR is extended with: any non-zero one will do; fixed, so it is predictable. */
 export const LATCH_DIGEST = Buffer.from("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "hex");
@@ -36,7 +37,7 @@ export class BootTpm {
   private readonly phases: Phase[] = [];
 
   constructor(
-    private readonly sys: Sys,
+    private readonly sys: Files & Tpm & Clock,
     private readonly log: Logger,
     private readonly settings: TpmSettings,
   ) {}
@@ -45,14 +46,10 @@ export class BootTpm {
   async find(): Promise<TpmOps | null> {
     if (this.device !== undefined) return this.device;
     const { sys, log } = this;
-    const start = performance.now();
     const bound = sys.exists(ACPI_TPM2) ? this.settings.waitSeconds : 0;
-    while (!sys.exists(TPM_DEVICE)) {
-      if (performance.now() - start >= bound * 1000) {
-        log.warn(bound ? `tpm: no ${TPM_DEVICE} after ${bound}s although the firmware announces a TPM` : "tpm: none (the firmware announces no TPM2)");
-        return (this.device = null);
-      }
-      await sys.sleep(50);
+    if (!(await pollUntil(sys, bound * 1000, 50, () => sys.exists(TPM_DEVICE) || null))) {
+      log.warn(bound ? `tpm: no ${TPM_DEVICE} after ${bound}s although the firmware announces a TPM` : "tpm: none (the firmware announces no TPM2)");
+      return (this.device = null);
     }
     try {
       this.device = sys.tpm();

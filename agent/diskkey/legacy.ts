@@ -5,7 +5,7 @@
 // proves what the slot holds), a new key is sealed as a token to the config's binding, and the
 // old keyslot is destroyed. The ESP files stay (nothing is deleted on a user's disk); without
 // their keyslot they open nothing.
-import type { Sys } from "../sys/index.ts";
+import type { Files } from "../sys/index.ts";
 
 export interface LegacySeal {
   /** tpm2-tools' TPM2B_PRIVATE then TPM2B_PUBLIC: the same layout as a token's tpm2-blob. */
@@ -21,7 +21,7 @@ export const legacyPaths = (espMount: string, dir: string) => ({
 });
 
 /** The old sealed key on the booted ESP, or null. Its PCRs are not read: the config's are used. */
-export function readLegacySeal(sys: Sys, espMount: string, dir: string): LegacySeal | null {
+export function readLegacySeal(sys: Files, espMount: string, dir: string): LegacySeal | null {
   const p = legacyPaths(espMount, dir);
   const pub = sys.readBytes(p.pub);
   const priv = sys.readBytes(p.priv);

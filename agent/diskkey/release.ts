@@ -2,14 +2,14 @@
 // sidecar's pinned host key (hostkey.ts), then the disk keys of every volume (their tokens, or
 // the ESP seal of a disk installed before tokens, legacy.ts).
 import type { Logger } from "../log.ts";
-import type { Sys, TpmOps } from "../sys/index.ts";
+import type { TpmOps, Crypt, Files } from "../sys/index.ts";
 import { HOST_KEY, SSH_DIR } from "../stages/sidecar.ts";
 import { pcrSignatureOnce, readTokens, unsealLegacy, unsealTokens, type UnsealedKey } from "./diskkey.ts";
 import { sealedHostKeyPath, unsealHostKey } from "./hostkey.ts";
 import { readLegacySeal } from "./legacy.ts";
 import type { Requirement } from "./token.ts";
 
-export function releaseKeys(sys: Sys, log: Logger, tpm: TpmOps, req: Requirement, espMount: string, espDir: string, volumes: readonly string[]): UnsealedKey[] {
+export function releaseKeys(sys: Files & Crypt, log: Logger, tpm: TpmOps, req: Requirement, espMount: string, espDir: string, volumes: readonly string[]): UnsealedKey[] {
   // The host key first: after the latch nothing unseals it, and the recovery sidecar needs it.
   const signature = pcrSignatureOnce(sys, req); // /.extra read once, when first needed
   const hostKey = unsealHostKey(sys, log, tpm, req, sealedHostKeyPath(espMount, espDir), signature);

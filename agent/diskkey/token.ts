@@ -4,7 +4,7 @@
 // be bound to comes from the signed config (`requirement`), and a token bound to anything else
 // is refused before the TPM is asked.
 import { z } from "zod";
-import { zodIssue } from "../errors.ts";
+import { zodIssue, describe } from "../errors.ts";
 import { keyFingerprint, sortedPcrs } from "./policy.ts";
 
 export const TOKEN_TYPE = "systemd-tpm2";
@@ -156,7 +156,7 @@ export function refusal(t: Sealed & { id?: number }, req: Requirement, name = `t
     try {
       fp = t.signer ? keyFingerprint(t.signer) : "";
     } catch (e) {
-      return `${name}: its PCR signer key is not an RSA public key (${(e as Error).message})`;
+      return `${name}: its PCR signer key is not an RSA public key (${describe(e)})`;
     }
     if (fp !== keyFingerprint(req.signer)) return `${name}: signed by another PCR key (${fp ? fp.slice(0, 16) : "none"}...), not the one in the signed config`;
   }

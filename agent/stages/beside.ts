@@ -35,11 +35,12 @@ import { type Logger, savedStages, summarizeStages, TIMELINE_PATH } from "../log
 import { procStatusKiB } from "../pid1.ts";
 import { isSystemd, isSystemdShutdown } from "../switchroot.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Files, Mounts, Processes, Sockets } from "../sys/index.ts";
 import { SIDECAR_ROOT } from "../sys/sidecar.ts";
 import type { Supervised } from "../supervise.ts";
 import { AGENT_PATH, HOST_KEY, SSH_DIR, startSshd } from "./sidecar.ts";
 import { networkRequested } from "./network.ts";
+import { pollUntil } from "../wait.ts";
 
 /** argv[0] of the sidecar process: the '@' is systemd's "do not kill me at shutdown". */
 export const BESIDE_ARGV0 = "@initos-sidecar";
@@ -66,7 +67,7 @@ export function besideWanted(cmdline: Cmdline, config: AgentConfig): boolean {
  * wait until it no longer depends on the initramfs. A sidecar that cannot start is logged and
  * the boot goes on: the OS matters more than its remote admin.
  */
-export async function startBeside(sys: Sys, log: Logger, cmdline: Cmdline, config: AgentConfig, network: () => Promise<unknown>, timeoutMs = 30_000): Promise<number | null> {
+export async function startBeside(sys: Files & Processes & Clock, log: Logger, cmdline: Cmdline, config: AgentConfig, network: () => Promise<unknown>, timeoutMs = 30_000): Promise<number | null> {
   if (!config.ssh.authorizedKeys.length) {
     log.warn("sidecar beside the OS: no authorized ssh keys in the config; not started");
     return null;
@@ -81,13 +82,9 @@ export async function startBeside(sys: Sys, log: Logger, cmdline: Cmdline, confi
   }
   await network();
   const pid = sys.spawnDetached([AGENT_PATH, "beside"], BESIDE_ARGV0);
-  const start = sys.now();
-  while (!sys.exists(READY)) {
-    if (sys.now() - start > timeoutMs || !sys.exists(`/proc/${pid}`)) {
-      throw new BootError(`sidecar beside the OS: pid ${pid} did not set up its root within ${timeoutMs / 1000}s`);
-    }
-    await sys.sleep(20);
-  }
+  // Ready, or gone (a process that died will never be ready): whichever comes first.
+  const ready = await pollUntil(sys, timeoutMs, 20, () => (sys.exists(READY) ? true : sys.exists(`/proc/${pid}`) ? null : false));
+  if (!ready) throw new BootError(`sidecar beside the OS: pid ${pid} did not set up its root within ${timeoutMs / 1000}s`);
   sys.unlink(READY);
   log.info(`sidecar beside the OS: pid ${pid}, in its own mount namespace`);
   return pid;
@@ -100,7 +97,7 @@ export async function startBeside(sys: Sys, log: Logger, cmdline: Cmdline, confi
  * Binds, not copies: the files keep using the memory they already use, and a bind survives
  * the initramfs being emptied (only the name goes, the file stays while it is mounted).
  */
-export function enterBesideRoot(sys: Sys, log: Logger): never {
+export function enterBesideRoot(sys: Files & Mounts & Processes, log: Logger): never {
   // First: the OS's processes must not read this one's memory, nor get it in a core dump.
   sys.setDumpable(false);
   // Opens kmsg while /dev is still there: the log keeps that fd once the old /dev is detached.
@@ -158,7 +155,7 @@ export function enterBesideRoot(sys: Sys, log: Logger): never {
  * the whole namespace. A mount that cannot be detached is an error: no sidecar is better than
  * one that keeps the OS from closing its disks. Returns how many were detached.
  */
-function detachInherited(sys: Sys): number {
+function detachInherited(sys: Files & Mounts): number {
   const inside = (m: string, dir: string) => m === dir || m.startsWith(`${dir}/`);
   // "/proc" last: this process reads the mount table through it.
   const kept = (m: string) => m === "/" || m === "/run" || m === "/proc" || inside(m, STAGING);
@@ -176,7 +173,7 @@ function detachInherited(sys: Sys): number {
 }
 
 /** Phase 2, in the sidecar's own root: the admin socket and sshd, until the machine goes down. */
-export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }): Promise<never> {
+export async function runBeside(sys: Files & Mounts & Processes & Clock & Sockets, log: Logger & { recent(): string[] }): Promise<never> {
   // Again: the exec into this phase made the process dumpable.
   sys.setDumpable(false);
   const { config, error } = parseConfig(sys.readFile(CONFIG_PATH));
@@ -223,7 +220,7 @@ export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }):
  * action), and its mounts with it.
  */
 export function watchOsShutdown(
-  sys: Sys,
+  sys: Files & Mounts & Processes & Clock,
   log: Logger,
   sshd: Supervised | null,
   on: (signal: "SIGCONT", handler: () => void) => void = (sig, h) => void process.on(sig, h),
@@ -287,7 +284,7 @@ export function shutdownSignal(action: PowerAction, initExe: string): { signal: 
  * actions are requests to the OS's init, and nothing that belongs to the boot (unlock,
  * switch-root) is left to do.
  */
-export function besideAdmin(sys: Sys, log: Logger & { recent(): string[] }): AdminCaps {
+export function besideAdmin(sys: Files & Processes & Clock, log: Logger & { recent(): string[] }): AdminCaps {
   const refused = { refused: "not available beside the running OS" };
   return {
     status: () => besideStatus(sys),
@@ -309,7 +306,7 @@ export function besideAdmin(sys: Sys, log: Logger & { recent(): string[] }): Adm
   };
 }
 
-export function besideStatus(sys: Sys): StatusField[] {
+export function besideStatus(sys: Files & Processes): StatusField[] {
   const stages = savedStages(sys.readFile(TIMELINE_PATH));
   const argv0 = (sys.readFile("/proc/self/cmdline") ?? "").split("\0")[0];
   const outside = sys.readFile(OUTSIDE)?.split("\n").filter(Boolean);

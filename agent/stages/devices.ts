@@ -1,15 +1,16 @@
 // Device discovery: coldplug (load a driver for every device the kernel already knows, by its
 // modalias, as udev would) and bounded waits that keep loading drivers for devices announced
 // by uevents while they wait.
-import { BootError } from "../errors.ts";
+import { BootError, describe } from "../errors.ts";
+import { pollUntil } from "../wait.ts";
 import type { Logger } from "../log.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Devices, Files, Modules } from "../sys/index.ts";
 
 const POLL_MS = 50;
 const MAX_ROUNDS = 8;
 
 /** Modaliases of every device on every bus, from /sys/bus/<bus>/devices/<dev>/modalias. */
-export function modaliases(sys: Sys): string[] {
+export function modaliases(sys: Files): string[] {
   const out = new Set<string>();
   for (const bus of sys.readdir("/sys/bus")) {
     for (const dev of sys.readdir(`/sys/bus/${bus}/devices`)) {
@@ -26,7 +27,7 @@ export class Coldplug {
   readonly loaded: string[] = [];
 
   constructor(
-    private readonly sys: Sys,
+    private readonly sys: Files & Modules & Devices,
     private readonly log: Logger,
   ) {}
 
@@ -43,7 +44,7 @@ export class Coldplug {
       } catch (e) {
         // A driver that refuses a device it matched is not a boot failure; the waits that
         // need a device say so if it never comes.
-        this.log.debug(`coldplug ${a}: ${(e as Error).message}`);
+        this.log.debug(`coldplug ${a}: ${describe(e)}`);
       }
     }
     return n;
@@ -80,27 +81,13 @@ export class Coldplug {
  * Polls `probe` until it returns a value, loading drivers for hotplugged devices in between.
  * Bounded: a device that never appears ends in a BootError naming `what` and the time waited.
  */
-export async function waitUntil<T>(
-  sys: Sys,
-  log: Logger,
-  cold: Coldplug,
-  what: string,
-  seconds: number,
-  probe: () => T | null,
-  now = () => performance.now(),
-): Promise<T> {
-  const start = now();
-  let found = probe();
-  if (found !== null) return found;
+export async function waitUntil<T>(sys: Clock, log: Logger, cold: Coldplug, what: string, seconds: number, probe: () => T | null): Promise<T> {
+  const first = probe();
+  if (first !== null) return first;
   log.info(`waiting up to ${seconds}s for ${what}`);
-  while (now() - start < seconds * 1000) {
-    await sys.sleep(POLL_MS);
-    cold.hotplug();
-    found = probe();
-    if (found !== null) {
-      log.info(`found ${what} after ${((now() - start) / 1000).toFixed(2)}s`);
-      return found;
-    }
-  }
-  throw new BootError(`${what} did not appear within ${seconds}s`);
+  const start = sys.now();
+  const found = await pollUntil(sys, seconds * 1000, POLL_MS, probe, () => cold.hotplug());
+  if (found === null) throw new BootError(`${what} did not appear within ${seconds}s`);
+  log.info(`found ${what} after ${((sys.now() - start) / 1000).toFixed(2)}s`);
+  return found;
 }

@@ -1,8 +1,9 @@
 // Stage "early": the API filesystems every later step and the real OS expect, and the
 // Secure Boot state, which decides what the rest of the boot is allowed to trust.
+import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MS, RB } from "../sys/consts.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Files, Modules, Mounts, Processes } from "../sys/index.ts";
 
 export type SecureBoot = "on" | "off" | "no-efi";
 
@@ -40,7 +41,7 @@ const DEVKMSG = "/proc/sys/kernel/printk_devkmsg";
  * agent's boot lines. Lift the limit while the initrd runs; returns the value to restore.
  * Fails harmlessly when `printk.devkmsg=` on the cmdline locked the setting.
  */
-export function unthrottleKmsg(sys: Sys): string | undefined {
+export function unthrottleKmsg(sys: Files): string | undefined {
   const before = sys.readFile(DEVKMSG)?.trim();
   if (before === undefined || before === "on") return undefined;
   try {
@@ -51,7 +52,7 @@ export function unthrottleKmsg(sys: Sys): string | undefined {
   }
 }
 
-export function restoreKmsgThrottle(sys: Sys, before: string | undefined): void {
+export function restoreKmsgThrottle(sys: Files, before: string | undefined): void {
   if (before === undefined) return;
   try {
     sys.writeFile(DEVKMSG, `${before}\n`);
@@ -63,7 +64,7 @@ export function restoreKmsgThrottle(sys: Sys, before: string | undefined): void 
 const EFIVARS = "/sys/firmware/efi/efivars";
 const SECURE_BOOT_VAR = `${EFIVARS}/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c`;
 
-export function mountApiFilesystems(sys: Sys, log: Logger): void {
+export function mountApiFilesystems(sys: Files & Mounts, log: Logger): void {
   const mounted = new Set(sys.mountPoints());
   for (const m of API_MOUNTS) {
     if (mounted.has(m.target)) continue;
@@ -78,19 +79,19 @@ export function mountApiFilesystems(sys: Sys, log: Logger): void {
  * enumerates every EFI variable through the firmware (under QEMU/TCG with SMM, 0.1-2.3 s
  * measured), so it runs on a background thread while the next stages go on.
  */
-export function mountEfivars(sys: Sys, log: Logger, efi: boolean): Promise<boolean> {
+export function mountEfivars(sys: Mounts & Modules & Clock, log: Logger, efi: boolean): Promise<boolean> {
   if (!efi) return Promise.resolve(false);
   if (sys.mountPoints().includes(EFIVARS)) return Promise.resolve(true);
-  const start = performance.now();
+  const start = sys.now();
   try {
     sys.loadModule("efivarfs"); // =m in the Debian kernel
   } catch (e) {
-    log.warn(`efivarfs unavailable (${(e as Error).message})`);
+    log.warn(`efivarfs unavailable (${describe(e)})`);
     return Promise.resolve(true);
   }
   return sys.mountInBackground("efivarfs", EFIVARS, "efivarfs", MS.NOSUID | MS.NODEV | MS.NOEXEC).then(
-    () => (log.info(`efivarfs: mounted in ${(performance.now() - start).toFixed(0)}ms`), true),
-    (e: unknown) => (log.warn(`efivarfs unavailable (${(e as Error).message})`), true),
+    () => (log.info(`efivarfs: mounted in ${(sys.now() - start).toFixed(0)}ms`), true),
+    (e: unknown) => (log.warn(`efivarfs unavailable (${describe(e)})`), true),
   );
 }
 
@@ -102,7 +103,7 @@ const BOOT_PARAMS_SECURE_BOOT = 0x1ec;
  * The Secure Boot state as the kernel's EFI stub saw it (enum efi_secureboot_mode: 2 disabled,
  * 3 enabled; 0 and 1 say nothing): no efivarfs needed. null when it does not say.
  */
-export function secureBootFromBootParams(sys: Sys): SecureBoot | null {
+export function secureBootFromBootParams(sys: Files): SecureBoot | null {
   const b = sys.readBytes(BOOT_PARAMS, BOOT_PARAMS_SECURE_BOOT + 1);
   if (!b || b.length <= BOOT_PARAMS_SECURE_BOOT) return null;
   const mode = b[BOOT_PARAMS_SECURE_BOOT];
@@ -113,14 +114,14 @@ export function secureBootFromBootParams(sys: Sys): SecureBoot | null {
  * The SecureBoot variable is 4 bytes of attributes then one byte: 1 = enforcing. With EFI but
  * an unreadable variable we answer "on": the stricter assumption is the safe one.
  */
-export function readSecureBoot(sys: Sys, efi: boolean): SecureBoot {
+export function readSecureBoot(sys: Files, efi: boolean): SecureBoot {
   if (!efi) return "no-efi";
   const v = sys.readBytes(SECURE_BOOT_VAR);
   if (!v || v.length < 5) return "on";
   return v[4] === 1 ? "on" : "off";
 }
 
-export async function setupEarly(sys: Sys, log: Logger): Promise<EarlyResult> {
+export async function setupEarly(sys: Files & Mounts & Modules & Processes & Clock, log: Logger): Promise<EarlyResult> {
   mountApiFilesystems(sys, log);
   const devkmsg = unthrottleKmsg(sys);
   sys.mkdirp("/run/initos", 0o700);
@@ -129,7 +130,7 @@ export async function setupEarly(sys: Sys, log: Logger): Promise<EarlyResult> {
   try {
     sys.reboot(RB.DISABLE_CAD);
   } catch (e) {
-    log.warn(`cannot disable ctrl-alt-del: ${(e as Error).message}`);
+    log.warn(`cannot disable ctrl-alt-del: ${describe(e)}`);
   }
   const efi = sys.exists("/sys/firmware/efi");
   const efivars = mountEfivars(sys, log, efi);

@@ -7,7 +7,7 @@
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Devices, Files, Mounts } from "../sys/index.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 
 export const LOADER_PART_UUID = "/sys/firmware/efi/efivars/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
@@ -30,7 +30,7 @@ export interface EspResult {
 }
 
 /** The efivar is 4 attribute bytes then a UTF-16LE GUID string (NUL-terminated). */
-export function bootedPartUuid(sys: Sys): string | null {
+export function bootedPartUuid(sys: Files): string | null {
   const v = sys.readBytes(LOADER_PART_UUID);
   if (!v || v.length < 6) return null;
   const s = Buffer.from(v.subarray(4)).toString("utf16le").replace(/\0.*$/s, "").trim().toLowerCase();
@@ -55,7 +55,7 @@ const CLASS_BLOCK = "/sys/class/block";
  * parent (/sys/class/block/<part> links to .../block/<disk>/<part>), not a guess from the name
  * (vda1, nvme0n1p1, mmcblk0p1 all differ).
  */
-export function partitions(sys: Sys): Partition[] {
+export function partitions(sys: Files & Devices): Partition[] {
   const out: Partition[] = [];
   const names = sys.readdir(CLASS_BLOCK).sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
   for (const name of names) {
@@ -85,7 +85,7 @@ function onDisk(ps: readonly Partition[], disk: string, label: string): Partitio
   return found[0];
 }
 
-export async function findEsps(sys: Sys, log: Logger, cold: Coldplug, slots: readonly Slot[], waitSeconds: number): Promise<EspResult> {
+export async function findEsps(sys: Files & Devices & Clock, log: Logger, cold: Coldplug, slots: readonly Slot[], waitSeconds: number): Promise<EspResult> {
   const booted = bootedPartUuid(sys);
   const labels = slots.map((s) => s.partLabel);
   const isSlot = (p: Partition) => p.name !== null && labels.includes(p.name);
@@ -130,7 +130,7 @@ export async function findEsps(sys: Sys, log: Logger, cold: Coldplug, slots: rea
 }
 
 /** Mounts a slot's ESP read-only (once); the agent never writes to it while booting. */
-export function mountEsp(sys: Sys, slot: EspSlot): string {
+export function mountEsp(sys: Files & Mounts, slot: EspSlot): string {
   if (!sys.mountPoints().includes(slot.mountPoint)) {
     sys.mkdirp(slot.mountPoint, 0o700);
     sys.mount(slot.device, slot.mountPoint, "vfat", MS.RDONLY | MS.NOSUID | MS.NODEV | MS.NOEXEC, "umask=0077");
@@ -144,7 +144,7 @@ export function mountEsp(sys: Sys, slot: EspSlot): string {
  * devices under a verified image the OS keeps (the modules) still read its file, and keep the
  * read-only filesystem until that image is closed at shutdown.
  */
-export function unmountEsps(sys: Sys, log: Logger, esp: EspResult): void {
+export function unmountEsps(sys: Mounts, log: Logger, esp: EspResult): void {
   const mounted = sys.mountPoints();
   const gone = esp.slots.filter((s) => mounted.includes(s.mountPoint));
   for (const s of gone) sys.umount(s.mountPoint, MNT_DETACH);

@@ -10,7 +10,7 @@ import type { AgentConfig } from "../config.ts";
 import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Crypt, Devices, Files, Modules, Mounts } from "../sys/index.ts";
 import { walkInRoot } from "../switchroot.ts";
 import type { Coldplug } from "./devices.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
@@ -28,7 +28,7 @@ export interface MountedImage {
 export const IMAGES_DIR = "/run/initos/images";
 
 /** Opens `image` from the first slot whose copy verifies; with `allowUnverified`, falls back to an unverified mount. */
-export function openImage(sys: Sys, log: Logger, esp: EspResult, dir: string, image: Image, allowUnverified: boolean): MountedImage {
+export function openImage(sys: Files & Mounts & Devices & Crypt, log: Logger, esp: EspResult, dir: string, image: Image, allowUnverified: boolean): MountedImage {
   const failures: string[] = [];
   const mountPoint = `${IMAGES_DIR}/${image.name}`;
   for (const slot of esp.slots) {
@@ -63,13 +63,13 @@ export function openImage(sys: Sys, log: Logger, esp: EspResult, dir: string, im
   throw new BootError(`image ${image.name}: no copy matches root hash ${image.rootHash.slice(0, 16)}... (${failures.join("; ")})`);
 }
 
-function mountSquashfs(sys: Sys, device: string, mountPoint: string): void {
+function mountSquashfs(sys: Files & Mounts, device: string, mountPoint: string): void {
   sys.mkdirp(mountPoint);
   sys.mount(device, mountPoint, "squashfs", MS.RDONLY | MS.NODEV | MS.NOSUID);
 }
 
 /** Binds directories of a mounted image over initramfs paths (e.g. modules → /lib/modules). */
-export function bindImage(sys: Sys, log: Logger, image: Image, mounted: MountedImage): void {
+export function bindImage(sys: Files & Mounts, log: Logger, image: Image, mounted: MountedImage): void {
   for (const b of image.binds) {
     const from = `${mounted.mountPoint}/${b.from}`;
     if (sys.lstat(from).kind !== "dir") throw new BootError(`image ${image.name}: has no ${b.from}/ to bind on ${b.to}`);
@@ -83,7 +83,7 @@ export function bindImage(sys: Sys, log: Logger, image: Image, mounted: MountedI
  * Opens, mounts and binds every configured image. When an image brings a new module tree,
  * the module index is re-read and coldplug runs again for the drivers that were missing.
  */
-export function setupImages(sys: Sys, log: Logger, cfg: AgentConfig, esp: EspResult, allowUnverified: boolean, cold: Coldplug): MountedImage[] {
+export function setupImages(sys: Files & Mounts & Modules & Devices & Crypt, log: Logger, cfg: AgentConfig, esp: EspResult, allowUnverified: boolean, cold: Coldplug): MountedImage[] {
   const mounted: MountedImage[] = [];
   for (const image of cfg.images) {
     const m = openImage(sys, log, esp, cfg.esp.dir, image, allowUnverified);
@@ -130,7 +130,7 @@ export function osBinds(cfg: AgentConfig, release: string): OsBind[] {
  * merged-/usr root) but never out of the root, and the directories that are missing made.
  * Returns the resolved path, relative to the root; throws naming what is in the way.
  */
-export function mountPointInRoot(sys: Sys, root: string, path: string): string {
+export function mountPointInRoot(sys: Files, root: string, path: string): string {
   const w = walkInRoot(sys, root, path, (here) => (sys.mkdirp(here), true));
   if ("resolved" in w) return w.resolved;
   throw new BootError(w.failed === "too many symlinks" ? `${path}: too many symlinks in the root` : `${path}: ${w.at} is not a directory in the root`);
@@ -141,7 +141,7 @@ export function mountPointInRoot(sys: Sys, root: string, path: string): string {
  * the root with no symlink on the way (openat2) and the bind goes onto that fd: what was
  * resolved is what gets mounted over, even if the root's owner planted a link (see pool.ts).
  */
-function bindIntoRoot(sys: Sys, root: string, source: string, resolved: string): void {
+function bindIntoRoot(sys: Files & Mounts, root: string, source: string, resolved: string): void {
   const fd = sys.openDirInRoot(root, resolved);
   try {
     sys.mount(source, `/proc/self/fd/${fd}`, null, MS.BIND);
@@ -160,7 +160,7 @@ function bindIntoRoot(sys: Sys, root: string, source: string, resolved: string):
  * marked as the initrd's (see markInitrdMounts). Returns the names of the images the OS now
  * holds open.
  */
-export function bindImagesForOs(sys: Sys, log: Logger, cfg: AgentConfig, root: string): Set<string> {
+export function bindImagesForOs(sys: Files & Mounts, log: Logger, cfg: AgentConfig, root: string): Set<string> {
   const release = sys.readFile(RELEASE)?.trim() ?? "";
   const kept = new Set<string>();
   const marks: { src: string; target: string; root: string }[] = [];
@@ -226,7 +226,7 @@ const mangle = (s: string) => s.replace(/[\\ \t\n]/g, (c) => `\\${c.charCodeAt(0
  * end, once every process is gone, before it detaches the DM devices under them. Stopped like any
  * other mount instead, one could still be busy (udev loading a module from it) and fail in red.
  */
-export function markInitrdMounts(sys: Sys, marks: readonly { src: string; target: string; root: string }[]): void {
+export function markInitrdMounts(sys: Files, marks: readonly { src: string; target: string; root: string }[]): void {
   sys.mkdirp("/run/mount");
   const lines = marks.map((m) => `SRC=${mangle(m.src)} TARGET=${mangle(m.target)} ROOT=${mangle(m.root)} OPTS=x-initrd.mount\n`);
   sys.writeFile(UTAB, (sys.readFile(UTAB) ?? "") + lines.join(""));
@@ -238,7 +238,7 @@ export function markInitrdMounts(sys: Sys, marks: readonly { src: string; target
  * the binds into the new root (`kept`), or the sidecar beside the OS, whose own namespace has
  * its own bind. An image nothing holds any more is closed (its verity device and loop devices).
  */
-export function releaseImages(sys: Sys, log: Logger, cfg: AgentConfig, kept: ReadonlySet<string>, besideUses: ReadonlySet<string> = new Set()): void {
+export function releaseImages(sys: Mounts & Crypt, log: Logger, cfg: AgentConfig, kept: ReadonlySet<string>, besideUses: ReadonlySet<string> = new Set()): void {
   for (const image of cfg.images) {
     const mountPoint = `${IMAGES_DIR}/${image.name}`;
     if (!sys.mountPoints().includes(mountPoint)) continue;

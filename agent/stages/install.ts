@@ -18,7 +18,7 @@ import { HOST_CONFIG_JSON } from "../hostconfig.ts";
 import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { RECOVERY_KDF, TPM_KDF } from "../sys/cryptsetup.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Console, Crypt, Files, Modules, Mounts, Processes } from "../sys/index.ts";
 import { SIDECAR_ROOT, sidecarArgv } from "../sys/sidecar.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
@@ -78,7 +78,7 @@ export function recoveryPassphrase(random: Uint8Array): string {
  * acceptable because nothing can use it: the host config is not written, the key is not sealed
  * to the TPM and no ESP gets a UKI, so the disk never boots and the next install starts over.
  */
-async function unpackVerified(sys: Sys, rootfs: string, sha256: string, dest: string): Promise<void> {
+async function unpackVerified(sys: Files & Processes, rootfs: string, sha256: string, dest: string): Promise<void> {
   const hash = createHash("sha256");
   async function* hashed(): AsyncGenerator<Uint8Array> {
     for await (const chunk of sys.readChunks(rootfs, 1 << 20)) {
@@ -110,7 +110,7 @@ const TARGET = "/run/initos/target";
  * The recovery sidecar's ssh host key: made here, sealed (hostkey.ts) for the ESPs, and its
  * public half for the operator to pin. The private key is only in /run until the power-off.
  */
-function recoveryHostKey(sys: Sys, tpm: BootTpm, req: ReturnType<typeof requirement>, secureBoot: SecureBoot): { sealed: string; publicKey: string } {
+function recoveryHostKey(sys: Files & Processes, tpm: BootTpm, req: ReturnType<typeof requirement>, secureBoot: SecureBoot): { sealed: string; publicKey: string } {
   const file = ensureHostKey(sys);
   const key = sys.readBytes(file);
   if (!key) throw new BootError(`install: could not make the recovery ssh host key ${file}`);
@@ -121,7 +121,7 @@ function recoveryHostKey(sys: Sys, tpm: BootTpm, req: ReturnType<typeof requirem
   return { sealed, publicKey };
 }
 
-export async function install(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, ic: InstallConfig, esp: EspResult, tpm: BootTpm, secureBoot: SecureBoot): Promise<void> {
+export async function install(sys: Files & Mounts & Modules & Crypt & Processes & Clock & Console, log: Logger, cold: Coldplug, cfg: AgentConfig, ic: InstallConfig, esp: EspResult, tpm: BootTpm, secureBoot: SecureBoot): Promise<void> {
   // 0. A machine that cannot seal the key would get a disk only the passphrase opens, or one
   //    whose key any kernel could unseal: refuse before anything is written.
   if (secureBoot !== "on") throw new BootError(`install: refusing to install: Secure Boot is ${secureBoot}, so the disk key could not be sealed to anything that protects it`);

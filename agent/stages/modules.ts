@@ -1,7 +1,8 @@
 // Stage "modules": the drivers the initrd carries to reach the ESP: the config's list (things
 // no device asks for: vfat, squashfs, dm-verity) plus coldplug for the devices present.
+import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Modules } from "../sys/index.ts";
 import type { Coldplug } from "./devices.ts";
 
 export interface ModulesResult {
@@ -9,7 +10,7 @@ export interface ModulesResult {
   failed: string[];
 }
 
-export function loadModules(sys: Sys, log: Logger, wanted: readonly string[], cold: Coldplug): ModulesResult {
+export function loadModules(sys: Modules, log: Logger, wanted: readonly string[], cold: Coldplug): ModulesResult {
   const loaded: string[] = [];
   const failed: string[] = [];
   for (const name of wanted) {
@@ -23,7 +24,7 @@ export function loadModules(sys: Sys, log: Logger, wanted: readonly string[], co
         loaded.push(...mods);
       }
     } catch (e) {
-      log.warn(`modules: ${(e as Error).message}`);
+      log.warn(`modules: ${describe(e)}`);
       failed.push(name);
     }
   }

@@ -4,7 +4,7 @@
 import type { Cmdline } from "../cmdline.ts";
 import { BootError } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Crypt, Files, Net } from "../sys/index.ts";
 import type { UdpSocket } from "../sys/udp.ts";
 import { cleanLease, DHCP, type DhcpLease, dhcpMessage, type Expected, INFINITE_LEASE, leaseTimes, parseDhcpReply, replyProblem, typeName } from "../dhcp.ts";
 import { describe } from "../errors.ts";
@@ -40,7 +40,7 @@ export function staticIpFrom(cmdline: Pick<Cmdline, "staticIp" | "gateway" | "ne
 }
 
 /** Interface names, loopback excluded, with their MAC addresses. */
-export function interfaces(sys: Sys): { name: string; mac: string }[] {
+export function interfaces(sys: Files): { name: string; mac: string }[] {
   return sys
     .readdir("/sys/class/net")
     .filter((n) => n !== "lo")
@@ -68,7 +68,7 @@ export interface DhcpResult extends StaticIp {
 }
 
 const BROADCAST = "255.255.255.255";
-const xidFrom = (sys: Sys) => Buffer.from(sys.randomBytes(4)).readUInt32BE(0);
+const xidFrom = (sys: Crypt) => Buffer.from(sys.randomBytes(4)).readUInt32BE(0);
 
 /**
  * Sends `msg` to `to` (again every `retryMs`: UDP may lose it) until a reply passes the checks of
@@ -76,7 +76,7 @@ const xidFrom = (sys: Sys) => Buffer.from(sys.randomBytes(4)).readUInt32BE(0);
  * skipped quietly (other clients' answers are broadcast on the same segment); one for ours that
  * fails a check is logged once, naming what was wrong with it.
  */
-async function exchange(sys: Sys, log: Logger, sock: UdpSocket, ifname: string, msg: Buffer, to: string, deadline: number, retryMs: number, want: Expected, stopped = () => false): Promise<DhcpLease | null> {
+async function exchange(sys: Clock, log: Logger, sock: UdpSocket, ifname: string, msg: Buffer, to: string, deadline: number, retryMs: number, want: Expected, stopped = () => false): Promise<DhcpLease | null> {
   const said = new Set<string>();
   const once = (line: string) => said.has(line) || (said.add(line), log.warn(line));
   let next = 0;
@@ -115,7 +115,7 @@ const leaseText = (ack: DhcpLease) => (ack.leaseSeconds === undefined ? " (no le
  * our transaction and MAC, the server we asked, an address a host may have. A NAK from that
  * server starts over. Returns the lease as a configuration to apply, and the lease to renew.
  */
-export async function dhcp(sys: Sys, log: Logger, ifname: string, seconds: number): Promise<DhcpResult> {
+export async function dhcp(sys: Files & Crypt & Net & Clock, log: Logger, ifname: string, seconds: number): Promise<DhcpResult> {
   const mac = (sys.readFile(`/sys/class/net/${ifname}/address`) ?? "").trim().toLowerCase();
   const sock = sys.net.udp(ifname, 68);
   const deadline = sys.now() + seconds * 1000;
@@ -147,20 +147,20 @@ export async function dhcp(sys: Sys, log: Logger, ifname: string, seconds: numbe
  * The address of a lease, with what is left of the lease as its lifetime: the kernel drops it
  * by itself when nobody renews it in time (see keepLease, handLeasesToOs).
  */
-function applyLease(sys: Sys, lease: HeldLease): void {
+function applyLease(sys: Net & Clock, lease: HeldLease): void {
   if (!lease.times) return sys.net.addAddress(lease.ifname, lease.address, lease.prefix);
   const left = Math.round(lease.times.end - (sys.now() - lease.since) / 1000);
   sys.net.addLeasedAddress(lease.ifname, lease.address, lease.prefix, Math.max(1, left));
 }
 
 /** Sleeps until `at` (sys.now()); false when stopped meanwhile. */
-async function sleepUntil(sys: Sys, at: number, stopped: () => boolean): Promise<boolean> {
+async function sleepUntil(sys: Clock, at: number, stopped: () => boolean): Promise<boolean> {
   while (!stopped() && sys.now() < at) await sys.sleep(Math.min(at - sys.now(), 60_000));
   return !stopped();
 }
 
 /** RFC 2131 4.4.5: retransmit after half the time left in the state, at most a minute apart. */
-const retryFor = (sys: Sys, until: number) => Math.min(60_000, Math.max(1000, (until - sys.now()) / 2));
+const retryFor = (sys: Clock, until: number) => Math.min(60_000, Math.max(1000, (until - sys.now()) / 2));
 
 /**
  * One renewal: at T1 a REQUEST to the server that leased it (RENEWING); from T2 a broadcast
@@ -168,7 +168,7 @@ const retryFor = (sys: Sys, until: number) => Math.min(60_000, Math.max(1000, (u
  * it is lost: a NAK from our server (the address is given up at once), or no answer in time (the
  * kernel drops it at the lease's end).
  */
-export async function renewLease(sys: Sys, log: Logger, lease: HeldLease, stopped = () => false): Promise<HeldLease | null> {
+export async function renewLease(sys: Crypt & Net & Clock, log: Logger, lease: HeldLease, stopped = () => false): Promise<HeldLease | null> {
   const { ifname, mac, address, server } = lease;
   const times = lease.times!;
   const at = (s: number) => lease.since + s * 1000;
@@ -210,7 +210,7 @@ export interface Keeper {
  * T1, its address re-added with the new lifetime; when it is lost, a new lease is asked for
  * (every minute until one comes). Ends when `keeper.stopped` is set.
  */
-export async function keepLease(sys: Sys, log: Logger, keeper: Keeper): Promise<void> {
+export async function keepLease(sys: Files & Crypt & Net & Clock, log: Logger, keeper: Keeper): Promise<void> {
   const stopped = () => keeper.stopped;
   let lease = keeper.lease;
   while (lease.times && (await sleepUntil(sys, lease.since + lease.times.t1 * 1000, stopped))) {
@@ -228,7 +228,7 @@ export async function keepLease(sys: Sys, log: Logger, keeper: Keeper): Promise<
   }
 }
 
-const held = new Set<Keeper & { log: Logger; sys: Sys }>();
+const held = new Set<Keeper & { log: Logger; sys: Files & Net & Clock }>();
 
 /**
  * Before switch_root: the initrd stops renewing, and the address becomes the OS's, valid for
@@ -255,7 +255,7 @@ export function networkRequested(cmdline: Pick<Cmdline, "staticIp" | "gateway" |
  * The loopback, then the address the cmdline asks for. A DHCP lease is kept (renewed) from then
  * on while PID 1 stays in the initrd, unless `keep` is false; handLeasesToOs ends that.
  */
-export async function setupNetwork(sys: Sys, log: Logger, cold: Coldplug, cmdline: Cmdline, waitSeconds: number, keep = true): Promise<string | null> {
+export async function setupNetwork(sys: Files & Crypt & Net & Clock, log: Logger, cold: Coldplug, cmdline: Cmdline, waitSeconds: number, keep = true): Promise<string | null> {
   sys.net.linkUp("lo");
   const wantDhcp = cmdline.ip?.method === "dhcp";
   let cfg = staticIpFrom(cmdline);

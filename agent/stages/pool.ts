@@ -9,7 +9,7 @@ import { HOST_CONFIG_ENV, HOST_CONFIG_JSON, type HostConfig, parseHostEnv, parse
 import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { CRYPT_ACTIVATE_ALLOW_DISCARDS, CRYPT_ACTIVATE_NO_READ_WORKQUEUE, CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE } from "../sys/cryptsetup.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Console, Crypt, Devices, Files, Modules, Mounts, Processes } from "../sys/index.ts";
 import { migrateLegacy, reseal, requirement, unsealTokens, type UnsealedKey } from "../diskkey/diskkey.ts";
 import { releaseKeys } from "../diskkey/release.ts";
 import { type EspResult, mountEsp } from "./esp.ts";
@@ -29,7 +29,7 @@ const POOL = "/run/initos/pool";
  * on demand, and there is no modprobe here: load them before the first LUKS operation.
  */
 const CRYPT_MODULES = ["dm_crypt", "xts", "ecb", "aesni_intel", "algif_skcipher"];
-export function loadCryptModules(sys: Sys, log: Logger): void {
+export function loadCryptModules(sys: Modules, log: Logger): void {
   for (const m of CRYPT_MODULES) {
     try {
       sys.loadModule(m);
@@ -40,7 +40,7 @@ export function loadCryptModules(sys: Sys, log: Logger): void {
 }
 
 /** Block devices (disks and partitions) holding a LUKS header, by libblkid. */
-export function findLuksVolumes(sys: Sys): string[] {
+export function findLuksVolumes(sys: Files & Devices): string[] {
   return sys
     .readdir("/sys/class/block")
     .filter((n) => !/^(loop|ram|dm-|sr)/.test(n))
@@ -65,7 +65,7 @@ export interface OpenedVolume {
 
 /** The real side effects of unlocking; see UnlockOps. */
 export function realUnlockOps(
-  sys: Sys,
+  sys: Files & Mounts & Crypt & Console & Clock,
   log: Logger,
   cfg: AgentConfig,
   tpm: BootTpm,
@@ -86,11 +86,11 @@ export function realUnlockOps(
   const passphraseSlots = new Map<string, number>();
   const isOpen = (dev: string) => opened.some((o) => o.device === dev);
   const open = (dev: string, key: Uint8Array, slot?: number): number | null => {
-    const start = performance.now();
+    const start = sys.now();
     try {
       const r = sys.luks.open(dev, `initos-pool${volumes.indexOf(dev)}`, key, OPEN_FLAGS, slot);
       opened.push({ device: dev, mapper: r.path });
-      log.info(`unlock: opened ${dev} with keyslot ${r.slot} in ${(performance.now() - start).toFixed(0)}ms`);
+      log.info(`unlock: opened ${dev} with keyslot ${r.slot} in ${(sys.now() - start).toFixed(0)}ms`);
       return r.slot;
     } catch (e) {
       log.debug(`unlock: ${dev}: ${describe(e)}`);
@@ -179,7 +179,7 @@ export interface UnlockedPool {
  * `reseal` with the passphrase loop and everything else as `admin`. The boot plan stops it
  * before switch_root.
  */
-export async function unlockPool(sys: Sys, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, esp: EspResult, remoteAdmin: RemoteAdmin, admin: AdminCaps): Promise<UnlockedPool> {
+export async function unlockPool(sys: Files & Mounts & Modules & Devices & Crypt & Clock & Console, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, esp: EspResult, remoteAdmin: RemoteAdmin, admin: AdminCaps): Promise<UnlockedPool> {
   const volumes = await waitUntil(sys, log, cold, "an encrypted volume (LUKS2)", cmdline.rootWaitSeconds ?? cfg.rootWaitSeconds, () => {
     const v = findLuksVolumes(sys);
     return v.length ? v : null;
@@ -217,7 +217,7 @@ export const POOL_HOST_KEY = "initos/ssh_host_ed25519";
  * showed, or a new one) is saved — the only write to the pool outside install mode, once per
  * machine. A failure here costs a changing host key, not the boot.
  */
-function keepHostKey(sys: Sys, log: Logger, dev: string): void {
+function keepHostKey(sys: Files & Mounts & Processes, log: Logger, dev: string): void {
   const onPool = `${POOL}/${POOL_HOST_KEY}`;
   try {
     // The OS's root can put symlinks on the pool: through one, the read below would take an
@@ -246,7 +246,7 @@ function keepHostKey(sys: Sys, log: Logger, dev: string): void {
 }
 
 /** The host config at the top of the pool; a symlink there could point into the initramfs. */
-export function readHostConfig(sys: Sys, top: string): HostConfig {
+export function readHostConfig(sys: Files, top: string): HostConfig {
   for (const [name, parse] of [[HOST_CONFIG_JSON, parseHostJson], [HOST_CONFIG_ENV, parseHostEnv]] as const) {
     const path = `${top}/${name}`;
     if (sys.lstat(path).kind === "link") throw new BootError(`host config ${name} is a symlink; refusing it`);
@@ -286,7 +286,7 @@ function unresolved(e: unknown): string {
  * whose bind target is a symlink on purpose (/home -> var/home, as on Fedora's atomic desktops)
  * names the real directory in its host config instead.
  */
-export function mountPool(sys: Sys, log: Logger, devices: readonly string[], rw: boolean, rootOverride: string | undefined, cfg: AgentConfig): MountedRoot & { config: HostConfig } {
+export function mountPool(sys: Files & Mounts & Modules & Processes, log: Logger, devices: readonly string[], rw: boolean, rootOverride: string | undefined, cfg: AgentConfig): MountedRoot & { config: HostConfig } {
   try {
     sys.loadModule("btrfs");
   } catch {

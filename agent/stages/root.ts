@@ -1,9 +1,9 @@
 // Stage "root": wait (bounded) for the root device named on the cmdline, mount it on /sysroot.
 // The same steps mount a VM's extra disks (see vm.ts) under it.
-import { BootError } from "../errors.ts";
+import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MS } from "../sys/consts.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Devices, Files, Modules, Mounts } from "../sys/index.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 
 export const SYSROOT = "/sysroot";
@@ -26,12 +26,12 @@ export interface MountedRoot {
   path: string;
 }
 
-function lookup(sys: Sys, spec: string): string | null {
+function lookup(sys: Files & Devices, spec: string): string | null {
   if (spec.startsWith("/dev/")) return sys.exists(spec) ? spec : null;
   return sys.resolveDevice(spec);
 }
 
-export async function mountRoot(sys: Sys, log: Logger, cold: Coldplug, req: RootRequest): Promise<MountedRoot> {
+export async function mountRoot(sys: Files & Mounts & Modules & Devices & Clock, log: Logger, cold: Coldplug, req: RootRequest): Promise<MountedRoot> {
   const what = req.what ?? "root";
   const target = req.target ?? SYSROOT;
   const device = await waitUntil(sys, log, cold, `${what} device ${req.spec}`, req.waitSeconds, () => lookup(sys, req.spec));
@@ -58,7 +58,7 @@ export async function mountRoot(sys: Sys, log: Logger, cold: Coldplug, req: Root
       log.info(`${what}: mounted ${device} (${fstype}${req.options ? `, ${req.options}` : ""}, ${req.rw ? "rw" : "ro"}) on ${target}`);
       return { device, fstype, path: target };
     } catch (e) {
-      errors.push((e as Error).message);
+      errors.push(describe(e));
     }
   }
   throw new BootError(`${what} ${device}: mount failed: ${errors.join("; ")}`);

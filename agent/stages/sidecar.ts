@@ -5,7 +5,7 @@ import type { AgentConfig } from "../config.ts";
 import { callAdmin, requestFromArgs } from "../admin.ts";
 import type { Logger } from "../log.ts";
 import { type Supervised, supervise } from "../supervise.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Files, Processes } from "../sys/index.ts";
 import { SIDECAR_ROOT, sidecarArgv, sidecarExec } from "../sys/sidecar.ts";
 
 export const AGENT_PATH = "/usr/bin/initos-agent";
@@ -22,7 +22,7 @@ export function authorizedKeys(keys: readonly string[], shell = false): string {
 }
 
 /** root's account: home /root, and the agent as its login shell. */
-export function writeAccounts(sys: Sys, keys: readonly string[], shell = false): void {
+export function writeAccounts(sys: Files, keys: readonly string[], shell = false): void {
   sys.mkdirp("/etc");
   sys.writeFile("/etc/passwd", `root:x:0:0:root:/root:${AGENT_PATH}\n`);
   sys.writeFile("/etc/group", "root:x:0:\n");
@@ -31,7 +31,7 @@ export function writeAccounts(sys: Sys, keys: readonly string[], shell = false):
   sys.writeBytes("/root/.ssh/authorized_keys", Buffer.from(authorizedKeys(keys, shell)), 0o600);
 }
 
-export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): Supervised | null {
+export function startSshd(sys: Files & Processes & Clock, log: Logger, cfg: AgentConfig): Supervised | null {
   if (!cfg.ssh.authorizedKeys.length) {
     log.warn("sidecar: no authorized ssh keys in the config; sshd not started");
     return null;
@@ -46,7 +46,7 @@ export function startSshd(sys: Sys, log: Logger, cfg: AgentConfig): Supervised |
 }
 
 /** The sidecar's host key in tmpfs: the one persisted on the pool if copied there, else new. */
-export function ensureHostKey(sys: Sys): string {
+export function ensureHostKey(sys: Files & Processes): string {
   sys.mkdirp(SSH_DIR, 0o700);
   if (!sys.exists(HOST_KEY)) sys.run([...sidecarArgv("dropbearkey"), "-t", "ed25519", "-f", HOST_KEY]);
   return HOST_KEY;

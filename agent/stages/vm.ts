@@ -12,7 +12,7 @@ import type { Cmdline } from "../cmdline.ts";
 import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MS } from "../sys/consts.ts";
-import type { Sys } from "../sys/index.ts";
+import type { Clock, Devices, Files, Modules, Mounts } from "../sys/index.ts";
 import { resolveInRoot } from "../switchroot.ts";
 import type { Coldplug } from "./devices.ts";
 import { mountRoot, SYSROOT } from "./root.ts";
@@ -78,7 +78,7 @@ export function vmPlan(cmdline: Cmdline): VmPlan {
 }
 
 /** The VM's root disk, on /sysroot. */
-export function mountVmRoot(sys: Sys, log: Logger, cold: Coldplug, plan: VmPlan, cmdline: Cmdline, waitSeconds: number) {
+export function mountVmRoot(sys: Files & Mounts & Modules & Devices & Clock, log: Logger, cold: Coldplug, plan: VmPlan, cmdline: Cmdline, waitSeconds: number) {
   return mountRoot(sys, log, cold, {
     spec: plan.root,
     fstypes: cmdline.rootfstype?.split(",") ?? ["btrfs"],
@@ -89,7 +89,7 @@ export function mountVmRoot(sys: Sys, log: Logger, cold: Coldplug, plan: VmPlan,
 }
 
 /** A mount point inside the root: made when missing, which needs a writable root. */
-function mountPoint(sys: Sys, plan: VmPlan, path: string, what: string): string {
+function mountPoint(sys: Files, plan: VmPlan, path: string, what: string): string {
   const target = `${SYSROOT}${path}`;
   const st = sys.lstat(target);
   if (st.kind === "dir") return target;
@@ -105,7 +105,7 @@ function mountPoint(sys: Sys, plan: VmPlan, path: string, what: string): string 
  * left as it is) is only reported: switch_root then detaches that mount, the app runs without
  * it, and podHandoff keeps the pod out of it.
  */
-function apiMountPoints(sys: Sys, log: Logger, plan: VmPlan): void {
+function apiMountPoints(sys: Files, log: Logger, plan: VmPlan): void {
   const created: string[] = [];
   const missing: string[] = [];
   for (const [path, mode] of API_MOUNT_POINTS) {
@@ -130,7 +130,7 @@ function apiMountPoints(sys: Sys, log: Logger, plan: VmPlan): void {
 }
 
 /** The API mount points, extra disks, the share and the host name, once the root is mounted. */
-export async function setupVmMounts(sys: Sys, log: Logger, cold: Coldplug, plan: VmPlan, waitSeconds: number): Promise<void> {
+export async function setupVmMounts(sys: Files & Mounts & Modules & Devices & Clock, log: Logger, cold: Coldplug, plan: VmPlan, waitSeconds: number): Promise<void> {
   apiMountPoints(sys, log, plan);
   for (const d of plan.disks) {
     const what = `disk ${d.path}`;
@@ -148,7 +148,7 @@ export async function setupVmMounts(sys: Sys, log: Logger, cold: Coldplug, plan:
  * there is no virtiofs device with that tag (QEMU's built-in share). The kernel says "no such
  * tag" for both the same way, so both are tried.
  */
-function mountShare(sys: Sys, log: Logger, plan: VmPlan): void {
+function mountShare(sys: Files & Mounts, log: Logger, plan: VmPlan): void {
   // The drivers (virtiofs, 9p, 9pnet_virtio) are loaded by the modules stage: the VM initrd's
   // config lists them.
   const { tag, path, required } = plan.share;
@@ -178,7 +178,7 @@ function mountShare(sys: Sys, log: Logger, plan: VmPlan): void {
 }
 
 /** The app's path in the root, checked before the switch: after it there is nothing left to fail over to. */
-function findApp(sys: Sys, app: readonly string[]): string[] {
+function findApp(sys: Files, app: readonly string[]): string[] {
   const name = app[0]!;
   const candidates = name.startsWith("/") ? [name] : APP_PATH.map((d) => `${d}/${name}`);
   const found = candidates.find((c) => {
@@ -193,7 +193,7 @@ function findApp(sys: Sys, app: readonly string[]): string[] {
 }
 
 /** An API mount the pod can live in: mounted here, and with a directory in the root to move onto. */
-const podHomeUsable = (sys: Sys, mount: string) => sys.mountPoints().includes(mount) && sys.lstat(`${SYSROOT}${mount}`).kind === "dir";
+const podHomeUsable = (sys: Files & Mounts, mount: string) => sys.mountPoints().includes(mount) && sys.lstat(`${SYSROOT}${mount}`).kind === "dir";
 
 /**
  * What runs as PID 1 after the switch: the pod reaper, copied into a mount that moves into the
@@ -201,7 +201,7 @@ const podHomeUsable = (sys: Sys, mount: string) => sys.mountPoints().includes(mo
  * neither is refused here, before the point of no return, where the failure policy still has
  * all its options.
  */
-export function podHandoff(sys: Sys, app: readonly string[]): { init: string; args: string[] } {
+export function podHandoff(sys: Files & Mounts, app: readonly string[]): { init: string; args: string[] } {
   const args = findApp(sys, app);
   const init = [POD_PATH, POD_PATH_DEV].find((p) => podHomeUsable(sys, `/${p.split("/")[1]}`));
   if (!init) throw new BootError("vm: the root has neither /run nor /dev for the pod reaper (boot with rw, or add them to the image)");
