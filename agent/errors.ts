@@ -12,9 +12,12 @@ export function describe(e: unknown): string {
   return String(e);
 }
 
-/** A zod error as "<path>: <message>" for its first issue: the key and what is wrong with it. */
-export function zodIssue(e: { issues: readonly { path: readonly PropertyKey[]; message: string }[] }): string {
+/**
+ * A zod error as "<path>: <message>" for its first issue: the key and what is wrong with it;
+ * `top` names the value itself when the issue is about all of it.
+ */
+export function zodIssue(e: { issues: readonly { path: readonly PropertyKey[]; message: string }[] }, top = "(top level)"): string {
   const i = e.issues[0];
   if (!i) return "invalid";
-  return `${i.path.length ? i.path.map(String).join(".") : "(top level)"}: ${i.message}`;
+  return `${i.path.length ? i.path.map(String).join(".") : top}: ${i.message}`;
 }

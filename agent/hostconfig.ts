@@ -2,7 +2,7 @@
 // and which subvolumes are bound where. It is only readable once the disk is unlocked, but it is
 // written by whoever is root in the booted OS, so it is input from a possible attacker (DESIGN
 // §5): validated, with errors naming the key, and never allowed to name a path outside the root.
-import { describe } from "./errors.ts";
+import { describe, zodIssue } from "./errors.ts";
 import { z } from "zod";
 
 export const HOST_CONFIG_JSON = "initos.json";
@@ -52,8 +52,7 @@ export interface HostConfig {
 export class HostConfigError extends Error {}
 
 function fail(file: string, e: z.ZodError): never {
-  const issue = e.issues[0]!;
-  throw new HostConfigError(`host config ${file}: ${issue.path.join(".") || "(top level)"}: ${issue.message}`);
+  throw new HostConfigError(`host config ${file}: ${zodIssue(e)}`);
 }
 
 /**
@@ -69,9 +68,8 @@ function checkBinds(file: string, entries: readonly unknown[] | undefined): Pick
   entries.forEach((entry, i) => {
     const r = BindSchema.safeParse(entry);
     if (r.success) return void binds.push(r.data);
-    const issue = r.error.issues[0]!;
     const shown = (JSON.stringify(entry) ?? String(entry)).slice(0, 120);
-    refused.push(`host config ${file}: refused binds.${i} ${shown}: ${issue.path.join(".") || "(entry)"}: ${issue.message}; not mounted`);
+    refused.push(`host config ${file}: refused binds.${i} ${shown}: ${zodIssue(r.error, "(entry)")}; not mounted`);
   });
   return { binds, refused };
 }

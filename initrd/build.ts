@@ -21,6 +21,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync
 import { basename, dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { AgentConfigSchema } from "../agent/config.ts";
+import { ESP_TYPE } from "../agent/stages/esp.ts";
 import { InstallConfigSchema } from "../agent/stages/install.ts";
 import { type CpioEntry, fileFrom, writeCpio } from "./cpio.ts";
 import { ensureKernel, type KernelInfo } from "./kernel.ts";
@@ -213,7 +214,6 @@ function cmdUki(o: Record<string, string | undefined>): void {
   }
 }
 
-const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 export const DISK_SLOTS = [
   { name: "a", partLabel: "initos-a", fsLabel: "INITOS_A", volumeId: "1a2b3ca1" },
   { name: "b", partLabel: "initos-b", fsLabel: "INITOS_B", volumeId: "1a2b3cb2" },

@@ -10,6 +10,9 @@ import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Clock, Devices, Files, Mounts } from "../sys/index.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 
+/** The GPT partition type of an EFI System Partition. */
+export const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+
 export const LOADER_PART_UUID = "/sys/firmware/efi/efivars/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 
 export interface Slot {

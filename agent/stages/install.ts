@@ -13,19 +13,19 @@
 import { createHash } from "node:crypto";
 import { z } from "zod";
 import type { AgentConfig } from "../config.ts";
-import { BootError } from "../errors.ts";
+import { BootError, zodIssue } from "../errors.ts";
 import { HOST_CONFIG_JSON } from "../hostconfig.ts";
 import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { RECOVERY_KDF, TPM_KDF } from "../sys/cryptsetup.ts";
 import type { Clock, Console, Crypt, Files, Modules, Mounts, Processes } from "../sys/index.ts";
-import { SIDECAR_ROOT, sidecarArgv } from "../sys/sidecar.ts";
+import { sidecarArgv } from "../sys/sidecar.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
-import { type EspResult, mountEsp } from "./esp.ts";
+import { ESP_TYPE, type EspResult, mountEsp } from "./esp.ts";
 import { loadCryptModules } from "./pool.ts";
 import { keyslotPassphrase, requirement, sealKey } from "../diskkey/diskkey.ts";
 import { sealedHostKeyPath, sealHostKey } from "../diskkey/hostkey.ts";
-import { ensureHostKey } from "./sidecar.ts";
+import { BUSYBOX, ensureHostKey } from "./sidecar.ts";
 import type { BootTpm } from "../diskkey/latch.ts";
 import type { SecureBoot } from "./early.ts";
 import { describeBinding } from "../diskkey/token.ts";
@@ -52,8 +52,7 @@ export function parseInstallConfig(text: string | null): InstallConfig {
   if (text === null) throw new BootError(`install: no ${INSTALL_CONFIG} in this initrd`);
   const r = InstallConfigSchema.safeParse(JSON.parse(text));
   if (r.success) return r.data;
-  const i = r.error.issues[0]!;
-  throw new BootError(`install: ${INSTALL_CONFIG}: ${i.path.join(".") || "(top level)"}: ${i.message}`);
+  throw new BootError(`install: ${INSTALL_CONFIG}: ${zodIssue(r.error)}`);
 }
 
 /** /dev/vdb + 3 → /dev/vdb3; /dev/nvme0n1 + 3 → /dev/nvme0n1p3 */
@@ -92,7 +91,7 @@ async function unpackVerified(sys: Files & Processes, rootfs: string, sha256: st
     if (sum !== sha256) throw new BootError(`install: ${file} has sha256 ${sum.slice(0, 16)}..., the signed config expects ${sha256.slice(0, 16)}...`);
   };
   try {
-    await sys.runWithInput([`${SIDECAR_ROOT}/usr/bin/busybox`, "tar", "-x", "-f", "-", "-C", dest], hashed());
+    await sys.runWithInput([BUSYBOX, "tar", "-x", "-f", "-", "-C", dest], hashed());
   } catch (e) {
     // The whole file was still read (runWithInput drains it): a tar that choked on a file that
     // is not the signed one is reported as that, the cause, rather than as tar's complaint.
@@ -102,7 +101,6 @@ async function unpackVerified(sys: Files & Processes, rootfs: string, sha256: st
   checked();
 }
 
-const ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const TARGET = "/run/initos/target";
 
