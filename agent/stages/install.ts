@@ -22,7 +22,7 @@ import type { Clock, Console, Crypt, Files, Modules, Mounts, Processes } from ".
 import { sidecarArgv } from "../sys/sidecar.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 import { ESP_TYPE, type EspResult, mountEsp } from "./esp.ts";
-import { loadCryptModules } from "./pool.ts";
+import { loadCryptModules } from "./volumes.ts";
 import { keyslotPassphrase, requirement, sealKey } from "../diskkey/diskkey.ts";
 import { sealedHostKeyPath, sealHostKey } from "../diskkey/hostkey.ts";
 import { BUSYBOX, ensureHostKey } from "./sidecar.ts";

@@ -10,7 +10,7 @@ import { type AdminCaps, adminHandler, type CtlHandler, type CtlResponse, type P
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { STOP_BOUNDS, type StopBounds, type Supervised } from "../supervise.ts";
-import type { LineServer, Sys } from "../sys/index.ts";
+import type { Console, LineServer, Sys } from "../sys/index.ts";
 import type { Coldplug } from "./devices.ts";
 import { handLeasesToOs, networkRequested, setupNetwork } from "./network.ts";
 import { startSshd } from "./sidecar.ts";
@@ -52,6 +52,46 @@ export class RemoteSecrets {
     if (v && ok) this.answeredOk = true;
     v?.({ ok, resealed });
     return v !== undefined;
+  }
+}
+
+/**
+ * The recovery passphrase from a human: the console (no echo) or `unlock`/`reseal` over ssh,
+ * whichever answers first; and the verdict back to where it came from.
+ */
+export class PassphrasePrompt {
+  /** A console read still pending from the last prompt: it keeps its place (one read at a time). */
+  private consoleLine?: Promise<string | null>;
+  private lastWasRemote = false;
+  private remote: RemoteSecrets | null = null;
+
+  constructor(
+    private readonly sys: Console,
+    /** Starts remote admin the first time a human is asked; null if none can run. */
+    private readonly startRemote?: () => Promise<RemoteSecrets | null>,
+  ) {}
+
+  async read(prompt: string): Promise<string | null> {
+    const remote = (this.remote = this.startRemote ? await this.startRemote() : null);
+    this.consoleLine ??= this.sys.readLine(prompt, false).finally(() => (this.consoleLine = undefined));
+    const fromConsole = this.consoleLine.then((line) => ({ line, remote: false }));
+    const winner = remote ? await Promise.race([fromConsole, remote.next().then((line) => ({ line, remote: true }))]) : await fromConsole;
+    this.lastWasRemote = winner.remote;
+    return winner.line;
+  }
+
+  /** Tells an ssh client that sent the last passphrase whether it worked (it waits for that). */
+  report(ok: boolean, resealed: boolean): void {
+    if (this.lastWasRemote) this.remote?.report(ok, resealed);
+  }
+
+  /** A yes/no question (default no). */
+  async confirm(question: string): Promise<boolean> {
+    // Over ssh the operator chose with the command (reseal vs unlock): nobody may be at the
+    // console to answer a question there.
+    if (this.lastWasRemote) return this.remote?.wantReseal === true;
+    const a = await this.sys.readLine(question, true);
+    return /^y(es)?$/i.test(a?.trim() ?? "");
   }
 }
 

@@ -8,7 +8,7 @@ import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { enroll, PCR_SIGNATURE, pcrSignatureOnce, readPcrSignature, requirement, reseal, sealKey, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm, LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
 import { extendPcr, keyFingerprint, phaseDigest, policyPcr, sealPolicy, signedPcrPolicy, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
-import { realUnlockOps } from "../../agent/stages/pool.ts";
+import { realUnlockOps } from "../../agent/stages/volumes.ts";
 import { HOST_KEY } from "../../agent/stages/sidecar.ts";
 import { sealHostKey, unsealHostKey } from "../../agent/diskkey/hostkey.ts";
 import { parseToken, refusal, type Requirement, tokenJson } from "../../agent/diskkey/token.ts";
