@@ -306,20 +306,9 @@ export function withLifetime(newaddr: Buffer, seconds: number): Buffer {
   return out;
 }
 
-/** The real machine. Loaded lazily so unit tests of boot logic never load C libraries. */
-export async function realSys(): Promise<Sys> {
-  const libc = await import("./libc.ts");
-  const kmod = await import("./kmod.ts");
-  const blkid = await import("./blkid.ts");
-  const cryptsetup = await import("./cryptsetup.ts");
-  const tss = await import("./tss.ts");
-  const nl = await import("./netlink.ts");
-  const udp = await import("./udp.ts");
-  const { spawn, spawnSync } = await import("node:child_process");
-  const { runWithInput, spawnService } = await import("./spawn.ts");
-  const { serveLines } = await import("./ctlsocket.ts");
-  const { randomBytes } = await import("node:crypto");
-  let ueventFd: number | undefined;
+type Libc = typeof import("./libc.ts");
+
+function realFiles(libc: Libc): Files {
   return {
     readFile: (p) => {
       try {
@@ -356,6 +345,18 @@ export async function realSys(): Promise<Sys> {
       }
     },
     mkdirp: (p, mode = 0o755) => void mkdirSync(p, { recursive: true, mode }),
+    unlink: (p) => unlinkSync(p),
+    symlink: (t, p) => symlinkSync(t, p),
+    readChunks: (path, chunk) => readChunks(path, chunk),
+    openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
+    openDir: (p) => openSync(p, constants.O_RDONLY | constants.O_DIRECTORY),
+    close: (fd) => closeSync(fd),
+    removeTreeOnDevice,
+  };
+}
+
+function realMounts(libc: Libc): Mounts {
+  return {
     mountPoints: () =>
       readFileSync("/proc/self/mounts", "utf8")
         .split("\n")
@@ -365,8 +366,16 @@ export async function realSys(): Promise<Sys> {
     umount: (t, fl) => libc.umount2(t, fl),
     mountInBackground: (s, t, f, fl) => libc.mountAsync(s, t, f, fl),
     statfsType: (p) => libc.statfsType(p),
-    loadModule: (m) => kmod.loadModule(m),
-    reloadModuleIndex: () => kmod.resetModuleIndex(),
+    chdir: (p) => libc.chdir(p),
+    chroot: (p) => libc.chroot(p),
+    pivotRoot: (n, o) => libc.pivotRoot(n, o),
+    unshareMountNs: () => libc.unshare(libc.CLONE_NEWNS),
+  };
+}
+
+function realDevices(libc: Libc, blkid: typeof import("./blkid.ts")): Devices {
+  let ueventFd: number | undefined;
+  return {
     pollUevents: () => {
       ueventFd ??= libc.openUevents();
       return libc
@@ -374,8 +383,16 @@ export async function realSys(): Promise<Sys> {
         .map(parseUevent)
         .filter((e): e is Record<string, string> => e !== null);
     },
-    verityOpen: (n, d, h, r, v) => cryptsetup.verityOpen(n, d, h, r, true, v),
+    resolveDevice: (s) => blkid.resolveSpec(s),
+    probe: (d) => blkid.probe(d),
+    partitionEntry: (d) => blkid.partitionEntry(d),
     attachLoop: (f) => libc.attachLoop(f),
+  };
+}
+
+function realCrypt(cryptsetup: typeof import("./cryptsetup.ts"), randomBytes: (n: number) => Uint8Array): Crypt {
+  return {
+    verityOpen: (n, d, h, r, v) => cryptsetup.verityOpen(n, d, h, r, true, v),
     luks: {
       format: cryptsetup.luksFormat,
       addKey: cryptsetup.luksAddKey,
@@ -386,7 +403,12 @@ export async function realSys(): Promise<Sys> {
       setToken: cryptsetup.luksSetToken,
       removeToken: cryptsetup.luksRemoveToken,
     },
-    tpm: () => tss.openTpm(),
+    randomBytes,
+  };
+}
+
+function realNet(nl: typeof import("./netlink.ts"), udp: typeof import("./udp.ts")): Net {
+  return {
     net: {
       udp: (n, p) => udp.udpOnDevice(n, p),
       linkUp: (n) => nl.rtnetlink([{ what: `link ${n} up`, build: (s) => nl.linkUpMsg(nl.ifIndex(n), s) }]),
@@ -394,18 +416,47 @@ export async function realSys(): Promise<Sys> {
       defaultRoute: (n, g) => nl.rtnetlink([{ what: `default route via ${g}`, build: (s) => nl.defaultRouteMsg(nl.ifIndex(n), g, s) }]),
       addLeasedAddress: (n, a, p, secs) => nl.rtnetlink([{ what: `address ${a}/${p} on ${n} for ${secs}s`, build: (s) => withLifetime(nl.addrAddMsg(nl.ifIndex(n), a, p, s), secs) }]),
     },
+  };
+}
+
+function realProcesses(libc: Libc, cp: typeof import("node:child_process"), spawning: typeof import("./spawn.ts")): Processes {
+  return {
     run: (argv, input) => {
       const [cmd, ...args] = argv;
-      const r = spawnSync(cmd!, args, { input, encoding: "utf8" });
+      const r = cp.spawnSync(cmd!, args, { input, encoding: "utf8" });
       if (r.error) throw new Error(`${cmd}: ${r.error.message}`);
       if (r.status !== 0) throw new Error(`${argv.join(" ")}: ${(r.stderr || r.stdout).trim().split("\n").at(-1) ?? `exit ${r.status}`}`);
       return r.stdout;
     },
-    runWithInput: (argv, input) => runWithInput(spawn, argv, input),
-    spawnService: (argv, env, onLine) => spawnService(spawn, argv, env, onLine),
-    serveLines: (path, max, answer) => serveLines(path, max, answer),
-    readChunks: (path, chunk) => readChunks(path, chunk),
-    openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
+    runWithInput: (argv, input) => spawning.runWithInput(cp.spawn, argv, input),
+    spawnService: (argv, env, onLine) => spawning.spawnService(cp.spawn, argv, env, onLine),
+    spawnDetached: (argv, argv0) => {
+      const child = Bun.spawn([...argv], { argv0, stdio: ["ignore", "ignore", "ignore"] });
+      child.unref();
+      return child.pid;
+    },
+    signal: (pid, sig) => libc.kill(pid, sig),
+    pid: () => libc.getpid(),
+    execve: (p, a, e) => libc.execve(p, a, e),
+    inheritableData: (n, d) => libc.memfdWith(n, Buffer.from(d, "utf8")),
+    setDumpable: (on) => libc.setDumpable(on),
+    getDumpable: () => libc.getDumpable(),
+    sync: () => libc.sync(),
+    reboot: (c) => libc.reboot(c),
+  };
+}
+
+const realClock: Clock = {
+  sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
+  now: () => performance.now(),
+  after: (ms, fn) => {
+    const t = setTimeout(fn, ms);
+    return () => clearTimeout(t);
+  },
+};
+
+function realConsole(libc: Libc): Console {
+  return {
     readLine: (prompt, echo) => libc.readConsoleLine(prompt, echo),
     toConsole: (t) => {
       try {
@@ -414,38 +465,26 @@ export async function realSys(): Promise<Sys> {
         // no console: nothing to show it on
       }
     },
-    randomBytes: (n) => randomBytes(n),
-    resolveDevice: (s) => blkid.resolveSpec(s),
-    probe: (d) => blkid.probe(d),
-    partitionEntry: (d) => blkid.partitionEntry(d),
-    pid: () => libc.getpid(),
-    sync: () => libc.sync(),
-    chdir: (p) => libc.chdir(p),
-    chroot: (p) => libc.chroot(p),
-    pivotRoot: (n, o) => libc.pivotRoot(n, o),
-    openDir: (p) => openSync(p, constants.O_RDONLY | constants.O_DIRECTORY),
-    close: (fd) => closeSync(fd),
-    removeTreeOnDevice,
-    execve: (p, a, e) => libc.execve(p, a, e),
-    inheritableData: (n, d) => libc.memfdWith(n, Buffer.from(d, "utf8")),
-    unlink: (p) => unlinkSync(p),
-    symlink: (t, p) => symlinkSync(t, p),
-    unshareMountNs: () => libc.unshare(libc.CLONE_NEWNS),
-    setDumpable: (on) => libc.setDumpable(on),
-    getDumpable: () => libc.getDumpable(),
-    spawnDetached: (argv, argv0) => {
-      const child = Bun.spawn([...argv], { argv0, stdio: ["ignore", "ignore", "ignore"] });
-      child.unref();
-      return child.pid;
-    },
-    signal: (pid, sig) => libc.kill(pid, sig),
-    reboot: (c) => libc.reboot(c),
-    sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
-    after: (ms, fn) => {
-      const t = setTimeout(fn, ms);
-      return () => clearTimeout(t);
-    },
-    now: () => performance.now(),
   };
 }
 
+/** The real machine. Loaded lazily so unit tests of boot logic never load C libraries. */
+export async function realSys(): Promise<Sys> {
+  const libc = await import("./libc.ts");
+  const tss = await import("./tss.ts");
+  const { randomBytes } = await import("node:crypto");
+  const { serveLines } = await import("./ctlsocket.ts");
+  return {
+    ...realFiles(libc),
+    ...realMounts(libc),
+    ...(await import("./kmod.ts").then((kmod): Modules => ({ loadModule: (m) => kmod.loadModule(m), reloadModuleIndex: () => kmod.resetModuleIndex() }))),
+    ...realDevices(libc, await import("./blkid.ts")),
+    ...realCrypt(await import("./cryptsetup.ts"), randomBytes),
+    ...realNet(await import("./netlink.ts"), await import("./udp.ts")),
+    tpm: () => tss.openTpm(),
+    ...realProcesses(libc, await import("node:child_process"), await import("./spawn.ts")),
+    ...realClock,
+    ...realConsole(libc),
+    serveLines,
+  };
+}
