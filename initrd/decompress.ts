@@ -10,6 +10,7 @@ import { spawn } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
 import { Readable } from "node:stream";
 import * as zlib from "node:zlib";
+import { describe } from "../agent/errors.ts";
 import { FileSource, STREAM_CHUNK, streamOf, writeFully } from "./bytes.ts";
 
 export type Compression = "none" | "gzip" | "zstd";
@@ -37,8 +38,6 @@ class Watched {
     }
   }
 }
-
-const describe = (e: unknown) => (e instanceof Error ? e.message : String(e));
 
 async function* gunzip(input: Watched, what: string): AsyncGenerator<Buffer> {
   // Byte mode: an object-mode Readable would buffer 16 chunks ahead instead of 16 KiB.

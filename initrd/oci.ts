@@ -5,6 +5,7 @@
 import { createHash, type Hash } from "node:crypto";
 import { lstatSync } from "node:fs";
 import { z } from "zod";
+import { describe, zodIssue } from "../agent/errors.ts";
 import { type ByteSource, chunks, FileSource, readAll, streamOf } from "./bytes.ts";
 import { type Compression, decompress } from "./decompress.ts";
 import type { Tree } from "./fstree.ts";
@@ -83,12 +84,11 @@ function parseJson<T>(schema: z.ZodType<T>, buf: Buffer, what: string): T {
   try {
     json = JSON.parse(buf.toString("utf8"));
   } catch (e) {
-    throw new Error(`${what} is not JSON (${(e as Error).message})`);
+    throw new Error(`${what} is not JSON (${describe(e)})`);
   }
   const r = schema.safeParse(json);
   if (r.success) return r.data;
-  const issue = r.error.issues[0]!;
-  throw new Error(`${what}: ${issue.path.length ? issue.path.join(".") : "(top level)"}: ${issue.message}`);
+  throw new Error(`${what}: ${zodIssue(r.error)}`);
 }
 
 const platformName = (p: Platform | undefined) => (p ? `${p.os}/${p.architecture}${p.variant ? `/${p.variant}` : ""}` : "no platform");
@@ -134,17 +134,19 @@ export function layoutFromTar(entries: readonly TarEntry[], what: string): Layou
   return { what, file: (p) => files.get(p) };
 }
 
-/** A layout directory; close() releases the blobs it opened. */
+/**
+ * A layout directory; close() releases the blobs it opened. A blob is opened once, not once per
+ * pass over a layer: a blob renamed over between the passes is still the one first read (one
+ * rewritten in place is caught by the digest check at the end of each pass).
+ */
 export function openLayoutDir(dir: string): Layout & { close(): void } {
-  const open: FileSource[] = [];
+  const open = new Map<string, FileSource>();
   return {
     what: dir,
     file: (p) => {
       const f = `${dir}/${p}`;
-      if (!lstatSync(f, { throwIfNoEntry: false })?.isFile()) return undefined;
-      const s = new FileSource(f);
-      open.push(s);
-      return s;
+      if (!open.has(p) && lstatSync(f, { throwIfNoEntry: false })?.isFile()) open.set(p, new FileSource(f));
+      return open.get(p);
     },
     close: () => open.forEach((s) => s.close()),
   };
@@ -259,7 +261,7 @@ export function layerReader(layout: Layout, d: Descriptor, what: string): LayerR
     try {
       return layerCompression(d.mediaType);
     } catch (e) {
-      throw new Error(`${what}: ${(e as Error).message}`);
+      throw new Error(`${what}: ${describe(e)}`);
     }
   })();
   blobSource(layout, d); // missing or the wrong size: said before any reading starts

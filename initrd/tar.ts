@@ -122,7 +122,7 @@ interface Block {
 }
 
 /** Long-name, pax and global pax records: data for the decoder, not members. */
-const isRecord = (b: Block) => "LKxg".includes(b.flag);
+const isRecord = (flag: string) => "LKxg".includes(flag);
 
 const truncated = (what: string, b: Block) => new Error(`${what}: tar member ${JSON.stringify(b.name)} is truncated`);
 const notTar = (what: string, off: number) => new Error(`${what}: not a tar file, or truncated at byte ${off}`);
@@ -152,11 +152,11 @@ class HeaderDecoder {
       if (prefix) name = `${prefix}/${name}`;
     }
     // A pending pax size describes the next real member, not a long-name or pax header.
-    const paxSize = "LKxg".includes(flag) ? undefined : this.pax.get("size");
+    const paxSize = isRecord(flag) ? undefined : this.pax.get("size");
     const size = paxSize !== undefined ? Number(paxSize) : number(h, 124, 12, "size", what);
     if (!Number.isSafeInteger(size) || size < 0) throw new Error(`${what}: bad size for tar member ${JSON.stringify(name)}`);
     const b = { h, flag, name, size };
-    if (isRecord(b) && flag !== "g" && size > MAX_RECORD) throw new Error(`${what}: tar record '${flag}' for ${JSON.stringify(name)} is ${size} bytes, over the ${MAX_RECORD} allowed`);
+    if (isRecord(flag) && flag !== "g" && size > MAX_RECORD) throw new Error(`${what}: tar record '${flag}' for ${JSON.stringify(name)} is ${size} bytes, over the ${MAX_RECORD} allowed`);
     return b;
   }
 
@@ -206,7 +206,7 @@ export function readTar(src: ByteSource, what = "tar"): TarEntry[] {
     if (dataStart + b.size > src.size) throw truncated(what, b);
     const data = sliceSource(src, dataStart, b.size);
     off = dataStart + padded(b.size);
-    if (!isRecord(b)) {
+    if (!isRecord(b.flag)) {
       const header = dec.member(b);
       out.push({ ...header, data: header.type === "file" ? data : sliceSource(src, dataStart, 0) });
     } else dec.record(b, b.flag === "g" ? EMPTY : readAll(data));
@@ -299,17 +299,17 @@ export async function* readTarStream(input: AsyncIterable<Uint8Array>, what = "t
       }
       const b = dec.begin(h, off);
       if (!b) break;
-      if (!isRecord(b)) {
+      if (!isRecord(b.flag)) {
         const header = dec.member(b);
         let left = b.size;
-        async function* data(): AsyncGenerator<Buffer> {
+        const data = async function* (): AsyncGenerator<Buffer> {
           while (left > 0) {
             const c = await r.some(left);
-            if (!c.length) throw truncated(what, b!);
+            if (!c.length) throw truncated(what, b);
             left -= c.length; // before the yield: a reader that stops here has had these bytes
             yield c;
           }
-        }
+        };
         yield { ...header, data: header.type === "file" ? data() : nothing() };
         if ((await r.skip(left)) < left) throw truncated(what, b);
       } else if (b.flag === "g") {
