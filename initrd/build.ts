@@ -344,8 +344,8 @@ function cmdTestroot(o: Record<string, string | undefined>): void {
 }
 
 /** A VM's btrfs disk from a directory, a rootfs tarball or an OCI image layout tar. */
-function cmdVmimage(o: Record<string, string | undefined>): void {
-  const r = buildVmImage({ from: need(o, "from"), out: need(o, "out"), label: o.label });
+async function cmdVmimage(o: Record<string, string | undefined>): Promise<void> {
+  const r = await buildVmImage({ from: need(o, "from"), out: need(o, "out"), label: o.label });
   const run = r.config ? `, runs ${JSON.stringify(imageArgv(r.config))}` : "";
   console.log(`vmimage: ${r.out} ${r.sizeMiB} MiB from ${r.source}${run}`);
   for (const s of r.skipped) console.log(`vmimage: skipped ${s} (needs root)`);
@@ -381,7 +381,7 @@ function need(o: Record<string, string | undefined>, key: string): string {
   return v;
 }
 
-const commands: Record<string, (o: Record<string, string | undefined>, adds: string[]) => void> = {
+const commands: Record<string, (o: Record<string, string | undefined>, adds: string[]) => void | Promise<void>> = {
   kernel: cmdKernel,
   "initrd-base": cmdInitrdBase,
   "initrd-agent": cmdInitrdAgent,
@@ -413,7 +413,7 @@ if (import.meta.main) {
   });
   try {
     const { add, ...single } = values;
-    run(single as Record<string, string | undefined>, (add as string[] | undefined) ?? []);
+    await run(single as Record<string, string | undefined>, (add as string[] | undefined) ?? []);
   } catch (e) {
     console.error(`build ${cmd}: ${(e as Error).message}`);
     process.exit(1);

@@ -1,587 +1,16 @@
-// Reads OCI image layouts (a directory, or a tar of one) and applies their layers to a tree.
-//
-// Pure node: APIs, so it runs under Bun (the build) and Node (vitest). The layering decisions
-// (whiteouts, opaque directories, type changes, symlink scoping) are made against the small
-// `Tree` interface; `MemTree` lets tests check them without touching the disk, `DirTree` writes
-// them to a directory as an ordinary user. The tar reader is our own so no dependency decides
-// how paths, links and long names are interpreted.
-import { createHash } from "node:crypto";
-import {
-  closeSync,
-  existsSync,
-  fchmodSync,
-  fchownSync,
-  futimesSync,
-  lchownSync,
-  linkSync,
-  lstatSync,
-  lutimesSync,
-  mkdirSync,
-  openSync,
-  readdirSync,
-  readlinkSync,
-  readSync,
-  rmSync,
-  chmodSync,
-  symlinkSync,
-  utimesSync,
-  writeSync,
-} from "node:fs";
-import { execFileSync } from "node:child_process";
-import * as zlib from "node:zlib";
+// Reads OCI image layouts (a directory, or a tar of one): index.json, through nested indexes, to
+// the platform's manifest and config, every blob checked against its digest, and the layers
+// applied in order to a tree. The byte sources, the tar reader, the decompressors and the layer
+// rules live in bytes.ts, tar.ts, decompress.ts, fstree.ts and layer.ts.
+import { createHash, type Hash } from "node:crypto";
+import { lstatSync } from "node:fs";
 import { z } from "zod";
-
-// ---------------------------------------------------------------------------------------------
-// Byte sources: layers can be hundreds of MB, so the outer tar and uncompressed layers are read
-// by offset from the file instead of being loaded whole.
-
-export interface ByteSource {
-  readonly size: number;
-  read(offset: number, length: number): Buffer;
-}
-
-export function bufferSource(buf: Uint8Array): ByteSource {
-  const b = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
-  return {
-    size: b.length,
-    read: (offset, length) => {
-      if (offset + length > b.length) throw new Error(`read past the end (${offset + length} > ${b.length} bytes)`);
-      return b.subarray(offset, offset + length);
-    },
-  };
-}
-
-export class FileSource implements ByteSource {
-  readonly size: number;
-  private fd: number;
-  constructor(readonly path: string) {
-    this.fd = openSync(path, "r");
-    this.size = lstatSync(path).size;
-  }
-  read(offset: number, length: number): Buffer {
-    const buf = Buffer.allocUnsafe(length);
-    let done = 0;
-    while (done < length) {
-      const n = readSync(this.fd, buf, done, length - done, offset + done);
-      if (n === 0) throw new Error(`${this.path} is truncated (wanted ${length} bytes at offset ${offset})`);
-      done += n;
-    }
-    return buf;
-  }
-  close(): void {
-    if (this.fd >= 0) closeSync(this.fd);
-    this.fd = -1;
-  }
-}
-
-export function sliceSource(src: ByteSource, start: number, size: number): ByteSource {
-  return {
-    size,
-    read: (offset, length) => {
-      if (offset + length > size) throw new Error(`read past the end (${offset + length} > ${size} bytes)`);
-      return src.read(start + offset, length);
-    },
-  };
-}
-
-const CHUNK = 4 << 20;
-
-function* chunks(src: ByteSource): Generator<Buffer> {
-  for (let off = 0; off < src.size; off += CHUNK) yield src.read(off, Math.min(CHUNK, src.size - off));
-}
-
-function readAll(src: ByteSource): Buffer {
-  return src.read(0, src.size);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tar reader: ustar, GNU long names ('L'/'K') and base-256 numbers, pax ('x') path/linkpath/size.
-
-export type TarEntryType = "file" | "dir" | "symlink" | "hardlink" | "char" | "block" | "fifo";
-
-export interface TarEntry {
-  /** The member name exactly as archived (after long-name and pax records); see entryParts. */
-  path: string;
-  type: TarEntryType;
-  mode: number;
-  uid: number;
-  gid: number;
-  mtime: number;
-  /** Symlink target or hardlink source; "" for other types. */
-  linkname: string;
-  devmajor: number;
-  devminor: number;
-  data: ByteSource;
-}
-
-const TYPES: Record<string, TarEntryType> = {
-  "0": "file",
-  "\0": "file",
-  "7": "file", // contiguous file: a plain file everywhere that matters
-  "1": "hardlink",
-  "2": "symlink",
-  "3": "char",
-  "4": "block",
-  "5": "dir",
-  "6": "fifo",
-};
-
-function cstring(b: Buffer, start: number, len: number): string {
-  const field = b.subarray(start, start + len);
-  const nul = field.indexOf(0);
-  return field.subarray(0, nul < 0 ? len : nul).toString("utf8");
-}
-
-function number(b: Buffer, start: number, len: number, field: string, what: string): number {
-  const f = b.subarray(start, start + len);
-  // GNU base-256: large sizes and ids that do not fit the octal field.
-  if (f[0]! & 0x80) {
-    if (f[0] === 0xff) throw new Error(`${what}: negative ${field} in tar header`);
-    let v = f[0]! & 0x7f;
-    for (let i = 1; i < len; i++) v = v * 256 + f[i]!;
-    if (!Number.isSafeInteger(v)) throw new Error(`${what}: ${field} in tar header is too large`);
-    return v;
-  }
-  const s = f.toString("latin1").replace(/[\0 ]+$/, "").replace(/^ +/, "").replace(/\0.*$/, "");
-  if (!/^[0-7]*$/.test(s)) throw new Error(`${what}: ${field} field ${JSON.stringify(s)} in tar header is not octal`);
-  return s === "" ? 0 : parseInt(s, 8);
-}
-
-function checksumOk(h: Buffer, stored: number): boolean {
-  let unsigned = 0;
-  let signed = 0;
-  for (let i = 0; i < 512; i++) {
-    const byte = i >= 148 && i < 156 ? 0x20 : h[i]!;
-    unsigned += byte;
-    signed += byte > 127 ? byte - 256 : byte;
-  }
-  // Some old tars summed signed chars; both are accepted by GNU tar.
-  return stored === unsigned || stored === signed;
-}
-
-/** Pax extended header records: "<len> <key>=<value>\n", len counting the whole record in bytes. */
-export function parsePax(data: Buffer, what: string): Map<string, string> {
-  const out = new Map<string, string>();
-  let pos = 0;
-  while (pos < data.length) {
-    if (data[pos] === 0) break; // padding some writers leave
-    const sp = data.indexOf(0x20, pos);
-    const len = sp < 0 ? NaN : Number(data.subarray(pos, sp).toString("latin1"));
-    if (!Number.isInteger(len) || len <= 0 || pos + len > data.length || data[pos + len - 1] !== 0x0a) {
-      throw new Error(`${what}: malformed pax record at byte ${pos}`);
-    }
-    const rec = data.subarray(sp + 1, pos + len - 1).toString("utf8");
-    const eq = rec.indexOf("=");
-    if (eq <= 0) throw new Error(`${what}: malformed pax record ${JSON.stringify(rec.slice(0, 40))}`);
-    out.set(rec.slice(0, eq), rec.slice(eq + 1));
-    pos += len;
-  }
-  return out;
-}
-
-/** Reads every member header of a tar; member contents stay in `src` until read. */
-export function readTar(src: ByteSource, what = "tar"): TarEntry[] {
-  const out: TarEntry[] = [];
-  let off = 0;
-  let longName: string | undefined;
-  let longLink: string | undefined;
-  let pax = new Map<string, string>();
-  while (off + 512 <= src.size) {
-    const h = src.read(off, 512);
-    if (h.every((b) => b === 0)) break; // end-of-archive marker
-    const stored = /^[0-7 \0]{8}$/.test(h.toString("latin1", 148, 156)) ? number(h, 148, 8, "checksum", what) : -1;
-    if (!checksumOk(h, stored)) throw new Error(`${what}: bad tar header checksum at byte ${off} (not a tar file, or corrupt)`);
-    const flag = String.fromCharCode(h[156]!);
-    const magic = h.subarray(257, 263).toString("latin1");
-    let name = cstring(h, 0, 100);
-    // Only POSIX ustar has a prefix field; in old GNU headers those bytes hold times.
-    if (magic === "ustar\0") {
-      const prefix = cstring(h, 345, 155);
-      if (prefix) name = `${prefix}/${name}`;
-    }
-    // A pending pax size describes the next real member, not a long-name or pax header.
-    const paxSize = "LKxg".includes(flag) ? undefined : pax.get("size");
-    const size = paxSize !== undefined ? Number(paxSize) : number(h, 124, 12, "size", what);
-    if (!Number.isSafeInteger(size) || size < 0) throw new Error(`${what}: bad size for tar member ${JSON.stringify(name)}`);
-    const dataStart = off + 512;
-    if (dataStart + size > src.size) throw new Error(`${what}: tar member ${JSON.stringify(name)} is truncated`);
-    const data = sliceSource(src, dataStart, size);
-    off = dataStart + Math.ceil(size / 512) * 512;
-
-    if (flag === "L") {
-      longName = cstring(readAll(data), 0, size);
-      continue;
-    }
-    if (flag === "K") {
-      longLink = cstring(readAll(data), 0, size);
-      continue;
-    }
-    if (flag === "x") {
-      pax = parsePax(readAll(data), what);
-      continue;
-    }
-    if (flag === "g") continue; // global defaults: nothing in them changes how we lay files out
-    const type = TYPES[flag];
-    if (!type) throw new Error(`${what}: tar member ${JSON.stringify(longName ?? pax.get("path") ?? name)} has unsupported type '${flag}'`);
-    const num = (key: string, start: number, len: number, field: string) => {
-      const v = pax.get(key);
-      return v !== undefined ? Math.floor(Number(v)) : number(h, start, len, field, what);
-    };
-    out.push({
-      path: pax.get("path") ?? longName ?? name,
-      type,
-      mode: number(h, 100, 8, "mode", what) & 0o7777,
-      uid: num("uid", 108, 8, "uid"),
-      gid: num("gid", 116, 8, "gid"),
-      mtime: num("mtime", 136, 12, "mtime"),
-      linkname: type === "symlink" || type === "hardlink" ? (pax.get("linkpath") ?? longLink ?? cstring(h, 157, 100)) : "",
-      devmajor: number(h, 329, 8, "devmajor", what),
-      devminor: number(h, 337, 8, "devminor", what),
-      data: type === "file" ? data : sliceSource(src, dataStart, 0),
-    });
-    longName = longLink = undefined;
-    pax = new Map();
-  }
-  // A short tail that is not zero padding means a cut-off archive or not a tar at all.
-  if (off < src.size && off + 512 > src.size && !src.read(off, src.size - off).every((b) => b === 0)) {
-    throw new Error(`${what}: not a tar file, or truncated at byte ${off}`);
-  }
-  return out;
-}
-
-/**
- * A member name as path components inside the tree ([] is the root). Absolute names and `..`
- * are refused rather than cleaned: an archive that has them was not made for unpacking here.
- */
-export function entryParts(name: string, what: string): string[] {
-  if (name.startsWith("/")) throw new Error(`${what}: refusing absolute path ${JSON.stringify(name)}`);
-  const parts = name.split("/").filter((p) => p !== "" && p !== ".");
-  if (parts.includes("..")) throw new Error(`${what}: refusing path ${JSON.stringify(name)} with ".."`);
-  return parts;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Trees and layer application.
-
-export type NodeKind = "file" | "dir" | "symlink" | "other";
-
-export interface Meta {
-  mode: number;
-  uid: number;
-  gid: number;
-  mtime: number;
-}
-
-/**
- * What layering needs from a filesystem. Paths are "/"-joined components relative to the root
- * ("" is the root) whose parents are real directories: applyLayer resolves symlinks first, so an
- * implementation never follows a link.
- */
-export interface Tree {
-  kind(path: string): NodeKind | undefined;
-  readlink(path: string): string;
-  list(dir: string): string[];
-  /** Removes a node, recursively for directories. */
-  remove(path: string): void;
-  mkdir(path: string, meta: Meta): void;
-  /** Sets the metadata of an existing directory (a layer re-listing it). */
-  setMeta(path: string, meta: Meta): void;
-  writeFile(path: string, data: ByteSource, meta: Meta): void;
-  symlink(path: string, target: string, meta: Meta): void;
-  link(path: string, existing: string): void;
-  mknod(path: string, type: "char" | "block" | "fifo", major: number, minor: number, meta: Meta): void;
-}
-
-const join = (dir: string, name: string) => (dir ? `${dir}/${name}` : name);
-const IMPLIED_DIR: Meta = { mode: 0o755, uid: 0, gid: 0, mtime: 0 };
-const MAX_LINK_HOPS = 40; // what the kernel allows in one path walk
-
-/**
- * Resolves directory components the way the image itself would see them: symlinks are followed
- * with absolute targets taken relative to the image root, and a relative target that climbs
- * above the root is an error instead of a write on the build host. Missing directories are
- * created when `create`, else the result is undefined.
- */
-function resolveDir(tree: Tree, parts: readonly string[], create: boolean, entry: string, what: string): string | undefined {
-  let resolved: string[] = [];
-  const queue = [...parts];
-  let hops = 0;
-  let via = "";
-  while (queue.length) {
-    const c = queue.shift()!;
-    if (c === "" || c === ".") continue;
-    if (c === "..") {
-      if (!resolved.length) throw new Error(`${what}: entry ${JSON.stringify(entry)} goes through symlink ${JSON.stringify(via)}, which points outside the image`);
-      resolved.pop();
-      continue;
-    }
-    const p = join(resolved.join("/"), c);
-    const k = tree.kind(p);
-    if (k === "symlink") {
-      if (++hops > MAX_LINK_HOPS) throw new Error(`${what}: entry ${JSON.stringify(entry)}: too many levels of symlinks at ${JSON.stringify(p)}`);
-      const target = tree.readlink(p);
-      via = p;
-      if (target.startsWith("/")) resolved = [];
-      queue.unshift(...target.split("/"));
-      continue;
-    }
-    if (k === undefined) {
-      if (!create) return undefined;
-      tree.mkdir(p, IMPLIED_DIR);
-    } else if (k !== "dir") {
-      if (!create) return undefined;
-      throw new Error(`${what}: entry ${JSON.stringify(entry)}: ${JSON.stringify(p)} is not a directory`);
-    }
-    resolved.push(c);
-  }
-  return resolved.join("/");
-}
-
-export const WHITEOUT = ".wh.";
-export const OPAQUE = ".wh..wh..opq";
-
-export interface ApplyOptions {
-  /** Interpret `.wh.` members (OCI layers); a plain rootfs tarball keeps them as files. */
-  whiteouts: boolean;
-  /** Names the layer in errors. */
-  what: string;
-}
-
-/**
- * Applies one layer. Whiteouts and opaque markers describe the layers below, so all deletions
- * happen before any of this layer's own entries are added, wherever they appear in the tar.
- */
-export function applyLayer(tree: Tree, entries: readonly TarEntry[], opts: ApplyOptions): void {
-  const { what } = opts;
-  const deletes: { dir: string[]; name: string; entry: string }[] = [];
-  const opaques: { dir: string[]; entry: string }[] = [];
-  const adds: { parts: string[]; e: TarEntry }[] = [];
-  for (const e of entries) {
-    const parts = entryParts(e.path, what);
-    const base = parts[parts.length - 1];
-    if (opts.whiteouts && base !== undefined && base.startsWith(WHITEOUT)) {
-      const dir = parts.slice(0, -1);
-      if (base === OPAQUE) opaques.push({ dir, entry: e.path });
-      else if (base.startsWith(`${WHITEOUT}${WHITEOUT}`)) continue; // aufs bookkeeping (.wh..wh.plnk etc.)
-      else if (base === WHITEOUT) throw new Error(`${what}: whiteout ${JSON.stringify(e.path)} names no file`);
-      else deletes.push({ dir, name: base.slice(WHITEOUT.length), entry: e.path });
-      continue;
-    }
-    adds.push({ parts, e });
-  }
-
-  for (const d of deletes) {
-    if (d.name === "." || d.name === "..") throw new Error(`${what}: refusing whiteout ${JSON.stringify(d.entry)}`);
-    const dir = resolveDir(tree, d.dir, false, d.entry, what);
-    if (dir === undefined) continue;
-    const p = join(dir, d.name);
-    if (tree.kind(p) !== undefined) tree.remove(p);
-  }
-  for (const o of opaques) {
-    const dir = resolveDir(tree, o.dir, false, o.entry, what);
-    if (dir === undefined) continue;
-    for (const child of tree.list(dir)) tree.remove(join(dir, child));
-  }
-
-  for (const { parts, e } of adds) {
-    const meta: Meta = { mode: e.mode, uid: e.uid, gid: e.gid, mtime: e.mtime };
-    if (parts.length === 0) {
-      if (e.type !== "dir") throw new Error(`${what}: the root entry ${JSON.stringify(e.path)} is a ${e.type}, not a directory`);
-      tree.setMeta("", meta);
-      continue;
-    }
-    const dir = resolveDir(tree, parts.slice(0, -1), true, e.path, what)!;
-    const p = join(dir, parts[parts.length - 1]!);
-    const existing = tree.kind(p);
-    if (e.type === "dir" && existing === "dir") {
-      tree.setMeta(p, meta);
-      continue;
-    }
-    if (e.type === "hardlink") {
-      const src = linkSource(tree, e, what);
-      if (src === p) continue;
-      if (existing !== undefined) tree.remove(p);
-      tree.link(p, src);
-      continue;
-    }
-    // Replace, never write through: the old node may be a symlink or another name of a hardlink.
-    if (existing !== undefined) tree.remove(p);
-    switch (e.type) {
-      case "dir":
-        tree.mkdir(p, meta);
-        break;
-      case "file":
-        tree.writeFile(p, e.data, meta);
-        break;
-      case "symlink":
-        tree.symlink(p, e.linkname, meta);
-        break;
-      case "char":
-      case "block":
-      case "fifo":
-        tree.mknod(p, e.type, e.devmajor, e.devminor, meta);
-        break;
-    }
-  }
-}
-
-/** The node a hardlink entry names: inside the tree, existing, not a directory. */
-function linkSource(tree: Tree, e: TarEntry, what: string): string {
-  const parts = entryParts(e.linkname, `${what}: hardlink ${JSON.stringify(e.path)}`);
-  if (!parts.length) throw new Error(`${what}: hardlink ${JSON.stringify(e.path)} points at the root`);
-  const dir = resolveDir(tree, parts.slice(0, -1), false, e.path, what);
-  const src = dir === undefined ? undefined : join(dir, parts[parts.length - 1]!);
-  const k = src === undefined ? undefined : tree.kind(src);
-  if (src === undefined || k === undefined) throw new Error(`${what}: hardlink ${JSON.stringify(e.path)} points at ${JSON.stringify(e.linkname)}, which does not exist`);
-  if (k === "dir") throw new Error(`${what}: hardlink ${JSON.stringify(e.path)} points at directory ${JSON.stringify(e.linkname)}`);
-  return src;
-}
-
-type MemNode =
-  | { kind: "dir"; meta: Meta }
-  | { kind: "file"; meta: Meta; data: Buffer }
-  | { kind: "symlink"; meta: Meta; target: string }
-  | { kind: "other"; meta: Meta; dev: string };
-
-/** An in-memory tree: for tests, and for inspecting what a set of layers produces. */
-export class MemTree implements Tree {
-  readonly nodes = new Map<string, MemNode>([["", { kind: "dir", meta: IMPLIED_DIR }]]);
-  kind(path: string): NodeKind | undefined {
-    return this.nodes.get(path)?.kind;
-  }
-  readlink(path: string): string {
-    const n = this.nodes.get(path);
-    if (n?.kind !== "symlink") throw new Error(`${path} is not a symlink`);
-    return n.target;
-  }
-  list(dir: string): string[] {
-    const prefix = dir ? `${dir}/` : "";
-    return [...this.nodes.keys()].filter((k) => k && k.startsWith(prefix) && !k.slice(prefix.length).includes("/")).map((k) => k.slice(prefix.length));
-  }
-  remove(path: string): void {
-    for (const k of [...this.nodes.keys()]) if (k === path || k.startsWith(`${path}/`)) this.nodes.delete(k);
-  }
-  mkdir(path: string, meta: Meta): void {
-    this.nodes.set(path, { kind: "dir", meta });
-  }
-  setMeta(path: string, meta: Meta): void {
-    const n = this.nodes.get(path);
-    if (n) n.meta = meta;
-  }
-  writeFile(path: string, data: ByteSource, meta: Meta): void {
-    this.nodes.set(path, { kind: "file", meta, data: Buffer.from(readAll(data)) });
-  }
-  symlink(path: string, target: string, meta: Meta): void {
-    this.nodes.set(path, { kind: "symlink", meta, target });
-  }
-  link(path: string, existing: string): void {
-    // Same object: a hardlink shares content and metadata with its source.
-    this.nodes.set(path, this.nodes.get(existing)!);
-  }
-  mknod(path: string, type: "char" | "block" | "fifo", major: number, minor: number, meta: Meta): void {
-    this.nodes.set(path, { kind: "other", meta, dev: `${type} ${major}:${minor}` });
-  }
-  /** Every path, sorted, directories with a trailing "/" and symlinks as "name -> target". */
-  listing(): string[] {
-    return [...this.nodes.entries()]
-      .filter(([k]) => k)
-      .map(([k, n]) => (n.kind === "dir" ? `${k}/` : n.kind === "symlink" ? `${k} -> ${n.target}` : k))
-      .sort();
-  }
-  text(path: string): string {
-    const n = this.nodes.get(path);
-    if (n?.kind !== "file") throw new Error(`${path} is not a file`);
-    return n.data.toString("utf8");
-  }
-}
-
-/**
- * A tree in a real directory, writable without root. Directory modes and times are applied in
- * finish(): a read-only directory must stay writable while later entries land in it, and adding
- * children would bump its mtime anyway. Owners are set only when running as root (otherwise
- * every file belongs to the builder); device nodes need root and are listed in `skipped`.
- */
-export class DirTree implements Tree {
-  readonly skipped: string[] = [];
-  private readonly dirMeta = new Map<string, Meta>();
-  private readonly owners: boolean;
-  constructor(
-    readonly root: string,
-    opts: { owners?: boolean } = {},
-  ) {
-    this.owners = opts.owners ?? process.getuid?.() === 0;
-  }
-  private abs(path: string): string {
-    return path ? `${this.root}/${path}` : this.root;
-  }
-  kind(path: string): NodeKind | undefined {
-    const st = lstatSync(this.abs(path), { throwIfNoEntry: false });
-    if (!st) return undefined;
-    return st.isDirectory() ? "dir" : st.isFile() ? "file" : st.isSymbolicLink() ? "symlink" : "other";
-  }
-  readlink(path: string): string {
-    return readlinkSync(this.abs(path), "utf8");
-  }
-  list(dir: string): string[] {
-    return readdirSync(this.abs(dir));
-  }
-  remove(path: string): void {
-    rmSync(this.abs(path), { recursive: true, force: true });
-    for (const k of [...this.dirMeta.keys()]) if (k === path || k.startsWith(`${path}/`)) this.dirMeta.delete(k);
-  }
-  mkdir(path: string, meta: Meta): void {
-    mkdirSync(this.abs(path), 0o700);
-    this.setMeta(path, meta);
-  }
-  setMeta(path: string, meta: Meta): void {
-    this.dirMeta.set(path, meta);
-    if (this.owners) lchownSync(this.abs(path), meta.uid, meta.gid);
-  }
-  writeFile(path: string, data: ByteSource, meta: Meta): void {
-    // "wx": O_EXCL, so a symlink planted at this name can never redirect the write.
-    const fd = openSync(this.abs(path), "wx", 0o600);
-    try {
-      for (const c of chunks(data)) writeSync(fd, c);
-      // chown before chmod: chown clears set-id bits.
-      if (this.owners) fchownSync(fd, meta.uid, meta.gid);
-      fchmodSync(fd, meta.mode & 0o7777);
-      futimesSync(fd, meta.mtime, meta.mtime);
-    } finally {
-      closeSync(fd);
-    }
-  }
-  symlink(path: string, target: string, meta: Meta): void {
-    symlinkSync(target, this.abs(path));
-    if (this.owners) lchownSync(this.abs(path), meta.uid, meta.gid);
-    lutimesSync(this.abs(path), meta.mtime, meta.mtime);
-  }
-  link(path: string, existing: string): void {
-    linkSync(this.abs(existing), this.abs(path));
-  }
-  mknod(path: string, type: "char" | "block" | "fifo", major: number, minor: number, meta: Meta): void {
-    if (type !== "fifo" && !this.owners) {
-      this.skipped.push(`${path} (${type} ${major}:${minor})`);
-      return;
-    }
-    const args = type === "fifo" ? ["p"] : [type === "char" ? "c" : "b", String(major), String(minor)];
-    execFileSync("mknod", [this.abs(path), ...args], { stdio: ["ignore", "ignore", "pipe"] });
-    if (this.owners) lchownSync(this.abs(path), meta.uid, meta.gid);
-    chmodSync(this.abs(path), meta.mode & 0o7777);
-    utimesSync(this.abs(path), meta.mtime, meta.mtime);
-  }
-  /** Applies directory modes and times, deepest first so a parent's time is set last. */
-  finish(): void {
-    const dirs = [...this.dirMeta.entries()].sort(([a], [b]) => b.split("/").length - a.split("/").length);
-    for (const [p, meta] of dirs) {
-      if (!existsSync(this.abs(p))) continue;
-      chmodSync(this.abs(p), meta.mode & 0o7777);
-      utimesSync(this.abs(p), meta.mtime, meta.mtime);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// OCI image layout.
+import { describe, zodIssue } from "../agent/errors.ts";
+import { type ByteSource, chunks, FileSource, readAll, streamOf } from "./bytes.ts";
+import { type Compression, decompress } from "./decompress.ts";
+import type { Tree } from "./fstree.ts";
+import { applyLayer, type LayerReader } from "./layer.ts";
+import { readTarStream, type TarEntry } from "./tar.ts";
 
 export const MEDIA = {
   ociIndex: "application/vnd.oci.image.index.v1+json",
@@ -655,12 +84,11 @@ function parseJson<T>(schema: z.ZodType<T>, buf: Buffer, what: string): T {
   try {
     json = JSON.parse(buf.toString("utf8"));
   } catch (e) {
-    throw new Error(`${what} is not JSON (${(e as Error).message})`);
+    throw new Error(`${what} is not JSON (${describe(e)})`);
   }
   const r = schema.safeParse(json);
   if (r.success) return r.data;
-  const issue = r.error.issues[0]!;
-  throw new Error(`${what}: ${issue.path.length ? issue.path.join(".") : "(top level)"}: ${issue.message}`);
+  throw new Error(`${what}: ${zodIssue(r.error)}`);
 }
 
 const platformName = (p: Platform | undefined) => (p ? `${p.os}/${p.architecture}${p.variant ? `/${p.variant}` : ""}` : "no platform");
@@ -706,17 +134,19 @@ export function layoutFromTar(entries: readonly TarEntry[], what: string): Layou
   return { what, file: (p) => files.get(p) };
 }
 
-/** A layout directory; close() releases the blobs it opened. */
+/**
+ * A layout directory; close() releases the blobs it opened. A blob is opened once, not once per
+ * pass over a layer: a blob renamed over between the passes is still the one first read (one
+ * rewritten in place is caught by the digest check at the end of each pass).
+ */
 export function openLayoutDir(dir: string): Layout & { close(): void } {
-  const open: FileSource[] = [];
+  const open = new Map<string, FileSource>();
   return {
     what: dir,
     file: (p) => {
       const f = `${dir}/${p}`;
-      if (!lstatSync(f, { throwIfNoEntry: false })?.isFile()) return undefined;
-      const s = new FileSource(f);
-      open.push(s);
-      return s;
+      if (!open.has(p) && lstatSync(f, { throwIfNoEntry: false })?.isFile()) open.set(p, new FileSource(f));
+      return open.get(p);
     },
     close: () => open.forEach((s) => s.close()),
   };
@@ -730,17 +160,43 @@ export function isOciLayoutTar(entries: readonly TarEntry[]): boolean {
   });
 }
 
-/** A blob checked against its descriptor's size and digest. */
-export function readBlob(layout: Layout, d: Descriptor): ByteSource {
+/** The blob a descriptor names, checked for presence and size; its digest is checked as it is read. */
+function blobSource(layout: Layout, d: Descriptor): ByteSource {
   const [alg, hex] = d.digest.split(":") as [string, string];
   const src = layout.file(`blobs/${alg}/${hex}`);
   if (!src) throw new Error(`${layout.what}: blob ${d.digest} is missing`);
   if (src.size !== d.size) throw new Error(`${layout.what}: blob ${d.digest} is ${src.size} bytes, its descriptor says ${d.size}`);
-  const h = createHash(alg);
-  for (const c of chunks(src)) h.update(c);
-  const got = `${alg}:${h.digest("hex")}`;
-  if (got !== d.digest) throw new Error(`${layout.what}: blob ${d.digest} does not match its digest (content is ${got})`);
   return src;
+}
+
+const hasher = (d: Descriptor) => createHash(d.digest.slice(0, d.digest.indexOf(":")));
+
+function checkDigest(layout: Layout, d: Descriptor, h: Hash): void {
+  const got = `${d.digest.slice(0, d.digest.indexOf(":"))}:${h.digest("hex")}`;
+  if (got !== d.digest) throw new Error(`${layout.what}: blob ${d.digest} does not match its digest (content is ${got})`);
+}
+
+/** A blob checked against its descriptor's size and digest. */
+export function readBlob(layout: Layout, d: Descriptor): ByteSource {
+  const src = blobSource(layout, d);
+  const h = hasher(d);
+  for (const c of chunks(src)) h.update(c);
+  checkDigest(layout, d, h);
+  return src;
+}
+
+/**
+ * A blob read front to back, hashed as it goes. The digest is compared once the last byte has
+ * been handed on, so a mismatch is thrown from the end of the stream, after its bytes were used.
+ */
+async function* verifiedStream(layout: Layout, d: Descriptor): AsyncGenerator<Buffer> {
+  const src = blobSource(layout, d);
+  const h = hasher(d);
+  for await (const c of streamOf(src)) {
+    h.update(c);
+    yield c;
+  }
+  checkDigest(layout, d, h);
 }
 
 export interface OciImage {
@@ -788,8 +244,6 @@ export function resolveImage(layout: Layout, want: Platform = DEFAULT_PLATFORM):
   };
 }
 
-export type Compression = "none" | "gzip" | "zstd";
-
 export function layerCompression(mediaType: string): Compression {
   const oci = /^application\/vnd\.oci\.image\.layer\.(?:nondistributable\.)?v1\.tar(\+gzip|\+zstd)?$/.exec(mediaType);
   if (oci) return oci[1] === "+gzip" ? "gzip" : oci[1] === "+zstd" ? "zstd" : "none";
@@ -797,56 +251,46 @@ export function layerCompression(mediaType: string): Compression {
   throw new Error(`unsupported layer media type ${mediaType}`);
 }
 
-/** Decompressed contents; uncompressed data stays where it is. */
-export function decompress(src: ByteSource, how: Compression, what: string): ByteSource {
-  if (how === "none") return src;
-  try {
-    if (how === "gzip") return bufferSource(zlib.gunzipSync(readAll(src)));
-    // zstd is in node:zlib from Node 22.15 and in Bun; older Node has no decoder without a dependency.
-    const zstd = (zlib as { zstdDecompressSync?: (b: Buffer) => Buffer }).zstdDecompressSync;
-    if (!zstd) throw new Error(`zstd layers are not supported by this runtime (${process.versions.bun ? "Bun" : `Node ${process.version}`}, no zlib.zstdDecompressSync)`);
-    return bufferSource(zstd(readAll(src)));
-  } catch (e) {
-    throw new Error(`${what}: ${(e as Error).message}`);
-  }
-}
-
-/** The entries of one layer, after checking its digest. */
-export function layerEntries(layout: Layout, d: Descriptor, what: string): TarEntry[] {
+/**
+ * A layer as its members, decompressed and checked against its digest as it streams; each call
+ * of the reader reads the blob anew. The digest is checked when the stream ends, which the tar
+ * stream reader always reads to.
+ */
+export function layerReader(layout: Layout, d: Descriptor, what: string): LayerReader {
   const how = (() => {
     try {
       return layerCompression(d.mediaType);
     } catch (e) {
-      throw new Error(`${what}: ${(e as Error).message}`);
+      throw new Error(`${what}: ${describe(e)}`);
     }
   })();
-  return readTar(decompress(readBlob(layout, d), how, what), what);
+  blobSource(layout, d); // missing or the wrong size: said before any reading starts
+  return () => readTarStream(decompress(verifiedStream(layout, d), how, what), what);
 }
 
-/** Resolves the image and applies its layers in order to `tree`. */
-export function extractImage(layout: Layout, tree: Tree, want: Platform = DEFAULT_PLATFORM): OciImage {
+/**
+ * Resolves the image and applies its layers in order to `tree`.
+ *
+ * A layer is never held whole: it streams through the decompressor into the tree. Its digest is
+ * known only at the end of the stream, and applyLayer reads each layer twice, the first time
+ * without changing the tree: a blob that is not the one the manifest names fails in that pass,
+ * before the tree changes. The second pass is checked too (the file could change in between);
+ * a mismatch found at its end means part of the layer is already in the tree. So when
+ * extractImage rejects, the tree holds a partial image and must be thrown away: vmimage stages
+ * into a temporary directory that it removes, with the image it was writing.
+ */
+export async function extractImage(layout: Layout, tree: Tree, want: Platform = DEFAULT_PLATFORM): Promise<OciImage> {
   const image = resolveImage(layout, want);
-  image.layers.forEach((d, i) => {
+  for (const [i, d] of image.layers.entries()) {
     const what = `${layout.what}: layer ${i + 1} (${d.digest.slice(0, 19)})`;
-    applyLayer(tree, layerEntries(layout, d, what), { whiteouts: true, what });
-  });
-  return image;
-}
-
-const GZIP_MAGIC = [0x1f, 0x8b];
-const ZSTD_MAGIC = [0x28, 0xb5, 0x2f, 0xfd];
-
-/** A tar file, decompressed when its first bytes say gzip or zstd. Close it when done. */
-export function openTarFile(path: string): { src: ByteSource; close(): void } {
-  const f = new FileSource(path);
-  const head = f.read(0, Math.min(4, f.size));
-  const starts = (m: number[]) => m.every((b, i) => head[i] === b);
-  if (starts(GZIP_MAGIC) || starts(ZSTD_MAGIC)) {
     try {
-      return { src: decompress(f, starts(GZIP_MAGIC) ? "gzip" : "zstd", path), close: () => {} };
-    } finally {
-      f.close();
+      await applyLayer(tree, layerReader(layout, d, what), { whiteouts: true, what });
+    } catch (e) {
+      // A corrupt blob often breaks the decompressor or the tar reader before its digest is
+      // complete; the digest mismatch is the cause to report.
+      readBlob(layout, d);
+      throw e;
     }
   }
-  return { src: f, close: () => f.close() };
+  return image;
 }

@@ -4,7 +4,11 @@
 import { execFileSync } from "node:child_process";
 import { chmodSync, closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, ftruncateSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { applyLayer, DirTree, extractImage, type ImageConfig, isOciLayoutTar, layoutFromTar, openLayoutDir, openTarFile, readTar, type Tree } from "./oci.ts";
+import { openTarFile } from "./decompress.ts";
+import { DirTree, type Tree } from "./fstree.ts";
+import { applyLayer } from "./layer.ts";
+import { extractImage, type ImageConfig, isOciLayoutTar, layoutFromTar, openLayoutDir } from "./oci.ts";
+import { readTar, streamEntries } from "./tar.ts";
 
 export interface VmImageOptions {
   /** A directory, a rootfs tarball (.tar, .tar.gz, .tar.zst) or a tar of an OCI image layout. */
@@ -103,8 +107,8 @@ function run(cmd: string, args: string[]): void {
 
 type Staged = Pick<VmImageResult, "source" | "config" | "skipped" | "mountPoints">;
 
-/** Stages `from` into `stage` (a new empty directory); returns how it was read. */
-function stage(from: string, stageDir: string): Staged {
+/** Stages `from` into `stage` (a new empty directory), decompressing an archive into `spool`; returns how it was read. */
+async function stage(from: string, stageDir: string, spool: string): Promise<Staged> {
   const tree = new DirTree(stageDir);
   // mkdtemp made it 0700; the image root is world-readable unless the source says otherwise.
   tree.setMeta("", { mode: 0o755, uid: 0, gid: 0, mtime: 0 });
@@ -112,24 +116,25 @@ function stage(from: string, stageDir: string): Staged {
   if (statSync(from).isDirectory()) {
     const layout = openLayoutDir(from);
     try {
-      result = { source: "oci-dir", config: extractImage(layout, tree).config };
+      result = { source: "oci-dir", config: (await extractImage(layout, tree)).config };
     } finally {
       layout.close();
     }
   } else {
-    const tar = openTarFile(from);
+    const tar = await openTarFile(from, spool);
     try {
-      const entries = readTar(tar.src, from);
+      const entries = readTar(tar, from);
       if (!entries.length) throw new Error(`${from}: the archive is empty`);
       if (isOciLayoutTar(entries)) {
-        result = { source: "oci", config: extractImage(layoutFromTar(entries, from), tree).config };
+        result = { source: "oci", config: (await extractImage(layoutFromTar(entries, from), tree)).config };
       } else {
         // A root filesystem archive is one complete tree: ".wh." names in it are ordinary files.
-        applyLayer(tree, entries, { whiteouts: false, what: from });
+        await applyLayer(tree, () => streamEntries(entries), { whiteouts: false, what: from });
         result = { source: "tar" };
       }
     } finally {
       tar.close();
+      rmSync(spool, { force: true }); // a decompressed copy, as big as the tree: not kept through mkfs
     }
   }
   // An image or a rootfs archive is a root by nature; a plain directory (below) may be a data
@@ -141,8 +146,8 @@ function stage(from: string, stageDir: string): Staged {
 
 const isOciLayoutDir = (dir: string) => lstatSync(`${dir}/index.json`, { throwIfNoEntry: false })?.isFile() === true && lstatSync(`${dir}/blobs`, { throwIfNoEntry: false })?.isDirectory() === true;
 
-/** Builds the btrfs image `out` from `from`. Synchronous, like the other build steps. */
-export function buildVmImage(o: VmImageOptions): VmImageResult {
+/** Builds the btrfs image `out` from `from`. */
+export async function buildVmImage(o: VmImageOptions): Promise<VmImageResult> {
   const label = o.label ?? "initos-vm";
   if (label.length > 255) throw new Error(`label ${JSON.stringify(label.slice(0, 20))}… is longer than btrfs allows (255 bytes)`);
   const sub = o.subvolume;
@@ -166,7 +171,7 @@ export function buildVmImage(o: VmImageOptions): VmImageResult {
     } else {
       rootdir = `${tmp}/root`;
       mkdirSync(rootdir);
-      staged = stage(o.from, rootdir);
+      staged = await stage(o.from, rootdir, `${tmp}/spool.tar`);
     }
     const sizeMiB = o.sizeMiB ?? imageSizeMiB(treeBytes(rootdir).bytes);
     rmSync(out, { force: true });

@@ -206,3 +206,18 @@ export function ociImageTar(spec: ImageSpec): Buffer {
 export function writeOciImageTar(path: string, spec: ImageSpec): void {
   writeFileSync(path, ociImageTar(spec));
 }
+
+/** The layers of the scenario in issue 6: layer 2 deletes a/x, and makes b opaque while adding b/new. */
+export const LOWER: LayerEntry[] = [
+  { path: "a/x", type: "file", data: "x" },
+  { path: "a/y", type: "file", data: "y" },
+  { path: "b/z", type: "file", data: "z" },
+  { path: "etc/keep", type: "file", data: "keep\n" },
+];
+export const UPPER: LayerEntry[] = [
+  { path: "a/x", type: "whiteout" },
+  // b/new before the opaque marker: the marker still only hides what lower layers put in b.
+  { path: "b/new", type: "file", data: "new\n" },
+  { path: "b", type: "opaque" },
+];
+export const SCENARIO_RESULT = ["a/", "a/y", "b/", "b/new", "etc/", "etc/keep"];
