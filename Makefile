@@ -57,7 +57,9 @@ DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-
 	lz4 xz-utils gzip fonts-dejavu-core debootstrap
 
 AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
-BUILD_SRC := $(filter-out initrd/images.ts initrd/oci.ts initrd/vmimage.ts initrd/debian.ts,$(wildcard initrd/*.ts)) agent/config.ts
+# The OCI importer (VM images only): changing it rebuilds no initrd or UKI.
+OCI_SRC   := initrd/oci.ts initrd/vmimage.ts initrd/bytes.ts initrd/decompress.ts initrd/tar.ts initrd/fstree.ts initrd/layer.ts
+BUILD_SRC := $(filter-out initrd/images.ts $(OCI_SRC) initrd/debian.ts,$(wildcard initrd/*.ts)) agent/config.ts
 
 ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.efi \
 	$(B)/boot.img $(B)/boot-unsigned.img $(B)/testroot.img $(B)/installer.img \

@@ -45,6 +45,14 @@ export class RemoteSecrets {
     return new Promise((resolve) => (this.waiting = resolve));
   }
 
+  /**
+   * Nobody waits any more (the console answered first): a passphrase sent now is refused at
+   * once instead of going to a wait that is over, where its client would hang unanswered.
+   */
+  cancel(): void {
+    this.waiting = undefined;
+  }
+
   /** True when the last secret came from here (and someone waits for the verdict). */
   report(ok: boolean, resealed = false): boolean {
     const v = this.verdict;
@@ -76,6 +84,7 @@ export class PassphrasePrompt {
     this.consoleLine ??= this.sys.readLine(prompt, false).finally(() => (this.consoleLine = undefined));
     const fromConsole = this.consoleLine.then((line) => ({ line, remote: false }));
     const winner = remote ? await Promise.race([fromConsole, remote.next().then((line) => ({ line, remote: true }))]) : await fromConsole;
+    if (!winner.remote) remote?.cancel();
     this.lastWasRemote = winner.remote;
     return winner.line;
   }
