@@ -135,10 +135,5 @@ export function signedPcrPolicy(pcrs: readonly number[], values: ReadonlyMap<num
   return policyPcr(ZERO_DIGEST, pcrs, values);
 }
 
-/** The value a PCR holds after extending `from` with each digest in turn. */
-export function extendPcr(from: Uint8Array, ...digests: Uint8Array[]): Uint8Array {
-  return digests.reduce((acc, d) => sha256(acc, d), from);
-}
-
 /** systemd-pcrphase's measurement of a boot phase word into PCR 11: sha256 of the word. */
 export const phaseDigest = (phase: string): Uint8Array => sha256(Buffer.from(phase, "utf8"));

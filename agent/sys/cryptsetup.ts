@@ -213,7 +213,10 @@ function withVerity<T>(data: string, hash: string, check: boolean, pinned: Verit
   }
 }
 
-/** What the superblock of `hash` says (for the build's checks and for tests). */
+/**
+ * What the superblock of `hash` says. The agent does not need it (withVerity compares while
+ * opening); tests compare what the build pinned with it.
+ */
 export function veritySuperblock(data: string, hash: string): VerityParams {
   return withVerity(data, hash, false, undefined, loadedParams);
 }
@@ -221,7 +224,8 @@ export function veritySuperblock(data: string, hash: string): VerityParams {
 /**
  * Verifies every block of `data` against the hash tree in `hash` and `rootHash`, in userspace
  * (no device-mapper needed), after checking the superblock against `pinned` when given. Throws
- * VerityError when anything does not match.
+ * VerityError when anything does not match. Boot opens images with verityOpen; this twin runs
+ * the same code on a host without device-mapper, which is where the unit tests run it.
  */
 export function verityVerify(data: string, hash: string, rootHash: string, pinned?: VerityParams): void {
   const key = rootHashBytes(rootHash);
@@ -351,7 +355,10 @@ export function luksDestroySlot(device: string, slot: number): void {
   });
 }
 
-/** Which keyslot `key` opens (no device-mapper needed); throws when none does. */
+/**
+ * Which keyslot `key` opens (no device-mapper needed); throws when none does. Boot uses
+ * luksOpen; this twin lets tests check keyslots on a host without device-mapper.
+ */
 export function luksCheckKey(device: string, key: Uint8Array): number {
   return withLuks(device, (cd, c) => {
     const r = c.activateByPassphrase(cd, null, CRYPT_ANY_SLOT, key, key.length, 0);

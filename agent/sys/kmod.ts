@@ -101,7 +101,8 @@ export function loadModule(nameOrAlias: string): LoadResult {
 
 /**
  * The names of `name` and everything it depends on, transitively, as libkmod resolves them from
- * the module tree in `dirname` (default: the running kernel's). Nothing is loaded.
+ * the module tree in `dirname` (default: the running kernel's). Nothing is loaded. The agent
+ * does not call it: tests check the build's own closure (initrd/kmods.ts) against libkmod with it.
  */
 export function dependencyClosure(name: string, dirname: string | null = null): string[] {
   const k = kmod();
