@@ -461,7 +461,7 @@ class EsysDevice implements TpmDevice {
     scope.defer(() => esys("Esys_FlushContext", this.c, handle));
   }
 
-  /** An ESYS_TR for a TPM handle; Esys_TR_Close (not Flush: it is persistent) at scope end. */
+  /** Esys_TR_Close of an ESYS_TR at scope end: not Flush, the object it names is persistent. */
   private closeLater(scope: Scope, handle: number): void {
     scope.defer(() => esys("Esys_TR_Close", this.c, [handle]));
   }
@@ -495,6 +495,7 @@ class EsysDevice implements TpmDevice {
     return handle;
   }
 
+  /** An ESYS_TR for the persistent TPM handle `tpmHandle`, closed (not flushed) at scope end. */
   private fromPublic(scope: Scope, tpmHandle: number): number {
     const out: Handle = [0];
     esys("Esys_TR_FromTPMPublic", this.c, tpmHandle, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, out);
