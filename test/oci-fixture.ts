@@ -17,6 +17,20 @@ export type LayerEntry =
   /** Makes directory `path` opaque: written as `<path>/.wh..wh..opq`. */
   | { path: string; type: "opaque" };
 
+/** The layers of the scenario in issue 6: layer 2 deletes a/x, and makes b opaque while adding b/new. */
+export const LOWER: LayerEntry[] = [
+  { path: "a/x", type: "file", data: "x" },
+  { path: "a/y", type: "file", data: "y" },
+  { path: "b/z", type: "file", data: "z" },
+  { path: "etc/keep", type: "file", data: "keep\n" },
+];
+export const UPPER: LayerEntry[] = [
+  { path: "a/x", type: "whiteout" },
+  // b/new before the opaque marker: the marker still only hides what lower layers put in b.
+  { path: "b/new", type: "file", data: "new\n" },
+  { path: "b", type: "opaque" },
+];
+
 export interface TarOptions {
   /** How names and link targets over 100 bytes are stored. */
   longNames?: "pax" | "gnu";

@@ -1,6 +1,6 @@
 // The disk key's decisions with fakes: the systemd-tpm2 token format (against a token Debian 12's
 // systemd-cryptenroll wrote, in fixtures/), what the signed config lets through, sealing,
-// unsealing, resealing and the latch. The real TPM side is test/unit/tss.test.ts (swtpm).
+// unsealing, resealing and the latch. The real TPM side is test/system/tss.test.ts (swtpm).
 import { generateKeyPairSync, sign } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";

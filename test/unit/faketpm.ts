@@ -1,6 +1,6 @@
 // A fake TPM for unit tests of disk-key decisions: PCRs extend with the real hash chain, and a
 // sealed blob releases its secret only when the policy steps replayed at unseal produce the
-// digest it was sealed to (computed with agent/diskkey/policy.ts, which test/unit/tss.test.ts
+// digest it was sealed to (computed with agent/diskkey/policy.ts, which test/system/tss.test.ts
 // checks against a real swtpm and systemd). Signatures are verified for real.
 import { verify, createPublicKey } from "node:crypto";
 import { keyName, policyAuthorize, policyPcr, sha256, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
