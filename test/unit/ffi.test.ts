@@ -17,6 +17,7 @@ describe("typed koffi bindings", () => {
     expect(cString(p!)).toBe("abc");
     expect(Buffer.from(bytesAt(p!, 4)).toString("latin1")).toBe("abc\0");
     expect(getenv("INITOS_FFI_TEST_UNSET")).toBeNull();
+    delete process.env.INITOS_FFI_TEST; // unit test files share the process (isolate: false)
   });
 
   it("refuse, at compile time, a binding without a signature or with `any` in it", () => {
