@@ -2,11 +2,12 @@
 // needs a TPM: a swtpm on loopback. The rest of the signature's tests need none and are in
 // test/unit/measure.test.ts.
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { pcrSignature, SYSTEMD_MEASURE, type MeasuredParts } from "../../initrd/measure.ts";
+import { pcrSignature, SYSTEMD_MEASURE } from "../../initrd/measure.ts";
+import { measuredParts } from "../measured-parts.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-measure-`);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -16,18 +17,7 @@ const openssl = (...args: string[]) => execFileSync("openssl", args, { stdio: ["
 openssl("genrsa", "-out", `${dir}/pcr.key`, "2048");
 openssl("pkey", "-in", `${dir}/pcr.key`, "-pubout", "-out", `${dir}/pcr.pub.pem`);
 
-// Sections: small stand-ins (systemd-measure only hashes them).
-const parts: MeasuredParts = {
-  linux: `${dir}/linux`,
-  initrd: `${dir}/initrd`,
-  cmdline: `${dir}/cmdline`,
-  osrel: `${dir}/osrel`,
-  pcrpkey: `${dir}/pcr.pub.pem`,
-};
-writeFileSync(parts.linux, Buffer.concat([Buffer.from("MZ"), Buffer.alloc(400_000, 7)]));
-writeFileSync(parts.initrd, Buffer.alloc(250_001, 3));
-writeFileSync(parts.cmdline, "console=ttyS0 rw\0");
-writeFileSync(parts.osrel, 'NAME="initos"\nID=initos\n');
+const parts = measuredParts(dir);
 
 /** Whether process `pid` holds the socket listening on 127.0.0.1:`port` (so it is ours). */
 function listensOn(pid: number, port: number): boolean {

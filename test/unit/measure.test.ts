@@ -8,9 +8,10 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { signedPcrPolicy } from "../../agent/diskkey/policy.ts";
-import { expectedPcr11, pcrSignature, SYSTEMD_MEASURE, type MeasuredParts } from "../../initrd/measure.ts";
+import { expectedPcr11, type MeasuredParts, pcrSignature, SYSTEMD_MEASURE } from "../../initrd/measure.ts";
 import { readPe } from "../../initrd/pe.ts";
 import { buildUkiFrom } from "../../initrd/uki.ts";
+import { measuredParts } from "../measured-parts.ts";
 
 // Every child process started through node:child_process in this file, with its argv and env.
 const spawned = vi.hoisted(() => [] as { file: string; args: string[]; env: Record<string, string | undefined> }[]);
@@ -48,18 +49,7 @@ openssl("pkey", "-in", `${dir}/pcr.key`, "-pubout", "-out", `${dir}/pcr.pub.pem`
 openssl("pkey", "-in", `${dir}/pcr.key`, "-aes-256-cbc", "-passout", `pass:${PASS}`, "-out", `${dir}/pcr-enc.key`);
 openssl("genrsa", "-out", `${dir}/other.key`, "2048");
 
-// Sections: small stand-ins (systemd-measure and the stub only hash them).
-const parts: MeasuredParts = {
-  linux: `${dir}/linux`,
-  initrd: `${dir}/initrd`,
-  cmdline: `${dir}/cmdline`,
-  osrel: `${dir}/osrel`,
-  pcrpkey: `${dir}/pcr.pub.pem`,
-};
-writeFileSync(parts.linux, Buffer.concat([Buffer.from("MZ"), Buffer.alloc(400_000, 7)]));
-writeFileSync(parts.initrd, Buffer.alloc(250_001, 3));
-writeFileSync(parts.cmdline, "console=ttyS0 rw\0");
-writeFileSync(parts.osrel, 'NAME="initos"\nID=initos\n');
+const parts = measuredParts(dir);
 
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
