@@ -1,7 +1,8 @@
 # initos: build the agent, the initrd and the signed UKI; boot them under QEMU; test them.
 #
 #   make demo    install what is missing, build, boot the signed UKI under QEMU (Secure Boot + TPM)
-#   make test    install what is missing, build, run every unit and integration test
+#   make test    install what is missing, build, run every test: unit, system and integration
+#   make unit    the unit tests (test/unit): no root, no build, seconds
 #
 # Signing keys: SB_KEY / SB_CERT (PEM), SB_KEY_PASS when the key is encrypted; PCR_KEY (PEM, RSA),
 # PCR_KEY_PASS when encrypted. Passphrases go in the environment (export them), never on a command
@@ -65,7 +66,7 @@ ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.e
 	$(B)/boot.img $(B)/boot-unsigned.img $(B)/testroot.img $(B)/installer.img \
 	$(B)/vm/vmlinuz $(B)/vm/initrd.img $(B)/app-under-test $(B)/debian.img
 
-.PHONY: all deps debs npm test unit integration demo bench typecheck clean
+.PHONY: all deps debs npm test unit system integration demo bench typecheck clean
 all: $(ARTIFACTS)
 
 # --- dependencies: Debian packages and npm packages, installed only when missing ----------
@@ -246,8 +247,14 @@ test: deps
 	npx tsc --noEmit -p .
 	npx vitest run
 
+# test/unit needs neither root nor build/; test/system needs root (loop devices, mount
+# namespaces), a swtpm, or what `make all` built.
 unit: deps
 	npx vitest run test/unit
+
+system: deps
+	$(MAKE) --no-print-directory all
+	npx vitest run test/system
 
 integration: deps
 	$(MAKE) --no-print-directory all

@@ -80,7 +80,3 @@ export function readElfDeps(data: Uint8Array, name = "input"): ElfDeps {
 export function readElfDepsFile(path: string): ElfDeps {
   return readElfDeps(readFileSync(path), path);
 }
-
-export function isElf(data: Uint8Array): boolean {
-  return data.length >= 4 && data[0] === 0x7f && data[1] === 0x45 && data[2] === 0x4c && data[3] === 0x46;
-}

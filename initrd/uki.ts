@@ -110,12 +110,3 @@ export function buildUkiFrom(out: string, inputs: UkiInputs, workDir: string, st
   if (inputs.pcrKey?.passphraseEnv) delete env[inputs.pcrKey.passphraseEnv];
   return buildUki(out, parts, stub, env);
 }
-
-export interface SigningKey {
-  key: string;
-  cert: string;
-}
-
-export function signUki(input: string, out: string, k: SigningKey): void {
-  execFileSync("sbsign", ["--key", k.key, "--cert", k.cert, "--output", out, input], { stdio: ["ignore", "ignore", "inherit"] });
-}

@@ -1,6 +1,7 @@
 // TPM2 policy digests, computed the way the TPM computes them (TPM 2.0 Part 3, "PolicyUpdate"),
 // so the build can sign, install can seal and unlock can check without asking a TPM. The same
-// bytes systemd-cryptenroll and systemd-measure produce: test/unit/policy.test.ts compares them.
+// bytes systemd-cryptenroll and systemd-measure produce: test/system/tss.test.ts and
+// test/system/measure.test.ts compare them.
 //
 // All structures are in the TPM's wire format (big-endian, TPM 2.0 Part 2).
 import { createHash, createPublicKey, type KeyObject } from "node:crypto";
@@ -107,7 +108,7 @@ export function keyName(tpm2bPublic: Uint8Array): Uint8Array {
 
 /**
  * systemd's "pkfp": the sha256 of the key in PKCS#1 DER (OpenSSL's i2d_PublicKey), not of the
- * SubjectPublicKeyInfo, in hex. test/unit/measure.test.ts compares with systemd-measure's.
+ * SubjectPublicKeyInfo, in hex. test/system/measure.test.ts compares with systemd-measure's.
  */
 export function keyFingerprint(pem: string | Uint8Array | KeyObject): string {
   return Buffer.from(sha256(rsaKey(pem).export({ format: "der", type: "pkcs1" }))).toString("hex");
@@ -133,11 +134,6 @@ export function sealPolicy(p: SealPolicy): Uint8Array {
 /** The PCR 11 policy the build signs for one phase: PolicyPCR over the expected values, from zero. */
 export function signedPcrPolicy(pcrs: readonly number[], values: ReadonlyMap<number, Uint8Array>): Uint8Array {
   return policyPcr(ZERO_DIGEST, pcrs, values);
-}
-
-/** The value a PCR holds after extending `from` with each digest in turn. */
-export function extendPcr(from: Uint8Array, ...digests: Uint8Array[]): Uint8Array {
-  return digests.reduce((acc, d) => sha256(acc, d), from);
 }
 
 /** systemd-pcrphase's measurement of a boot phase word into PCR 11: sha256 of the word. */

@@ -1,21 +1,27 @@
 // Block device identification through libblkid: resolve LABEL=/UUID=/PARTUUID= specs, probe
 // filesystem types and read partition table entries without hand-written parsers.
-import { koffi } from "./ffi.ts";
+import { cString, load, opaque, type Ptr } from "./ffi.ts";
+
+type Probe = Ptr<"blkid_probe">;
+/** A string libblkid malloc()ed for us: ours to free(). */
+type Allocated = Ptr<"char">;
 
 // Loaded on first use, so a missing library fails a stage rather than PID 1's startup.
 const bind = () => {
-  const lib = koffi.load("libblkid.so.1");
-  koffi.opaque("blkid_struct_probe");
+  const lib = load("libblkid.so.1");
+  opaque("blkid_struct_probe");
   return {
-    evaluateSpec: lib.func("void *blkid_evaluate_spec(const char *spec, void *cache)"),
-    newProbe: lib.func("blkid_struct_probe *blkid_new_probe_from_filename(const char *filename)"),
-    freeProbe: lib.func("void blkid_free_probe(blkid_struct_probe *pr)"),
-    doSafeprobe: lib.func("int blkid_do_safeprobe(blkid_struct_probe *pr)"),
-    lookupValue: lib.func("int blkid_probe_lookup_value(blkid_struct_probe *pr, const char *name, _Out_ const char **data, _Out_ size_t *len)"),
-    enableSuperblocks: lib.func("int blkid_probe_enable_superblocks(blkid_struct_probe *pr, int enable)"),
-    enablePartitions: lib.func("int blkid_probe_enable_partitions(blkid_struct_probe *pr, int enable)"),
-    setPartitionsFlags: lib.func("int blkid_probe_set_partitions_flags(blkid_struct_probe *pr, int flags)"),
-    free: koffi.load("libc.so.6").func("void free(void *ptr)"),
+    evaluateSpec: lib.fn<(spec: string, cache: null) => Allocated | null>("void *blkid_evaluate_spec(const char *spec, void *cache)"),
+    newProbe: lib.fn<(filename: string) => Probe | null>("blkid_struct_probe *blkid_new_probe_from_filename(const char *filename)"),
+    freeProbe: lib.fn<(pr: Probe) => void>("void blkid_free_probe(blkid_struct_probe *pr)"),
+    doSafeprobe: lib.fn<(pr: Probe) => number>("int blkid_do_safeprobe(blkid_struct_probe *pr)"),
+    lookupValue: lib.fn<(pr: Probe, name: string, data: [string | null], len: [number]) => number>(
+      "int blkid_probe_lookup_value(blkid_struct_probe *pr, const char *name, _Out_ const char **data, _Out_ size_t *len)",
+    ),
+    enableSuperblocks: lib.fn<(pr: Probe, enable: number) => number>("int blkid_probe_enable_superblocks(blkid_struct_probe *pr, int enable)"),
+    enablePartitions: lib.fn<(pr: Probe, enable: number) => number>("int blkid_probe_enable_partitions(blkid_struct_probe *pr, int enable)"),
+    setPartitionsFlags: lib.fn<(pr: Probe, flags: number) => number>("int blkid_probe_set_partitions_flags(blkid_struct_probe *pr, int flags)"),
+    free: load("libc.so.6").fn<(ptr: Allocated) => void>("void free(void *ptr)"),
   };
 };
 let api: ReturnType<typeof bind> | undefined;
@@ -29,7 +35,7 @@ export function resolveSpec(spec: string): string | null {
   const b = blkid();
   const p = b.evaluateSpec(spec, null);
   if (!p) return null;
-  const s = koffi.decode(p, "char", -1) as string;
+  const s = cString(p);
   b.free(p);
   return s;
 }
@@ -37,10 +43,10 @@ export function resolveSpec(spec: string): string | null {
 /** blkid.h: fill in PART_ENTRY_* for a partition, read from its disk's table. */
 const BLKID_PARTS_ENTRY_DETAILS = 1 << 2;
 
-function lookup(b: ReturnType<typeof bind>, pr: unknown, key: string): string | null {
-  const data: (string | null)[] = [null];
-  const len = [0];
-  return b.lookupValue(pr, key, data, len) === 0 ? data[0] ?? null : null;
+function lookup(b: ReturnType<typeof bind>, pr: Probe, key: string): string | null {
+  const data: [string | null] = [null];
+  const len: [number] = [0];
+  return b.lookupValue(pr, key, data, len) === 0 ? data[0] : null;
 }
 
 /**

@@ -10,7 +10,6 @@ export const MS = {
   MOVE: 0x2000,
   REC: 0x4000,
   PRIVATE: 1 << 18,
-  RELATIME: 1 << 21,
 } as const;
 
 export const MNT_DETACH = 2;

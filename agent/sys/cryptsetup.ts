@@ -1,12 +1,44 @@
-// dm-verity (and later LUKS2) through libcryptsetup: one library for verity superblocks, loop
-// devices for image files, and device-mapper activation.
-import { errnoName, koffi } from "./ffi.ts";
+// dm-verity and LUKS2 through libcryptsetup: one library for verity superblocks, loop devices
+// for image files, LUKS2 keyslots and tokens, and device-mapper activation.
+import { bytesAt, callback, errnoName, load, opaque, type Ptr, struct } from "./ffi.ts";
+
+type CryptDevice = Ptr<"crypt_device">;
+
+/** struct crypt_params_verity, as koffi converts it to and from a JS object. */
+interface CryptParamsVerity {
+  hash_name: string | null;
+  data_device: string | null;
+  hash_device: string | null;
+  fec_device: string | null;
+  salt: Ptr<"salt"> | null;
+  salt_size: number;
+  hash_type: number;
+  data_block_size: number;
+  hash_block_size: number;
+  data_size: number | bigint;
+  hash_area_offset: number | bigint;
+  fec_area_offset: number | bigint;
+  fec_roots: number;
+  flags: number;
+}
+
+/** struct crypt_pbkdf_type. */
+interface CryptPbkdfType {
+  type: string;
+  hash: string;
+  time_ms: number;
+  iterations: number;
+  max_memory_kb: number;
+  parallel_threads: number;
+  flags: number;
+}
 
 // Loaded on first use, so a missing library fails a stage rather than PID 1's startup.
+// `_Out_ crypt_device **` and `_Out_ const char **` take a one-element array koffi fills.
 const bind = () => {
-  const lib = koffi.load("libcryptsetup.so.12");
-  koffi.opaque("crypt_device");
-  koffi.struct("crypt_params_verity", {
+  const lib = load("libcryptsetup.so.12");
+  opaque("crypt_device");
+  struct("crypt_params_verity", {
     hash_name: "const char *",
     data_device: "const char *",
     hash_device: "const char *",
@@ -23,7 +55,7 @@ const bind = () => {
     fec_roots: "uint32_t",
     flags: "uint32_t",
   });
-  koffi.struct("crypt_pbkdf_type", {
+  struct("crypt_pbkdf_type", {
     type: "const char *",
     hash: "const char *",
     time_ms: "uint32_t",
@@ -32,36 +64,51 @@ const bind = () => {
     parallel_threads: "uint32_t",
     flags: "uint32_t",
   });
-  const LogCallback = koffi.proto("void crypt_log_cb(int level, const char *msg, void *usrptr)");
+  // libcryptsetup explains failures in log messages ("Verification failed at position N");
+  // keep them for our one-line errors instead of letting them go to stderr. Declared before
+  // the prototypes below, which name crypt_log_cb.
+  const logCallback = callback<(level: number, msg: string, usrptr: bigint | null) => void>(
+    "void crypt_log_cb(int level, const char *msg, void *usrptr)",
+    (level, msg) => {
+      if (level === CRYPT_LOG_ERROR) messages.push(msg.trim().replace(/\.$/, ""));
+    },
+  );
+  type Cd = CryptDevice;
   const c = {
-    setLogCallback: lib.func("void crypt_set_log_callback(crypt_device *cd, crypt_log_cb *log, void *usrptr)"),
-    initDataDevice: lib.func("int crypt_init_data_device(_Out_ crypt_device **cd, const char *device, const char *data_device)"),
-    load: lib.func("int crypt_load(crypt_device *cd, const char *type, crypt_params_verity *params)"),
-    getVerityInfo: lib.func("int crypt_get_verity_info(crypt_device *cd, _Out_ crypt_params_verity *vp)"),
-    activate: lib.func("int crypt_activate_by_volume_key(crypt_device *cd, const char *name, const uint8_t *key, size_t size, uint32_t flags)"),
-    free: lib.func("void crypt_free(crypt_device *cd)"),
-    init: lib.func("int crypt_init(_Out_ crypt_device **cd, const char *device)"),
-    loadAny: lib.func("int crypt_load(crypt_device *cd, const char *type, void *params)"),
-    setPbkdf: lib.func("int crypt_set_pbkdf_type(crypt_device *cd, const crypt_pbkdf_type *pbkdf)"),
-    format: lib.func(
+    setLogCallback: lib.fn<(cd: Cd | null, log: Ptr<"callback">, usrptr: null) => void>("void crypt_set_log_callback(crypt_device *cd, crypt_log_cb *log, void *usrptr)"),
+    initDataDevice: lib.fn<(cd: [Cd | null], device: string, dataDevice: string) => number>(
+      "int crypt_init_data_device(_Out_ crypt_device **cd, const char *device, const char *data_device)",
+    ),
+    load: lib.fn<(cd: Cd, type: string, params: Partial<CryptParamsVerity>) => number>("int crypt_load(crypt_device *cd, const char *type, crypt_params_verity *params)"),
+    // Filled in by the call: every member is there afterwards.
+    getVerityInfo: lib.fn<(cd: Cd, vp: Partial<CryptParamsVerity>) => number>("int crypt_get_verity_info(crypt_device *cd, _Out_ crypt_params_verity *vp)"),
+    activate: lib.fn<(cd: Cd, name: string | null, key: Uint8Array, size: number, flags: number) => number>(
+      "int crypt_activate_by_volume_key(crypt_device *cd, const char *name, const uint8_t *key, size_t size, uint32_t flags)",
+    ),
+    free: lib.fn<(cd: Cd) => void>("void crypt_free(crypt_device *cd)"),
+    init: lib.fn<(cd: [Cd | null], device: string) => number>("int crypt_init(_Out_ crypt_device **cd, const char *device)"),
+    loadAny: lib.fn<(cd: Cd, type: string, params: null) => number>("int crypt_load(crypt_device *cd, const char *type, void *params)"),
+    setPbkdf: lib.fn<(cd: Cd, pbkdf: CryptPbkdfType) => number>("int crypt_set_pbkdf_type(crypt_device *cd, const crypt_pbkdf_type *pbkdf)"),
+    format: lib.fn<(cd: Cd, type: string, cipher: string, mode: string, uuid: null, key: null, keySize: number, params: null) => number>(
       "int crypt_format(crypt_device *cd, const char *type, const char *cipher, const char *mode, const char *uuid, const uint8_t *key, size_t key_size, void *params)",
     ),
-    addByVolumeKey: lib.func("int crypt_keyslot_add_by_volume_key(crypt_device *cd, int slot, const uint8_t *key, size_t key_size, const uint8_t *pass, size_t pass_size)"),
-    addByPassphrase: lib.func("int crypt_keyslot_add_by_passphrase(crypt_device *cd, int slot, const uint8_t *pass, size_t pass_size, const uint8_t *new_pass, size_t new_size)"),
-    destroySlot: lib.func("int crypt_keyslot_destroy(crypt_device *cd, int slot)"),
-    activateByPassphrase: lib.func("int crypt_activate_by_passphrase(crypt_device *cd, const char *name, int slot, const uint8_t *pass, size_t size, uint32_t flags)"),
-    getUuid: lib.func("const char *crypt_get_uuid(crypt_device *cd)"),
-    initByName: lib.func("int crypt_init_by_name(_Out_ crypt_device **cd, const char *name)"),
-    deactivate: lib.func("int crypt_deactivate(crypt_device *cd, const char *name)"),
-    tokenStatus: lib.func("int crypt_token_status(crypt_device *cd, int token, _Out_ const char **type)"),
-    tokenJsonGet: lib.func("int crypt_token_json_get(crypt_device *cd, int token, _Out_ const char **json)"),
-    tokenJsonSet: lib.func("int crypt_token_json_set(crypt_device *cd, int token, const char *json)"),
+    addByVolumeKey: lib.fn<(cd: Cd, slot: number, key: null, keySize: number, pass: Uint8Array, passSize: number) => number>(
+      "int crypt_keyslot_add_by_volume_key(crypt_device *cd, int slot, const uint8_t *key, size_t key_size, const uint8_t *pass, size_t pass_size)",
+    ),
+    addByPassphrase: lib.fn<(cd: Cd, slot: number, pass: Uint8Array, passSize: number, newPass: Uint8Array, newSize: number) => number>(
+      "int crypt_keyslot_add_by_passphrase(crypt_device *cd, int slot, const uint8_t *pass, size_t pass_size, const uint8_t *new_pass, size_t new_size)",
+    ),
+    destroySlot: lib.fn<(cd: Cd, slot: number) => number>("int crypt_keyslot_destroy(crypt_device *cd, int slot)"),
+    activateByPassphrase: lib.fn<(cd: Cd, name: string | null, slot: number, pass: Uint8Array, size: number, flags: number) => number>(
+      "int crypt_activate_by_passphrase(crypt_device *cd, const char *name, int slot, const uint8_t *pass, size_t size, uint32_t flags)",
+    ),
+    initByName: lib.fn<(cd: [Cd | null], name: string) => number>("int crypt_init_by_name(_Out_ crypt_device **cd, const char *name)"),
+    deactivate: lib.fn<(cd: Cd, name: string) => number>("int crypt_deactivate(crypt_device *cd, const char *name)"),
+    tokenStatus: lib.fn<(cd: Cd, token: number, type: [string | null]) => number>("int crypt_token_status(crypt_device *cd, int token, _Out_ const char **type)"),
+    tokenJsonGet: lib.fn<(cd: Cd, token: number, json: [string | null]) => number>("int crypt_token_json_get(crypt_device *cd, int token, _Out_ const char **json)"),
+    // A null JSON removes the token.
+    tokenJsonSet: lib.fn<(cd: Cd, token: number, json: string | null) => number>("int crypt_token_json_set(crypt_device *cd, int token, const char *json)"),
   };
-  // libcryptsetup explains failures in log messages ("Verification failed at position N");
-  // keep them for our one-line errors instead of letting them go to stderr.
-  const logCallback = koffi.register((level: number, msg: string) => {
-    if (level === CRYPT_LOG_ERROR) messages.push(msg.trim().replace(/\.$/, ""));
-  }, koffi.pointer(LogCallback));
   c.setLogCallback(null, logCallback, null);
   return c;
 };
@@ -128,12 +175,12 @@ export function verityMismatch(superblock: VerityParams, pinned: VerityParams): 
 }
 
 /** The parameters libcryptsetup loaded from the superblock (crypt_get_verity_info). */
-function loadedParams(cd: unknown): VerityParams {
-  const v: Record<string, unknown> = {};
-  const r = cryptsetup().getVerityInfo(cd, v) as number;
+function loadedParams(cd: CryptDevice): VerityParams {
+  const v: Partial<CryptParamsVerity> = {};
+  const r = cryptsetup().getVerityInfo(cd, v);
   if (r < 0) throw new VerityError(`cannot read the verity parameters (${takeMessages() || errnoName(-r)})`, -r);
   const saltSize = Number(v.salt_size);
-  const salt = saltSize && v.salt ? Buffer.from(koffi.decode(v.salt, "uint8_t", saltSize) as number[]).toString("hex") : "";
+  const salt = saltSize && v.salt ? Buffer.from(bytesAt(v.salt, saltSize)).toString("hex") : "";
   return {
     hashType: Number(v.hash_type),
     hashAlgorithm: String(v.hash_name),
@@ -144,17 +191,17 @@ function loadedParams(cd: unknown): VerityParams {
   };
 }
 
-function withVerity<T>(data: string, hash: string, check: boolean, pinned: VerityParams | undefined, fn: (cd: unknown) => T): T {
+function withVerity<T>(data: string, hash: string, check: boolean, pinned: VerityParams | undefined, fn: (cd: CryptDevice) => T): T {
   const c = cryptsetup();
-  const out: unknown[] = [null];
+  const out: [CryptDevice | null] = [null];
   takeMessages();
-  let r = c.initDataDevice(out, hash, data) as number;
+  let r = c.initDataDevice(out, hash, data);
   if (r < 0) throw new VerityError(`cannot open ${hash} / ${data}: ${takeMessages() || errnoName(-r)}`, -r);
-  const cd = out[0];
+  const cd = out[0]!; // set when the call succeeds
   try {
     // CHECK_HASH makes activation read and hash every data block first: a flipped byte
     // anywhere is caught before anything is mounted, not on some later read.
-    r = c.load(cd, CRYPT_VERITY, { hash_area_offset: 0, flags: check ? CRYPT_VERITY_CHECK_HASH : 0 }) as number;
+    r = c.load(cd, CRYPT_VERITY, { hash_area_offset: 0, flags: check ? CRYPT_VERITY_CHECK_HASH : 0 });
     if (r < 0) throw new VerityError(`${hash}: no valid verity superblock (${takeMessages() || errnoName(-r)})`, -r);
     // The superblock is unsigned: it must say what the signed config pins, before any of its
     // parameters are used (and before the slow full check reads every block).
@@ -166,7 +213,10 @@ function withVerity<T>(data: string, hash: string, check: boolean, pinned: Verit
   }
 }
 
-/** What the superblock of `hash` says (for the build's checks and for tests). */
+/**
+ * What the superblock of `hash` says. The agent does not need it (withVerity compares while
+ * opening); tests compare what the build pinned with it.
+ */
 export function veritySuperblock(data: string, hash: string): VerityParams {
   return withVerity(data, hash, false, undefined, loadedParams);
 }
@@ -174,12 +224,13 @@ export function veritySuperblock(data: string, hash: string): VerityParams {
 /**
  * Verifies every block of `data` against the hash tree in `hash` and `rootHash`, in userspace
  * (no device-mapper needed), after checking the superblock against `pinned` when given. Throws
- * VerityError when anything does not match.
+ * VerityError when anything does not match. Boot opens images with verityOpen; this twin runs
+ * the same code on a host without device-mapper, which is where the unit tests run it.
  */
 export function verityVerify(data: string, hash: string, rootHash: string, pinned?: VerityParams): void {
   const key = rootHashBytes(rootHash);
   withVerity(data, hash, true, pinned, (cd) => {
-    const r = cryptsetup().activate(cd, null, key, key.length, 0) as number;
+    const r = cryptsetup().activate(cd, null, key, key.length, 0);
     if (r < 0) throw new VerityError(takeMessages() || `does not match the root hash (${errnoName(-r)})`, -r);
   });
 }
@@ -192,7 +243,7 @@ export function verityVerify(data: string, hash: string, rootHash: string, pinne
 export function verityOpen(name: string, data: string, hash: string, rootHash: string, check: boolean, pinned?: VerityParams): string {
   const key = rootHashBytes(rootHash);
   return withVerity(data, hash, check, pinned, (cd) => {
-    const r = cryptsetup().activate(cd, name, key, key.length, CRYPT_ACTIVATE_READONLY) as number;
+    const r = cryptsetup().activate(cd, name, key, key.length, CRYPT_ACTIVATE_READONLY);
     if (r < 0) throw new VerityError(takeMessages() || `does not match the root hash (${errnoName(-r)})`, -r);
     return `/dev/mapper/${name}`;
   });
@@ -237,16 +288,16 @@ function luksFail(what: string, r: number): never {
   throw new LuksError(`${what}: ${takeMessages() || errnoName(-r)}`, -r);
 }
 
-function withLuks<T>(device: string, fn: (cd: unknown, c: ReturnType<typeof bind>) => T, load = true): T {
+function withLuks<T>(device: string, fn: (cd: CryptDevice, c: ReturnType<typeof bind>) => T, load = true): T {
   const c = cryptsetup();
   takeMessages();
-  const out: unknown[] = [null];
-  let r = c.init(out, device) as number;
+  const out: [CryptDevice | null] = [null];
+  let r = c.init(out, device);
   if (r < 0) luksFail(`cannot open ${device}`, r);
-  const cd = out[0];
+  const cd = out[0]!; // set when the call succeeds
   try {
     if (load) {
-      r = c.loadAny(cd, "LUKS2", null) as number;
+      r = c.loadAny(cd, "LUKS2", null);
       if (r < 0) luksFail(`${device}: not a LUKS2 volume`, r);
     }
     return fn(cd, c);
@@ -255,7 +306,7 @@ function withLuks<T>(device: string, fn: (cd: unknown, c: ReturnType<typeof bind
   }
 }
 
-function setKdf(c: ReturnType<typeof bind>, cd: unknown, kdf: Kdf): void {
+function setKdf(c: ReturnType<typeof bind>, cd: CryptDevice, kdf: Kdf): void {
   const r = c.setPbkdf(cd, {
     type: kdf.type,
     hash: "sha256",
@@ -264,7 +315,7 @@ function setKdf(c: ReturnType<typeof bind>, cd: unknown, kdf: Kdf): void {
     max_memory_kb: kdf.memoryKb ?? 0,
     parallel_threads: kdf.threads ?? 0,
     flags: CRYPT_PBKDF_NO_BENCHMARK,
-  }) as number;
+  });
   if (r < 0) luksFail(`pbkdf ${kdf.type}`, r);
 }
 
@@ -277,9 +328,9 @@ export function luksFormat(device: string, key: Uint8Array, kdf: Kdf): number {
     device,
     (cd, c) => {
       setKdf(c, cd, kdf);
-      let r = c.format(cd, "LUKS2", "aes", "xts-plain64", null, null, 64, null) as number;
+      let r = c.format(cd, "LUKS2", "aes", "xts-plain64", null, null, 64, null);
       if (r < 0) luksFail(`luksFormat ${device}`, r);
-      r = c.addByVolumeKey(cd, CRYPT_ANY_SLOT, null, 0, key, key.length) as number;
+      r = c.addByVolumeKey(cd, CRYPT_ANY_SLOT, null, 0, key, key.length);
       if (r < 0) luksFail(`${device}: add first keyslot`, r);
       return r;
     },
@@ -291,7 +342,7 @@ export function luksFormat(device: string, key: Uint8Array, kdf: Kdf): number {
 export function luksAddKey(device: string, existingKey: Uint8Array, newKey: Uint8Array, kdf: Kdf): number {
   return withLuks(device, (cd, c) => {
     setKdf(c, cd, kdf);
-    const r = c.addByPassphrase(cd, CRYPT_ANY_SLOT, existingKey, existingKey.length, newKey, newKey.length) as number;
+    const r = c.addByPassphrase(cd, CRYPT_ANY_SLOT, existingKey, existingKey.length, newKey, newKey.length);
     if (r < 0) luksFail(`${device}: add keyslot`, r);
     return r;
   });
@@ -299,15 +350,18 @@ export function luksAddKey(device: string, existingKey: Uint8Array, newKey: Uint
 
 export function luksDestroySlot(device: string, slot: number): void {
   withLuks(device, (cd, c) => {
-    const r = c.destroySlot(cd, slot) as number;
+    const r = c.destroySlot(cd, slot);
     if (r < 0) luksFail(`${device}: destroy keyslot ${slot}`, r);
   });
 }
 
-/** Which keyslot `key` opens (no device-mapper needed); throws when none does. */
+/**
+ * Which keyslot `key` opens (no device-mapper needed); throws when none does. Boot uses
+ * luksOpen; this twin lets tests check keyslots on a host without device-mapper.
+ */
 export function luksCheckKey(device: string, key: Uint8Array): number {
   return withLuks(device, (cd, c) => {
-    const r = c.activateByPassphrase(cd, null, CRYPT_ANY_SLOT, key, key.length, 0) as number;
+    const r = c.activateByPassphrase(cd, null, CRYPT_ANY_SLOT, key, key.length, 0);
     if (r < 0) luksFail(`${device}: no keyslot opens with this key`, r);
     return r;
   });
@@ -316,14 +370,10 @@ export function luksCheckKey(device: string, key: Uint8Array): number {
 /** Opens the volume as /dev/mapper/<name>; returns the path and the keyslot that matched. */
 export function luksOpen(device: string, name: string, key: Uint8Array, flags: number, slot = CRYPT_ANY_SLOT): { path: string; slot: number } {
   return withLuks(device, (cd, c) => {
-    const r = c.activateByPassphrase(cd, name, slot, key, key.length, flags) as number;
+    const r = c.activateByPassphrase(cd, name, slot, key, key.length, flags);
     if (r < 0) luksFail(`${device}: cannot unlock`, r);
     return { path: `/dev/mapper/${name}`, slot: r };
   });
-}
-
-export function luksUuid(device: string): string {
-  return withLuks(device, (cd, c) => String(c.getUuid(cd)));
 }
 
 /** LUKS2 has 32 token slots (LUKS2_TOKENS_MAX). */
@@ -337,10 +387,10 @@ export function luksTokens(device: string): { id: number; json: string }[] {
   return withLuks(device, (cd, c) => {
     const out: { id: number; json: string }[] = [];
     for (let id = 0; id < LUKS2_TOKENS_MAX; id++) {
-      const type: (string | null)[] = [null];
-      if ((c.tokenStatus(cd, id, type) as number) <= CRYPT_TOKEN_INACTIVE) continue;
-      const json: (string | null)[] = [null];
-      const r = c.tokenJsonGet(cd, id, json) as number;
+      const type: [string | null] = [null];
+      if (c.tokenStatus(cd, id, type) <= CRYPT_TOKEN_INACTIVE) continue;
+      const json: [string | null] = [null];
+      const r = c.tokenJsonGet(cd, id, json);
       if (r < 0) luksFail(`${device}: read token ${id}`, r);
       out.push({ id, json: String(json[0]) });
     }
@@ -355,7 +405,7 @@ export function luksTokens(device: string): { id: number; json: string }[] {
  */
 export function luksSetToken(device: string, json: string, id = CRYPT_ANY_TOKEN): number {
   return withLuks(device, (cd, c) => {
-    const r = c.tokenJsonSet(cd, id, json) as number;
+    const r = c.tokenJsonSet(cd, id, json);
     if (r < 0) luksFail(`${device}: write token`, r);
     return r;
   });
@@ -363,7 +413,7 @@ export function luksSetToken(device: string, json: string, id = CRYPT_ANY_TOKEN)
 
 export function luksRemoveToken(device: string, id: number): void {
   withLuks(device, (cd, c) => {
-    const r = c.tokenJsonSet(cd, id, null) as number;
+    const r = c.tokenJsonSet(cd, id, null);
     if (r < 0) luksFail(`${device}: remove token ${id}`, r);
   });
 }
@@ -372,13 +422,14 @@ export function luksRemoveToken(device: string, id: number): void {
 export function luksClose(name: string): void {
   const c = cryptsetup();
   takeMessages();
-  const out: unknown[] = [null];
-  let r = c.initByName(out, name) as number;
+  const out: [CryptDevice | null] = [null];
+  let r = c.initByName(out, name);
   if (r < 0) luksFail(`no active volume ${name}`, r);
+  const cd = out[0]!; // set when the call succeeds
   try {
-    r = c.deactivate(out[0], name) as number;
+    r = c.deactivate(cd, name);
     if (r < 0) luksFail(`close ${name}`, r);
   } finally {
-    c.free(out[0]);
+    c.free(cd);
   }
 }

@@ -1,28 +1,34 @@
 // Kernel module loading through libkmod: it reads modules.dep/alias from /lib/modules/<release>,
 // resolves dependencies and aliases, and inserts in the right order.
-import { errnoName, koffi } from "./ffi.ts";
+import { errnoName, load, opaque, type Ptr } from "./ffi.ts";
+
+type Ctx = Ptr<"kmod_ctx">;
+type List = Ptr<"kmod_list">;
+type Module = Ptr<"kmod_module">;
 
 // Loaded on first use: a missing library then fails the stage that needs it (and reaches the
 // failure policy) instead of killing PID 1 at startup.
 const bind = () => {
-  const lib = koffi.load("libkmod.so.2");
-  koffi.opaque("kmod_ctx");
-  koffi.opaque("kmod_list");
-  koffi.opaque("kmod_module");
+  const lib = load("libkmod.so.2");
+  opaque("kmod_ctx");
+  opaque("kmod_list");
+  opaque("kmod_module");
   return {
-    new: lib.func("kmod_ctx *kmod_new(const char *dirname, const char **config_paths)"),
-    loadResources: lib.func("int kmod_load_resources(kmod_ctx *ctx)"),
-    lookup: lib.func("int kmod_module_new_from_lookup(kmod_ctx *ctx, const char *alias, _Out_ kmod_list **list)"),
-    listNext: lib.func("kmod_list *kmod_list_next(const kmod_list *list, const kmod_list *curr)"),
-    getModule: lib.func("kmod_module *kmod_module_get_module(const kmod_list *entry)"),
-    getName: lib.func("const char *kmod_module_get_name(const kmod_module *mod)"),
-    probe: lib.func(
+    new: lib.fn<(dirname: string | null, configPaths: [null]) => Ctx | null>("kmod_ctx *kmod_new(const char *dirname, const char **config_paths)"),
+    loadResources: lib.fn<(ctx: Ctx) => number>("int kmod_load_resources(kmod_ctx *ctx)"),
+    lookup: lib.fn<(ctx: Ctx, alias: string, list: [List | null]) => number>("int kmod_module_new_from_lookup(kmod_ctx *ctx, const char *alias, _Out_ kmod_list **list)"),
+    // NULL for the end of the list (libkmod also answers NULL when given NULL).
+    listNext: lib.fn<(list: List | null, curr: List) => List | null>("kmod_list *kmod_list_next(const kmod_list *list, const kmod_list *curr)"),
+    // A new reference to the entry's module (NULL only for a NULL entry).
+    getModule: lib.fn<(entry: List) => Module>("kmod_module *kmod_module_get_module(const kmod_list *entry)"),
+    getName: lib.fn<(mod: Module) => string>("const char *kmod_module_get_name(const kmod_module *mod)"),
+    probe: lib.fn<(mod: Module, flags: number, extraOptions: null, runInstall: null, data: null, printAction: null) => number>(
       "int kmod_module_probe_insert_module(kmod_module *mod, unsigned int flags, const char *extra_options, void *run_install, void *data, void *print_action)",
     ),
-    unref: lib.func("kmod_module *kmod_module_unref(kmod_module *mod)"),
-    unrefList: lib.func("int kmod_module_unref_list(kmod_list *list)"),
-    unrefCtx: lib.func("kmod_ctx *kmod_unref(kmod_ctx *ctx)"),
-    getDependencies: lib.func("kmod_list *kmod_module_get_dependencies(const kmod_module *mod)"),
+    unref: lib.fn<(mod: Module) => Module | null>("kmod_module *kmod_module_unref(kmod_module *mod)"),
+    unrefList: lib.fn<(list: List) => number>("int kmod_module_unref_list(kmod_list *list)"),
+    unrefCtx: lib.fn<(ctx: Ctx) => Ctx | null>("kmod_ctx *kmod_unref(kmod_ctx *ctx)"),
+    getDependencies: lib.fn<(mod: Module) => List | null>("kmod_list *kmod_module_get_dependencies(const kmod_module *mod)"),
   };
 };
 let api: ReturnType<typeof bind> | undefined;
@@ -34,7 +40,7 @@ const KMOD_PROBE_APPLY_BLACKLIST = 0x20000;
 const EEXIST = 17;
 
 // kmod_ctx is created once; it caches the index files until reset.
-let ctx: unknown;
+let ctx: Ctx | null | undefined;
 
 /** Forgets the cached indexes: needed after another modules tree is mounted over /lib/modules. */
 export function resetModuleIndex(): void {
@@ -42,7 +48,7 @@ export function resetModuleIndex(): void {
   ctx = undefined;
 }
 
-function context(): unknown {
+function context(): Ctx {
   const k = kmod();
   if (!ctx) {
     // null config paths: no /etc/modprobe.d is read, so options come only from the initrd build.
@@ -67,7 +73,7 @@ export interface LoadResult {
 export function loadModule(nameOrAlias: string): LoadResult {
   const k = kmod();
   const c = context();
-  const out: unknown[] = [null];
+  const out: [List | null] = [null];
   const r = k.lookup(c, nameOrAlias, out);
   if (r < 0) throw new Error(`kmod lookup ${nameOrAlias}: error ${-r}`);
   const list = out[0];
@@ -76,7 +82,7 @@ export function loadModule(nameOrAlias: string): LoadResult {
   try {
     for (let e = list; e; e = k.listNext(list, e)) {
       const mod = k.getModule(e);
-      const name = k.getName(mod) as string;
+      const name = k.getName(mod);
       try {
         matched.push(name);
         const err = k.probe(mod, KMOD_PROBE_IGNORE_COMMAND | KMOD_PROBE_APPLY_BLACKLIST | KMOD_PROBE_FAIL_ON_LOADED, null, null, null, null);
@@ -95,15 +101,16 @@ export function loadModule(nameOrAlias: string): LoadResult {
 
 /**
  * The names of `name` and everything it depends on, transitively, as libkmod resolves them from
- * the module tree in `dirname` (default: the running kernel's). Nothing is loaded.
+ * the module tree in `dirname` (default: the running kernel's). Nothing is loaded. The agent
+ * does not call it: tests check the build's own closure (initrd/kmods.ts) against libkmod with it.
  */
 export function dependencyClosure(name: string, dirname: string | null = null): string[] {
   const k = kmod();
   const c = k.new(dirname, [null]);
   if (!c) throw new Error(`kmod_new(${dirname}) failed`);
   const seen = new Set<string>();
-  const visit = (mod: unknown) => {
-    const n = k.getName(mod) as string;
+  const visit = (mod: Module) => {
+    const n = k.getName(mod);
     if (seen.has(n)) return;
     seen.add(n);
     const deps = k.getDependencies(mod);
@@ -115,10 +122,11 @@ export function dependencyClosure(name: string, dirname: string | null = null): 
     if (deps) k.unrefList(deps);
   };
   try {
-    const out: unknown[] = [null];
-    if (k.lookup(c, name, out) < 0 || !out[0]) throw new Error(`kmod: no module ${name} in ${dirname}`);
+    const out: [List | null] = [null];
+    const r = k.lookup(c, name, out);
     const list = out[0];
-    for (let e = list; e; e = k.listNext(list, e)) {
+    if (r < 0 || !list) throw new Error(`kmod: no module ${name} in ${dirname}`);
+    for (let e: List | null = list; e; e = k.listNext(list, e)) {
       const m = k.getModule(e);
       visit(m);
       k.unref(m);

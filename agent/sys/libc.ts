@@ -1,47 +1,54 @@
 // Thin bindings to the libc calls the agent needs as PID 1. Each wrapper throws a SysError
 // naming the call and its arguments; nothing here decides policy.
 import { closeSync, openSync, read, writeSync } from "node:fs";
-import { check, koffi, SysError } from "./ffi.ts";
+import { check, type CLong, errno, load, type Library, type Ptr, SysError, type VarArgs } from "./ffi.ts";
 
 export { FS_MAGIC, MNT_DETACH, MS, RB } from "./consts.ts";
 
-const libc = koffi.load("libc.so.6");
+const libc = load("libc.so.6");
 
+// `_Out_ int *` takes a one-element array koffi writes back into; fixed-size C buffers
+// (struct statfs, termios, sockaddr) are Uint8Arrays the caller lays out.
 const c = {
-  mount: libc.func("int mount(const char *src, const char *target, const char *fstype, unsigned long flags, const char *data)"),
-  umount2: libc.func("int umount2(const char *target, int flags)"),
-  chroot: libc.func("int chroot(const char *path)"),
-  chdir: libc.func("int chdir(const char *path)"),
-  syscall: libc.func("long syscall(long number, ...)"),
-  statfs: libc.func("int statfs(const char *path, _Out_ uint8_t *buf)"),
-  reboot: libc.func("int reboot(int cmd)"),
-  sync: libc.func("void sync(void)"),
-  wait4: libc.func("int wait4(int pid, _Out_ int *status, int options, void *rusage)"),
-  kill: libc.func("int kill(int pid, int sig)"),
-  unshare: libc.func("int unshare(int flags)"),
-  execve: libc.func("int execve(const char *path, const char **argv, const char **envp)"),
-  sigprocmask: libc.func("int sigprocmask(int how, const uint8_t *set, void *old)"),
-  signal: libc.func("void *signal(int sig, void *handler)"),
-  getpid: libc.func("int getpid(void)"),
-  pipe2: libc.func("int pipe2(_Out_ int *fds, int flags)"),
-  socket: libc.func("int socket(int domain, int type, int protocol)"),
-  bind: libc.func("int bind(int fd, const uint8_t *addr, uint32_t len)"),
-  recv: libc.func("long recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)"),
-  send: libc.func("long send(int fd, const uint8_t *buf, size_t len, int flags)"),
-  sendto: libc.func("long sendto(int fd, const uint8_t *buf, size_t len, int flags, const uint8_t *addr, uint32_t alen)"),
-  setsockopt: libc.func("int setsockopt(int fd, int level, int name, const uint8_t *value, uint32_t len)"),
-  close: libc.func("int close(int fd)"),
-  ifNameToIndex: libc.func("unsigned int if_nametoindex(const char *name)"),
-  ioctl: libc.func("int ioctl(int fd, unsigned long request, ...)"),
-  tcgetattr: libc.func("int tcgetattr(int fd, _Out_ uint8_t *termios)"),
-  tcsetattr: libc.func("int tcsetattr(int fd, int when, const uint8_t *termios)"),
+  mount: libc.fn<(src: string | null, target: string, fstype: string | null, flags: number, data: string | null) => number>(
+    "int mount(const char *src, const char *target, const char *fstype, unsigned long flags, const char *data)",
+  ),
+  umount2: libc.fn<(target: string, flags: number) => number>("int umount2(const char *target, int flags)"),
+  chroot: libc.fn<(path: string) => number>("int chroot(const char *path)"),
+  chdir: libc.fn<(path: string) => number>("int chdir(const char *path)"),
+  syscall: libc.fn<(number: number, ...args: VarArgs) => CLong>("long syscall(long number, ...)"),
+  statfs: libc.fn<(path: string, buf: Uint8Array) => number>("int statfs(const char *path, _Out_ uint8_t *buf)"),
+  reboot: libc.fn<(cmd: number) => number>("int reboot(int cmd)"),
+  sync: libc.fn<() => void>("void sync(void)"),
+  wait4: libc.fn<(pid: number, status: [number], options: number, rusage: null) => number>("int wait4(int pid, _Out_ int *status, int options, void *rusage)"),
+  kill: libc.fn<(pid: number, sig: number) => number>("int kill(int pid, int sig)"),
+  unshare: libc.fn<(flags: number) => number>("int unshare(int flags)"),
+  execve: libc.fn<(path: string, argv: (string | null)[], envp: (string | null)[]) => number>("int execve(const char *path, const char **argv, const char **envp)"),
+  sigprocmask: libc.fn<(how: number, set: Uint8Array, old: null) => number>("int sigprocmask(int how, const uint8_t *set, void *old)"),
+  signal: libc.fn<(sig: number, handler: null) => Ptr<"sighandler"> | null>("void *signal(int sig, void *handler)"),
+  getpid: libc.fn<() => number>("int getpid(void)"),
+  pipe2: libc.fn<(fds: Int32Array, flags: number) => number>("int pipe2(_Out_ int *fds, int flags)"),
+  socket: libc.fn<(domain: number, type: number, protocol: number) => number>("int socket(int domain, int type, int protocol)"),
+  bind: libc.fn<(fd: number, addr: Uint8Array, len: number) => number>("int bind(int fd, const uint8_t *addr, uint32_t len)"),
+  recv: libc.fn<(fd: number, buf: Uint8Array, len: number, flags: number) => CLong>("long recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)"),
+  send: libc.fn<(fd: number, buf: Uint8Array, len: number, flags: number) => CLong>("long send(int fd, const uint8_t *buf, size_t len, int flags)"),
+  sendto: libc.fn<(fd: number, buf: Uint8Array, len: number, flags: number, addr: Uint8Array, alen: number) => CLong>(
+    "long sendto(int fd, const uint8_t *buf, size_t len, int flags, const uint8_t *addr, uint32_t alen)",
+  ),
+  setsockopt: libc.fn<(fd: number, level: number, name: number, value: Uint8Array, len: number) => number>(
+    "int setsockopt(int fd, int level, int name, const uint8_t *value, uint32_t len)",
+  ),
+  close: libc.fn<(fd: number) => number>("int close(int fd)"),
+  ifNameToIndex: libc.fn<(name: string) => number>("unsigned int if_nametoindex(const char *name)"),
+  ioctl: libc.fn<(fd: number, request: number, ...args: VarArgs) => number>("int ioctl(int fd, unsigned long request, ...)"),
+  tcgetattr: libc.fn<(fd: number, termios: Uint8Array) => number>("int tcgetattr(int fd, _Out_ uint8_t *termios)"),
+  tcsetattr: libc.fn<(fd: number, when: number, termios: Uint8Array) => number>("int tcsetattr(int fd, int when, const uint8_t *termios)"),
 };
 
 /** The raw calls, for the socket modules next door (netlink, udp) that build on them. */
 export const libcCalls = c;
 
 const SYS_pivot_root = 155;
-const SYS_finit_module = 313;
 const SYS_openat2 = 437;
 const SYS_memfd_create = 319;
 const WNOHANG = 1;
@@ -78,10 +85,6 @@ export function chdir(path: string): void {
 
 export function pivotRoot(newRoot: string, putOld: string): void {
   check("pivot_root", [newRoot, putOld], Number(c.syscall(SYS_pivot_root, "const char *", newRoot, "const char *", putOld)));
-}
-
-export function finitModule(fd: number, params: string): void {
-  check("finit_module", [fd, params], Number(c.syscall(SYS_finit_module, "int", fd, "const char *", params, "int", 0)));
 }
 
 export const O_PATH = 0o10000000;
@@ -143,13 +146,13 @@ export function getpid(): number {
 
 /** Reaps `pid` if it has exited; returns true when it was reaped. */
 export function reapIfExited(pid: number): boolean {
-  const status = [0];
+  const status: [number] = [0];
   const r = c.wait4(pid, status, WNOHANG, null);
   if (r < 0) return false; // ECHILD: not ours, or already reaped by someone else
   return r === pid;
 }
 
-const loaded: ReturnType<typeof koffi.load>[] = [];
+const loaded: Library[] = [];
 
 /** A close-on-exec pipe: [readFd, writeFd]. */
 export function pipe(): [number, number] {
@@ -167,10 +170,11 @@ export function pipe(): [number, number] {
 export function relaySignal(sig: number, sigrelayLib: string): number {
   // Kept for the life of the process: if the handle were collected, koffi could unload the
   // library and the installed handler would point into unmapped memory.
-  loaded.push(koffi.load(sigrelayLib));
-  const relay = loaded.at(-1)!.func("int initos_relay_signal(int sig, int fd)");
+  const lib = load(sigrelayLib);
+  loaded.push(lib);
+  const relay = lib.fn<(sig: number, fd: number) => number>("int initos_relay_signal(int sig, int fd)");
   const [r, w] = pipe();
-  const err = relay(sig, w) as number;
+  const err = relay(sig, w);
   if (err < 0) throw new SysError("initos_relay_signal", [sig], -err);
   return r;
 }
@@ -261,7 +265,7 @@ export function execve(path: string, argv: readonly string[], envp: readonly str
   c.sigprocmask(SIG_SETMASK, new Uint8Array(128), null);
   c.signal(SIGPIPE, null);
   c.execve(path, [...argv, null], [...envp, null]);
-  throw new SysError("execve", [path, ...argv], koffi.errno());
+  throw new SysError("execve", [path, ...argv], errno());
 }
 
 /**
@@ -313,7 +317,7 @@ export function readConsoleLine(prompt: string, echo: boolean): Promise<string |
 
 // prctl(2) is variadic in glibc's header; declared so, koffi passes the extra arguments the way
 // a C caller would.
-const prctl = libc.func("int prctl(int option, ...)");
+const prctl = libc.fn<(option: number, ...args: VarArgs) => number>("int prctl(int option, ...)");
 const PR_GET_DUMPABLE = 3;
 const PR_SET_DUMPABLE = 4;
 
@@ -327,5 +331,5 @@ export function setDumpable(on: boolean): void {
 }
 
 export function getDumpable(): boolean {
-  return check("prctl", ["PR_GET_DUMPABLE"], prctl(PR_GET_DUMPABLE) as number) === 1;
+  return check("prctl", ["PR_GET_DUMPABLE"], prctl(PR_GET_DUMPABLE)) === 1;
 }

@@ -1,6 +1,6 @@
 // rtnetlink, the kernel's interface for links, addresses and routes: message encoding (pure,
 // tested against known byte layouts) and a small request/ack client over koffi.
-import { check, koffi, SysError } from "./ffi.ts";
+import { check, errno, SysError } from "./ffi.ts";
 import { libcCalls } from "./libc.ts";
 
 export const RTM = { NEWLINK: 16, NEWADDR: 20, NEWROUTE: 24 } as const;
@@ -88,8 +88,8 @@ export function ackErrno(msg: Uint8Array, seq: number): number | null {
 const c = () => libcCalls;
 
 export function ifIndex(name: string): number {
-  const i = c().ifNameToIndex(name) as number;
-  if (i === 0) throw new SysError("if_nametoindex", [name], koffi.errno());
+  const i = c().ifNameToIndex(name);
+  if (i === 0) throw new SysError("if_nametoindex", [name], errno());
   return i;
 }
 

@@ -8,7 +8,7 @@
 // Esys_Free. So the ABI surface is functions over opaque pointers, and everything at this
 // module's boundary is a Uint8Array in wire format — the same bytes systemd stores in tokens.
 import { createHash } from "node:crypto";
-import { koffi } from "./ffi.ts";
+import { load, type Ptr, view } from "./ffi.ts";
 
 // ---- constants (TPM 2.0 Part 2, tss2_esys.h) ---------------------------------------------
 
@@ -142,106 +142,166 @@ export class TpmError extends Error {
 // Loaded on first use, so a missing library fails the unlock stage rather than PID 1's startup.
 // C typedefs as they are in tss2 3.2.1: ESYS_TR/TSS2_RC/TPM2_HANDLE uint32_t, TPM2_SE and
 // TPMA_SESSION uint8_t, TPMI_ALG_HASH uint16_t. Struct arguments are `void *` (see the top).
+
+type EsysContext = Ptr<"ESYS_CONTEXT">;
+type TctiContext = Ptr<"TSS2_TCTI_CONTEXT">;
+/** A struct ESYS allocated and handed to us: ours to Esys_Free. */
+type EsysAlloc = Ptr<"esys-allocated">;
+/** A struct argument: our C bytes (toC), one ESYS gave us, or NULL for an optional one. */
+type In = Uint8Array | EsysAlloc | null;
+/** TSS2_RC: 0 for success. */
+type Rc = number;
+/** An `_Out_`/`_Inout_` ESYS_TR or uint32_t: koffi reads and writes element 0. */
+type Handle = [number];
+/** An `_Out_ void **` ESYS fills with a struct it allocated. */
+type Allocated = [EsysAlloc | null];
+
 const bind = () => {
   // ESYS logs every TPM error (an expected policy mismatch too) to stderr, i.e. the console
   // of PID 1; errors reach the caller as TpmError instead. The level is read at first log.
   process.env.TSS2_LOG ??= "all+NONE";
-  const esys = koffi.load("libtss2-esys.so.0");
-  const mu = koffi.load("libtss2-mu.so.0");
-  const rc = koffi.load("libtss2-rc.so.0");
-  const ldr = koffi.load("libtss2-tctildr.so.0");
-  const f = (decl: string) => esys.func(`uint32_t ${decl}`);
-  const S3 = "uint32_t s1, uint32_t s2, uint32_t s3"; // the three optional session handles
+  const esys = load("libtss2-esys.so.0");
+  const mu = load("libtss2-mu.so.0");
+  const rc = load("libtss2-rc.so.0");
+  const ldr = load("libtss2-tctildr.so.0");
+  // The three optional session handles (s1, s2, s3 in the TypeScript signatures too).
+  const S3 = "uint32_t s1, uint32_t s2, uint32_t s3";
   return {
     mu,
-    decode: rc.func("const char *Tss2_RC_Decode(uint32_t rc)") as (rc: number) => string,
-    tctiInit: ldr.func("uint32_t Tss2_TctiLdr_Initialize(const char *conf, _Out_ void **tcti)"),
-    tctiFinalize: ldr.func("void Tss2_TctiLdr_Finalize(_Inout_ void **tcti)"),
-    Esys_Initialize: f("Esys_Initialize(_Out_ void **ctx, void *tcti, void *abi)"),
-    Esys_Finalize: esys.func("void Esys_Finalize(_Inout_ void **ctx)"),
-    Esys_Free: esys.func("void Esys_Free(void *ptr)"),
-    Esys_FlushContext: f("Esys_FlushContext(void *ctx, uint32_t handle)"),
-    Esys_TR_Close: f("Esys_TR_Close(void *ctx, _Inout_ uint32_t *handle)"),
-    Esys_TR_GetName: f("Esys_TR_GetName(void *ctx, uint32_t handle, _Out_ void **name)"),
-    Esys_TR_FromTPMPublic: f(`Esys_TR_FromTPMPublic(void *ctx, uint32_t tpmHandle, ${S3}, _Out_ uint32_t *object)`),
-    Esys_TR_Serialize: f("Esys_TR_Serialize(void *ctx, uint32_t object, _Out_ void **buffer, _Out_ size_t *size)"),
-    Esys_TR_Deserialize: f("Esys_TR_Deserialize(void *ctx, const uint8_t *buffer, size_t size, _Out_ uint32_t *object)"),
-    Esys_TRSess_SetAttributes: f("Esys_TRSess_SetAttributes(void *ctx, uint32_t session, uint8_t flags, uint8_t mask)"),
-    Esys_GetCapability: f(
-      `Esys_GetCapability(void *ctx, ${S3}, uint32_t cap, uint32_t prop, uint32_t count, _Out_ uint8_t *more, _Out_ void **data)`,
+    decode: rc.fn<(rc: Rc) => string>("const char *Tss2_RC_Decode(uint32_t rc)"),
+    tctiInit: ldr.fn<(conf: string, tcti: [TctiContext | null]) => Rc>("uint32_t Tss2_TctiLdr_Initialize(const char *conf, _Out_ void **tcti)"),
+    tctiFinalize: ldr.fn<(tcti: [TctiContext | null]) => void>("void Tss2_TctiLdr_Finalize(_Inout_ void **tcti)"),
+    Esys_Initialize: esys.fn<(ctx: [EsysContext | null], tcti: TctiContext | null, abi: null) => Rc>("uint32_t Esys_Initialize(_Out_ void **ctx, void *tcti, void *abi)"),
+    Esys_Finalize: esys.fn<(ctx: [EsysContext | null]) => void>("void Esys_Finalize(_Inout_ void **ctx)"),
+    Esys_Free: esys.fn<(ptr: EsysAlloc | null) => void>("void Esys_Free(void *ptr)"),
+    Esys_FlushContext: esys.fn<(ctx: EsysContext, handle: number) => Rc>("uint32_t Esys_FlushContext(void *ctx, uint32_t handle)"),
+    Esys_TR_Close: esys.fn<(ctx: EsysContext, handle: Handle) => Rc>("uint32_t Esys_TR_Close(void *ctx, _Inout_ uint32_t *handle)"),
+    Esys_TR_GetName: esys.fn<(ctx: EsysContext, handle: number, name: Allocated) => Rc>("uint32_t Esys_TR_GetName(void *ctx, uint32_t handle, _Out_ void **name)"),
+    Esys_TR_FromTPMPublic: esys.fn<(ctx: EsysContext, tpmHandle: number, s1: number, s2: number, s3: number, object: Handle) => Rc>(
+      `uint32_t Esys_TR_FromTPMPublic(void *ctx, uint32_t tpmHandle, ${S3}, _Out_ uint32_t *object)`,
     ),
-    Esys_PCR_Read: f(`Esys_PCR_Read(void *ctx, ${S3}, const void *sel, _Out_ uint32_t *counter, _Out_ void **selOut, _Out_ void **values)`),
-    Esys_PCR_Extend: f(`Esys_PCR_Extend(void *ctx, uint32_t pcr, ${S3}, const void *digests)`),
-    Esys_CreatePrimary: f(
-      `Esys_CreatePrimary(void *ctx, uint32_t hierarchy, ${S3}, const void *sensitive, const void *pub, const void *outsideInfo, const void *creationPcr, _Out_ uint32_t *object, void *outPublic, void *creationData, void *creationHash, void *creationTicket)`,
+    Esys_TR_Serialize: esys.fn<(ctx: EsysContext, object: number, buffer: Allocated, size: [number]) => Rc>(
+      "uint32_t Esys_TR_Serialize(void *ctx, uint32_t object, _Out_ void **buffer, _Out_ size_t *size)",
     ),
-    Esys_EvictControl: f(`Esys_EvictControl(void *ctx, uint32_t auth, uint32_t object, ${S3}, uint32_t persistent, _Out_ uint32_t *newObject)`),
-    Esys_Create: f(
-      `Esys_Create(void *ctx, uint32_t parent, ${S3}, const void *sensitive, const void *pub, const void *outsideInfo, const void *creationPcr, _Out_ void **outPrivate, _Out_ void **outPublic, void *creationData, void *creationHash, void *creationTicket)`,
+    Esys_TR_Deserialize: esys.fn<(ctx: EsysContext, buffer: Uint8Array, size: number, object: Handle) => Rc>(
+      "uint32_t Esys_TR_Deserialize(void *ctx, const uint8_t *buffer, size_t size, _Out_ uint32_t *object)",
     ),
-    Esys_Load: f(`Esys_Load(void *ctx, uint32_t parent, ${S3}, const void *priv, const void *pub, _Out_ uint32_t *object)`),
+    Esys_TRSess_SetAttributes: esys.fn<(ctx: EsysContext, session: number, flags: number, mask: number) => Rc>(
+      "uint32_t Esys_TRSess_SetAttributes(void *ctx, uint32_t session, uint8_t flags, uint8_t mask)",
+    ),
+    Esys_GetCapability: esys.fn<(ctx: EsysContext, s1: number, s2: number, s3: number, cap: number, prop: number, count: number, more: [number], data: Allocated) => Rc>(
+      `uint32_t Esys_GetCapability(void *ctx, ${S3}, uint32_t cap, uint32_t prop, uint32_t count, _Out_ uint8_t *more, _Out_ void **data)`,
+    ),
+    Esys_PCR_Read: esys.fn<(ctx: EsysContext, s1: number, s2: number, s3: number, sel: In, counter: [number], selOut: Allocated, values: Allocated) => Rc>(
+      `uint32_t Esys_PCR_Read(void *ctx, ${S3}, const void *sel, _Out_ uint32_t *counter, _Out_ void **selOut, _Out_ void **values)`,
+    ),
+    Esys_PCR_Extend: esys.fn<(ctx: EsysContext, pcr: number, s1: number, s2: number, s3: number, digests: In) => Rc>(
+      `uint32_t Esys_PCR_Extend(void *ctx, uint32_t pcr, ${S3}, const void *digests)`,
+    ),
+    Esys_CreatePrimary: esys.fn<
+      (
+        ctx: EsysContext, hierarchy: number, s1: number, s2: number, s3: number, sensitive: In, pub: In, outsideInfo: In, creationPcr: In,
+        object: Handle, outPublic: null, creationData: null, creationHash: null, creationTicket: null,
+      ) => Rc
+    >(
+      `uint32_t Esys_CreatePrimary(void *ctx, uint32_t hierarchy, ${S3}, const void *sensitive, const void *pub, const void *outsideInfo, const void *creationPcr, _Out_ uint32_t *object, void *outPublic, void *creationData, void *creationHash, void *creationTicket)`,
+    ),
+    Esys_EvictControl: esys.fn<(ctx: EsysContext, auth: number, object: number, s1: number, s2: number, s3: number, persistent: number, newObject: Handle) => Rc>(
+      `uint32_t Esys_EvictControl(void *ctx, uint32_t auth, uint32_t object, ${S3}, uint32_t persistent, _Out_ uint32_t *newObject)`,
+    ),
+    Esys_Create: esys.fn<
+      (
+        ctx: EsysContext, parent: number, s1: number, s2: number, s3: number, sensitive: In, pub: In, outsideInfo: In, creationPcr: In,
+        outPrivate: Allocated, outPublic: Allocated, creationData: null, creationHash: null, creationTicket: null,
+      ) => Rc
+    >(
+      `uint32_t Esys_Create(void *ctx, uint32_t parent, ${S3}, const void *sensitive, const void *pub, const void *outsideInfo, const void *creationPcr, _Out_ void **outPrivate, _Out_ void **outPublic, void *creationData, void *creationHash, void *creationTicket)`,
+    ),
+    Esys_Load: esys.fn<(ctx: EsysContext, parent: number, s1: number, s2: number, s3: number, priv: In, pub: In, object: Handle) => Rc>(
+      `uint32_t Esys_Load(void *ctx, uint32_t parent, ${S3}, const void *priv, const void *pub, _Out_ uint32_t *object)`,
+    ),
     // tss2 >= 3.0 takes the hierarchy as an ESYS_TR (ESYS_TR_RH_OWNER), not TPM2_RH_OWNER.
-    Esys_LoadExternal: f(`Esys_LoadExternal(void *ctx, ${S3}, const void *priv, const void *pub, uint32_t hierarchy, _Out_ uint32_t *object)`),
-    Esys_StartAuthSession: f(
-      `Esys_StartAuthSession(void *ctx, uint32_t tpmKey, uint32_t bind, ${S3}, const void *nonceCaller, uint8_t type, const void *symmetric, uint16_t authHash, _Out_ uint32_t *session)`,
+    Esys_LoadExternal: esys.fn<(ctx: EsysContext, s1: number, s2: number, s3: number, priv: In, pub: In, hierarchy: number, object: Handle) => Rc>(
+      `uint32_t Esys_LoadExternal(void *ctx, ${S3}, const void *priv, const void *pub, uint32_t hierarchy, _Out_ uint32_t *object)`,
     ),
-    Esys_PolicyPCR: f(`Esys_PolicyPCR(void *ctx, uint32_t session, ${S3}, const void *pcrDigest, const void *pcrs)`),
-    Esys_VerifySignature: f(`Esys_VerifySignature(void *ctx, uint32_t key, ${S3}, const void *digest, const void *signature, _Out_ void **validation)`),
-    Esys_PolicyAuthorize: f(
-      `Esys_PolicyAuthorize(void *ctx, uint32_t session, ${S3}, const void *approvedPolicy, const void *policyRef, const void *keySign, const void *checkTicket)`,
+    Esys_StartAuthSession: esys.fn<
+      (
+        ctx: EsysContext, tpmKey: number, bind: number, s1: number, s2: number, s3: number, nonceCaller: In, type: number, symmetric: In,
+        authHash: number, session: Handle,
+      ) => Rc
+    >(
+      `uint32_t Esys_StartAuthSession(void *ctx, uint32_t tpmKey, uint32_t bind, ${S3}, const void *nonceCaller, uint8_t type, const void *symmetric, uint16_t authHash, _Out_ uint32_t *session)`,
     ),
-    Esys_Unseal: f(`Esys_Unseal(void *ctx, uint32_t item, ${S3}, _Out_ void **outData)`),
+    Esys_PolicyPCR: esys.fn<(ctx: EsysContext, session: number, s1: number, s2: number, s3: number, pcrDigest: In, pcrs: In) => Rc>(
+      `uint32_t Esys_PolicyPCR(void *ctx, uint32_t session, ${S3}, const void *pcrDigest, const void *pcrs)`,
+    ),
+    Esys_VerifySignature: esys.fn<(ctx: EsysContext, key: number, s1: number, s2: number, s3: number, digest: In, signature: In, validation: Allocated) => Rc>(
+      `uint32_t Esys_VerifySignature(void *ctx, uint32_t key, ${S3}, const void *digest, const void *signature, _Out_ void **validation)`,
+    ),
+    Esys_PolicyAuthorize: esys.fn<
+      (ctx: EsysContext, session: number, s1: number, s2: number, s3: number, approvedPolicy: In, policyRef: In, keySign: In, checkTicket: In) => Rc
+    >(
+      `uint32_t Esys_PolicyAuthorize(void *ctx, uint32_t session, ${S3}, const void *approvedPolicy, const void *policyRef, const void *keySign, const void *checkTicket)`,
+    ),
+    Esys_Unseal: esys.fn<(ctx: EsysContext, item: number, s1: number, s2: number, s3: number, outData: Allocated) => Rc>(
+      `uint32_t Esys_Unseal(void *ctx, uint32_t item, ${S3}, _Out_ void **outData)`,
+    ),
   };
 };
 type Api = ReturnType<typeof bind>;
 let bound: Api | undefined;
 const api = (): Api => (bound ??= bind());
 
-type Fn = (...args: unknown[]) => unknown;
-type EsysCall = { [K in keyof Api]: K extends `Esys_${string}` ? K : never }[keyof Api];
+/** The Esys_ calls that answer a TSS2_RC (not Esys_Finalize and Esys_Free). */
+type EsysCall = { [K in keyof Api]: K extends `Esys_${string}` ? (Api[K] extends (...args: never[]) => Rc ? K : never) : never }[keyof Api];
 
 /** Calls an Esys_ function; a non-zero TSS2_RC becomes a TpmError naming it. */
-function esys(call: EsysCall, ...args: unknown[]): void {
-  const r = (api()[call] as Fn)(...args) as number;
+function esys<K extends EsysCall>(call: K, ...args: Parameters<Api[K]>): void {
+  // tsc cannot see that Api[K] is callable with Parameters<Api[K]> for a generic K.
+  const r = (api()[call] as (...a: Parameters<Api[K]>) => Rc)(...args);
   if (r !== 0) throw new TpmError(call, r >>> 0);
 }
 
-const muFns = new Map<string, Fn>();
-function muFn(type: string, dir: "Marshal" | "Unmarshal"): Fn {
-  const name = `Tss2_MU_${type}_${dir}`;
-  let fn = muFns.get(name);
-  if (!fn) {
-    const decl =
-      dir === "Marshal"
-        ? `uint32_t ${name}(const void *src, uint8_t *buffer, size_t size, _Inout_ size_t *offset)`
-        : `uint32_t ${name}(const uint8_t *buffer, size_t size, _Inout_ size_t *offset, void *dest)`;
-    fn = api().mu.func(decl) as Fn;
-    muFns.set(name, fn);
-  }
+/** Tss2_MU_<TYPE>_Marshal: a C struct -> wire bytes at buffer[offset]. */
+type Marshal = (src: EsysAlloc | null, buffer: Uint8Array, size: number, offset: [number]) => Rc;
+/** Tss2_MU_<TYPE>_Unmarshal: wire bytes from buffer[offset] -> the C struct at dest. */
+type Unmarshal = (buffer: Uint8Array, size: number, offset: [number], dest: Uint8Array) => Rc;
+const marshals = new Map<string, Marshal>();
+const unmarshals = new Map<string, Unmarshal>();
+function marshal(type: string): Marshal {
+  const name = `Tss2_MU_${type}_Marshal`;
+  let fn = marshals.get(name);
+  if (!fn) marshals.set(name, (fn = api().mu.fn<Marshal>(`uint32_t ${name}(const void *src, uint8_t *buffer, size_t size, _Inout_ size_t *offset)`)));
+  return fn;
+}
+function unmarshal(type: string): Unmarshal {
+  const name = `Tss2_MU_${type}_Unmarshal`;
+  let fn = unmarshals.get(name);
+  if (!fn) unmarshals.set(name, (fn = api().mu.fn<Unmarshal>(`uint32_t ${name}(const uint8_t *buffer, size_t size, _Inout_ size_t *offset, void *dest)`)));
   return fn;
 }
 
 /** Wire bytes -> the C struct ESYS wants, in a zeroed buffer larger than any such struct. */
 function toC(type: string, wire: Uint8Array): Buffer {
   const dest = Buffer.alloc(STRUCT_MAX);
-  const off = [0];
-  const r = muFn(type, "Unmarshal")(wire, wire.length, off, dest) as number;
+  const off: [number] = [0];
+  const r = unmarshal(type)(wire, wire.length, off, dest);
   if (r !== 0) throw new TpmError(`Tss2_MU_${type}_Unmarshal`, r >>> 0);
   if (off[0] !== wire.length) throw new TpmError(`Tss2_MU_${type}_Unmarshal`, 0, `${wire.length - (off[0] ?? 0)} bytes left over`);
   return dest;
 }
 
 /** A struct ESYS allocated -> wire bytes; frees it (zeroing `secret` bytes first). */
-function fromC(type: string, ptr: unknown, secret = false): Uint8Array {
+function fromC(type: string, ptr: EsysAlloc | null, secret = false): Uint8Array {
   const buf = Buffer.alloc(STRUCT_MAX);
-  const off = [0];
+  const off: [number] = [0];
   try {
-    const r = muFn(type, "Marshal")(ptr, buf, buf.length, off) as number;
+    const r = marshal(type)(ptr, buf, buf.length, off);
     if (r !== 0) throw new TpmError(`Tss2_MU_${type}_Marshal`, r >>> 0);
     const n = off[0] ?? 0;
     // A TPM2B marshals as its C layout's first bytes (u16 size, then the buffer), so zeroing
     // the marshalled length wipes every secret byte ESYS holds there.
-    if (secret) new Uint8Array(koffi.view(ptr, n)).fill(0);
+    if (secret && ptr) new Uint8Array(view(ptr, n)).fill(0);
     return Uint8Array.from(buf.subarray(0, n));
   } finally {
     if (secret) buf.fill(0);
@@ -388,11 +448,11 @@ class Scope {
 
 class EsysDevice implements TpmDevice {
   constructor(
-    private ctx: unknown,
-    private tcti: unknown,
+    private ctx: EsysContext | null,
+    private tcti: TctiContext | null,
   ) {}
 
-  private get c(): unknown {
+  private get c(): EsysContext {
     if (this.ctx === null) throw new TpmError("TpmDevice", 0, "closed");
     return this.ctx;
   }
@@ -401,20 +461,20 @@ class EsysDevice implements TpmDevice {
     scope.defer(() => esys("Esys_FlushContext", this.c, handle));
   }
 
-  /** An ESYS_TR for a TPM handle; Esys_TR_Close (not Flush: it is persistent) at scope end. */
+  /** Esys_TR_Close of an ESYS_TR at scope end: not Flush, the object it names is persistent. */
   private closeLater(scope: Scope, handle: number): void {
     scope.defer(() => esys("Esys_TR_Close", this.c, [handle]));
   }
 
   private name(handle: number): Uint8Array {
-    const out: unknown[] = [null];
+    const out: Allocated = [null];
     esys("Esys_TR_GetName", this.c, handle, out);
     return new Reader(fromC("TPM2B_NAME", out[0]), "TPM2B_NAME").tpm2b().slice();
   }
 
   private persistentExists(handle: number): boolean {
-    const more = [0];
-    const out: unknown[] = [null];
+    const more: [number] = [0];
+    const out: Allocated = [null];
     esys("Esys_GetCapability", this.c, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, CAP_HANDLES, handle, 1, more, out);
     const r = new Reader(fromC("TPMS_CAPABILITY_DATA", out[0]), "TPMS_CAPABILITY_DATA");
     if (r.u32() !== CAP_HANDLES) return false;
@@ -424,22 +484,23 @@ class EsysDevice implements TpmDevice {
   }
 
   private createPrimary(scope: Scope, template: Uint8Array): number {
-    const out = [0];
+    const out: Handle = [0];
     esys(
       "Esys_CreatePrimary", this.c, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
       toC("TPM2B_SENSITIVE_CREATE", tpm2b(cat(u16(0), u16(0)))), toC("TPM2B_PUBLIC", template),
       toC("TPM2B_DATA", u16(0)), toC("TPML_PCR_SELECTION", u32(0)), out, null, null, null, null,
     );
-    const handle = out[0]!;
+    const handle = out[0];
     this.flush(scope, handle);
     return handle;
   }
 
+  /** An ESYS_TR for the persistent TPM handle `tpmHandle`, closed (not flushed) at scope end. */
   private fromPublic(scope: Scope, tpmHandle: number): number {
-    const out = [0];
+    const out: Handle = [0];
     esys("Esys_TR_FromTPMPublic", this.c, tpmHandle, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, out);
-    this.closeLater(scope, out[0]!);
-    return out[0]!;
+    this.closeLater(scope, out[0]);
+    return out[0];
   }
 
   private primary(scope: Scope, p: Primary, srkSerialized?: Uint8Array): number {
@@ -449,23 +510,23 @@ class EsysDevice implements TpmDevice {
     // The serialized object carries the public key systemd salted against when sealing. Use
     // it (not what the TPM says is there now) as the salt key: a substituted SRK could not
     // decrypt the salt. And refuse outright when the names differ.
-    const out = [0];
+    const out: Handle = [0];
     esys("Esys_TR_Deserialize", this.c, srkSerialized, srkSerialized.length, out);
-    this.closeLater(scope, out[0]!);
-    if (!Buffer.from(this.name(out[0]!)).equals(this.name(present))) {
+    this.closeLater(scope, out[0]);
+    if (!Buffer.from(this.name(out[0])).equals(this.name(present))) {
       throw new TpmError("srk", 0, `0x${SRK_HANDLE.toString(16)} is not the SRK the token was sealed under`);
     }
-    return out[0]!;
+    return out[0];
   }
 
   /** A session salted to `tpmKey` (its secret can only be recovered inside this TPM), unbound, AES-128-CFB. */
   private session(scope: Scope, tpmKey: number, type: number, attributes: number): number {
-    const out = [0];
+    const out: Handle = [0];
     esys(
       "Esys_StartAuthSession", this.c, tpmKey, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
       null, type, toC("TPMT_SYM_DEF", AES128CFB), ALG_SHA256, out,
     );
-    const s = out[0]!;
+    const s = out[0];
     this.flush(scope, s);
     esys("Esys_TRSess_SetAttributes", this.c, s, attributes, 0xff);
     return s;
@@ -481,18 +542,18 @@ class EsysDevice implements TpmDevice {
     this.policyPcr(session, step.pcrs);
     const scope = new Scope();
     try {
-      const key = [0];
+      const key: Handle = [0];
       esys("Esys_LoadExternal", this.c, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, null, toC("TPM2B_PUBLIC", step.publicArea), ESYS_TR_RH_OWNER, key);
-      this.flush(scope, key[0]!);
+      this.flush(scope, key[0]);
       // aHash = SHA256(approvedPolicy || policyRef), policyRef empty: what systemd-measure signs.
-      const ticket: unknown[] = [null];
+      const ticket: Allocated = [null];
       esys(
         "Esys_VerifySignature", this.c, key[0], ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
         toC("TPM2B_DIGEST", tpm2b(sha256(step.approvedPolicy))),
         toC("TPMT_SIGNATURE", cat(u16(ALG_RSASSA), u16(ALG_SHA256), tpm2b(step.signature))), ticket,
       );
       scope.defer(() => api().Esys_Free(ticket[0]));
-      const name: unknown[] = [null];
+      const name: Allocated = [null];
       esys("Esys_TR_GetName", this.c, key[0], name);
       scope.defer(() => api().Esys_Free(name[0]));
       // ESYS-allocated TPM2B_NAME and TPMT_TK_VERIFIED go straight back in.
@@ -511,8 +572,8 @@ class EsysDevice implements TpmDevice {
     let left = [...new Set(pcrs)].sort((a, b) => a - b);
     // The TPM answers at most 8 digests per call and says which ones in pcrSelectionOut.
     while (left.length > 0) {
-      const selOut: unknown[] = [null];
-      const digests: unknown[] = [null];
+      const selOut: Allocated = [null];
+      const digests: Allocated = [null];
       esys("Esys_PCR_Read", this.c, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, toC("TPML_PCR_SELECTION", pcrSelection(left)), [0], selOut, digests);
       const sel = new Reader(fromC("TPML_PCR_SELECTION", selOut[0]), "TPML_PCR_SELECTION");
       const dig = new Reader(fromC("TPML_DIGEST", digests[0]), "TPML_DIGEST");
@@ -545,17 +606,18 @@ class EsysDevice implements TpmDevice {
       const created = !this.persistentExists(SRK_HANDLE);
       if (created) {
         const transient = this.createPrimary(scope, eccPrimaryTemplate(SRK_ATTRS));
-        const out = [0];
+        const out: Handle = [0];
         esys("Esys_EvictControl", this.c, ESYS_TR_RH_OWNER, transient, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, SRK_HANDLE, out);
-        srk = out[0]!;
+        srk = out[0];
         this.closeLater(scope, srk);
       } else {
         srk = this.fromPublic(scope, SRK_HANDLE);
       }
-      const buf: unknown[] = [null];
-      const size = [0];
+      const buf: Allocated = [null];
+      const size: [number] = [0];
       esys("Esys_TR_Serialize", this.c, srk, buf, size);
-      const serialized = new Uint8Array(koffi.view(buf[0], size[0]!).slice(0));
+      if (!buf[0]) throw new TpmError("Esys_TR_Serialize", 0, "no buffer");
+      const serialized = new Uint8Array(view(buf[0], size[0]).slice(0));
       api().Esys_Free(buf[0]);
       return { created, name: this.name(srk), serialized };
     } finally {
@@ -585,8 +647,8 @@ class EsysDevice implements TpmDevice {
         ),
       );
       sensitive = toC("TPM2B_SENSITIVE_CREATE", wire);
-      const priv: unknown[] = [null];
-      const pub: unknown[] = [null];
+      const priv: Allocated = [null];
+      const pub: Allocated = [null];
       esys(
         "Esys_Create", this.c, parent, hmac, ESYS_TR_NONE, ESYS_TR_NONE, sensitive, toC("TPM2B_PUBLIC", template),
         toC("TPM2B_DATA", u16(0)), toC("TPML_PCR_SELECTION", u32(0)), priv, pub, null, null, null,
@@ -606,15 +668,15 @@ class EsysDevice implements TpmDevice {
       const parent = this.primary(scope, primary, srkSerialized);
       // Authorizes Load of the blob and, with ENCRYPT, brings the unsealed data back encrypted.
       const hmac = this.session(scope, parent, SE_HMAC, SESSION_ENCRYPT | SESSION_CONTINUE);
-      const item = [0];
+      const item: Handle = [0];
       esys("Esys_Load", this.c, parent, hmac, ESYS_TR_NONE, ESYS_TR_NONE, toC("TPM2B_PRIVATE", priv), toC("TPM2B_PUBLIC", pub), item);
-      this.flush(scope, item[0]!);
+      this.flush(scope, item[0]);
       const policy = this.session(scope, parent, SE_POLICY, SESSION_CONTINUE);
       for (const step of steps) {
         if (step.kind === "pcr") this.policyPcr(policy, step.pcrs);
         else this.policyAuthorize(policy, step);
       }
-      const out: unknown[] = [null];
+      const out: Allocated = [null];
       esys("Esys_Unseal", this.c, item[0], policy, hmac, ESYS_TR_NONE, out);
       const wire = fromC("TPM2B_SENSITIVE_DATA", out[0], true);
       try {
@@ -639,11 +701,11 @@ class EsysDevice implements TpmDevice {
 /** Opens the TPM through a TCTI: the kernel's resource manager by default, swtpm in tests. */
 export function openTpm(tcti = "device:/dev/tpmrm0"): TpmDevice {
   const a = api();
-  const t: unknown[] = [null];
-  let r = a.tctiInit(tcti, t) as number;
+  const t: [TctiContext | null] = [null];
+  let r = a.tctiInit(tcti, t);
   if (r !== 0) throw new TpmError(`Tss2_TctiLdr_Initialize(${JSON.stringify(tcti)})`, r >>> 0);
-  const ctx: unknown[] = [null];
-  r = a.Esys_Initialize(ctx, t[0], null) as number;
+  const ctx: [EsysContext | null] = [null];
+  r = a.Esys_Initialize(ctx, t[0], null);
   if (r !== 0) {
     a.tctiFinalize(t);
     throw new TpmError("Esys_Initialize", r >>> 0);

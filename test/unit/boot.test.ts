@@ -11,8 +11,7 @@ import { Timeline } from "../../agent/log.ts";
 import { Coldplug, waitUntil } from "../../agent/stages/devices.ts";
 import { mountApiFilesystems, readSecureBoot, secureBootFromBootParams, setupEarly } from "../../agent/stages/early.ts";
 import { RemoteAdmin } from "../../agent/stages/remote.ts";
-import { FakeTpm } from "./faketpm.ts";
-import { extendPcr } from "../../agent/diskkey/policy.ts";
+import { extendPcr, FakeTpm } from "./faketpm.ts";
 import { LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 

@@ -1,19 +1,19 @@
 // The disk key's decisions with fakes: the systemd-tpm2 token format (against a token Debian 12's
 // systemd-cryptenroll wrote, in fixtures/), what the signed config lets through, sealing,
-// unsealing, resealing and the latch. The real TPM side is test/unit/tss.test.ts (swtpm).
+// unsealing, resealing and the latch. The real TPM side is test/system/tss.test.ts (swtpm).
 import { generateKeyPairSync, sign } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { enroll, PCR_SIGNATURE, pcrSignatureOnce, readPcrSignature, requirement, reseal, sealKey, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm, LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
-import { extendPcr, keyFingerprint, phaseDigest, policyPcr, sealPolicy, signedPcrPolicy, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
+import { keyFingerprint, phaseDigest, policyPcr, sealPolicy, signedPcrPolicy, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
 import { realUnlockOps } from "../../agent/stages/volumes.ts";
 import { HOST_KEY } from "../../agent/stages/sidecar.ts";
 import { sealHostKey, unsealHostKey } from "../../agent/diskkey/hostkey.ts";
 import { parseToken, refusal, type Requirement, tokenJson } from "../../agent/diskkey/token.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
-import { FakeTpm } from "./faketpm.ts";
+import { extendPcr, FakeTpm } from "./faketpm.ts";
 
 const SYSTEMD_TOKEN = readFileSync(new URL("./fixtures/systemd-252-token.json", import.meta.url), "utf8");
 const SYSTEMD_PEM = readFileSync(new URL("./fixtures/systemd-252-token.pcr.pem", import.meta.url), "utf8");

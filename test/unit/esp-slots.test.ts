@@ -1,14 +1,11 @@
 // Which ESP slots a boot uses when several disks carry initos partitions: the booted partition
 // (LoaderDevicePartUUID) and its sibling slot on the same disk, never a partition of another
-// disk with the same name. Fakes for the decisions; libblkid on a loop device for the reading.
-import { execFileSync, spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, readlinkSync, readdirSync, existsSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { afterAll, describe, expect, it } from "vitest";
+// disk with the same name. Fakes for the decisions; reading real partitions through libblkid on
+// a loop device is test/system/esp-slots.test.ts.
+import { describe, expect, it } from "vitest";
 import { AgentConfigSchema } from "../../agent/config.ts";
 import { Coldplug } from "../../agent/stages/devices.ts";
-import { findEsps, LOADER_PART_UUID, partitions } from "../../agent/stages/esp.ts";
-import type { Sys } from "../../agent/sys/index.ts";
+import { findEsps, LOADER_PART_UUID } from "../../agent/stages/esp.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const SLOTS = AgentConfigSchema.parse({}).esp.slots;
@@ -105,42 +102,5 @@ describe("ESP slots without LoaderDevicePartUUID (direct kernel boot)", () => {
 
   it("waits for a slot, bounded, naming the partition names", async () => {
     await expect(slots(new FakeSys())).rejects.toThrow("boot partition named initos-a or initos-b did not appear within 1s");
-  });
-});
-
-describe("partitions from sysfs and libblkid (root: a GPT image on a loop device)", () => {
-  const dir = mkdtempSync(`${tmpdir()}/initos-esp-`);
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-  it("reads each partition's GPT name and UUID, and its disk from /sys/class/block/<part>/..", async () => {
-    const { partitionEntry } = await import("../../agent/sys/blkid.ts");
-    const img = `${dir}/gpt.img`;
-    execFileSync("truncate", ["-s", "8M", img]);
-    const esp = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-    const table = `label: gpt\nstart=2048, size=4096, type=${esp}, uuid=${U.a1.toUpperCase()}, name="initos-a"\nsize=4096, type=${esp}, uuid=${U.b1}, name="initos-b"\n`;
-    execFileSync("sfdisk", ["-q", img], { input: table });
-    const loop = execFileSync("losetup", ["-f", "--show", "-P", img], { encoding: "utf8" }).trim();
-    try {
-      // Some kernels here scan the table only when asked again; partx adds what is missing.
-      if (!existsSync(`${loop}p2`)) spawnSync("partx", ["-a", loop]);
-      expect(partitionEntry(`${loop}p1`)).toEqual({ uuid: U.a1, name: "initos-a" });
-      expect(partitionEntry(`${loop}p2`)).toEqual({ uuid: U.b1, name: "initos-b" });
-      expect(partitionEntry(loop)).toBeNull(); // the whole disk is no partition
-      expect(partitionEntry("/dev/initos-no-such-device")).toBeNull();
-      // What the esp stage sees of it through the Sys seam (the real calls it makes).
-      const sys = {
-        readdir: (p: string) => readdirSync(p),
-        readlink: (p: string) => readlinkSync(p),
-        exists: (p: string) => existsSync(p),
-        readFile: (p: string) => readFileSync(p, "utf8"),
-        partitionEntry,
-      } as unknown as Sys;
-      expect(partitions(sys).filter((p) => p.disk === loop)).toEqual([
-        { device: `${loop}p1`, disk: loop, uuid: U.a1, name: "initos-a" },
-        { device: `${loop}p2`, disk: loop, uuid: U.b1, name: "initos-b" },
-      ]);
-    } finally {
-      execFileSync("losetup", ["-d", loop]);
-    }
   });
 });

@@ -1,11 +1,16 @@
 // A fake TPM for unit tests of disk-key decisions: PCRs extend with the real hash chain, and a
 // sealed blob releases its secret only when the policy steps replayed at unseal produce the
-// digest it was sealed to (computed with agent/diskkey/policy.ts, which test/unit/tss.test.ts
+// digest it was sealed to (computed with agent/diskkey/policy.ts, which test/system/tss.test.ts
 // checks against a real swtpm and systemd). Signatures are verified for real.
 import { verify, createPublicKey } from "node:crypto";
-import { extendPcr, keyName, policyAuthorize, policyPcr, sha256, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
+import { keyName, policyAuthorize, policyPcr, sha256, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
 import type { TpmOps } from "../../agent/sys/index.ts";
 import type { PolicyStep, Primary } from "../../agent/sys/tss.ts";
+
+/** The value a PCR holds after extending `from` with each digest in turn (the TPM does this for the agent). */
+export function extendPcr(from: Uint8Array, ...digests: Uint8Array[]): Uint8Array {
+  return digests.reduce((acc, d) => sha256(acc, d), from);
+}
 
 export class FakeTpm implements TpmOps {
   pcrs = new Map<number, Uint8Array>();

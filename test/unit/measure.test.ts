@@ -1,16 +1,17 @@
-// The UKI's PCR signature (.pcrsig): byte for byte what systemd-measure sign writes (against a
-// swtpm on loopback), over exactly the sections in the image, refused for a key that does not
-// match .pcrpkey, and with an encrypted key's passphrase never in any child's argv.
-import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+// The UKI's PCR signature (.pcrsig): over exactly the sections in the image, refused for a key
+// that does not match .pcrpkey, and with an encrypted key's passphrase never in any child's argv.
+// That it is byte for byte what systemd-measure sign writes needs a swtpm:
+// test/system/measure.test.ts.
+import { execFileSync } from "node:child_process";
 import { constants, createPublicKey, verify } from "node:crypto";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { signedPcrPolicy } from "../../agent/diskkey/policy.ts";
-import { expectedPcr11, pcrSignature, SYSTEMD_MEASURE, type MeasuredParts } from "../../initrd/measure.ts";
+import { expectedPcr11, type MeasuredParts, pcrSignature, SYSTEMD_MEASURE } from "../../initrd/measure.ts";
 import { readPe } from "../../initrd/pe.ts";
 import { buildUkiFrom } from "../../initrd/uki.ts";
+import { measuredParts } from "../measured-parts.ts";
 
 // Every child process started through node:child_process in this file, with its argv and env.
 const spawned = vi.hoisted(() => [] as { file: string; args: string[]; env: Record<string, string | undefined> }[]);
@@ -41,7 +42,6 @@ const PASS = "pcr-Passphrase-4c1f9e";
 const SB_PASS = "sb-Passphrase-77a0d3";
 
 const openssl = (...args: string[]) => execFileSync("openssl", args, { stdio: ["ignore", "pipe", "pipe"] });
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 // Keys: the PCR key, the same key encrypted (passphrase PASS), and an unrelated key.
 openssl("genrsa", "-out", `${dir}/pcr.key`, "2048");
@@ -49,71 +49,9 @@ openssl("pkey", "-in", `${dir}/pcr.key`, "-pubout", "-out", `${dir}/pcr.pub.pem`
 openssl("pkey", "-in", `${dir}/pcr.key`, "-aes-256-cbc", "-passout", `pass:${PASS}`, "-out", `${dir}/pcr-enc.key`);
 openssl("genrsa", "-out", `${dir}/other.key`, "2048");
 
-// Sections: small stand-ins (systemd-measure and the stub only hash them).
-const parts: MeasuredParts = {
-  linux: `${dir}/linux`,
-  initrd: `${dir}/initrd`,
-  cmdline: `${dir}/cmdline`,
-  osrel: `${dir}/osrel`,
-  pcrpkey: `${dir}/pcr.pub.pem`,
-};
-writeFileSync(parts.linux, Buffer.concat([Buffer.from("MZ"), Buffer.alloc(400_000, 7)]));
-writeFileSync(parts.initrd, Buffer.alloc(250_001, 3));
-writeFileSync(parts.cmdline, "console=ttyS0 rw\0");
-writeFileSync(parts.osrel, 'NAME="initos"\nID=initos\n');
+const parts = measuredParts(dir);
 
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-/** Whether process `pid` holds the socket listening on 127.0.0.1:`port` (so it is ours). */
-function listensOn(pid: number, port: number): boolean {
-  const want = `0100007F:${port.toString(16).toUpperCase().padStart(4, "0")}`;
-  const inodes = new Set(
-    readFileSync("/proc/net/tcp", "utf8")
-      .split("\n")
-      .slice(1)
-      .map((l) => l.trim().split(/\s+/))
-      .filter((f) => f[1] === want && f[3] === "0A")
-      .map((f) => f[9]),
-  );
-  try {
-    return readdirSync(`/proc/${pid}/fd`).some((fd) => {
-      try {
-        const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
-        return m !== null && inodes.has(m[1]);
-      } catch {
-        return false;
-      }
-    });
-  } catch {
-    return false;
-  }
-}
-
-const portFree = (port: number) =>
-  new Promise<boolean>((resolve) => {
-    const s = createServer();
-    s.once("error", () => resolve(false));
-    s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
-  });
-
-/** A fresh swtpm on loopback, on a port pair it verifiably owns (other swtpms may be running). */
-async function startSwtpm(state: string): Promise<{ proc: ChildProcess; port: number }> {
-  for (let attempt = 0; attempt < 20; attempt++) {
-    const port = 20_000 + 2 * Math.floor(Math.random() * 20_000);
-    if (!(await portFree(port)) || !(await portFree(port + 1))) continue;
-    const proc = spawn(
-      "swtpm",
-      ["socket", "--tpm2", "--tpmstate", `dir=${state}`, "--server", `type=tcp,port=${port},bindaddr=127.0.0.1`, "--ctrl", `type=tcp,port=${port + 1},bindaddr=127.0.0.1`, "--flags", "not-need-init,startup-clear"],
-      { stdio: "ignore" },
-    );
-    for (let i = 0; i < 100 && proc.exitCode === null; i++) {
-      if (listensOn(proc.pid!, port) && listensOn(proc.pid!, port + 1)) return { proc, port };
-      await sleep(50);
-    }
-    proc.kill();
-  }
-  throw new Error("could not start a swtpm on a free loopback port");
-}
 
 /** The stub measures VirtualSize bytes of each section: those, read back from the image. */
 function sectionsOf(uki: string): Map<string, Buffer> {
@@ -130,44 +68,7 @@ function sectionsOf(uki: string): Map<string, Buffer> {
   return out;
 }
 
-describe("PCR signature vs systemd-measure sign", () => {
-  let tpm: { proc: ChildProcess; port: number } | undefined;
-  beforeAll(async () => {
-    mkdirSync(`${dir}/tpm`);
-    tpm = await startSwtpm(`${dir}/tpm`);
-  });
-  afterAll(() => {
-    tpm?.proc.kill();
-  });
-
-  it("is byte for byte what systemd-measure sign --phase=enter-initrd writes", () => {
-    const ours = pcrSignature(parts, `${dir}/pcr.key`);
-    const theirs = execFileSync(
-      SYSTEMD_MEASURE,
-      [
-        "sign",
-        `--linux=${parts.linux}`,
-        `--initrd=${parts.initrd}`,
-        `--cmdline=${parts.cmdline}`,
-        `--osrel=${parts.osrel}`,
-        `--pcrpkey=${parts.pcrpkey}`,
-        "--bank=sha256",
-        "--phase=enter-initrd",
-        `--private-key=${dir}/pcr.key`,
-        `--public-key=${parts.pcrpkey}`,
-        `--tpm2-device=swtpm:host=127.0.0.1,port=${tpm!.port}`,
-        "--json=short",
-      ],
-      { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] },
-    );
-    expect(JSON.parse(ours)).toEqual(JSON.parse(theirs));
-    expect(ours).toBe(theirs.trim());
-    // Only the enter-initrd phase: after leave-initrd nothing matches.
-    const entries = (JSON.parse(ours) as { sha256: { pcrs: number[] }[] }).sha256;
-    expect(entries).toHaveLength(1);
-    expect(entries[0]!.pcrs).toEqual([11]);
-  });
-
+describe("PCR signature", () => {
   it("signs another value for other sections", () => {
     const a = JSON.parse(pcrSignature(parts, `${dir}/pcr.key`)).sha256[0];
     writeFileSync(`${dir}/cmdline2`, "console=ttyS0 rw init=/bin/sh\0");

@@ -1,10 +1,10 @@
-// OCI image layouts and the VM image builder: index → manifest selection, digest checks, gzip
-// and zstd layers, and a real btrfs image read back through a loop mount. The tar reader and the
-// layer rules have their own tests (tar.test.ts, layer.test.ts); streaming is proven in
-// decompress.test.ts.
+// OCI image layouts: index → manifest selection, digest checks, gzip and zstd layers. The tar
+// reader and the layer rules have their own tests (tar.test.ts, layer.test.ts); streaming is
+// proven in decompress.test.ts; the VM image builder (a real btrfs image, read back through a
+// loop mount as root) is test/system/vmimage.test.ts.
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import * as zlib from "node:zlib";
 import { afterAll, describe, expect, it } from "vitest";
@@ -12,8 +12,7 @@ import { bufferSource } from "../../initrd/bytes.ts";
 import { DirTree, MemTree } from "../../initrd/fstree.ts";
 import { extractImage, imageArgv, type ImageIndex, layoutFromTar, resolveImage, selectManifest } from "../../initrd/oci.ts";
 import { readTar } from "../../initrd/tar.ts";
-import { buildVmImage } from "../../initrd/vmimage.ts";
-import { type LayerEntry, layerTar, LOWER, ociImageTar, OciLayoutWriter, SCENARIO_RESULT, tarBytes, UPPER } from "../oci-fixture.ts";
+import { type LayerEntry, layerTar, LOWER, ociImageTar, OciLayoutWriter, SCENARIO_RESULT, UPPER } from "../oci-fixture.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-oci-`);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -118,40 +117,5 @@ describe("OCI layout", () => {
     const config = w.blob({ os: "linux" }, "application/vnd.oci.image.config.v1+json");
     const m = w.blob({ schemaVersion: 2, config, layers: [] }, "application/vnd.oci.image.manifest.v1+json");
     expect(() => resolveImage(layoutOf(w.tar([m])))).toThrow(new RegExp(`^image\\.tar: config ${config.digest}: architecture: `));
-  });
-});
-
-describe("buildVmImage", () => {
-  /** Runs `script` with the image loop-mounted read-only on $M in a private mount namespace. */
-  const inImage = (img: string, script: string, opts = "ro") =>
-    execFileSync("unshare", ["-m", "sh", "-ec", `M=$(mktemp -d); mount -o loop,${opts} "$1" "$M"; trap 'umount "$M"; rmdir "$M"' EXIT; ${script}`, "sh", img], { encoding: "utf8" });
-
-  it("makes a btrfs image from an OCI layout tar whose files read back through a loop mount", async () => {
-    const d = fresh("vm");
-    writeFileSync(`${d}/image.tar`, ociImageTar({ layers: [LOWER, [...UPPER, { path: "bin/app", type: "file", data: "#!/bin/sh\n", mode: 0o755 }]], config: { Cmd: ["/bin/app"] } }));
-    const r = await buildVmImage({ from: `${d}/image.tar`, out: `${d}/vm.img` });
-    expect(r).toMatchObject({ source: "oci", sizeMiB: 109, skipped: [] });
-    expect(r.config?.cmd).toEqual(["/bin/app"]);
-    expect(statSync(`${d}/vm.img`).size).toBe(109 * 2 ** 20);
-    expect(execFileSync("btrfs", ["inspect-internal", "dump-super", `${d}/vm.img`], { encoding: "utf8" })).toMatch(/^label\s+initos-vm$/m);
-    const out = inImage(`${d}/vm.img`, '(cd "$M"; cat etc/keep; ls -A a b; stat -c "%a %U %n" . bin/app)');
-    expect(out).toBe("keep\na:\ny\n\nb:\nnew\n755 root .\n755 root bin/app\n");
-    expect(readdirSync(d).sort()).toEqual(["image.tar", "vm.img"]); // the staging directory is gone
-  });
-
-  it("puts the tree in a subvolume when asked, leaving the top level empty", async () => {
-    const d = fresh("vmsub");
-    writeFileSync(`${d}/image.tar`, ociImageTar({ layers: [LOWER, UPPER] }));
-    await buildVmImage({ from: `${d}/image.tar`, out: `${d}/vm.img`, subvolume: "@", label: "sub-test" });
-    expect(inImage(`${d}/vm.img`, 'ls -A "$M"; cat "$M/@/etc/keep"')).toBe("@\nkeep\n");
-    expect(inImage(`${d}/vm.img`, 'cat "$M/b/new"', "ro,subvol=@")).toBe("new\n");
-  });
-
-  it("builds from a rootfs .tar.gz, keeping .wh. names as ordinary files", async () => {
-    const d = fresh("vmtar");
-    writeFileSync(`${d}/rootfs.tar.gz`, zlib.gzipSync(tarBytes([{ name: "./", flag: "5" }, { name: "./etc/.wh.keep", flag: "0", data: Buffer.from("literal") }])));
-    const r = await buildVmImage({ from: `${d}/rootfs.tar.gz`, out: `${d}/vm.img` });
-    expect(r.source).toBe("tar");
-    expect(inImage(`${d}/vm.img`, 'cat "$M/etc/.wh.keep"')).toBe("literal");
   });
 });

@@ -9,14 +9,14 @@ import { parseCmdline } from "../../agent/cmdline.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { enroll, PCR_SIGNATURE, requirement, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm } from "../../agent/diskkey/latch.ts";
-import { extendPcr, keyFingerprint, phaseDigest, signedPcrPolicy } from "../../agent/diskkey/policy.ts";
+import { keyFingerprint, phaseDigest, signedPcrPolicy } from "../../agent/diskkey/policy.ts";
 import { parseToken } from "../../agent/diskkey/token.ts";
 import { Coldplug } from "../../agent/stages/devices.ts";
 import type { EspResult } from "../../agent/stages/esp.ts";
 import { unlockPool } from "../../agent/stages/volumes.ts";
 import { RemoteAdmin } from "../../agent/stages/remote.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
-import { FakeTpm } from "./faketpm.ts";
+import { extendPcr, FakeTpm } from "./faketpm.ts";
 
 const CTL = "/run/initos/ctl.sock";
 const DEV = "/dev/vda3";

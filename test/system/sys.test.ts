@@ -14,7 +14,7 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 describe("libc bindings", () => {
   it("mount, remount read-only, statfs and umount2 work in a private mount namespace; errors name the call", () => {
     expect(process.getuid?.()).toBe(0); // the suite runs as root (make test installs packages too)
-    const out = execFileSync("unshare", ["-m", "--propagation", "private", BUN, "test/unit/helpers/mountns.ts"], { encoding: "utf8" });
+    const out = execFileSync("unshare", ["-m", "--propagation", "private", BUN, "test/system/helpers/mountns.ts"], { encoding: "utf8" });
     const r = JSON.parse(out) as Record<string, unknown>;
     expect(r).toMatchObject({ tmpfsMagic: true, readOnly: true, unmounted: true });
     expect(r.error).toMatch(/^mount\("tmpfs", ".*\/missing", "tmpfs", 0, null\): ENOENT$/);
@@ -28,7 +28,7 @@ describe("libc bindings", () => {
   it("SIGPWR from another process reaches the agent through sigrelay, while the runtime keeps working", async () => {
     const lib = `${dir}/sigrelay.so`;
     execFileSync("gcc", ["-shared", "-fPIC", "-Os", "-o", lib, "initrd/sigrelay.c"]);
-    const child = spawn(BUN, ["test/unit/helpers/sigpwr.ts", lib]);
+    const child = spawn(BUN, ["test/system/helpers/sigpwr.ts", lib]);
     let out = "";
     child.stdout.on("data", (d) => {
       out += d;
