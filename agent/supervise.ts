@@ -1,4 +1,4 @@
-// Services PID 1 keeps running (sshd, and later what the signed config names): restarted with
+// Services PID 1 keeps running (sshd, and what the signed config names): restarted with
 // backoff when they exit, their output to kmsg line by line. Their PIDs are registered so the
 // orphan reaper leaves them to the runtime, which reports their exit.
 //

@@ -1,5 +1,7 @@
-// The one seam between boot logic and the machine. Boot stages receive a `Sys` and never touch
-// koffi, processes or files directly, so their decisions can be tested with fakes.
+// The one seam between boot logic and the machine: files, mounts, modules, devices, crypto, the
+// network, the TPM, processes, time, the console and the admin socket. Stages take the small
+// interfaces below and touch nothing else (no koffi, no node:fs, no child_process, no timers),
+// so their decisions are tested with fakes (test/unit/fakesys.ts).
 import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import { open } from "node:fs/promises";
