@@ -8,7 +8,7 @@ import { describe, expect, it } from "vitest";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { PCR_SIGNATURE, requirement, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm } from "../../agent/diskkey/latch.ts";
-import { extendPcr, keyFingerprint, phaseDigest, signedPcrPolicy } from "../../agent/diskkey/policy.ts";
+import { keyFingerprint, phaseDigest, signedPcrPolicy } from "../../agent/diskkey/policy.ts";
 import { parseToken } from "../../agent/diskkey/token.ts";
 import { Coldplug } from "../../agent/stages/devices.ts";
 import type { SecureBoot } from "../../agent/stages/early.ts";
@@ -17,7 +17,7 @@ import { install, parseInstallConfig } from "../../agent/stages/install.ts";
 import { BUSYBOX, HOST_KEY } from "../../agent/stages/sidecar.ts";
 import { RECOVERY_KDF, TPM_KDF, type Kdf } from "../../agent/sys/cryptsetup.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
-import { FakeTpm } from "./faketpm.ts";
+import { extendPcr, FakeTpm } from "./faketpm.ts";
 
 const MiB = 1 << 20;
 const ESP = "/run/initos/esp-a";
