@@ -39,8 +39,12 @@ PCR_KEY     ?= $(TEST_PCR_KEY)
 PCR_PUB     := $(B)/keys/pcr.pub.pem
 # The cmdline signed into the UKI. The demo and the Secure Boot tests boot the test root.
 CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@ initos.reboot_delay=3 -- demo
-# The installed machine's UKI: no root=, the encrypted pool names it. The installer's UKI.
-TARGET_CMDLINE    ?= console=ttyS0 rw initos.latchcheck=1 initos.reboot_delay=3
+# The installed machine's UKI: no root=, the encrypted pool names it. systemd.gpt_auto=0: the
+# ESPs are initos's (A/B updates), not the OS's; the one booted from stays mounted read-only
+# under the verified modules image (its loop device's file), so systemd-gpt-auto-generator's
+# read-write /boot mount of it fails ("already mounted", measured with Debian 12). The
+# installer's UKI.
+TARGET_CMDLINE    ?= console=ttyS0 rw initos.latchcheck=1 initos.reboot_delay=3 systemd.gpt_auto=0
 INSTALLER_CMDLINE ?= console=ttyS0 initos.mode=install initos.reboot_delay=3
 # The disk the test installer installs to (the second virtio disk).
 INSTALL_TARGET    ?= /dev/vdb

@@ -134,6 +134,8 @@ say() { echo "${MARKER} $*"; }
 say "state: $(systemctl is-system-running --wait 2>&1)"
 failed=$(systemctl --failed --no-legend --plain 2>&1 | awk '{print $1}' | tr '\\n' ' ')
 say "failed: \${failed:-none}"
+# Why, for whoever reads the console of a failed run: each failed unit's last journal lines.
+for u in $failed; do say "why: $u: $(journalctl -b -q -u "$u" -o cat --no-pager 2>&1 | tail -n 3 | tr '\\n' ' ')"; done
 say "analyze: $(systemd-analyze time 2>&1 | head -n 1)"
 say "pid1: $(tr '\\0' ' ' < /proc/1/cmdline)"
 if out=$(modprobe ${CHECK_MODULE} 2>&1) && lsmod | grep -q '^${CHECK_MODULE} '; then
