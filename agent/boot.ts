@@ -21,7 +21,7 @@ import { besideWanted, startBeside } from "./stages/beside.ts";
 import { Coldplug } from "./stages/devices.ts";
 import { type EarlyResult, restoreKmsgThrottle, setupEarly } from "./stages/early.ts";
 import { type EspResult, findEsps } from "./stages/esp.ts";
-import { setupImages } from "./stages/images.ts";
+import { type MountedImage, setupImages } from "./stages/images.ts";
 import { install as installTo, INSTALL_CONFIG, parseInstallConfig } from "./stages/install.ts";
 import { loadModules } from "./stages/modules.ts";
 import { networkRequested, setupNetwork } from "./stages/network.ts";
@@ -65,8 +65,10 @@ export interface Inputs {
 /** What every mode starts from: the inputs, and the machine as prepare() left it. */
 export interface Prepared extends Inputs {
   cold: Coldplug;
-  /** The boot disk's ESPs, with the verified images mounted; none in a VM or without images. */
+  /** The boot disk's ESPs; none in a VM or without images. */
   esp?: EspResult;
+  /** The images mounted from them (each from the slot whose copy verified). */
+  images: readonly MountedImage[];
   tpm: BootTpm;
 }
 
@@ -104,13 +106,13 @@ async function prepare(ctx: BootContext, state: BootState): Promise<Prepared> {
   await stage(ctx, "modules", () => loadModules(sys, log, config.modules, cold));
 
   let esp: EspResult | undefined;
+  let images: MountedImage[] = [];
   if (config.images.length > 0 && mode.esp) {
-    esp = await stage(ctx, "esp", async () => {
+    const found = (esp = await stage(ctx, "esp", async () => {
       await early.efivars; // the booted slot is an EFI variable (LoaderDevicePartUUID)
       return findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds);
-    });
-    const found = esp;
-    await stage(ctx, "images", () => setupImages(sys, log, config, found, unverifiedAllowed(early, cmdline, log), cold));
+    }));
+    images = await stage(ctx, "images", () => setupImages(sys, log, config, found, unverifiedAllowed(early, cmdline, log), cold));
   }
 
   // The TPM: PCR 11 says "enter-initrd" (what the PCR key signed), then the latch. Only the
@@ -123,7 +125,7 @@ async function prepare(ctx: BootContext, state: BootState): Promise<Prepared> {
     tpm.measurePhase("enter-initrd");
     if (noUnseal) tpm.latch(noUnseal);
   });
-  return { cmdline, config, early, cold, esp, tpm };
+  return { cmdline, config, early, cold, esp, images, tpm };
 }
 
 /** A physical machine: the root named on the cmdline, or the encrypted pool's. */
@@ -162,7 +164,7 @@ async function install(ctx: BootContext, p: Prepared): Promise<Handoff> {
   const { esp } = p;
   if (!esp) throw new BootError("install: no ESP with images to install from");
   const ic = parseInstallConfig(sys.readFile(INSTALL_CONFIG));
-  await stage(ctx, "install", () => installTo(sys, log, p.cold, p.config, ic, esp, p.tpm, p.early.secureBoot));
+  await stage(ctx, "install", () => installTo(sys, log, p.cold, p.config, ic, esp, p.images, p.tpm, p.early.secureBoot));
   return { kind: "poweroff", why: "install finished" };
 }
 

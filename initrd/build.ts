@@ -10,11 +10,12 @@
 //   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
 //   bun initrd/build.ts testroot    --init FILE --out root.img
 //   bun initrd/build.ts rootfs      --init FILE --out rootfs.tar
-//   bun initrd/build.ts install-config --rootfs FILE --target DEV --out install.json
+//   bun initrd/build.ts install-config --rootfs FILE --target DEV [--esp-mib N] --out install.json
 //   bun initrd/build.ts initrd-extra --add DEST=FILE --out FILE.cpio
 //   bun initrd/build.ts reference-initrd --kernel kernel.json --config FILE --images DIR --init init.sh [--pcr-pub PUB.pem] --out FILE.cpio
 //   bun initrd/build.ts vmimage     --from DIR|ROOTFS.tar[.gz]|OCI-LAYOUT.tar --out FILE.img [--label L]
 //   bun initrd/build.ts debian      --cache DIR --out debian.img
+//   bun initrd/build.ts debian-rootfs --cache DIR --out debian.tar.zst
 import { execFileSync } from "node:child_process";
 import { createHash, createPublicKey } from "node:crypto";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -32,7 +33,7 @@ import { buildUkiFrom } from "./uki.ts";
 import { referenceEntries } from "./reference/initrd.ts";
 import { buildVmImage } from "./vmimage.ts";
 import { imageArgv } from "./oci.ts";
-import { buildDebianImage } from "./debian.ts";
+import { buildDebianImage, buildDebianRootfs } from "./debian.ts";
 
 /** Libraries the agent opens with dlopen through koffi; DT_NEEDED cannot see them. */
 export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1", "libcryptsetup.so.12", "libtss2-esys.so.0", "libtss2-mu.so.0", "libtss2-rc.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0"];
@@ -307,7 +308,8 @@ function cmdRootfs(o: Record<string, string | undefined>): void {
 function cmdInstallConfig(o: Record<string, string | undefined>): void {
   const rootfs = need(o, "rootfs");
   const sha256 = execFileSync("sha256sum", [rootfs], { encoding: "utf8" }).split(" ")[0]!;
-  const config = InstallConfigSchema.parse({ target: need(o, "target"), rootfs: { file: basename(rootfs), sha256 } });
+  const espMiB = o["esp-mib"] === undefined ? {} : { espMiB: Number(o["esp-mib"]) };
+  const config = InstallConfigSchema.parse({ target: need(o, "target"), rootfs: { file: basename(rootfs), sha256 }, ...espMiB });
   writeFileSync(need(o, "out"), JSON.stringify(config, null, 1) + "\n");
 }
 
@@ -359,6 +361,14 @@ function cmdDebian(o: Record<string, string | undefined>): void {
   console.log(`debian: ${out} ${r.sizeMiB} MiB (root ${r.usedMiB} MiB) in ${((performance.now() - start) / 1000).toFixed(0)}s`);
 }
 
+/** The Debian root with the check as a .tar.zst: the Debian installer's root filesystem. */
+function cmdDebianRootfs(o: Record<string, string | undefined>): void {
+  const start = performance.now();
+  const out = need(o, "out");
+  const r = buildDebianRootfs(need(o, "cache"), out, mtime());
+  console.log(`debian-rootfs: ${out} ${r.outMiB} MiB (tar ${r.tarMiB} MiB) in ${((performance.now() - start) / 1000).toFixed(1)}s`);
+}
+
 /**
  * The reference initrd `make bench` boots beside the agent's: busybox sh running
  * initrd/reference/init.sh as /init, with the same kernel modules as the base initrd and the
@@ -395,6 +405,7 @@ const commands: Record<string, (o: Record<string, string | undefined>, adds: str
   vmimage: cmdVmimage,
   "reference-initrd": cmdReferenceInitrd,
   debian: cmdDebian,
+  "debian-rootfs": cmdDebianRootfs,
 };
 
 if (import.meta.main) {
@@ -407,7 +418,7 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: rest,
     options: {
-      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta", "pcrpkey", "pcr-key", "pcr-key-pass-env", "pcr-pub"].map((k) => [k, { type: "string" as const }])),
+      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta", "pcrpkey", "pcr-key", "pcr-key-pass-env", "pcr-pub", "esp-mib"].map((k) => [k, { type: "string" as const }])),
       add: { type: "string", multiple: true },
     },
   });

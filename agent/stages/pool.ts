@@ -7,6 +7,7 @@ import type { Logger } from "../log.ts";
 import type { AgentConfig } from "../config.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Files, Modules, Mounts, Processes } from "../sys/index.ts";
+import { markInitrdMounts } from "./images.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";
 import { ensureHostKey, HOST_KEY, SSH_DIR } from "./sidecar.ts";
@@ -115,6 +116,7 @@ export function mountPool(sys: Files & Mounts & Modules & Processes, log: Logger
     sys.mkdirp(SYSROOT);
     sys.mount(dev, SYSROOT, "btrfs", rw ? 0 : MS.RDONLY, `subvol=${config.root},${devOpts}`);
     const bound: string[] = [];
+    const marks: { src: string; target: string; root: string }[] = [];
     for (const b of config.binds) {
       if (sys.lstat(`${POOL}/${b.subvol}`).kind !== "dir") continue; // optional: only when present
       let fd: number;
@@ -131,7 +133,14 @@ export function mountPool(sys: Files & Mounts & Modules & Processes, log: Logger
         sys.close(fd);
       }
       bound.push(`${b.subvol}->${b.path}`);
+      marks.push({ src: dev, target: b.path, root: `/${b.subvol}` });
     }
+    // The binds are the initrd's mounts, like the root: marked x-initrd.mount (see
+    // markInitrdMounts), systemd leaves them to systemd-shutdown, which unmounts them once every
+    // process is gone. Stopped with the OS instead, /var/log fails in red: systemd knows no unit
+    // for a mount it did not make, so journald's flush service (RequiresMountsFor=/var/log/journal)
+    // is not stopped before it and journald still holds its files (measured on Debian 12).
+    if (marks.length) markInitrdMounts(sys, marks);
     log.info(`pool: root ${config.root} on ${SYSROOT} (${rw ? "rw" : "ro"})${bound.length ? `, ${bound.join(" ")}` : ""}`);
     return { device: dev, fstype: "btrfs", path: SYSROOT, config };
   } finally {

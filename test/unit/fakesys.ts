@@ -1,5 +1,7 @@
 // A fake machine for unit tests of boot decisions: an in-memory file tree with devices and
 // mounts, and a journal of every system call so tests can assert order and absence.
+import type { AgentConfig } from "../../agent/config.ts";
+import type { MountedImage } from "../../agent/stages/images.ts";
 import type { VerityParams } from "../../agent/sys/cryptsetup.ts";
 import type { FileInfo, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps } from "../../agent/sys/index.ts";
 
@@ -473,4 +475,9 @@ export function silentLog() {
   const lines: string[] = [];
   const push = (lvl: string) => (m: string) => void lines.push(`${lvl}: ${m}`);
   return { lines, err: push("err"), warn: push("warn"), info: push("info"), debug: push("debug"), quiet: false, verbose: false, recent: () => [...lines] };
+}
+
+/** Every image of the config as the images stage leaves it: verified from `slot`. */
+export function verifiedImages(cfg: AgentConfig, slot = "a"): MountedImage[] {
+  return cfg.images.map((i) => ({ name: i.name, slot, device: `/dev/mapper/initos-${i.name}`, mountPoint: `/run/initos/images/${i.name}`, verified: true }));
 }

@@ -3,6 +3,7 @@
 // keyslot, btrfs and subvolumes, the root filesystem through busybox tar with its hash checked,
 // the host config, the key sealed as a token, both ESPs, and the recovery passphrase on the
 // console only. (install.test.ts covers the rootfs streaming and the blank check in depth.)
+import type { MountedImage } from "../../agent/stages/images.ts";
 import { createHash, generateKeyPairSync, sign } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
@@ -16,7 +17,7 @@ import type { EspResult } from "../../agent/stages/esp.ts";
 import { install, parseInstallConfig } from "../../agent/stages/install.ts";
 import { BUSYBOX, HOST_KEY } from "../../agent/stages/sidecar.ts";
 import { RECOVERY_KDF, TPM_KDF, type Kdf } from "../../agent/sys/cryptsetup.ts";
-import { FakeSys, silentLog } from "./fakesys.ts";
+import { FakeSys, silentLog, verifiedImages } from "./fakesys.ts";
 import { extendPcr, FakeTpm } from "./faketpm.ts";
 
 const MiB = 1 << 20;
@@ -43,7 +44,7 @@ const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
  * The installer booted from its stick (ESP mounted, the UKI, the images and the rootfs on it), a
  * blank /dev/vdb, a TPM in the state the production UKI measures. `head` is the target's first MiB.
  */
-async function installer(o: { head?: "blank" | "data"; overwrite?: boolean; tpm?: boolean; signer?: boolean; sha256?: string } = {}) {
+async function installer(o: { head?: "blank" | "data"; overwrite?: boolean; tpm?: boolean; signer?: boolean; sha256?: string; esp?: EspResult; images?: MountedImage[] } = {}) {
   const s = new FakeSys();
   s.mounts.push(ESP);
   s.add(ROOTFS, { kind: "file", data: TAR.toString("latin1") })
@@ -79,7 +80,7 @@ async function installer(o: { head?: "blank" | "data"; overwrite?: boolean; tpm?
   await boot.find();
   const ic = parseInstallConfig(JSON.stringify({ target: "/dev/vdb", overwrite: o.overwrite ?? false, rootfs: { file: "rootfs.tar", sha256: o.sha256 ?? sha(TAR) } }));
   const c = o.signer === false ? { ...cfg, tpm: { ...cfg.tpm, pcrPublicKey: undefined } } : cfg;
-  const go = (secureBoot: SecureBoot = "on") => install(s, log, new Coldplug(s, log), c, ic, esp, boot, secureBoot);
+  const go = (secureBoot: SecureBoot = "on") => install(s, log, new Coldplug(s, log), c, ic, o.esp ?? esp, o.images ?? verifiedImages(c), boot, secureBoot);
   return { s, tpm, log, go, stdin, kdfs };
 }
 
@@ -120,10 +121,9 @@ describe("install: refusals, before anything is written", () => {
   });
 
   it("with an image file missing on the installer's ESP", async () => {
-    // Fails today. "Inputs first: nothing is touched until everything we will copy is present"
-    // (install.ts), but the image files are never checked: they are copied to both target ESPs
-    // at the end, where the real copyFile of a missing one throws after the disk was
-    // partitioned, formatted and its key sealed (FakeSys.copyFile copies "" instead).
+    // "Inputs first: nothing is touched until everything we will copy is present" (install.ts):
+    // a missing image file found only at the final copy would fail after the disk was
+    // partitioned, formatted and its key sealed.
     const { s, go } = await installer();
     s.files.delete(`${ESP}/initos/modules.verity`);
     await expect(go()).rejects.toThrow(/modules\.verity/);
@@ -254,6 +254,22 @@ describe("install: the happy path", () => {
       expect(node.data ?? "").not.toContain(recovery);
       expect(node.data ?? "").not.toContain(diskKey);
     }
+  });
+
+  it("copies each image from the slot whose copy was verified, and refuses an image not verified this boot", async () => {
+    const ESP_B = "/run/initos/esp-b";
+    const two: EspResult = { slots: [...esp.slots, { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: ESP_B, booted: false }] };
+    const fromB = await installer({ esp: two, images: verifiedImages(cfg, "b") });
+    fromB.s.mounts.push(ESP_B);
+    fromB.s.add(`${ESP_B}/initos/modules.sqfs`, { kind: "file", data: "squashfs" }).add(`${ESP_B}/initos/modules.verity`, { kind: "file", data: "hash tree" });
+    await fromB.go();
+    const copies = fromB.s.calls.filter((c) => /^copyFile .*modules\.(sqfs|verity) /.test(c));
+    expect(copies.length).toBe(4); // two files, two target ESPs
+    for (const c of copies) expect(c).toMatch(/^copyFile \/run\/initos\/esp-b\/initos\/modules\./);
+
+    const unverified = await installer({ images: verifiedImages(cfg).map((m) => ({ ...m, verified: false })) });
+    await expect(unverified.go()).rejects.toThrow("install: image modules was not verified this boot; refusing to install it");
+    nothingWritten(unverified.s);
   });
 
   it("the recovery passphrase is shown on the console once, and never in the log", async () => {

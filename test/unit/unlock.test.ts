@@ -3,6 +3,7 @@ import { parseCmdline } from "../../agent/cmdline.ts";
 import { parseHostEnv, parseHostJson } from "../../agent/hostconfig.ts";
 import { InstallConfigSchema, partition, recoveryPassphrase } from "../../agent/stages/install.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
+import { UTAB } from "../../agent/stages/images.ts";
 import { mountPool, POOL_HOST_KEY } from "../../agent/stages/pool.ts";
 import { HOST_KEY } from "../../agent/stages/sidecar.ts";
 import { unlock, type UnlockOps } from "../../agent/stages/unlock.ts";
@@ -220,6 +221,8 @@ describe("mounting the pool", () => {
     ]);
     expect(s.openedInRoot.get(100)).toBe("/sysroot/home");
     expect(s.calls.at(-1)).toBe("umount /run/initos/pool 2");
+    // Marked as the initrd's mounts, by the path and subvolume the OS will see after the switch.
+    expect(s.readFile(UTAB)).toBe("SRC=/dev/mapper/initos-pool0 TARGET=/home ROOT=/@home OPTS=x-initrd.mount\n");
   });
 
   /** A pool whose host config (written by the OS's root) asks for `binds`; @root, @home and @x exist. */
