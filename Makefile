@@ -105,7 +105,7 @@ $(B)/vmlinuz: $(B)/kernel.json
 	cp "$$(sed -n 's/.*"vmlinuz": "\(.*\)".*/\1/p' $<)" $@
 
 # --- verified images for the ESP: squashfs + dm-verity; their root hashes go into the config --
-IMAGES := $(B)/images/modules.json $(B)/images/sidecar.json
+IMAGES := $(B)/images/modules.json $(B)/images/tools.json
 $(IMAGES) &: $(B)/kernel.json initrd/images.ts initrd/debs.ts
 	$(BUILD) images --kernel $(B)/kernel.json --cache .cache/kernel --out $(B)/images
 

@@ -33,7 +33,7 @@ import { mountVmRoot, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts"
 import { type Supervised, stopServices, supervise } from "./supervise.ts";
 import { switchRoot } from "./switchroot.ts";
 import type { Sys } from "./sys/index.ts";
-import { SIDECAR_ROOT } from "./sys/sidecar.ts";
+import { TOOLS_ROOT } from "./sys/tools.ts";
 
 export interface BootContext {
   sys: Sys;
@@ -234,7 +234,7 @@ async function handOff(ctx: BootContext, state: BootState, p: Prepared, handoff:
 }
 
 /** The verified tools image the sidecar beside the OS runs dropbear from (its name in the config). */
-const TOOLS_IMAGE = SIDECAR_ROOT.slice(SIDECAR_ROOT.lastIndexOf("/") + 1);
+const TOOLS_IMAGE = TOOLS_ROOT.slice(TOOLS_ROOT.lastIndexOf("/") + 1);
 
 /** Runs one named stage, logs and records its duration whether it succeeds or fails. */
 export async function stage<T>(ctx: BootContext, name: string, fn: () => T | Promise<T>): Promise<T> {

@@ -90,14 +90,14 @@ export const AgentConfigSchema = z
         /** Keep the sidecar running beside the OS after switch_root (cmdline initos.sidecar= wins). */
         besideOs: z.boolean().default(false),
         /**
-         * Offer busybox sh from the verified sidecar image to the authorized keys. Off by default:
+         * Offer busybox sh from the verified tools image to the authorized keys. Off by default:
          * then an ssh session can only run the admin commands, whatever it asks for.
          */
         shell: z.boolean().default(false),
       })
       .strict()
       .default({ port: 15022, authorizedKeys: [], besideOs: false, shell: false }),
-    /** More services the sidecar supervises (argv[0] an absolute path, e.g. in the sidecar image). */
+    /** More services the sidecar supervises (argv[0] an absolute path, e.g. in the tools image). */
     services: z
       .array(z.object({ name: z.string().regex(/^[\w-]+$/), argv: z.array(z.string()).min(1).refine((a) => a[0]!.startsWith("/"), "argv[0] must be an absolute path") }).strict())
       .default([]),

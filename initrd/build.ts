@@ -28,7 +28,7 @@ import { type CpioEntry, fileFrom, writeCpio } from "./cpio.ts";
 import { ensureKernel, type KernelInfo } from "./kernel.ts";
 import { moduleClosure, readModuleIndex } from "./kmods.ts";
 import { collectLibs } from "./libs.ts";
-import { buildModulesImage, buildSidecarImage, ensureFirmware, type ImageInfo } from "./images.ts";
+import { buildModulesImage, buildToolsImage, ensureFirmware, type ImageInfo } from "./images.ts";
 import { buildUkiFrom } from "./uki.ts";
 import { referenceEntries } from "./reference/initrd.ts";
 import { buildVmImage } from "./vmimage.ts";
@@ -112,7 +112,7 @@ function cmdImages(o: Record<string, string | undefined>): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
   const out = need(o, "out");
   mkdirSync(out, { recursive: true });
-  for (const info of [buildModulesImage(kernel, ensureFirmware(need(o, "cache")), out), buildSidecarImage(out)]) {
+  for (const info of [buildModulesImage(kernel, ensureFirmware(need(o, "cache")), out), buildToolsImage(out)]) {
     console.log(`images: ${info.name} ${(statSync(info.sqfs).size / 1e6).toFixed(1)} MB, root hash ${info.rootHash}`);
   }
 }
@@ -249,7 +249,7 @@ function cmdDisk(o: Record<string, string | undefined>, extra: string[] = []): v
     files.push([a.slice(eq + 1), a.slice(0, eq)]);
   }
   if (o.images) {
-    for (const name of ["modules", "sidecar"]) {
+    for (const name of ["modules", "tools"]) {
       const info = JSON.parse(readFileSync(`${o.images}/${name}.json`, "utf8")) as ImageInfo;
       files.push([info.sqfs, `initos/${name}.sqfs`], [info.verity, `initos/${name}.verity`]);
     }

@@ -3,7 +3,7 @@
 //
 //   modules.sqfs  /modules/<release>/...  every module of the kernel (indexes included)
 //                 /firmware/...           firmware (Debian's firmware-linux-free)
-//   sidecar.sqfs  /usr/bin/..., /usr/lib/... the tools recovery needs, with their libraries
+//   tools.sqfs    /usr/bin/..., /usr/lib/... the tools recovery needs, with their libraries
 import { createHash } from "node:crypto";
 import { copyFileSync, mkdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { extractDeb, run } from "./debs.ts";
@@ -27,8 +27,8 @@ export interface ImageInfo {
  */
 export const VERITY_FORMAT = { hashType: 1, hashAlgorithm: "sha256", dataBlockSize: 4096, hashBlockSize: 4096 } as const;
 
-/** Tools in the sidecar image: the ssh server, an admin shell, TPM, LUKS and btrfs tools. */
-export const SIDECAR_TOOLS = [
+/** Tools in the tools image: the ssh server, an admin shell, TPM, LUKS and btrfs tools. */
+export const TOOLS = [
   "/usr/sbin/dropbear",
   "/usr/bin/dropbearkey",
   "/bin/busybox",
@@ -41,7 +41,7 @@ export const SIDECAR_TOOLS = [
   "/sbin/mkfs.btrfs",
 ];
 /** tpm2-tools loads its TPM transport with dlopen. */
-const SIDECAR_DLOPENED = ["libtss2-tcti-device.so.0"];
+const TOOLS_DLOPENED = ["libtss2-tcti-device.so.0"];
 
 /**
  * Reproducible squashfs: fixed owner and times, no appending to an old image. mksquashfs reads
@@ -105,19 +105,19 @@ export function buildModulesImage(kernel: KernelInfo, firmwareDir: string, outDi
   return finish("modules", sqfs);
 }
 
-export function buildSidecarImage(outDir: string): ImageInfo {
-  const staging = `${outDir}/.sidecar-staging`;
+export function buildToolsImage(outDir: string): ImageInfo {
+  const staging = `${outDir}/.tools-staging`;
   rmSync(staging, { recursive: true, force: true });
   for (const d of ["usr/bin", "usr/lib/x86_64-linux-gnu", "usr/lib64"]) mkdirSync(`${staging}/${d}`, { recursive: true });
-  for (const tool of SIDECAR_TOOLS) copyFileSync(tool, `${staging}/usr/bin/${tool.replace(/.*\//, "")}`);
-  for (const l of collectLibs(SIDECAR_TOOLS.filter((t) => t !== "/bin/busybox"), SIDECAR_DLOPENED)) {
+  for (const tool of TOOLS) copyFileSync(tool, `${staging}/usr/bin/${tool.replace(/.*\//, "")}`);
+  for (const l of collectLibs(TOOLS.filter((t) => t !== "/bin/busybox"), TOOLS_DLOPENED)) {
     copyFileSync(l.source, `${staging}/${l.path}`);
   }
   for (const [link, target] of [["lib", "usr/lib"], ["lib64", "usr/lib64"], ["bin", "usr/bin"], ["sbin", "usr/bin"]]) symlinkSync(target!, `${staging}/${link}`);
-  const sqfs = `${outDir}/sidecar.sqfs`;
+  const sqfs = `${outDir}/tools.sqfs`;
   mksquashfs([staging], sqfs);
   rmSync(staging, { recursive: true, force: true });
-  return finish("sidecar", sqfs);
+  return finish("tools", sqfs);
 }
 
 function finish(name: string, sqfs: string): ImageInfo {

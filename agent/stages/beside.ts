@@ -1,7 +1,7 @@
 // The sidecar beside the OS: admin over ssh keeps working after switch_root. Before PID 1 leaves
 // the initrd it starts a second agent process that
 //   1. (still in the initramfs) takes its own mount namespace, builds a small root on a tmpfs
-//      from the verified sidecar image and a few files of the initrd, moves it over "/" and
+//      from the verified tools image and a few files of the initrd, moves it over "/" and
 //      execs itself again inside it;
 //   2. (in that root) serves the admin socket and sshd, as sidecar mode does.
 // Its argv[0] starts with '@': systemd leaves such processes alone when it kills everything at
@@ -20,9 +20,9 @@
 // a directory that is removed), but only after the switch, and only what it removes. So phase 1
 // detaches every inherited mount itself, before PID 1 may go on, and keeps:
 // its tmpfs root, binds of the agent and its libraries (files of the initramfs, which is never
-// freed anyway), fresh proc/sys/devtmpfs/devpts, and the verified sidecar image. That image is
+// freed anyway), fresh proc/sys/devtmpfs/devpts, and the verified tools image. That image is
 // needed for as long as sshd runs (dropbear re-execs itself from it for every connection), so
-// /dev/mapper/initos-sidecar, its loop devices and the read-only ESP file under them stay open
+// /dev/mapper/initos-tools, its loop devices and the read-only ESP file under them stay open
 // until systemd-shutdown's killing spree, when the sidecar lets go of the image, so that the
 // "Detaching DM devices" after it can close the device like any other. Everything there is
 // read-only and verified, so nothing is left unflushed; the pool, the root and the ESP's
@@ -36,7 +36,7 @@ import { procStatusKiB } from "../pid1.ts";
 import { isSystemd, isSystemdShutdown } from "../switchroot.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Clock, Files, Mounts, Processes, Sockets } from "../sys/index.ts";
-import { SIDECAR_ROOT } from "../sys/sidecar.ts";
+import { TOOLS_ROOT } from "../sys/tools.ts";
 import type { Supervised } from "../supervise.ts";
 import { AGENT_PATH, HOST_KEY, SSH_DIR, startSshd } from "./sidecar.ts";
 import { networkRequested } from "./network.ts";
@@ -76,8 +76,8 @@ export async function startBeside(sys: Files & Processes & Clock, log: Logger, c
     log.warn("sidecar beside the OS: no address on the cmdline (initos.ip= or ip=dhcp); not started");
     return null;
   }
-  if (!sys.exists(`${SIDECAR_ROOT}/usr/bin/dropbear`)) {
-    log.warn("sidecar beside the OS: the verified sidecar image is not mounted; not started");
+  if (!sys.exists(`${TOOLS_ROOT}/usr/bin/dropbear`)) {
+    log.warn("sidecar beside the OS: the verified tools image is not mounted; not started");
     return null;
   }
   await network();
@@ -92,7 +92,7 @@ export async function startBeside(sys: Files & Processes & Clock, log: Logger, c
 
 /**
  * Phase 1, in the new process: its own mount namespace, a tmpfs root holding binds of the
- * agent, its libraries and the sidecar image, every inherited mount detached, the tmpfs moved
+ * agent, its libraries and the tools image, every inherited mount detached, the tmpfs moved
  * over "/"; then exec the agent again there.
  * Binds, not copies: the files keep using the memory they already use, and a bind survives
  * the initramfs being emptied (only the name goes, the file stays while it is mounted).
@@ -107,7 +107,7 @@ export function enterBesideRoot(sys: Files & Mounts & Processes, log: Logger): n
   sys.mount(null, "/", null, MS.REC | MS.PRIVATE);
   sys.mkdirp(STAGING);
   sys.mount("tmpfs", STAGING, "tmpfs", MS.NOSUID | MS.NODEV, "mode=0755,size=16m");
-  for (const d of ["usr/bin", ...LIB_DIRS.map((l) => l.slice(1)), "etc/initos", "proc", "sys", "dev", "tmp", "root", "run/initos/ssh", SIDECAR_ROOT.slice(1)]) {
+  for (const d of ["usr/bin", ...LIB_DIRS.map((l) => l.slice(1)), "etc/initos", "proc", "sys", "dev", "tmp", "root", "run/initos/ssh", TOOLS_ROOT.slice(1)]) {
     sys.mkdirp(`${STAGING}/${d}`);
   }
   sys.symlink("usr/bin", `${STAGING}/bin`);
@@ -121,7 +121,7 @@ export function enterBesideRoot(sys: Files & Mounts & Processes, log: Logger): n
   for (const dir of LIB_DIRS) {
     for (const name of sys.readdir(dir)) if (sys.lstat(`${dir}/${name}`).kind === "file") bindFile(`${dir}/${name}`);
   }
-  sys.mount(SIDECAR_ROOT, `${STAGING}${SIDECAR_ROOT}`, null, MS.BIND | MS.REC);
+  sys.mount(TOOLS_ROOT, `${STAGING}${TOOLS_ROOT}`, null, MS.BIND | MS.REC);
   sys.mount("proc", `${STAGING}/proc`, "proc", MS.NOSUID | MS.NODEV | MS.NOEXEC);
   sys.mount("sysfs", `${STAGING}/sys`, "sysfs", MS.NOSUID | MS.NODEV | MS.NOEXEC | MS.RDONLY);
   sys.mount("devtmpfs", `${STAGING}/dev`, "devtmpfs", MS.NOSUID, "mode=0755");
@@ -193,7 +193,7 @@ export async function runBeside(sys: Files & Mounts & Processes & Clock & Socket
  * process but those whose argv[0] starts with '@': the sidecar is spared, dropbear and its
  * sessions are not. Right after that it unmounts, detaches loop devices and removes the DM
  * devices nobody holds. Left as it was, the sidecar would keep the verified image mounted in
- * its namespace and systemd-shutdown would find /dev/mapper/initos-sidecar (and its loops)
+ * its namespace and systemd-shutdown would find /dev/mapper/initos-tools (and its loops)
  * busy, for nothing: sshd is being killed anyway.
  *
  * The cue: the spree never signals us, but it brackets each round with kill(-1, SIGSTOP) ...
@@ -238,11 +238,11 @@ export function watchOsShutdown(
     leaving = true;
     // stop() marks it stopped at once (no restart from the image), then ends what is left of it.
     const stopping = sshd?.stop(sys);
-    let released = "released the sidecar image";
+    let released = "released the tools image";
     try {
-      sys.umount(SIDECAR_ROOT, MNT_DETACH);
+      sys.umount(TOOLS_ROOT, MNT_DETACH);
     } catch (e) {
-      released = `could not detach the sidecar image: ${describe(e)}`;
+      released = `could not detach the tools image: ${describe(e)}`;
     }
     log.info(`sidecar beside the OS: the OS is going down (PID 1 is ${init}); no more sshd, ${released}`);
     void stopping
@@ -325,7 +325,7 @@ export function besideStatus(sys: Files & Processes): StatusField[] {
 const unoctal = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
 
 /**
- * "/ tmpfs, /run/initos/images/sidecar squashfs /dev/mapper/initos-sidecar, ...; N files of the
+ * "/ tmpfs, /run/initos/images/tools squashfs /dev/mapper/initos-tools, ...; N files of the
  * initrd": each mount with its type and, for a block device, its source; binds of the
  * initramfs' own files (the agent, its libraries) only counted.
  */

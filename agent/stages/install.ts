@@ -23,7 +23,7 @@ import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { RECOVERY_KDF, TPM_KDF } from "../sys/cryptsetup.ts";
 import type { Clock, Console, Crypt, Devices, Files, Modules, Mounts, Processes, Tpm } from "../sys/index.ts";
-import { sidecarArgv } from "../sys/sidecar.ts";
+import { toolArgv } from "../sys/tools.ts";
 import { type Coldplug, waitUntil } from "./devices.ts";
 import { ESP_TYPE, type EspResult, mountEsp } from "./esp.ts";
 import type { MountedImage } from "./images.ts";
@@ -211,7 +211,7 @@ function recoveryHostKey(sys: Files & Processes & Clock, tpm: BootTpm, req: Retu
   if (!key) throw new BootError(`install: could not make the recovery ssh host key ${file}`);
   const sealed = sealHostKey(tpm.tpm, req, secureBoot, key);
   key.fill(0);
-  const publicKey = /^(ssh-ed25519 [A-Za-z0-9+/=]+)/m.exec(sys.run([...sidecarArgv("dropbearkey"), "-y", "-f", file]))?.[1];
+  const publicKey = /^(ssh-ed25519 [A-Za-z0-9+/=]+)/m.exec(sys.run([...toolArgv("dropbearkey"), "-y", "-f", file]))?.[1];
   if (!publicKey) throw new BootError("install: dropbearkey printed no public key for the recovery ssh host key");
   return { sealed, publicKey };
 }
@@ -321,7 +321,7 @@ async function partitionDisk(sys: Processes & Files & Clock, log: Logger, cold: 
     `size=${ic.espMiB * mib}, type=${ESP_TYPE}, name="initos-b"`,
     `type=${LINUX_TYPE}, name="initos-luks"`,
   ].join("\n");
-  sys.run([...sidecarArgv("sfdisk"), "-q", "--wipe", "always", ic.target], Buffer.from(`${table}\n`));
+  sys.run([...toolArgv("sfdisk"), "-q", "--wipe", "always", ic.target], Buffer.from(`${table}\n`));
   const parts = [1, 2, 3].map((n) => partition(ic.target, n)) as [string, string, string];
   await waitUntil(sys, log, cold, `partition ${parts[2]}`, 10, () => (sys.exists(parts[2]) ? parts[2] : null));
   return parts;
@@ -333,7 +333,7 @@ async function partitionDisk(sys: Processes & Files & Clock, log: Logger, cold: 
  */
 async function fillPool(sys: Files & Mounts & Modules & Processes & Clock, log: Logger, ic: InstallConfig, mapper: string, rootfs: string, unzstd: Decompressor): Promise<void> {
   log.info("install: creating the btrfs pool");
-  const tool = (name: string, ...args: string[]) => sys.run([...sidecarArgv(name), ...args]);
+  const tool = (name: string, ...args: string[]) => sys.run([...toolArgv(name), ...args]);
   tool("mkfs.btrfs", "-q", "-f", "-L", "INITOSROOT", mapper);
   sys.loadModule("btrfs");
   sys.mkdirp(TARGET, 0o700);
@@ -362,7 +362,7 @@ async function fillPool(sys: Files & Mounts & Modules & Processes & Clock, log: 
 
 /** One ESP of the installed disk: FAT32, the UKI at the removable-media path, the images, the sealed host key. */
 function writeEsp(sys: Files & Mounts & Modules & Processes, cfg: AgentConfig, slot: "A" | "B", part: string, src: Sources, sealedHostKey: string): void {
-  sys.run([...sidecarArgv("mkfs.fat"), "-F", "32", "-s", "1", "-n", `INITOS_${slot}`, part]);
+  sys.run([...toolArgv("mkfs.fat"), "-F", "32", "-s", "1", "-n", `INITOS_${slot}`, part]);
   const mnt = `${TARGET}-esp`;
   sys.mkdirp(mnt, 0o700);
   sys.loadModule("vfat");

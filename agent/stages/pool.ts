@@ -84,7 +84,7 @@ function unresolved(e: unknown): string {
  * The host config and everything in the root subvolume are written by the OS's root user, and
  * these mounts happen in the initramfs' own namespace: a bind path that left /sysroot (".." in
  * the config, or a symlink such as /home -> /../../usr/bin in the root) would mount over the
- * initramfs (/usr/bin, /etc/initos, /run/initos/images/sidecar), replacing what the sidecar
+ * initramfs (/usr/bin, /etc/initos, /run/initos/images/tools), replacing what the sidecar
  * beside the OS runs. So ".." never parses (hostconfig.ts), every target is resolved by the
  * kernel inside /sysroot without following any symlink (openat2), and the mount goes onto the
  * fd that was resolved, not onto the path again: what was checked is what gets mounted. A bind

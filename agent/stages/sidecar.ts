@@ -6,7 +6,7 @@ import { callAdmin, requestFromArgs } from "../admin.ts";
 import type { Logger } from "../log.ts";
 import { type Supervised, supervise } from "../supervise.ts";
 import type { Clock, Files, Processes } from "../sys/index.ts";
-import { SIDECAR_ROOT, sidecarArgv, sidecarExec } from "../sys/sidecar.ts";
+import { TOOLS_ROOT, toolArgv, toolExec } from "../sys/tools.ts";
 
 export const AGENT_PATH = "/usr/bin/initos-agent";
 export const SSH_DIR = "/run/initos/ssh";
@@ -39,7 +39,7 @@ export function startSshd(sys: Files & Processes & Clock, log: Logger, cfg: Agen
   writeAccounts(sys, cfg.ssh.authorizedKeys, cfg.ssh.shell);
   const hostKey = ensureHostKey(sys);
   // -F foreground, -E log to stderr (our log), -s no passwords, -j/-k no forwarding.
-  const dropbear = sidecarExec("dropbear");
+  const dropbear = toolExec("dropbear");
   const svc = supervise(sys, log, { name: "sshd", argv: [...dropbear.argv, "-F", "-E", "-s", "-j", "-k", "-p", String(cfg.ssh.port), "-r", hostKey], env: dropbear.env });
   log.info(`sidecar: sshd on port ${cfg.ssh.port}, ${cfg.ssh.authorizedKeys.length} authorized key(s)`);
   return svc;
@@ -48,12 +48,12 @@ export function startSshd(sys: Files & Processes & Clock, log: Logger, cfg: Agen
 /** The sidecar's host key in tmpfs: the one persisted on the pool if copied there, else new. */
 export function ensureHostKey(sys: Files & Processes): string {
   sys.mkdirp(SSH_DIR, 0o700);
-  if (!sys.exists(HOST_KEY)) sys.run([...sidecarArgv("dropbearkey"), "-t", "ed25519", "-f", HOST_KEY]);
+  if (!sys.exists(HOST_KEY)) sys.run([...toolArgv("dropbearkey"), "-t", "ed25519", "-f", HOST_KEY]);
   return HOST_KEY;
 }
 
-/** busybox from the verified sidecar image: the only shell there is, and only when the config offers it. */
-export const BUSYBOX = `${SIDECAR_ROOT}/usr/bin/busybox`;
+/** busybox from the verified tools image: the only shell there is, and only when the config offers it. */
+export const BUSYBOX = `${TOOLS_ROOT}/usr/bin/busybox`;
 
 export interface ShellIo {
   readStdin(): string;

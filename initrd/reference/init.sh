@@ -13,7 +13,7 @@
 #
 # /etc/initos-ref.env is written at build time (initrd/reference/initrd.ts) from the signed
 # config and build/images/*.json: MODULES, ESP_PARTNAME, ESP_DIR, TPM_WAIT, ROOT_WAIT,
-# MODULES_ROOTHASH / SIDECAR_ROOTHASH / MODULES_BINDS, and the TPM binding TPM_BANK, TPM_PCRS,
+# MODULES_ROOTHASH / TOOLS_ROOTHASH / MODULES_BINDS, and the TPM binding TPM_BANK, TPM_PCRS,
 # TPM_SIGNED_PCRS, TPM_LATCH; /etc/initos-ref-pcr.pem is the config's PCR signer (public key).
 # The TPM sequence itself is in /usr/lib/initos-ref/tpm2-token.sh (initrd/reference/tpm2-token.sh).
 
@@ -22,7 +22,7 @@ export PATH=/usr/bin
 
 R=/run/initos-ref                         # everything this script mounts or writes lives here
 ESP=$R/esp
-SIDECAR=$R/images/sidecar
+TOOLS=$R/images/tools
 KEY=$R/key
 # The digest the agent extends the latch PCR with (agent/stages/pool.ts), so PCR 15 ends equal.
 LATCH_DIGEST=9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
@@ -103,7 +103,7 @@ for b in $MODULES_BINDS; do # from:to
 	mkdir -p "${b#*:}"
 	mount --bind "$R/images/modules/${b%%:*}" "${b#*:}" || die "cannot bind ${b%%:*} on ${b#*:}"
 done
-open_image sidecar "$SIDECAR_ROOTHASH"
+open_image tools "$TOOLS_ROOTHASH"
 # Coldplug: every device's modalias, resolved with the full module tree from the image.
 cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u | xargs -r modprobe -qa
 log "modules: coldplug from the modules image done"
@@ -124,9 +124,9 @@ log "unlock: encrypted volumes$LUKS"
 # dm-crypt and the ciphers LUKS2 uses; there is no modprobe helper for the kernel to call.
 modprobe -qa dm_crypt xts ecb aesni_intel algif_skcipher
 
-# tpm2-tools from the verified sidecar image, as the agent runs them, through the resource manager.
+# tpm2-tools from the verified tools image, as the agent runs them, through the resource manager.
 export TPM2TOOLS_TCTI=device:/dev/tpmrm0
-tpm2() { LD_LIBRARY_PATH=$SIDECAR/usr/lib/x86_64-linux-gnu "$SIDECAR/usr/bin/tpm2" "$@"; }
+tpm2() { LD_LIBRARY_PATH=$TOOLS/usr/lib/x86_64-linux-gnu "$TOOLS/usr/bin/tpm2" "$@"; }
 # The systemd-tpm2 token functions (t2_*), shared with the test roots' evil-maid attack.
 . /usr/lib/initos-ref/tpm2-token.sh
 T2=$R/tpm

@@ -4,7 +4,7 @@
 // (DT_NEEDED, like everything else), the build-time settings /init reads, the PCR signer's
 // public key from the config, and the systemd-tpm2 token functions (tpm2-token.sh, shared with
 // the test roots' attack). tpm2 is not here: like the agent, the script runs it from the
-// verified sidecar image.
+// verified tools image.
 import { execFileSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import type { AgentConfig } from "../../agent/config.ts";
@@ -55,7 +55,7 @@ export function referenceEnv(config: AgentConfig, modules: readonly string[]): s
     TPM_WAIT: String(config.tpm.waitSeconds),
     MODULES_ROOTHASH: mods.rootHash,
     MODULES_BINDS: mods.binds.map((b) => `${b.from}:${b.to}`).join(" "),
-    SIDECAR_ROOTHASH: image("sidecar").rootHash,
+    TOOLS_ROOTHASH: image("tools").rootHash,
     TPM_BANK: tpm.bank,
     TPM_PCRS: tpm.pcrs.join(","),
     TPM_SIGNED_PCRS: tpm.signedPcrs.join(","),

@@ -11,7 +11,7 @@ import { cpioFiles } from "./sizes.ts";
 export const NEEDED = ["installer.img", "reference.efi", "boot.img", "initrd.img", "vmlinuz", "agent.cpio"];
 const REPORTED = [
   "target.efi", "initos.efi", "base.cpio", "base.cpio.zst", "agent.cpio.zst", "initos-agent", "reference.cpio", "reference.initrd",
-  "images/modules.sqfs", "images/sidecar.sqfs",
+  "images/modules.sqfs", "images/tools.sqfs",
 ];
 
 const QUIET_MS = 10_000;

@@ -103,8 +103,8 @@ export function sizeSection(r: SizeReport): string {
     ["agent binary (initos-agent)", f["initos-agent"]],
     ["reference initrd, uncompressed / compressed", f["reference.cpio"]],
     ["", f["reference.initrd"]],
-    ["ESP: modules.sqfs / sidecar.sqfs", f["images/modules.sqfs"]],
-    ["", f["images/sidecar.sqfs"]],
+    ["ESP: modules.sqfs / tools.sqfs", f["images/modules.sqfs"]],
+    ["", f["images/tools.sqfs"]],
   ];
   const merged: string[][] = [];
   for (const [label, bytes] of rows) {

@@ -42,7 +42,7 @@ export function sizeReport(b: string, top = 15): SizeReport {
   const files: Record<string, number | undefined> = {};
   for (const f of [
     "target.efi", "initos.efi", "reference.efi", "initrd.img", "base.cpio", "base.cpio.zst", "agent.cpio", "agent.cpio.zst",
-    "initos-agent", "reference.cpio", "reference.initrd", "images/modules.sqfs", "images/sidecar.sqfs",
+    "initos-agent", "reference.cpio", "reference.initrd", "images/modules.sqfs", "images/tools.sqfs",
   ]) {
     files[f] = size(`${b}/${f}`);
   }

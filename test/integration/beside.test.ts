@@ -28,7 +28,7 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 afterEach(stopAll);
 
 describe("the sidecar beside the OS", () => {
-  it("holds none of the initramfs' mounts (root, pool, ESP, modules image), only its own root and the sidecar image; not dumpable", async () => {
+  it("holds none of the initramfs' mounts (root, pool, ESP, modules image), only its own root and the tools image; not dumpable", async () => {
     const pool = buildPoolImage({
       out: `${dir}/pool.img`,
       passphrase: PASS,
@@ -49,7 +49,7 @@ describe("the sidecar beside the OS", () => {
     await vm.waitFor(/initos: sidecar beside the OS: ready/, 60_000);
     // The initramfs had all of these while PID 1 started the sidecar.
     expect(vm.output).toMatch(/initos: pool: root @root on \/sysroot/);
-    expect(vm.output).toMatch(/image sidecar: verified from slot a/);
+    expect(vm.output).toMatch(/image tools: verified from slot a/);
 
     const r = await sshWhenUp(port, "status", { key: KEY });
     expect(r.status).toBe(0);
@@ -58,10 +58,10 @@ describe("the sidecar beside the OS", () => {
     expect(st).toMatch(/\ndumpable: 0\n/);
     // Everything outside its root is gone: nothing left for the chroot to hide.
     expect(st).toMatch(/\nmounts left outside its root: none\n?$/);
-    // And inside: its tmpfs root, fresh API filesystems, the verified sidecar image, the agent's files.
+    // And inside: its tmpfs root, fresh API filesystems, the verified tools image, the agent's files.
     const mounts = /\nmounts: (.*)\n/.exec(st)?.[1] ?? "";
     const [listed, files] = mounts.split("; ");
-    expect(listed!.split(", ").sort()).toEqual(["/ tmpfs", "/dev devtmpfs", "/dev/pts devpts", "/proc proc", "/run/initos/images/sidecar squashfs /dev/mapper/initos-sidecar", "/sys sysfs"]);
+    expect(listed!.split(", ").sort()).toEqual(["/ tmpfs", "/dev devtmpfs", "/dev/pts devpts", "/proc proc", "/run/initos/images/tools squashfs /dev/mapper/initos-tools", "/sys sysfs"]);
     expect(files).toMatch(/^\d+ files of the initrd$/);
     expect(st).not.toMatch(/sysroot|esp-|initos-pool|initos-modules|btrfs|vfat|\/lib\/modules|\/lib\/firmware/);
     // proc, sys, dev, devpts, run, esp-a, two images, /lib/modules, /lib/firmware, /sysroot, its @home

@@ -7,8 +7,8 @@
 //     its whole shutdown;
 //   - systemd-shutdown's killing spree spares '@' processes (argv[0] '@initos-sidecar'), but
 //     stops and continues every process around it (kill(-1, SIGSTOP/SIGCONT)): the sidecar takes
-//     that as its cue to stop sshd and let go of the verified sidecar image, so the "Detaching DM
-//     devices" after it closes /dev/mapper/initos-sidecar like any other (see stages/beside.ts);
+//     that as its cue to stop sshd and let go of the verified tools image, so the "Detaching DM
+//     devices" after it closes /dev/mapper/initos-tools like any other (see stages/beside.ts);
 //     the sidecar itself is left alone to the end.
 // The check unit holds (initos.test.hold) instead of powering off: the reboot comes over ssh.
 import { existsSync } from "node:fs";
@@ -56,7 +56,7 @@ describe("the sidecar beside Debian 12 + systemd", () => {
     expect(vm.output).toMatch(/initos: handoff: init \/sbin\/init is \/usr\/lib\/systemd\/systemd \(systemd: switched root\)/);
     expect(vm.output).toMatch(/INITOS-DEBIAN failed: none/);
     // Beside the OS: the modules image (the OS's /lib/modules) and the sidecar's (sshd runs from it).
-    expect(vm.output).toMatch(/INITOS-DEBIAN dm: control initos-modules initos-sidecar\s*$/m);
+    expect(vm.output).toMatch(/INITOS-DEBIAN dm: control initos-modules initos-tools\s*$/m);
 
     // After multi-user.target: still there, the same process systemd found, in its own root.
     const st = await sshWhenUp(port, "status", { key: KEY });
@@ -76,7 +76,7 @@ describe("the sidecar beside Debian 12 + systemd", () => {
     expect(out).toMatch(/Reached target [^\r\n]*System Reboot/);
     // systemd-shutdown's killing spree: the sidecar is spared, sees it, lets go of its image.
     expect(out).toMatch(/systemd-shutdown\[1\]: Sending SIGTERM to remaining processes/);
-    expect(out).toMatch(/initos: sidecar beside the OS: the OS is going down \(PID 1 is \S*systemd-shutdown\); no more sshd, released the sidecar image/);
+    expect(out).toMatch(/initos: sidecar beside the OS: the OS is going down \(PID 1 is \S*systemd-shutdown\); no more sshd, released the tools image/);
     expect(out).toMatch(/initos: supervise: sshd stopped/);
     const spree = out.slice(out.indexOf("Sending SIGTERM to remaining processes"));
     expect(spree).not.toMatch(/supervise: sshd started/); // not restarted from the image it let go

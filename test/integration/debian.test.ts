@@ -51,7 +51,7 @@ async function expectHandoffAndCleanShutdown(vm: Vm): Promise<Map<string, string
   // Marked as the initrd's (x-initrd.mount): not stopped with the OS, unmounted by systemd-shutdown.
   expect(r.get("left to systemd-shutdown")).toMatch(/^\/usr\/lib\/firmware \/usr\/lib\/modules\/\S+$/);
   expect(out).toMatch(/systemd-shutdown\[1\]: All filesystems, swaps, loop devices, MD devices and DM devices detached/);
-  expect(r.get("dm")).toBe("control initos-modules"); // the sidecar image, unused, was closed
+  expect(r.get("dm")).toBe("control initos-modules"); // the tools image, unused, was closed
   // A shutdown with nothing of the initrd's left to fail on.
   expect(out).not.toMatch(/Failed unmounting/);
   expect(out).not.toMatch(/FAILED[^\r\n]*initos/);

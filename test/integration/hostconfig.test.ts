@@ -37,7 +37,7 @@ describe("a hostile host config on the encrypted pool", () => {
         root: "@root",
         binds: [
           { subvol: "@x", path: "/../usr/bin" }, // the initramfs' /usr/bin: what the sidecar beside the OS execs
-          { subvol: "@x", path: "/../run/initos/images/sidecar" },
+          { subvol: "@x", path: "/../run/initos/images/tools" },
           { subvol: "@x", path: "/../../etc/initos" }, // keys, the shell setting
           { subvol: "@x", path: "/escape" }, // a symlink in @root: /escape -> /../../usr/bin
           { subvol: "@x", path: "/srv/sidecar" }, // a symlink on the way: /srv -> /../../run/initos/images
@@ -62,7 +62,7 @@ describe("a hostile host config on the encrypted pool", () => {
     const refused = out.match(/initos: (host config initos\.json: refused|pool: refused) [^\r\n]*/g) ?? [];
     expect(refused).toEqual([
       'initos: host config initos.json: refused binds.0 {"subvol":"@x","path":"/../usr/bin"}: path: "." and ".." are not allowed in a bind path; not mounted',
-      'initos: host config initos.json: refused binds.1 {"subvol":"@x","path":"/../run/initos/images/sidecar"}: path: "." and ".." are not allowed in a bind path; not mounted',
+      'initos: host config initos.json: refused binds.1 {"subvol":"@x","path":"/../run/initos/images/tools"}: path: "." and ".." are not allowed in a bind path; not mounted',
       'initos: host config initos.json: refused binds.2 {"subvol":"@x","path":"/../../etc/initos"}: path: "." and ".." are not allowed in a bind path; not mounted',
       "initos: pool: refused bind @x on /escape: a symlink in the path (a bind target must be a real directory of the root); not mounted",
       "initos: pool: refused bind @x on /srv/sidecar: a symlink in the path (a bind target must be a real directory of the root); not mounted",

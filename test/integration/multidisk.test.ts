@@ -31,7 +31,7 @@ describe("ESP slots on a machine with several initos disks", () => {
     await vm.waitFor(MARKER, 180_000);
     expect(espLine(vm.output)).toBe("initos: esp: slot a /dev/vda1 (booted), slot b /dev/vda2");
     expect(vm.output).toMatch(/initos: image modules: verified from slot a, root hash/);
-    expect(vm.output).toMatch(/initos: image sidecar: verified from slot a, root hash/);
+    expect(vm.output).toMatch(/initos: image tools: verified from slot a, root hash/);
     expect(vm.output).not.toMatch(/copy rejected|\/dev\/vdb[12]/);
     await vm.waitExit(30_000);
   }, 240_000);

@@ -12,7 +12,7 @@ import { variantInitrd } from "./images.ts";
 
 const B = "build";
 const KEY = `${B}/test-ssh/id_ed25519`;
-const BUSYBOX = "/run/initos/images/sidecar/usr/bin/busybox";
+const BUSYBOX = "/run/initos/images/tools/usr/bin/busybox";
 let dir: string;
 
 afterAll(async () => {

@@ -112,7 +112,7 @@ describe.sequential("sidecar", () => {
   }, 360_000);
 
   it("supervision: orphans of a service are reaped (no zombies), and sshd killed is restarted; a shell when the config offers one", async () => {
-    const busybox = "/run/initos/images/sidecar/usr/bin/busybox";
+    const busybox = "/run/initos/images/tools/usr/bin/busybox";
     const initrd = variantInitrd(dir, "services", (c) => {
       c.ssh = { shell: true };
       c.services = [
@@ -138,7 +138,7 @@ describe.sequential("sidecar", () => {
     expect(r.stdout).toMatch(/\nzombies: 0\nagent rss: \d+ kB\nmemavailable: \d+ kB\n$/);
     // The signed config offers a shell: busybox sh from the verified image runs other commands.
     const sh = await ssh(p3, "echo shell-$((6*7)); readlink /proc/$$/exe", { key: KEY });
-    expect(sh.stdout).toBe("shell-42\n/run/initos/images/sidecar/usr/bin/busybox\n");
+    expect(sh.stdout).toBe("shell-42\n/run/initos/images/tools/usr/bin/busybox\n");
     await ssh(p3, "poweroff", { key: KEY });
     await svm.waitExit(60_000);
   }, 300_000);

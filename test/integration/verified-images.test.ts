@@ -43,7 +43,7 @@ describe("verified images", () => {
     expect(out).toMatch(/initos: esp: slot a \/dev\/vda1 \(booted\), slot b \/dev\/vda2/);
     const modules = out.search(/initos: image modules: verified from slot a, root hash [0-9a-f]{12}\.\.\., mounted/);
     expect(modules).toBeGreaterThan(0);
-    expect(out).toMatch(/initos: image sidecar: verified from slot a/);
+    expect(out).toMatch(/initos: image tools: verified from slot a/);
     // btrfs is not in the initrd: its driver registers only after the modules image is mounted.
     expect(out.search(/Btrfs loaded/)).toBeGreaterThan(modules);
     // The initrd carries no btrfs module at all.
@@ -73,7 +73,7 @@ describe("verified images", () => {
     await vm.waitFor(MARKER, 120_000);
     expect(vm.output).toMatch(/initos: image modules: slot a copy rejected: Verification failed at position \d+, Verification of data area failed/);
     expect(vm.output).toMatch(/initos: image modules: verified from slot b \(after 1 bad copy\)/);
-    expect(vm.output).toMatch(/initos: image sidecar: verified from slot a/);
+    expect(vm.output).toMatch(/initos: image tools: verified from slot a/);
   }, 150_000);
 
   it("modules data corrupted on both slots: nothing mounted, one clear line, failure policy", async () => {

@@ -42,6 +42,6 @@ describe("verity parameters pinned in the signed config", () => {
     await vm.waitFor(/INITOS-TEST-ROOT pid=1 root=subvol=@/, 120_000);
     expect(vm.output).toContain(`initos: image modules: slot a copy rejected: verity superblock: dataBlocks is ${now}, the signed config pins ${was}`);
     expect(vm.output).toMatch(/initos: image modules: verified from slot b \(after 1 bad copy\)/);
-    expect(vm.output).toMatch(/initos: image sidecar: verified from slot a/);
+    expect(vm.output).toMatch(/initos: image tools: verified from slot a/);
   }, 150_000);
 });

@@ -20,7 +20,7 @@ describe("the sidecar beside the OS", () => {
   });
 
   it("PID 1 brings the network up, starts it as '@initos-sidecar' and waits until its root no longer needs the initramfs", async () => {
-    const s = new FakeSys().add("/run/initos/images/sidecar/usr/bin/dropbear", { kind: "file" });
+    const s = new FakeSys().add("/run/initos/images/tools/usr/bin/dropbear", { kind: "file" });
     let network = 0;
     s.onSpawn.set("beside", (f) => void f.add("/run/initos/beside.ready", { kind: "file", data: "4242\n" }));
     s.add("/proc/4242", { kind: "dir" });
@@ -31,20 +31,20 @@ describe("the sidecar beside the OS", () => {
   });
 
   it("a sidecar process that dies before its root is ready is an error naming it", async () => {
-    const s = new FakeSys().add("/run/initos/images/sidecar/usr/bin/dropbear", { kind: "file" });
+    const s = new FakeSys().add("/run/initos/images/tools/usr/bin/dropbear", { kind: "file" });
     await expect(startBeside(s, silentLog(), withAddress, keyed, async () => {})).rejects.toThrow("sidecar beside the OS: pid 4242 did not set up its root within 30s");
   });
 
-  it("is not started without keys, without an address, or without the sidecar image", async () => {
+  it("is not started without keys, without an address, or without the tools image", async () => {
     const log = silentLog();
-    const img = () => new FakeSys().add("/run/initos/images/sidecar/usr/bin/dropbear", { kind: "file" });
+    const img = () => new FakeSys().add("/run/initos/images/tools/usr/bin/dropbear", { kind: "file" });
     expect(await startBeside(img(), log, withAddress, DEFAULT_CONFIG, async () => {})).toBeNull();
     expect(await startBeside(img(), log, parseCmdline("initos.sidecar=1").cmdline, keyed, async () => {})).toBeNull();
     expect(await startBeside(new FakeSys(), log, withAddress, keyed, async () => {})).toBeNull();
     expect(log.lines).toEqual([
       "warn: sidecar beside the OS: no authorized ssh keys in the config; not started",
       "warn: sidecar beside the OS: no address on the cmdline (initos.ip= or ip=dhcp); not started",
-      "warn: sidecar beside the OS: the verified sidecar image is not mounted; not started",
+      "warn: sidecar beside the OS: the verified tools image is not mounted; not started",
     ]);
   });
 
@@ -55,7 +55,7 @@ describe("the sidecar beside the OS", () => {
     expect(c.slice(0, 3)).toEqual(["unshareMountNs", "mount null / null 0x44000", "mount tmpfs /beside tmpfs 0x6 mode=0755,size=16m"]);
     expect(c).toContain("mount /usr/bin/initos-agent /beside/usr/bin/initos-agent null 0x1000");
     expect(c).toContain("mount /usr/lib/x86_64-linux-gnu/libc.so.6 /beside/usr/lib/x86_64-linux-gnu/libc.so.6 null 0x1000");
-    expect(c).toContain("mount /run/initos/images/sidecar /beside/run/initos/images/sidecar null 0x5000");
+    expect(c).toContain("mount /run/initos/images/tools /beside/run/initos/images/tools null 0x5000");
     expect(c).toContain("copyFile /run/initos/ssh/host_ed25519 /beside/run/initos/ssh/host_ed25519");
     const tail = c.slice(c.indexOf("mount . / null 0x2000"));
     expect(tail).toEqual([
@@ -93,7 +93,7 @@ describe("the sidecar beside the OS", () => {
       "umount /lib/firmware 2",
       "umount /lib/modules 2",
       "umount /run/initos/pool 2",
-      "umount /run/initos/images/sidecar 2",
+      "umount /run/initos/images/tools 2",
       "umount /run/initos/images/modules 2",
       "umount /run/initos/esp-a 2",
       "umount /sys/firmware/efi/efivars 2",
@@ -107,10 +107,10 @@ describe("the sidecar beside the OS", () => {
     // (and the devpts of its own, mounted after the chroot on its /dev/pts)
     // (a Set: the fake also records the propagation change on "/" as a mount)
     expect(new Set(s.mounts.filter((m) => !m.startsWith("/beside")))).toEqual(new Set(["/", "/dev/pts"]));
-    expect(s.mounts).toContain("/beside/run/initos/images/sidecar");
+    expect(s.mounts).toContain("/beside/run/initos/images/tools");
     const at = (c: string) => s.calls.indexOf(c);
     // The verified image is bound into its root before the original goes.
-    expect(at("mount /run/initos/images/sidecar /beside/run/initos/images/sidecar null 0x5000")).toBeLessThan(at("umount /run/initos/images/sidecar 2"));
+    expect(at("mount /run/initos/images/tools /beside/run/initos/images/tools null 0x5000")).toBeLessThan(at("umount /run/initos/images/tools 2"));
     // The record of what was left outside its root is taken with the full view, before the chroot hides it.
     expect(s.readFile("/beside/run/initos/beside.outside")).toBe("");
     // /run, the OS's own tmpfs, goes last: right after PID 1 is told, before the chroot.
@@ -134,7 +134,7 @@ describe("the sidecar beside the OS", () => {
     s.add("/run/initos/beside.outside", { kind: "file", data: "" });
     const st = formatStatus(besideStatus(s)).split("\n");
     expect(st).toContain("dumpable: 0");
-    expect(st).toContain("mounts: / tmpfs, /run/initos/images/sidecar squashfs /dev/mapper/initos-sidecar, /proc proc, /sys sysfs, /dev devtmpfs, /dev/pts devpts; 2 files of the initrd");
+    expect(st).toContain("mounts: / tmpfs, /run/initos/images/tools squashfs /dev/mapper/initos-tools, /proc proc, /sys sysfs, /dev devtmpfs, /dev/pts devpts; 2 files of the initrd");
     expect(st).toContain("mounts left outside its root: none");
     s.add("/run/initos/beside.outside", { kind: "file", data: "/sysroot\n/run/initos/esp-a\n" });
     expect(formatStatus(besideStatus(s)).split("\n")).toContain("mounts left outside its root: /sysroot, /run/initos/esp-a");
@@ -205,18 +205,18 @@ describe("the sidecar beside the OS at the OS's shutdown", () => {
 
   it("on systemd-shutdown's killing spree (the SIGCONT of its kill(-1, SIGSTOP/SIGCONT)): sshd stopped for good, then the image detached; it stays, once", async () => {
     const s = pid1("/usr/lib/systemd/systemd-shutdown");
-    s.mounts.push("/run/initos/images/sidecar");
+    s.mounts.push("/run/initos/images/tools");
     const w = watched(s);
     w.cont();
     // No sshd restart from the image first, then the image lazily (MNT_DETACH = 2) detached.
     expect(w.order).toEqual(["stop sshd (after 0 calls)"]);
-    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2"]);
-    expect(s.mounts).not.toContain("/run/initos/images/sidecar");
-    expect(w.log.lines).toEqual(["info: sidecar beside the OS: the OS is going down (PID 1 is /usr/lib/systemd/systemd-shutdown); no more sshd, released the sidecar image"]);
+    expect(s.calls).toEqual(["umount /run/initos/images/tools 2"]);
+    expect(s.mounts).not.toContain("/run/initos/images/tools");
+    expect(w.log.lines).toEqual(["info: sidecar beside the OS: the OS is going down (PID 1 is /usr/lib/systemd/systemd-shutdown); no more sshd, released the tools image"]);
     // Once sshd is gone: the SIGCHLD that wakes systemd-shutdown to look for dropbear again.
     // No exit, no other signal: spared until the end, it holds nothing more.
     await new Promise((r) => setTimeout(r, 0));
-    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2", "signal 1 17"]);
+    expect(s.calls).toEqual(["umount /run/initos/images/tools 2", "signal 1 17"]);
     // The spree's second round (SIGKILL) continues everyone again: nothing more to do.
     w.cont();
     await new Promise((r) => setTimeout(r, 0));
@@ -232,10 +232,10 @@ describe("the sidecar beside the OS at the OS's shutdown", () => {
     watchOsShutdown(s, silentLog(), sshd, (_sig, h) => (cont = h));
     cont();
     await new Promise((r) => setTimeout(r, 0));
-    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2"]);
+    expect(s.calls).toEqual(["umount /run/initos/images/tools 2"]);
     gone();
     await new Promise((r) => setTimeout(r, 0));
-    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2", "signal 1 17"]);
+    expect(s.calls).toEqual(["umount /run/initos/images/tools 2", "signal 1 17"]);
   });
 
   it("a SIGCONT while the OS runs (systemd, or any other init) changes nothing", () => {
@@ -265,8 +265,8 @@ describe("the sidecar beside the OS at the OS's shutdown", () => {
     w.cont();
     await new Promise((r) => setTimeout(r, 0));
     // No dropbear of ours for systemd-shutdown to wait for: no SIGCHLD either.
-    expect(s.calls).toEqual(["umount /run/initos/images/sidecar 2"]);
-    expect(w.log.lines).toEqual(["info: sidecar beside the OS: the OS is going down (PID 1 is /usr/lib/systemd/systemd-shutdown); no more sshd, could not detach the sidecar image: umount2: EINVAL"]);
+    expect(s.calls).toEqual(["umount /run/initos/images/tools 2"]);
+    expect(w.log.lines).toEqual(["info: sidecar beside the OS: the OS is going down (PID 1 is /usr/lib/systemd/systemd-shutdown); no more sshd, could not detach the tools image: umount2: EINVAL"]);
   });
 });
 
@@ -293,7 +293,7 @@ function initramfs(): FakeSys {
     "/sys/firmware/efi/efivars",
     "/run/initos/esp-a",
     "/run/initos/images/modules",
-    "/run/initos/images/sidecar",
+    "/run/initos/images/tools",
     "/run/initos/pool",
     "/lib/modules",
     "/lib/firmware",
@@ -309,7 +309,7 @@ const MOUNTINFO = [
   "40 21 0:40 / / rw,nosuid,nodev - tmpfs tmpfs rw,size=16384k,mode=755",
   "41 40 0:2 /usr/bin/initos-agent /usr/bin/initos-agent rw - rootfs rootfs rw",
   "42 40 0:2 /usr/lib/x86_64-linux-gnu/libc.so.6 /usr/lib/x86_64-linux-gnu/libc.so.6 rw - rootfs rootfs rw",
-  "43 40 253:1 / /run/initos/images/sidecar ro,nosuid,nodev - squashfs /dev/mapper/initos-sidecar ro",
+  "43 40 253:1 / /run/initos/images/tools ro,nosuid,nodev - squashfs /dev/mapper/initos-tools ro",
   "44 40 0:41 / /proc rw,nosuid,nodev,noexec - proc proc rw",
   "45 40 0:42 / /sys ro,nosuid,nodev,noexec - sysfs sysfs ro",
   "46 40 0:5 / /dev rw,nosuid - devtmpfs devtmpfs rw,size=4096k,mode=755",

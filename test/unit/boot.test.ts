@@ -308,7 +308,7 @@ describe("hand-off: what the OS keeps of the initrd's mounts", () => {
   const cfg = AgentConfigSchema.parse({
     images: [
       { name: "modules", rootHash: HASH, verity: VERITY, binds: [{ from: "modules", to: "/lib/modules" }, { from: "firmware", to: "/lib/firmware" }] },
-      { name: "sidecar", rootHash: HASH, verity: VERITY },
+      { name: "tools", rootHash: HASH, verity: VERITY },
     ],
   });
   const REL = "6.1.0-57-cloud-amd64";
@@ -325,8 +325,8 @@ describe("hand-off: what the OS keeps of the initrd's mounts", () => {
       .add("/run/initos/images/modules/modules", { kind: "dir" })
       .add(`/run/initos/images/modules/modules/${REL}`, { kind: "dir" })
       .add("/run/initos/images/modules/firmware", { kind: "dir" })
-      .add("/run/initos/images/sidecar/usr", { kind: "dir" });
-    s.mounts.push("/run", "/run/initos/esp-a", "/run/initos/images/modules", "/run/initos/images/sidecar", "/usr/lib/modules", "/usr/lib/firmware", "/sysroot");
+      .add("/run/initos/images/tools/usr", { kind: "dir" });
+    s.mounts.push("/run", "/run/initos/esp-a", "/run/initos/images/modules", "/run/initos/images/tools", "/usr/lib/modules", "/usr/lib/firmware", "/sysroot");
     return s;
   }
   const MOUNTISH = /^(mkdirp|openDirInRoot|mount|umount|luks|close)/;
@@ -349,8 +349,8 @@ describe("hand-off: what the OS keeps of the initrd's mounts", () => {
       "mount null /sysroot/usr/lib/firmware null 0x1027",
       "mkdirp /run/mount",
       "umount /run/initos/images/modules 2", // lazily: the binds keep the verity device open
-      "umount /run/initos/images/sidecar 2",
-      "luks.close initos-sidecar", // nothing uses it any more
+      "umount /run/initos/images/tools 2",
+      "luks.close initos-tools", // nothing uses it any more
       "umount /run/initos/esp-a 2", // slot b was never mounted
     ]);
     expect(s.mountPoints().filter((m) => m.startsWith("/run/initos"))).toEqual([]);
@@ -363,25 +363,25 @@ describe("hand-off: what the OS keeps of the initrd's mounts", () => {
       ].join("\n"),
     );
     expect(log.lines).toContain(`info: image modules: modules/${REL} bound read-only on the OS's /lib/modules/${REL} (/usr/lib/modules/${REL})`);
-    expect(log.lines).toContain("info: image sidecar: unmounted and closed");
+    expect(log.lines).toContain("info: image tools: unmounted and closed");
     expect(log.lines).toContain("info: esp: unmounted /run/initos/esp-a");
   });
 
   it("an image the sidecar beside the OS runs from is unmounted here but not closed (no retried removal)", () => {
     const s = machine();
     const log = silentLog();
-    handOverMounts(s, log, cfg, esp, ["sidecar"]);
-    expect(s.calls).toContain("umount /run/initos/images/sidecar 2");
-    expect(s.calls.some((c) => c.startsWith("luks.close initos-sidecar"))).toBe(false);
-    expect(log.lines).toContain("info: image sidecar: unmounted from /run/initos/images/sidecar; open for the sidecar beside the OS");
+    handOverMounts(s, log, cfg, esp, ["tools"]);
+    expect(s.calls).toContain("umount /run/initos/images/tools 2");
+    expect(s.calls.some((c) => c.startsWith("luks.close initos-tools"))).toBe(false);
+    expect(log.lines).toContain("info: image tools: unmounted from /run/initos/images/tools; open for the sidecar beside the OS");
   });
 
   it("an image something else still holds is unmounted and left open, with the reason", () => {
     const s = machine();
-    s.failOn.set("luks.close initos-sidecar", new Error("close initos-sidecar: Device or resource busy"));
+    s.failOn.set("luks.close initos-tools", new Error("close initos-tools: Device or resource busy"));
     const log = silentLog();
     handOverMounts(s, log, cfg, esp);
-    expect(log.lines).toContain("info: image sidecar: unmounted from /run/initos/images/sidecar; still open (close initos-sidecar: Device or resource busy)");
+    expect(log.lines).toContain("info: image tools: unmounted from /run/initos/images/tools; still open (close initos-tools: Device or resource busy)");
   });
 
   it("existing mount points are used as they are (a root that has /lib/modules/<release> and /lib/firmware)", () => {
@@ -421,10 +421,10 @@ describe("hand-off: what the OS keeps of the initrd's mounts", () => {
   });
 
   it("a root whose /lib leads out of it: the mount point is made and bound inside the root, never in the initramfs", () => {
-    const s = machine().add("/sysroot/lib", { kind: "link", target: "../../../../run/initos/images/sidecar", dev: 2 });
+    const s = machine().add("/sysroot/lib", { kind: "link", target: "../../../../run/initos/images/tools", dev: 2 });
     handOverMounts(s, silentLog(), cfg, esp);
     const targets = [...s.openedInRoot.values()];
-    expect(targets).toEqual([`/sysroot/run/initos/images/sidecar/modules/${REL}`, "/sysroot/run/initos/images/sidecar/firmware"]);
+    expect(targets).toEqual([`/sysroot/run/initos/images/tools/modules/${REL}`, "/sysroot/run/initos/images/tools/firmware"]);
     expect(s.calls.filter((c) => c.startsWith("mkdirp ") && !c.startsWith("mkdirp /sysroot/") && c !== "mkdirp /run/mount")).toEqual([]);
   });
 

@@ -13,7 +13,7 @@ import type { StopBounds } from "../../agent/supervise.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const CTL = "/run/initos/ctl.sock";
-const DROPBEAR = "/run/initos/images/sidecar/usr/bin/dropbear";
+const DROPBEAR = "/run/initos/images/tools/usr/bin/dropbear";
 const TERM = 15;
 const KILL = 9;
 const keyed = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 op@laptop"] } };
@@ -80,7 +80,7 @@ describe("RemoteAdmin.start", () => {
     ]);
     const [sshd] = [...s.services.values()];
     // dropbear re-executes itself per connection: the tools image's libraries come through the environment.
-    expect(sshd!.env).toEqual({ LD_LIBRARY_PATH: "/run/initos/images/sidecar/usr/lib/x86_64-linux-gnu" });
+    expect(sshd!.env).toEqual({ LD_LIBRARY_PATH: "/run/initos/images/tools/usr/lib/x86_64-linux-gnu" });
     // The host key is made (no copy from the pool or the TPM here), and only the command interface is offered.
     expect(s.calls.some((c) => c.startsWith("run ") && c.includes("dropbearkey -t ed25519 -f /run/initos/ssh/host_ed25519"))).toBe(true);
     expect(s.readFile("/root/.ssh/authorized_keys")).toBe("no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 op@laptop\n");

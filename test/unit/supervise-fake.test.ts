@@ -5,7 +5,7 @@ import { describe, expect, it } from "vitest";
 import { type StopBounds, supervise } from "../../agent/supervise.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
-const ARGV = ["/run/initos/images/sidecar/usr/bin/svcd", "-f"];
+const ARGV = ["/run/initos/images/tools/usr/bin/svcd", "-f"];
 const bounds: StopBounds = { termMs: 5000, killMs: 3000, pollMs: 50 };
 const flush = () => new Promise((r) => setTimeout(r, 0));
 

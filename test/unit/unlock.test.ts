@@ -176,7 +176,7 @@ describe("host config", () => {
         root: "@root",
         binds: [
           { subvol: "@x", path: "/../usr/bin" },
-          { subvol: "@x", path: "/home/../../run/initos/images/sidecar" },
+          { subvol: "@x", path: "/home/../../run/initos/images/tools" },
           { subvol: "@x", path: "/./etc" },
           { subvol: "../x", path: "/srv" },
           { subvol: "@x", path: "/" },
@@ -189,7 +189,7 @@ describe("host config", () => {
     expect(c.binds).toEqual([{ subvol: "@ok", path: "/srv/data" }]);
     expect(c.refused).toEqual([
       'host config initos.json: refused binds.0 {"subvol":"@x","path":"/../usr/bin"}: path: "." and ".." are not allowed in a bind path; not mounted',
-      'host config initos.json: refused binds.1 {"subvol":"@x","path":"/home/../../run/initos/images/sidecar"}: path: "." and ".." are not allowed in a bind path; not mounted',
+      'host config initos.json: refused binds.1 {"subvol":"@x","path":"/home/../../run/initos/images/tools"}: path: "." and ".." are not allowed in a bind path; not mounted',
       'host config initos.json: refused binds.2 {"subvol":"@x","path":"/./etc"}: path: "." and ".." are not allowed in a bind path; not mounted',
       'host config initos.json: refused binds.3 {"subvol":"../x","path":"/srv"}: subvol: expected a subvolume name such as @root; not mounted',
       'host config initos.json: refused binds.4 {"subvol":"@x","path":"/"}: path: expected a directory below the root, e.g. /home; not mounted',

@@ -1,8 +1,8 @@
-// Tools from the verified sidecar image run through that image's own dynamic loader and
+// Tools from the verified tools image run through that image's own dynamic loader and
 // libraries, so they need nothing from the initrd beyond the kernel.
-export const SIDECAR_ROOT = "/run/initos/images/sidecar";
+export const TOOLS_ROOT = "/run/initos/images/tools";
 
-export function sidecarArgv(tool: string, root = SIDECAR_ROOT): string[] {
+export function toolArgv(tool: string, root = TOOLS_ROOT): string[] {
   return [`${root}/usr/lib64/ld-linux-x86-64.so.2`, "--library-path", `${root}/usr/lib/x86_64-linux-gnu`, `${root}/usr/bin/${tool}`];
 }
 
@@ -12,6 +12,6 @@ export function sidecarArgv(tool: string, root = SIDECAR_ROOT): string[] {
  * environment instead, which the re-exec inherits. The initrd's ld.so comes from the same
  * glibc build as the image's libc.
  */
-export function sidecarExec(tool: string, root = SIDECAR_ROOT): { argv: string[]; env: Record<string, string> } {
+export function toolExec(tool: string, root = TOOLS_ROOT): { argv: string[]; env: Record<string, string> } {
   return { argv: [`${root}/usr/bin/${tool}`], env: { LD_LIBRARY_PATH: `${root}/usr/lib/x86_64-linux-gnu` } };
 }
