@@ -3,7 +3,9 @@
 // across runs and hosts (fixed times, owners and order), and lets a test choose how long names
 // are encoded so the reader is exercised on both GNU and pax archives.
 import { createHash } from "node:crypto";
-import { writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { afterAll } from "vitest";
 import { gzipSync } from "node:zlib";
 
 export type LayerEntry =
@@ -221,3 +223,18 @@ export const UPPER: LayerEntry[] = [
   { path: "b", type: "opaque" },
 ];
 export const SCENARIO_RESULT = ["a/", "a/y", "b/", "b/new", "etc/", "etc/keep"];
+
+/**
+ * A temporary directory for the calling test file, removed after it; returns a function that
+ * makes a fresh subdirectory in it per call (`fresh("vm")` → .../vm-0, .../vm-1, ...).
+ */
+export function scratchDirs(prefix: string): (name: string) => string {
+  const dir = mkdtempSync(`${tmpdir()}/${prefix}-`);
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  let n = 0;
+  return (name) => {
+    const d = `${dir}/${name}-${n++}`;
+    mkdirSync(d);
+    return d;
+  };
+}

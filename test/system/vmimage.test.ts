@@ -2,21 +2,13 @@
 // read back through a loop mount in a private mount namespace (root). The OCI reading and layer
 // semantics it builds on are tested without root in test/unit/oci.test.ts.
 import { execFileSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readdirSync, statSync, writeFileSync } from "node:fs";
 import * as zlib from "node:zlib";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { buildVmImage } from "../../initrd/vmimage.ts";
-import { LOWER, ociImageTar, tarBytes, UPPER } from "../oci-fixture.ts";
+import { LOWER, ociImageTar, tarBytes, UPPER, scratchDirs } from "../oci-fixture.ts";
 
-const dir = mkdtempSync(`${tmpdir()}/initos-vmimage-`);
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-let n = 0;
-const fresh = (name: string) => {
-  const d = `${dir}/${name}-${n++}`;
-  mkdirSync(d);
-  return d;
-};
+const fresh = scratchDirs("initos-vmimage");
 
 describe("buildVmImage", () => {
   /** Runs `script` with the image loop-mounted read-only on $M in a private mount namespace. */

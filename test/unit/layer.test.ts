@@ -1,23 +1,15 @@
 // Layer semantics against a tree: whiteouts, opaque directories, replacement, hard links, and
 // paths resolved inside the tree (a hostile layer cannot write outside it). Layers go through
 // the streamed tar reader, as every OCI layer does.
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { afterAll, describe, expect, it } from "vitest";
+import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
+import { describe, expect, it } from "vitest";
 import { bufferSource, streamOf } from "../../initrd/bytes.ts";
 import { DirTree, MemTree } from "../../initrd/fstree.ts";
 import { applyLayer, type LayerReader } from "../../initrd/layer.ts";
 import { readTarStream } from "../../initrd/tar.ts";
-import { type LayerEntry, LOWER, layerTar, SCENARIO_RESULT, UPPER } from "../oci-fixture.ts";
+import { type LayerEntry, LOWER, layerTar, SCENARIO_RESULT, UPPER, scratchDirs } from "../oci-fixture.ts";
 
-const dir = mkdtempSync(`${tmpdir()}/initos-layer-`);
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-let n = 0;
-const fresh = (name: string) => {
-  const d = `${dir}/${name}-${n++}`;
-  mkdirSync(d);
-  return d;
-};
+const fresh = scratchDirs("initos-layer");
 
 /** A layer as the tar stream reader gives it. */
 const layer = (entries: LayerEntry[]): LayerReader => () => readTarStream(streamOf(bufferSource(layerTar(entries))), "test layer");
@@ -76,7 +68,7 @@ describe("layer application", () => {
     );
     await expect(apply([{ path: "up/x", type: "whiteout" }])).rejects.toThrow(/points outside the image/);
     expect(existsSync(`${base}/pwned`)).toBe(false);
-    expect(existsSync(`${dir}/pwned`)).toBe(false);
+    expect(existsSync(`${base}/../pwned`)).toBe(false); // where "up" points: the scratch directory
     expect(readlinkSync(`${root}/up`)).toBe("../.."); // the link itself is a legal (dangling) symlink
   });
 

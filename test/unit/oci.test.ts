@@ -4,24 +4,15 @@
 // loop mount as root) is test/system/vmimage.test.ts.
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import * as zlib from "node:zlib";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { bufferSource } from "../../initrd/bytes.ts";
 import { DirTree, MemTree } from "../../initrd/fstree.ts";
 import { extractImage, imageArgv, type ImageIndex, layoutFromTar, resolveImage, selectManifest } from "../../initrd/oci.ts";
 import { readTar } from "../../initrd/tar.ts";
-import { type LayerEntry, layerTar, LOWER, ociImageTar, OciLayoutWriter, SCENARIO_RESULT, UPPER } from "../oci-fixture.ts";
+import { type LayerEntry, layerTar, LOWER, ociImageTar, OciLayoutWriter, SCENARIO_RESULT, UPPER, scratchDirs } from "../oci-fixture.ts";
 
-const dir = mkdtempSync(`${tmpdir()}/initos-oci-`);
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-let n = 0;
-const fresh = (name: string) => {
-  const d = `${dir}/${name}-${n++}`;
-  mkdirSync(d);
-  return d;
-};
+const fresh = scratchDirs("initos-oci");
 
 const layoutOf = (tar: Buffer) => layoutFromTar(readTar(bufferSource(tar), "image.tar"), "image.tar");
 

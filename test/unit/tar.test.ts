@@ -1,21 +1,13 @@
 // The tar reader against GNU tar's formats and the fixture writer's, in both of its forms: by
 // offset (readTar) and front to back (readTarStream), which must agree on every archive.
 import { execFileSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { afterAll, describe, expect, it } from "vitest";
+import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
+import { describe, expect, it } from "vitest";
 import { bufferSource, chunks } from "../../initrd/bytes.ts";
 import { readTar, readTarStream, type TarStreamEntry } from "../../initrd/tar.ts";
-import { type LayerEntry, layerTar } from "../oci-fixture.ts";
+import { type LayerEntry, layerTar, scratchDirs } from "../oci-fixture.ts";
 
-const dir = mkdtempSync(`${tmpdir()}/initos-tar-`);
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-let n = 0;
-const fresh = (name: string) => {
-  const d = `${dir}/${name}-${n++}`;
-  mkdirSync(d);
-  return d;
-};
+const fresh = scratchDirs("initos-tar");
 
 const entries = (layer: LayerEntry[], longNames?: "pax" | "gnu") => readTar(bufferSource(layerTar(layer, { longNames })), "test layer");
 
