@@ -18,7 +18,10 @@ function loadKoffi(): typeof Koffi {
   if (typeof Bun !== "undefined") {
     return require("@koromix/koffi-linux-x64/linux_x64/koffi.node") as typeof Koffi;
   }
-  return createRequire(import.meta.url)("@koromix/koffi-linux-x64/linux_x64/koffi.node") as typeof Koffi;
+  // Node (the unit tests) resolves it from the project's node_modules. Not import.meta.url: Bun
+  // writes that into the compiled agent as the checkout's absolute path, so two checkouts of
+  // the same commit would build different agents (issue #15 needs the same bytes).
+  return createRequire(`${process.cwd()}/package.json`)("@koromix/koffi-linux-x64/linux_x64/koffi.node") as typeof Koffi;
 }
 
 const koffi = loadKoffi();
