@@ -11,7 +11,7 @@ describe("the signed config pins each image's verity parameters", () => {
   it("the built initrd's config holds exactly what each image's superblock says", () => {
     const text = execFileSync("sh", ["-c", "zstd -dc build/base.cpio.zst | cpio -i --quiet --to-stdout etc/initos/config.json"], { encoding: "utf8" });
     const config = AgentConfigSchema.parse(JSON.parse(text));
-    expect(config.images.map((i) => i.name)).toEqual(["modules", "sidecar"]);
+    expect(config.images.map((i) => i.name)).toEqual(["modules", "tools"]);
     for (const image of config.images) {
       expect(image.verity).toEqual(veritySuperblock(`build/images/${image.name}.sqfs`, `build/images/${image.name}.verity`));
       expect(image.verity).toMatchObject({ hashType: 1, hashAlgorithm: "sha256", dataBlockSize: 4096, hashBlockSize: 4096 });
