@@ -109,12 +109,17 @@ IMAGES := $(B)/images/modules.json $(B)/images/tools.json
 $(IMAGES) &: $(B)/kernel.json initrd/images.ts initrd/debs.ts
 	$(BUILD) images --kernel $(B)/kernel.json --cache .cache/kernel --out $(B)/images
 
-# --- initrd: two cpio segments, so changing the agent does not rebuild the base -----------
+# --- initrd: three cpio segments. base (preinit, kernel modules) and agent depend on no key, no
+# image and no host: every checkout of a commit builds them byte for byte (the signing machine
+# rebuilds and compares, issue #15), and changing the agent does not rebuild the base. config
+# (the signed config: root hashes, ssh keys, PCR signer) is a few KB. ----------------------------
 $(B)/test-ssh/id_ed25519.pub:
 	@mkdir -p -m 700 $(B)/test-ssh
 	ssh-keygen -q -t ed25519 -N '' -C initos-test -f $(B)/test-ssh/id_ed25519
-$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(IMAGES) $(SSH_AUTHORIZED_KEYS) $(PCR_PUB) $(BUILD_SRC)
-	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --images $(B)/images --ssh-keys $(SSH_AUTHORIZED_KEYS) --pcr-pub $(PCR_PUB) --out $@
+$(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(BUILD_SRC)
+	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --out $@
+$(B)/config.cpio: initrd/config.json $(IMAGES) $(SSH_AUTHORIZED_KEYS) $(PCR_PUB) $(BUILD_SRC)
+	$(BUILD) initrd-config --config initrd/config.json --images $(B)/images --ssh-keys $(SSH_AUTHORIZED_KEYS) --pcr-pub $(PCR_PUB) --out $@
 $(B)/sigrelay.so: initrd/sigrelay.c
 	@mkdir -p $(B)
 	gcc -shared -fPIC -Os -Wall -Wextra -o $@ $<
@@ -123,7 +128,7 @@ $(B)/agent.cpio: $(B)/initos-agent $(B)/sigrelay.so $(BUILD_SRC)
 %.cpio.zst: %.cpio
 	zstd -q -f -T0 -$(ZSTD_LEVEL) $< -o $@
 # The kernel unpacks concatenated compressed archives one after the other.
-$(B)/initrd.img: $(B)/base.cpio.zst $(B)/agent.cpio.zst
+$(B)/initrd.img: $(B)/base.cpio.zst $(B)/agent.cpio.zst $(B)/config.cpio.zst
 	cat $^ > $@
 
 # --- keys --------------------------------------------------------------------------------
@@ -245,7 +250,9 @@ $(B)/pod: initrd/pod.c
 	gcc -static -Os -Wall -Wextra -o $@ $<
 $(B)/vm/base.cpio: $(B)/vm/kernel.json $(B)/preinit $(B)/pod initrd/vm-config.json $(BUILD_SRC)
 	$(BUILD) initrd-base --kernel $(B)/vm/kernel.json --preinit $(B)/preinit --config initrd/vm-config.json --add usr/lib/initos/pod=$(B)/pod --out $@
-$(B)/vm/initrd.img: $(B)/vm/base.cpio.zst $(B)/agent.cpio.zst
+$(B)/vm/config.cpio: initrd/vm-config.json $(BUILD_SRC)
+	$(BUILD) initrd-config --config initrd/vm-config.json --out $@
+$(B)/vm/initrd.img: $(B)/vm/base.cpio.zst $(B)/agent.cpio.zst $(B)/vm/config.cpio.zst
 	cat $^ > $@
 
 # --- test images -------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 //
 //   bun initrd/build.ts kernel      --cache DIR [--meta linux-image-amd64] --out kernel.json
 //   bun initrd/build.ts images      --kernel kernel.json --cache DIR --out DIR
-//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--images DIR] [--ssh-keys FILE] [--pcr-pub PUB.pem] [--add DEST=FILE] --out FILE.cpio
+//   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--add DEST=FILE] --out FILE.cpio
+//   bun initrd/build.ts initrd-config --config FILE [--images DIR] [--ssh-keys FILE] [--pcr-pub PUB.pem] --out FILE.cpio
 //   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
 //   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT [--pcrpkey PUB.pem [--pcr-key KEY.pem [--pcr-key-pass-env VAR]]] --out FILE.efi
 //   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
@@ -151,8 +152,33 @@ function withPcrPublicKey(template: Record<string, unknown>, file: string | unde
   return template;
 }
 
+/**
+ * The base segment: preinit, the skeleton and the kernel modules the config lists (and their
+ * dependencies). Nothing that names a key, an image's root hash or a host: the same sources give
+ * the same bytes on every machine and in every checkout (issue #15: the signing machine rebuilds
+ * and compares), and many hosts share it. Those parts are the config segment's.
+ */
 function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): void {
   const kernel = JSON.parse(readFileSync(need(o, "kernel"), "utf8")) as KernelInfo;
+  // Only the module list: the rest of the config (checked whole by initrd-config) is not the base's.
+  const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as { modules?: unknown };
+  const modules = AgentConfigSchema.shape.modules.parse(template.modules);
+  const out = need(o, "out");
+  const entries: CpioEntry[] = [
+    ...skeleton(need(o, "preinit")),
+    ...stageModules(kernel, [...modules, ...EXTRA_MODULES], `${out}.modules`),
+    ...adds.map((a) => fileFrom(a.slice(0, a.indexOf("=")), a.slice(a.indexOf("=") + 1), 0o755)),
+  ];
+  const size = writeCpio(out, entries, mtime());
+  console.log(`initrd-base: ${out} ${(size / 1e6).toFixed(1)} MB, ${entries.length} entries`);
+}
+
+/**
+ * The config segment: /etc/initos/config.json, the signed config, with the images' root hashes
+ * and verity parameters, the keys that may log in and the PCR signer filled in. A few KB, last
+ * in the initrd.
+ */
+function cmdInitrdConfig(o: Record<string, string | undefined>): void {
   const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
   // Keys that may log in to the sidecar: one public key per line of --ssh-keys.
   if (o["ssh-keys"]) {
@@ -164,14 +190,8 @@ function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): v
   // A bad config fails the build, not the boot.
   const config = AgentConfigSchema.parse(withRootHashes(template, o.images));
   const out = need(o, "out");
-  const entries: CpioEntry[] = [
-    ...skeleton(need(o, "preinit")),
-    { path: "etc/initos/config.json", type: "file", mode: 0o644, data: Buffer.from(JSON.stringify(config, null, 1) + "\n") },
-    ...stageModules(kernel, [...config.modules, ...EXTRA_MODULES], `${out}.modules`),
-    ...adds.map((a) => fileFrom(a.slice(0, a.indexOf("=")), a.slice(a.indexOf("=") + 1), 0o755)),
-  ];
-  const size = writeCpio(out, entries, mtime());
-  console.log(`initrd-base: ${out} ${(size / 1e6).toFixed(1)} MB, ${entries.length} entries`);
+  writeCpio(out, [{ path: "etc/initos/config.json", type: "file", mode: 0o644, data: Buffer.from(JSON.stringify(config, null, 1) + "\n") }], mtime());
+  console.log(`initrd-config: ${out}`);
 }
 
 function cmdInitrdAgent(o: Record<string, string | undefined>): void {
@@ -394,6 +414,7 @@ function need(o: Record<string, string | undefined>, key: string): string {
 const commands: Record<string, (o: Record<string, string | undefined>, adds: string[]) => void | Promise<void>> = {
   kernel: cmdKernel,
   "initrd-base": cmdInitrdBase,
+  "initrd-config": cmdInitrdConfig,
   "initrd-agent": cmdInitrdAgent,
   uki: cmdUki,
   images: cmdImages,

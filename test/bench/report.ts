@@ -96,7 +96,7 @@ export function sizeSection(r: SizeReport): string {
     ["UKI, reference (reference.efi)", f["reference.efi"]],
     ["initrd.img, compressed (zstd, as in the UKI)", r.initrdCompressed],
     ["initrd, uncompressed (base + agent cpio)", r.initrdUncompressed],
-    ["  base.cpio (preinit, config, modules)", f["base.cpio"]],
+    ["  base.cpio (preinit, modules)", f["base.cpio"]],
     ["  base.cpio.zst", f["base.cpio.zst"]],
     ["  agent.cpio (agent, libraries)", f["agent.cpio"]],
     ["  agent.cpio.zst", f["agent.cpio.zst"]],

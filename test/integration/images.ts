@@ -46,17 +46,17 @@ export function deleteOnEsp(disk: string, slot: string, file: string): void {
 }
 
 /**
- * The test initrd with a changed signed config: the template from initrd/config.json, changed
- * by `edit`, in a new base segment followed by the usual agent segment. Returns its path.
+ * The test initrd with a changed signed config: the build's base and agent segments, then a
+ * config segment made from the template in initrd/config.json as changed by `edit`. Returns its path.
  */
 export function variantInitrd(dir: string, name: string, edit: (config: Record<string, unknown> & { images: Record<string, unknown>[] }) => void): string {
   const config = JSON.parse(readFileSync("initrd/config.json", "utf8"));
   edit(config);
   writeFileSync(`${dir}/${name}.json`, JSON.stringify(config));
   execFileSync("node_modules/@oven/bun-linux-x64-baseline/bin/bun", [
-    "initrd/build.ts", "initrd-base", "--kernel", "build/kernel.json", "--preinit", "build/preinit", "--config", `${dir}/${name}.json`,
+    "initrd/build.ts", "initrd-config", "--config", `${dir}/${name}.json`,
     "--images", "build/images", "--ssh-keys", "build/test-ssh/id_ed25519.pub", "--out", `${dir}/${name}.cpio`,
   ], { stdio: "ignore" });
-  execFileSync("sh", ["-c", `zstd -q -3 -f ${dir}/${name}.cpio -o ${dir}/${name}.cpio.zst && cat ${dir}/${name}.cpio.zst build/agent.cpio.zst > ${dir}/${name}.img`]);
+  execFileSync("sh", ["-c", `zstd -q -3 -f ${dir}/${name}.cpio -o ${dir}/${name}.cpio.zst && cat build/base.cpio.zst build/agent.cpio.zst ${dir}/${name}.cpio.zst > ${dir}/${name}.img`]);
   return `${dir}/${name}.img`;
 }

@@ -9,7 +9,7 @@ import { diskGuids } from "../../initrd/build.ts";
 
 describe("the signed config pins each image's verity parameters", () => {
   it("the built initrd's config holds exactly what each image's superblock says", () => {
-    const text = execFileSync("sh", ["-c", "zstd -dc build/base.cpio.zst | cpio -i --quiet --to-stdout etc/initos/config.json"], { encoding: "utf8" });
+    const text = execFileSync("sh", ["-c", "zstd -dc build/config.cpio.zst | cpio -i --quiet --to-stdout etc/initos/config.json"], { encoding: "utf8" });
     const config = AgentConfigSchema.parse(JSON.parse(text));
     expect(config.images.map((i) => i.name)).toEqual(["modules", "tools"]);
     for (const image of config.images) {
