@@ -58,6 +58,8 @@ mkdir -p -m 0700 $R
 read -r DEVKMSG < /proc/sys/kernel/printk_devkmsg
 echo on > /proc/sys/kernel/printk_devkmsg
 read -r CMDLINE < /proc/cmdline
+# What the unpacked initramfs holds (make bench: peak initramfs RAM), as the agent's preinit logs it.
+stat -f -c '%b %f %S' / | { read -r b f sz; [ "$b" -gt 0 ] && log "initramfs $(((b - f) * sz / 1024)) kB"; }
 modprobe efivarfs && mount -t efivarfs -o nosuid,nodev,noexec efivarfs /sys/firmware/efi/efivars
 # SecureBoot-<guid>: 4 attribute bytes, then 1 = on. (efivarfs files do not seek: read all 5.)
 set -- $(hexdump -v -n 5 -e '5/1 "%d "' /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c 2>/dev/null)

@@ -38,6 +38,16 @@ export interface BootSample {
   /** Stage durations in ms, in the order they ran. */
   stages: Record<string, number>;
   memBeforeKb?: number;
+  /** The initrd image the kernel held while unpacking it ("Freeing initrd memory: NK"). */
+  initrdKb?: number;
+  /** What the unpacked initramfs holds as /init starts (preinit's "initramfs N kB", tmpfs only). */
+  initramfsKb?: number;
+  /**
+   * Peak RAM of the initramfs before switch_root: at the end of unpacking the kernel holds
+   * both the image and the unpacked files (initrdKb + initramfsKb). The runtime image's
+   * decompressed pages are page cache (reclaimable) and not counted.
+   */
+  peakInitramfsKb?: number;
   memAfterKb?: number;
   segments: Segment[];
   /** Host contention when the boot started: 1-minute load average, other QEMUs running. */
@@ -75,6 +85,11 @@ export function parseBoot(variant: Variant, run: number, output: string, logPath
   if (unpackStart !== undefined && unpackEnd !== undefined) sample.unpack = unpackEnd - unpackStart;
   sample.kernelToInit = runInit;
   if (root) sample.memAfterKb = Number(root[2]);
+  const freed = first(lines, /Freeing initrd memory: \d+K/);
+  if (freed) sample.initrdKb = Number(/Freeing initrd memory: (\d+)K/.exec(freed.text)![1]);
+  const held = first(lines, /initos(-ref| preinit): initramfs \d+ kB/);
+  if (held) sample.initramfsKb = Number(/initramfs (\d+) kB/.exec(held.text)![1]);
+  if (sample.initrdKb !== undefined && sample.initramfsKb !== undefined) sample.peakInitramfsKb = sample.initrdKb + sample.initramfsKb;
   if (runInit !== undefined && rootAt !== undefined) {
     sample.initToRoot = rootAt - runInit;
     sample.kernelToRoot = rootAt;

@@ -81,7 +81,15 @@ export function memorySection(samples: BootSample[], sidecar: SidecarResult | un
   const after = (v: Variant) => summarize(ok(samples, v).map((s) => s.memAfterKb))?.median;
   const a = after("agent");
   const r = after("reference");
+  const peak = VARIANTS.map((v) => {
+    const med = (k: "initrdKb" | "initramfsKb" | "peakInitramfsKb") => summarize(ok(samples, v).map((s) => s[k]))?.median;
+    const mib = (kb: number | undefined) => (kb === undefined ? "n/a" : `${(kb / 1024).toFixed(1)} MiB`);
+    return [v, mib(med("initrdKb")), mib(med("initramfsKb")), mib(med("peakInitramfsKb"))];
+  });
   return [
+    "== peak initramfs RAM (median): the initrd image and the unpacked files, both held as unpacking ends",
+    table(["variant", "initrd image", "unpacked at /init", "peak"], peak),
+    "",
     "== memory: MemAvailable (kB, median) right before switch_root and as the root's init starts",
     table(["variant", "before", "after", "gained across the switch"], rows),
     `after the switch, agent minus reference: ${a !== undefined && r !== undefined ? `${((a - r) / 1024).toFixed(1)} MiB` : "n/a"} (same kernel and root: ~0 means nothing of the initrd stays behind)`,
