@@ -21,12 +21,6 @@ execFileSync("truncate", ["-s", "1G", target]);
 /** Boots a VM with its console streaming by; `drive` does what the part shows while it runs. */
 async function show(title: string, o: VmOptions, drive?: (vm: Vm) => Promise<void>): Promise<string> {
   console.log(`\n==== ${title} ====`);
-  // Under Bun, the earlier parts' finished processes (VMs, ssh clients) are collected now, not
-  // while this VM runs: without it the fifth VM's console stopped being read after ~31 KB, 3
-  // runs out of 3 (its stdout socket left disarmed in Bun's epoll, on an fd number an earlier
-  // child had; a late cleanup of that child is the likely cause), and the guest blocked on its
-  // serial port. With it, the demo ran through. The tests, under Node, are not affected.
-  (globalThis as { Bun?: { gc(full: boolean): void } }).Bun?.gc(true);
   const vm = await startVm(o);
   let shown = 0;
   const pump = setInterval(() => {
