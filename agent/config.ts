@@ -101,6 +101,36 @@ export const AgentConfigSchema = z
     services: z
       .array(z.object({ name: z.string().regex(/^[\w-]+$/), argv: z.array(z.string()).min(1).refine((a) => a[0]!.startsWith("/"), "argv[0] must be an absolute path") }).strict())
       .default([]),
+    /**
+     * This build's version: a positive integer, higher for every newer build (the Makefile's
+     * default is the commit's time). An update must carry a higher one (anti-rollback).
+     */
+    version: z.number().int().min(0).max(2 ** 53 - 1).default(0),
+    /** The machine's name (per host: hosts/<name>/host.json); the sidecar's hostname. */
+    hostname: z.string().regex(/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/, "expected a hostname label (a-z, 0-9, -)").optional(),
+    /** A/B updates of the boot chain (issue #15): who may sign one, and when a trial commits. */
+    update: z
+      .object({
+        /**
+         * The db certificates (PEM) an update's UKI must be Authenticode-signed by: one of
+         * these, checked with sbverify from the tools image. None: updates are refused.
+         */
+        signers: z.array(z.string().regex(/^-----BEGIN CERTIFICATE-----\n[A-Za-z0-9+/=\n]+-----END CERTIFICATE-----\n?$/, "expected a PEM certificate")).default([]),
+        /** The trial commits only once the OS has been up this long after the switch. */
+        healthSeconds: z.number().int().min(0).max(86400).default(120),
+        /** "manual": the trial also waits for `commit` from the control plane. */
+        commit: z.enum(["auto", "manual"]).default("auto"),
+        /**
+         * A trial not committed this long after power-on is abandoned: the watchdog is no
+         * longer petted, and the machine resets into the old slot.
+         */
+        trialSeconds: z.number().int().min(30).max(86400).default(900),
+        /** The watchdog's timeout during a trial (petted every third of it). */
+        watchdogSeconds: z.number().int().min(5).max(600).default(60),
+      })
+      .strict()
+      .refine((u) => u.trialSeconds > u.healthSeconds, "trialSeconds must be longer than healthSeconds")
+      .default({ signers: [], healthSeconds: 120, commit: "auto", trialSeconds: 900, watchdogSeconds: 60 }),
     /** Recovery passphrase attempts on the console before the failure policy. */
     passphraseTries: z.number().int().min(1).max(10).default(3),
     /** Tried in order when the cmdline has no init=. */
