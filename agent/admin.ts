@@ -37,16 +37,38 @@ export interface AdminCaps {
   passphrase: Cap<(req: PassphraseRequest) => Promise<CtlResponse>>;
   /** `switch-root`: only in sidecar mode, where it continues the boot; the answer's text. */
   switchRoot: Cap<() => string>;
+  /** `update`: a bundle (the request's body) into the inactive slot, then its trial (update/). */
+  update: Cap<(opts: UpdateOptions, bundle: AsyncIterable<Buffer>) => Promise<CtlResponse>>;
+  /** `commit`: the control plane's word that the trial boot is good (policy "manual"). */
+  commit: Cap<() => Promise<CtlResponse>>;
+}
+
+/** `update --force --reboot`. */
+export interface UpdateOptions {
+  /** Install even a version that is not newer, or one whose trial failed (logged). */
+  force: boolean;
+  /** Reboot into the trial once the bundle is written. */
+  reboot: boolean;
 }
 
 const none = {};
 const passphrase = { passphrase: z.string().min(1).max(1024) };
+/** Flags: given on the command line as `--force`. */
+const updateFlags = { force: z.boolean().default(false), reboot: z.boolean().default(false) };
 
 /** A command's arguments as parsed: `{}` for none, `{ passphrase: string }`. */
 type ArgsOf<A> = { [P in keyof A]: A[P] extends z.ZodType ? z.output<A[P]> : never };
 
-function command<A extends z.ZodRawShape>(args: A, run: (caps: AdminCaps, req: ArgsOf<A>) => CtlResponse | Promise<CtlResponse>) {
-  return { args, run };
+/**
+ * A command: its arguments, and what it does. `body`: it reads the rest of the connection (an
+ * update bundle, from the ssh session's stdin); the others never read it.
+ */
+function command<A extends z.ZodRawShape>(
+  args: A,
+  run: (caps: AdminCaps, req: ArgsOf<A>, body: AsyncIterable<Buffer>) => CtlResponse | Promise<CtlResponse>,
+  body = false,
+) {
+  return { args, run, body };
 }
 
 const ok = (text: string): CtlResponse => ({ ok: true, text });
@@ -63,6 +85,10 @@ const COMMANDS = {
   reseal: command(passphrase, (c, r) => withCap("reseal", c.passphrase, (f) => f({ cmd: "reseal", passphrase: r.passphrase }))),
   /** Sidecar mode: leave it and continue the boot into the root (unlocking it if needed). */
   "switch-root": command(none, (c) => withCap("switch-root", c.switchRoot, (f) => ok(f()))),
+  /** A bundle on stdin into the inactive slot; the next boot is its trial. */
+  update: command(updateFlags, (c, r, body) => withCap("update", c.update, (f) => f({ force: r.force, reboot: r.reboot }, body)), true),
+  /** The trial boot is good: make its slot the default (when the policy waits for this). */
+  commit: command(none, (c) => withCap("commit", c.commit, (f) => f())),
   reboot: command(none, (c) => ok(c.power("reboot"))),
   poweroff: command(none, (c) => ok(c.power("poweroff"))),
 };
@@ -76,7 +102,8 @@ export interface PassphraseRequest {
   cmd: "unlock" | "reseal";
   passphrase: string;
 }
-export type CtlHandler = (req: CtlRequest) => Promise<CtlResponse>;
+export type CtlHandler = (req: CtlRequest, body?: AsyncIterable<Buffer>) => Promise<CtlResponse>;
+const noBody = (): AsyncIterable<Buffer> => (async function* () {})();
 
 const isCmd = (c: unknown): c is Cmd => typeof c === "string" && Object.hasOwn(COMMANDS, c);
 
@@ -94,22 +121,38 @@ export function parseCtlRequest(line: string): CtlRequest | string {
   return r.success ? (r.data as CtlRequest) : `bad request: ${zodIssue(r.error)}`;
 }
 
-/** The words an operator types (`ctl status`, `ctl unlock` + passphrase on stdin) as a request. */
+/**
+ * The words an operator types (`ctl status`, `ctl unlock` + passphrase on stdin, `update
+ * --force` + bundle on stdin) as a request. A command's boolean arguments are its flags.
+ */
 export function requestFromArgs(args: readonly string[], stdin: () => string): CtlRequest | string {
   const [cmd, ...rest] = args;
   if (!isCmd(cmd)) return `unknown command ${JSON.stringify(cmd ?? "")}; try: ${CTL_COMMANDS.join(", ")}`;
-  if (rest.length) return `ctl ${cmd}: takes no arguments`;
-  if ("passphrase" in COMMANDS[cmd].args) {
+  const shape: z.ZodRawShape = COMMANDS[cmd].args;
+  const flags = Object.keys(shape).filter((k) => shape[k] instanceof z.ZodDefault && shape[k]._def.innerType instanceof z.ZodBoolean);
+  const req: Record<string, unknown> = { cmd };
+  for (const word of rest) {
+    const flag = word.startsWith("--") ? word.slice(2) : "";
+    if (!flags.includes(flag)) return flags.length ? `ctl ${cmd}: unknown argument ${JSON.stringify(word)}; it takes ${flags.map((f) => `--${f}`).join(", ")}` : `ctl ${cmd}: takes no arguments`;
+    req[flag] = true;
+  }
+  if ("passphrase" in shape) {
     const passphrase = stdin().trim(); // on stdin: never in argv or logs
     if (!passphrase) return `ctl ${cmd}: give the recovery passphrase on stdin`;
-    return { cmd, passphrase } as CtlRequest;
+    req.passphrase = passphrase;
   }
-  return { cmd } as CtlRequest;
+  const r = parseCtlRequest(JSON.stringify(req));
+  return typeof r === "string" ? `ctl ${cmd}: ${r}` : r;
+}
+
+/** Whether the command reads a body (its stdin) after the request line. */
+export function takesBody(cmd: Cmd): boolean {
+  return COMMANDS[cmd].body;
 }
 
 /** The handler for a process with these capabilities. */
 export function adminHandler(caps: AdminCaps): CtlHandler {
-  return async (req) => COMMANDS[req.cmd].run(caps, req as never);
+  return async (req, body = noBody()) => COMMANDS[req.cmd].run(caps, req as never, body);
 }
 
 /** A `status` field: "name: value". */
@@ -121,25 +164,25 @@ export function formatStatus(fields: readonly StatusField[]): string {
 }
 
 /** One request line in, one response out: validated, logged by command (never a passphrase). */
-export async function answerLine(log: Logger, handle: CtlHandler, line: string | null): Promise<CtlResponse> {
+export async function answerLine(log: Logger, handle: CtlHandler, line: string | null, body: AsyncIterable<Buffer> = noBody()): Promise<CtlResponse> {
   if (line === null) return { ok: false, text: "request too long" };
   const req = parseCtlRequest(line);
   if (typeof req === "string") {
     log.warn(`ctl: refused: ${req}`);
     return { ok: false, text: req };
   }
-  log.info(`ctl: ${req.cmd}`);
-  return handle(req).catch((e: unknown): CtlResponse => ({ ok: false, text: describe(e) }));
+  log.info(`ctl: ${req.cmd}${Object.entries(req).filter(([k, v]) => k !== "cmd" && k !== "passphrase" && v === true).map(([k]) => ` --${k}`).join("")}`);
+  return handle(req, body).catch((e: unknown): CtlResponse => ({ ok: false, text: describe(e) }));
 }
 
 /** Serves the admin commands on the socket (root only: mode 0600). */
 export function serveAdmin(sys: Sockets, log: Logger, handle: CtlHandler, path = CTL_SOCKET): LineServer {
-  return sys.serveLines(path, MAX_REQUEST, async (line) => JSON.stringify(await answerLine(log, handle, line)));
+  return sys.serveLines(path, MAX_REQUEST, async (line, body) => JSON.stringify(await answerLine(log, handle, line, body)));
 }
 
 /** Client side: one request over `send` (a line transport to the socket), the answer. */
 export async function callAdmin(req: CtlRequest, send: (line: string) => Promise<string>): Promise<CtlResponse> {
-  const reply = await send(JSON.stringify(req));
+  const reply = await send(JSON.stringify(req)); // the body, if any, is the transport's to send
   try {
     return JSON.parse(reply) as CtlResponse;
   } catch {

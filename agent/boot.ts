@@ -320,6 +320,8 @@ export function initrdAdmin(ctx: BootContext, state: BootState, continueBoot?: (
     switchRoot: continueBoot
       ? { run: () => (continueBoot(), "continuing the boot") }
       : { refused: "only from sidecar mode (initos.mode=sidecar)" },
+    update: { refused: "not wired yet" },
+    commit: { refused: "nothing to commit in the initrd: a trial commits beside the OS it booted" },
   };
 }
 

@@ -99,8 +99,9 @@ function main(): void {
     // `initos-agent ctl status`, sshd running the agent as root's shell (`-c "status"`), or an
     // interactive ssh login (argv[0] "-initos-agent", no arguments).
     const args = process.argv[2] === "ctl" ? ["-c", process.argv.slice(3).join(" ")] : process.argv.slice(2);
-    const request = async (line: string) => (await import("./sys/ctlsocket.ts")).requestLine(CTL_SOCKET, line);
-    void runAsShell(args, { readStdin, request, shell: shellOffered() })
+    const request = async (line: string, body?: AsyncIterable<Uint8Array>) => (await import("./sys/ctlsocket.ts")).requestLine(CTL_SOCKET, line, body);
+    const stdinStream = () => process.stdin as AsyncIterable<Uint8Array>;
+    void runAsShell(args, { readStdin, stdinStream, request, shell: shellOffered() })
       .catch((e: unknown) => (process.stderr.write(`initos: ${describe(e)}\n`), 1))
       .then((code) => process.exit(code));
   } else {

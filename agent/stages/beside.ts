@@ -303,6 +303,8 @@ export function besideAdmin(sys: Files & Processes & Clock, log: Logger & { rece
     },
     passphrase: refused,
     switchRoot: refused,
+    update: { refused: "not wired yet" },
+    commit: { refused: "no trial is running" },
   };
 }
 

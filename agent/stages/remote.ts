@@ -158,8 +158,8 @@ export class RemoteAdmin {
   /** The admin socket and sshd, once the network is up. */
   serve(cfg: AgentConfig): void {
     const { sys, log } = this;
-    this.server = serveAdmin(sys, log, (req) =>
-      this.handler(req).finally(() => {
+    this.server = serveAdmin(sys, log, (req, body) =>
+      this.handler(req, body).finally(() => {
         this.answeredAt = sys.now();
       }),
     );

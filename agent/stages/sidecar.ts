@@ -2,7 +2,7 @@
 // the admin commands behind it. An ssh session gets the agent itself as its "shell", which only
 // speaks the ctl commands: there is no shell to break into.
 import type { AgentConfig } from "../config.ts";
-import { callAdmin, requestFromArgs } from "../admin.ts";
+import { callAdmin, requestFromArgs, takesBody } from "../admin.ts";
 import type { Logger } from "../log.ts";
 import { type Supervised, supervise } from "../supervise.ts";
 import type { Clock, Files, Processes } from "../sys/index.ts";
@@ -57,8 +57,10 @@ export const BUSYBOX = `${TOOLS_ROOT}/usr/bin/busybox`;
 
 export interface ShellIo {
   readStdin(): string;
-  /** Sends one request line to the admin socket; the reply line. */
-  request(line: string): Promise<string>;
+  /** The session's stdin as a stream (an update bundle). */
+  stdinStream(): AsyncIterable<Uint8Array>;
+  /** Sends one request line (then `body`, if given) to the admin socket; the reply line. */
+  request(line: string, body?: AsyncIterable<Uint8Array>): Promise<string>;
   /** Runs busybox with these arguments on the session's stdio; absent when no shell is offered. */
   shell?: (args: string[]) => Promise<number>;
 }
@@ -77,7 +79,7 @@ export async function runAsShell(args: readonly string[], io: ShellIo): Promise<
     process.stderr.write(`initos: ${req}\n`);
     return 2;
   }
-  const res = await callAdmin(req, io.request);
+  const res = await callAdmin(req, (l) => io.request(l, takesBody(req.cmd) ? io.stdinStream() : undefined));
   process.stdout.write(res.text.endsWith("\n") ? res.text : `${res.text}\n`);
   return res.ok ? 0 : 1;
 }

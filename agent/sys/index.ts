@@ -2,7 +2,7 @@
 // network, the TPM, processes, time, the console and the admin socket. Stages take the small
 // interfaces below and touch nothing else (no koffi, no node:fs, no child_process, no timers),
 // so their decisions are tested with fakes (test/unit/fakesys.ts).
-import { closeSync, constants, copyFileSync, existsSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, copyFileSync, existsSync, fsyncSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import { open } from "node:fs/promises";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
@@ -79,6 +79,8 @@ export interface Files {
   readdir(path: string): string[];
   mkdirp(path: string, mode?: number): void;
   unlink(path: string): void;
+  /** Removes an empty directory. */
+  rmdir(path: string): void;
   symlink(target: string, path: string): void;
   /** A file's bytes in order, `chunk` bytes at a time, from one open (so one version of it). */
   readChunks(path: string, chunk?: number): AsyncIterable<Uint8Array>;
@@ -92,6 +94,15 @@ export interface Files {
   close(fd: number): void;
   /** Deletes everything below `dir` that is on device `dev`, never crossing into other mounts. */
   removeTreeOnDevice(dir: string, dev: number): number;
+  /**
+   * Writes `data` into a new file (replacing one there) as it comes, then fsyncs it before
+   * closing: once this resolves its bytes are on the disk. Resolves with the number of bytes.
+   */
+  writeStream(path: string, data: AsyncIterable<Uint8Array>, mode?: number): Promise<number>;
+  /** rename(2): atomic within one filesystem. */
+  rename(from: string, to: string): void;
+  /** fsync(2) of a file or directory (a directory: the names in it are on the disk). */
+  fsyncPath(path: string): void;
 }
 
 /** The mount table, and this process's root and mount namespace. */
@@ -217,9 +228,11 @@ export interface Sockets {
   /**
    * Listens on `path` (mode 0600, a stale socket file replaced). Each connection sends one
    * line; `answer` gets it (null when it ran past `maxLine` bytes without a newline) and its
-   * result is sent back as the reply before the connection is closed.
+   * result is sent back as the reply before the connection is closed. What the client sends
+   * after the line (until it half-closes) is `body`, read at most once, by the commands that
+   * take one (an update bundle); the others leave it unread.
    */
-  serveLines(path: string, maxLine: number, answer: (line: string | null) => Promise<string>): LineServer;
+  serveLines(path: string, maxLine: number, answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>): LineServer;
 }
 
 export interface Sys extends Files, Mounts, Modules, Devices, Crypt, Net, Tpm, Processes, Clock, Console, Sockets {}
@@ -275,6 +288,31 @@ function removeTreeOnDevice(dir: string, dev: number): number {
 }
 
 /** One open, then sequential reads into a fresh buffer each (a consumer may still hold the last). */
+async function writeStream(path: string, data: AsyncIterable<Uint8Array>, mode = 0o600): Promise<number> {
+  const f = await open(path, "w", mode);
+  let n = 0;
+  try {
+    for await (const chunk of data) {
+      let off = 0;
+      while (off < chunk.length) off += (await f.write(chunk, off, chunk.length - off)).bytesWritten;
+      n += chunk.length;
+    }
+    await f.sync();
+  } finally {
+    await f.close();
+  }
+  return n;
+}
+
+function fsyncPath(path: string): void {
+  const fd = openSync(path, constants.O_RDONLY);
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 export async function* readChunks(path: string, chunk = 1 << 20): AsyncGenerator<Uint8Array> {
   const f = await open(path, "r");
   try {
@@ -348,12 +386,16 @@ function realFiles(libc: Libc): Files {
     },
     mkdirp: (p, mode = 0o755) => void mkdirSync(p, { recursive: true, mode }),
     unlink: (p) => unlinkSync(p),
+    rmdir: (p) => rmdirSync(p),
     symlink: (t, p) => symlinkSync(t, p),
     readChunks: (path, chunk) => readChunks(path, chunk),
     openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
     openDir: (p) => openSync(p, constants.O_RDONLY | constants.O_DIRECTORY),
     close: (fd) => closeSync(fd),
     removeTreeOnDevice,
+    writeStream,
+    rename: (from, to) => renameSync(from, to),
+    fsyncPath,
   };
 }
 

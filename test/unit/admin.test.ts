@@ -1,7 +1,8 @@
+import { createHash } from "node:crypto";
 import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
-import { answerLine, callAdmin, parseCtlRequest, requestFromArgs, serveAdmin } from "../../agent/admin.ts";
+import { answerLine, callAdmin, parseCtlRequest, requestFromArgs, serveAdmin, takesBody } from "../../agent/admin.ts";
 import { requestLine, serveLines } from "../../agent/sys/ctlsocket.ts";
 import { authorizedKeys, runAsShell } from "../../agent/stages/sidecar.ts";
 import { nextBackoff } from "../../agent/supervise.ts";
@@ -28,9 +29,17 @@ describe("ctl requests", () => {
   it("turns typed words into requests; the passphrase comes from stdin", () => {
     expect(requestFromArgs(["status"], () => "")).toEqual({ cmd: "status" });
     expect(requestFromArgs(["unlock"], () => "words here\n")).toEqual({ cmd: "unlock", passphrase: "words here" });
-    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reseal, switch-root, reboot, poweroff');
+    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reseal, switch-root, update, commit, reboot, poweroff');
     expect(requestFromArgs([], () => "")).toMatch(/^unknown command ""/);
     expect(requestFromArgs(["status", "now"], () => "")).toBe("ctl status: takes no arguments");
+  });
+
+  it("update takes its flags as words, and a body", () => {
+    expect(requestFromArgs(["update"], () => "")).toEqual({ cmd: "update", force: false, reboot: false });
+    expect(requestFromArgs(["update", "--force", "--reboot"], () => "")).toEqual({ cmd: "update", force: true, reboot: true });
+    expect(requestFromArgs(["update", "--now"], () => "")).toBe('ctl update: unknown argument "--now"; it takes --force, --reboot');
+    expect(takesBody("update")).toBe(true);
+    expect(takesBody("status")).toBe(false);
   });
 
   it("answers each request line, logging the command but never a passphrase; refuses bad and overlong ones", async () => {
@@ -40,9 +49,9 @@ describe("ctl requests", () => {
     const send = (line: string) => s.request("/run/initos/ctl.sock", line);
     expect(await callAdmin({ cmd: "status" }, send)).toEqual({ ok: true, text: "did status" });
     expect(await callAdmin({ cmd: "unlock", passphrase: "secret-words" }, send)).toEqual({ ok: false, text: "did unlock" });
-    expect(JSON.parse(await send('{"cmd":"sh"}'))).toEqual({ ok: false, text: "bad request: cmd: expected one of status, log, unlock, reseal, switch-root, reboot, poweroff" });
+    expect(JSON.parse(await send('{"cmd":"sh"}'))).toEqual({ ok: false, text: "bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, reboot, poweroff" });
     expect(JSON.parse(await send(`{"cmd":"status","x":"${"y".repeat(9000)}"}`))).toEqual({ ok: false, text: "request too long" });
-    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock", "warn: ctl: refused: bad request: cmd: expected one of status, log, unlock, reseal, switch-root, reboot, poweroff"]);
+    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock", "warn: ctl: refused: bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, reboot, poweroff"]);
     expect(s.lineServers.get("/run/initos/ctl.sock")?.maxLine).toBe(8192);
   });
 
@@ -63,6 +72,29 @@ describe("ctl requests", () => {
     await server.close();
     expect(seen).toEqual(["hello", null]);
     await expect(requestLine(path, "hello")).rejects.toThrow(/^cannot reach the agent at /);
+  });
+
+  it("carries a body after the line with backpressure, and a refusal mid-body still gets its reply", async () => {
+    const path = `${dir}/b`;
+    const server = serveLines(path, 64, async (line, body) => {
+      const h = createHash("sha256");
+      let n = 0;
+      for await (const c of body) {
+        n += c.length;
+        h.update(c);
+        if (line === "refuse" && n > 1 << 20) return "refused after 1 MiB";
+      }
+      return `${line} ${n} ${h.digest("hex").slice(0, 12)}`;
+    });
+    for (let i = 0; i < 100 && !existsSync(path); i++) await new Promise((r) => setTimeout(r, 10));
+    const data = Buffer.alloc(24 << 20, 7); // larger than any socket buffer: backpressure is exercised
+    const chunks = async function* () {
+      for (let i = 0; i < data.length; i += 65536) yield data.subarray(i, i + 65536);
+    };
+    expect(await requestLine(path, "take", chunks())).toBe(`take ${data.length} ${createHash("sha256").update(data).digest("hex").slice(0, 12)}`);
+    expect(await requestLine(path, "refuse", chunks())).toBe("refused after 1 MiB");
+    expect(await requestLine(path, "empty", (async function* () {})())).toMatch(/^empty 0 /);
+    await server.close();
   });
 });
 
@@ -128,7 +160,7 @@ describe("reseal over ssh", () => {
 describe("ssh sessions", () => {
   const sent: string[] = [];
   const request = async (line: string) => (sent.push(line), JSON.stringify({ ok: true, text: "answered" }));
-  const io = (shell?: (a: string[]) => Promise<number>) => ({ readStdin: () => "", request, shell });
+  const io = (shell?: (a: string[]) => Promise<number>) => ({ readStdin: () => "", stdinStream: () => (async function* () {})(), request, shell });
 
   it("a ctl command goes to the admin socket as one JSON line, with or without a shell offered", async () => {
     sent.length = 0;

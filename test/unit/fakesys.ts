@@ -250,6 +250,31 @@ export class FakeSys implements Sys {
     this.log(`removeTree ${dir} dev=${dev}`);
     return 3;
   }
+  /** Bytes writeStream may write in all before it fails with ENOSPC (a full filesystem). */
+  spaceLeft = Infinity;
+  async writeStream(p: string, data: AsyncIterable<Uint8Array>): Promise<number> {
+    this.log(`writeStream ${p}`);
+    const parts: Buffer[] = [];
+    let n = 0;
+    for await (const c of data) {
+      if (n + c.length > this.spaceLeft) throw Object.assign(new Error(`write ${p}: ENOSPC`), { errno: 28, code: "ENOSPC" });
+      parts.push(Buffer.from(c));
+      n += c.length;
+    }
+    this.spaceLeft -= n;
+    this.add(p, { kind: "file", data: Buffer.concat(parts).toString("latin1") });
+    return n;
+  }
+  rename(a: string, b: string): void {
+    this.log(`rename ${a} ${b}`);
+    const n = this.files.get(a);
+    if (!n) throw Object.assign(new Error(`rename ${a}: ENOENT`), { errno: 2 });
+    this.files.delete(a);
+    this.files.set(b, n);
+  }
+  fsyncPath(p: string): void {
+    this.log(`fsync ${p}`);
+  }
   execve(p: string, argv: readonly string[]): never {
     this.log(`execve ${p} ${argv.join(" ")}`);
     throw new Error("execve reached (fake)");
@@ -267,6 +292,11 @@ export class FakeSys implements Sys {
   }
   unlink(p: string): void {
     this.log(`unlink ${p}`);
+    this.files.delete(p);
+  }
+  rmdir(p: string): void {
+    this.log(`rmdir ${p}`);
+    if ([...this.files.keys()].some((k) => k.startsWith(`${p}/`))) throw Object.assign(new Error(`rmdir ${p}: ENOTEMPTY`), { errno: 39 });
     this.files.delete(p);
   }
   symlink(t: string, p: string): void {
@@ -437,18 +467,18 @@ export class FakeSys implements Sys {
     return { pid, exited };
   }
   /** Admin sockets served (serveLines), by path; request() talks to one. */
-  lineServers = new Map<string, { maxLine: number; answer: (line: string | null) => Promise<string>; closed: boolean }>();
-  serveLines(path: string, maxLine: number, answer: (line: string | null) => Promise<string>): LineServer {
+  lineServers = new Map<string, { maxLine: number; answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>; closed: boolean }>();
+  serveLines(path: string, maxLine: number, answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>): LineServer {
     this.log(`serveLines ${path}`);
     const server = { maxLine, answer, closed: false };
     this.lineServers.set(path, server);
     return { close: async () => void (this.log(`close ${path}`), (server.closed = true)) };
   }
   /** A client's request line on a served socket (as serveLines' transport would hand it over). */
-  async request(path: string, line: string): Promise<string> {
+  async request(path: string, line: string, body: readonly Buffer[] = []): Promise<string> {
     const server = this.lineServers.get(path);
     if (!server || server.closed) throw new Error(`nothing serves ${path}`);
-    return server.answer(line.length > server.maxLine ? null : line);
+    return server.answer(line.length > server.maxLine ? null : line, (async function* () { yield* body; })());
   }
 }
 

@@ -38,6 +38,8 @@ const admin: AdminCaps = {
   power: (a) => `${a} in progress`,
   passphrase: { refused: REFUSED },
   switchRoot: { refused: "only from sidecar mode (initos.mode=sidecar)" },
+  update: { refused: "not here" },
+  commit: { refused: "not here" },
 };
 
 /**

@@ -28,6 +28,8 @@ function caps(who: string): AdminCaps {
     power: (a) => `${a} by ${who}`,
     passphrase: { refused: `not here (${who})` },
     switchRoot: { refused: `not here (${who})` },
+    update: { refused: `not here (${who})` },
+    commit: { refused: `not here (${who})` },
   };
 }
 
