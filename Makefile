@@ -43,9 +43,11 @@ CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootfla
 # The installed machine's UKI: no root=, the encrypted pool names it. systemd.gpt_auto=0: the
 # ESPs are initos's (A/B updates), not the OS's; the one booted from stays mounted read-only
 # under the verified modules image (its loop device's file), so systemd-gpt-auto-generator's
-# read-write /boot mount of it fails ("already mounted", measured with Debian 12). The
-# installer's UKI.
-TARGET_CMDLINE    ?= console=ttyS0 rw initos.latchcheck=1 initos.reboot_delay=3 systemd.gpt_auto=0
+# read-write /boot mount of it fails ("already mounted", measured with Debian 12). panic=10:
+# a kernel that panics reboots (into BootOrder's first entry: the old slot during an update's
+# trial) instead of halting for ever; a panic comes before the agent can arm any watchdog.
+# The installer's UKI.
+TARGET_CMDLINE    ?= console=ttyS0 rw initos.latchcheck=1 initos.reboot_delay=3 systemd.gpt_auto=0 panic=10
 INSTALLER_CMDLINE ?= console=ttyS0 initos.mode=install initos.reboot_delay=3
 # The disk the test installer installs to (the second virtio disk).
 INSTALL_TARGET    ?= /dev/vdb
