@@ -10,7 +10,6 @@ import {
   decodeLoadOption,
   encodeBootNumber,
   encodeBootOrder,
-  encodeDevicePath,
   encodeLoadOption,
   formatDevicePath,
   guidFromBytes,
