@@ -2,7 +2,7 @@
 // network, the TPM, processes, time, the console and the admin socket. Stages take the small
 // interfaces below and touch nothing else (no koffi, no node:fs, no child_process, no timers),
 // so their decisions are tested with fakes (test/unit/fakesys.ts).
-import { closeSync, constants, copyFileSync, existsSync, fsyncSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, copyFileSync, existsSync, fstatSync, fsyncSync, ftruncateSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import { open } from "node:fs/promises";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
@@ -103,6 +103,19 @@ export interface Files {
   rename(from: string, to: string): void;
   /** fsync(2) of a file or directory (a directory: the names in it are on the disk). */
   fsyncPath(path: string): void;
+  /**
+   * Writes `data` with one open (created if missing, never truncated first) and one write(2)
+   * from offset 0, as efivarfs requires (a variable is set by a single write of attributes and
+   * value; truncating would not change it). A plain file is then cut to `data`'s length.
+   * Throws on a short write.
+   */
+  writeOnce(path: string, data: Uint8Array, mode?: number): void;
+  /**
+   * Sets or clears the immutable inode flag (FS_IOC_SETFLAGS, FS_IMMUTABLE_FL) of `path`;
+   * returns whether it was set. efivarfs makes variables it does not know to be safe to delete
+   * immutable: writing or deleting one needs the flag cleared first.
+   */
+  setImmutable(path: string, on: boolean): boolean;
 }
 
 /** The mount table, and this process's root and mount namespace. */
@@ -235,7 +248,33 @@ export interface Sockets {
   serveLines(path: string, maxLine: number, answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>): LineServer;
 }
 
-export interface Sys extends Files, Mounts, Modules, Devices, Crypt, Net, Tpm, Processes, Clock, Console, Sockets {}
+/** An open watchdog device (agent/sys/watchdog.ts): running from the open until disarmed. */
+export interface WatchdogHandle {
+  /** The device node, e.g. /dev/watchdog0. */
+  readonly path: string;
+  /** The driver's identity (WDIOC_GETSUPPORT), e.g. "Software Watchdog", "i6300ESB timer". */
+  readonly identity: string;
+  /** WDIOF_* option bits the driver supports (WDIOF_MAGICCLOSE = 0x100, WDIOF_SETTIMEOUT = 0x80). */
+  readonly options: number;
+  /** The timeout in seconds as the driver set it (it may round what was asked). */
+  readonly timeout: number;
+  /** Restarts the countdown (WDIOC_KEEPALIVE). */
+  pet(): void;
+  /** Seconds left before the reset (WDIOC_GETTIMELEFT); null when the driver cannot tell. */
+  timeLeft(): number | null;
+  /** Writes the magic 'V' and closes: the driver stops the countdown (unless built nowayout). */
+  disarm(): void;
+  /** Closes without the magic 'V': the countdown goes on, for whoever opens the device next (the OS's systemd). */
+  release(): void;
+}
+
+/** Watchdog devices. */
+export interface Watchdogs {
+  /** Opens `path` (which starts the countdown) and sets its timeout; throws naming the device. */
+  openWatchdog(path: string, timeoutSeconds: number): WatchdogHandle;
+}
+
+export interface Sys extends Files, Mounts, Modules, Devices, Crypt, Net, Tpm, Processes, Clock, Console, Sockets, Watchdogs {}
 
 function info(path: string): FileInfo {
   try {
@@ -396,6 +435,17 @@ function realFiles(libc: Libc): Files {
     writeStream,
     rename: (from, to) => renameSync(from, to),
     fsyncPath,
+    writeOnce: (p, d, mode = 0o644) => {
+      const fd = openSync(p, constants.O_WRONLY | constants.O_CREAT, mode);
+      try {
+        const n = writeSync(fd, d, 0, d.length, 0);
+        if (n !== d.length) throw new Error(`write ${p}: ${n} of ${d.length} bytes written`);
+        if (fstatSync(fd).size > d.length) ftruncateSync(fd, d.length);
+      } finally {
+        closeSync(fd);
+      }
+    },
+    setImmutable: (p, on) => libc.setImmutable(p, on),
   };
 }
 
@@ -530,5 +580,6 @@ export async function realSys(): Promise<Sys> {
     ...realClock,
     ...realConsole(libc),
     serveLines,
+    openWatchdog: (await import("./watchdog.ts")).openWatchdog,
   };
 }
