@@ -26,7 +26,8 @@ import type { FileReader, Files } from "../sys/index.ts";
 /** A refused update: the message is the one line to show (it names the part and why). */
 export class UpdateRefused extends Error {
   constructor(message: string) {
-    super(message);
+    // One line, whatever a tool or library put in its part of the message.
+    super(message.replace(/\s*\n\s*/g, " ").trim());
     this.name = "UpdateRefused";
   }
 }
@@ -377,9 +378,9 @@ export function readUkiConfig(sys: Pick<Files, "openReader">, path: string, name
     if (!entry) f.refuse(`no ${CONFIG_IN_INITRD} in the .initrd's last segment`);
     if ((entry.mode & S_IFMT) !== S_IFREG || entry.nlink !== 1) f.refuse(`${CONFIG_IN_INITRD} in the .initrd is not a plain file`);
     const text = Buffer.from(entry.data).toString("utf8");
-    const parsed = parseConfig(text, `${name}:/${CONFIG_IN_INITRD}`);
+    const parsed = parseConfig(text, `/${CONFIG_IN_INITRD}`);
     // parseConfig's error says "...; using defaults": for an update nothing is defaulted.
-    if (parsed.error) throw new UpdateRefused(`update: ${parsed.error.replace(/; using defaults$/, "")}`);
+    if (parsed.error) f.refuse(parsed.error.replace(/; using defaults$/, ""));
     const cmd = section(f, sections, ".cmdline");
     const cmdline = cmd ? Buffer.from(f.at(cmd.offset, Math.min(cmd.size, 64 * 1024), "the .cmdline section")).toString("utf8").replace(/\0[\s\S]*$/, "").trim() : null;
     return { config: parsed.config, cmdline, frames };
