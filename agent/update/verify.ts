@@ -131,13 +131,16 @@ export async function checkUpdate(sys: Files & Processes & Crypt, log: Logger, u
 
 /**
  * The index of the first signer whose certificate sbverify accepts the UKI with. Each PEM is
- * written to `tmpDir` for sbverify to read, and removed after. None: refused, with sbverify's
- * last line for the last signer (so that a tool that does not run shows as that, not as a bad
- * signature). The UKI has passed readUkiConfig's section checks before it gets here: sbverify
- * 0.9.4 segfaults on a truncated PE.
+ * written to `tmpDir` for sbverify to read, and removed after. None: refused. sbverify says
+ * "Signature verification failed" on stdout, which a failed tool's error does not carry (its
+ * stderr's last line), and on stderr warns about every UKI ("data remaining ...: gaps between
+ * PE/COFF sections?", the stub's own layout): so the refusal adds what sbverify said only when
+ * it is more than that warning ("Image fails hash check" for an altered UKI, "No signature
+ * table present", a tool that does not run). The UKI has passed readUkiConfig's section checks
+ * before it gets here: sbverify 0.9.4 segfaults on a truncated PE (measured).
  */
 async function verifySigner(sys: Files & Processes, log: Logger, uki: string, signers: readonly string[], tmpDir: string, sbverify: readonly string[]): Promise<number> {
-  let last = "";
+  let why = "";
   for (const [i, pem] of signers.entries()) {
     const cert = `${tmpDir}/signer-${i}.pem`;
     sys.writeFile(cert, pem);
@@ -149,8 +152,9 @@ async function verifySigner(sys: Files & Processes, log: Logger, uki: string, si
       // runWithInput says "<argv>: <stderr's last line>": the argv (the tools image's loader
       // and paths) would bury the reason.
       const said = describe(e);
-      last = said.startsWith(`${argv.join(" ")}: `) ? said.slice(argv.join(" ").length + 2) : said;
-      log.debug(`update: signer ${i + 1}: ${last}`);
+      const reason = said.startsWith(`${argv.join(" ")}: `) ? said.slice(argv.join(" ").length + 2) : said;
+      log.debug(`update: signer ${i + 1}: ${reason}`);
+      if (!reason.startsWith("warning:")) why = reason;
     } finally {
       try {
         sys.unlink(cert);
@@ -159,5 +163,5 @@ async function verifySigner(sys: Files & Processes, log: Logger, uki: string, si
       }
     }
   }
-  throw new UpdateRefused(`update: the UKI is not signed by a signer this machine trusts (sbverify: ${last})`);
+  throw new UpdateRefused(`update: the UKI is not signed by a signer this machine trusts${why ? ` (sbverify: ${why})` : ""}`);
 }
