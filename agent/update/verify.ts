@@ -26,12 +26,19 @@
 // take (wrong signer, older version, images from another build), with a clear line now rather
 // than a failed trial later.
 //
-// Measured (host, 2 cores, no KVM; test/system/update-check.test.ts):
-//   - verityVerify of build/images/modules.sqfs (20.2 MB, 4932 blocks of 4 KiB, sha256):
-//     ~90 ms; tools.sqfs (11.9 MB) ~55 ms: ~220 MB/s, bound by sha256 (libcryptsetup's
-//     userspace check, one thread). Under QEMU TCG, which runs sha256 without SHA-NI and 10-30x
-//     slower, expect 1-3 s for modules.sqfs; still well under the bundle's transfer time.
-//   - sbverify on target.efi (62.6 MB): ~0.1 s on the host; under TCG a few seconds.
+// Measured (host, 2 cores, no KVM, page cache warm; test/system/update-check.test.ts):
+//   - verityVerify of build/images/modules.sqfs (20.2 MB, 4932 blocks of 4 KiB, sha256): 47 ms;
+//     tools.sqfs (11.9 MB): 22 ms. ~430 MB/s, libcryptsetup's userspace check on one thread.
+//   - sbverify on target.efi (62.6 MB): 130 ms. readUkiConfig: 6 ms (uki.ts).
+//   - checkUpdate on target.efi + modules + tools, all of it: 250 ms (under Node, with the zstd
+//     tool spawned for the config segment).
+//   Under QEMU TCG (estimate): the boot's images stage does the same full verity check before
+//   it opens an image; build/bench/logs/bench-agent-1.log shows it at ≤ 0.97 s for modules and
+//   0.40 s for a 12 MB image, 20-30 MB/s, 15-20x slower than the host. So in a TCG guest:
+//   verity ~1.5 s for both images, sbverify ~2-3 s, the rest well under 0.5 s: ~4-5 s per update.
+//   Both slow steps block the event loop today (spawnSync-free: sbverify runs as a child, but
+//   libcryptsetup's check is a synchronous koffi call); Sys.verityVerify is a promise so that
+//   it can move to koffi's async calls without changing this file.
 import type { AgentConfig } from "../config.ts";
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
