@@ -11,6 +11,8 @@
 //   3. the new UKI's signed config (readUkiConfig, ~6 ms for a 62 MB UKI: no decompression
 //      beyond the few-KB config segment), its version = the manifest's;
 //   4. anti-rollback: its version is higher than the running one, unless --force (logged);
+//      and it is built for this host (per-host builds share the fleet's signer: another
+//      host's UKI verifies here too, and would give this machine that host's name and keys);
 //   5. the manifest lists exactly the new config's images;
 //   6. the UKI's Authenticode signature, with sbverify, against each trusted signer in turn
 //      (~0.1 s per signer for a 62 MB UKI on the host: it hashes the file);
@@ -36,9 +38,9 @@
 //   it opens an image; build/bench/logs/bench-agent-1.log shows it at ≤ 0.97 s for modules and
 //   0.40 s for a 12 MB image, 20-30 MB/s, 15-20x slower than the host. So in a TCG guest:
 //   verity ~1.5 s for both images, sbverify ~2-3 s, the rest well under 0.5 s: ~4-5 s per update.
-//   Both slow steps block the event loop today (spawnSync-free: sbverify runs as a child, but
-//   libcryptsetup's check is a synchronous koffi call); Sys.verityVerify is a promise so that
-//   it can move to koffi's async calls without changing this file.
+//   sbverify runs as a child without blocking the event loop; libcryptsetup's check is a
+//   synchronous koffi call that does block it (~1.5 s under TCG). Sys.verityVerify is a
+//   promise so that it can move to koffi's async calls without changing this file.
 import type { AgentConfig } from "../config.ts";
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
@@ -112,6 +114,13 @@ export async function checkUpdate(sys: Files & Processes & Crypt, log: Logger, u
   if (config.version <= running.version) {
     if (!u.force) refuse(`version ${config.version} is not newer than the running version ${running.version} (an admin may install it with --force)`);
     log.warn(`update: --force: installing version ${config.version} over ${running.version}`);
+  }
+
+  const host = (c: AgentConfig) => c.hostname ?? "(none)";
+  if (manifest.host !== undefined && manifest.host !== config.hostname) refuse(`the manifest says host ${manifest.host}, the UKI's signed config says ${host(config)}`);
+  if (config.hostname !== running.hostname) {
+    if (!u.force) refuse(`the UKI is built for host ${host(config)}, this machine is ${host(running)} (an admin may install it with --force)`);
+    log.warn(`update: --force: installing host ${host(config)}'s build on ${host(running)}`);
   }
 
   const needed = imagePaths(config);

@@ -151,6 +151,21 @@ describe("checkUpdate: refusals, one line each, cheap checks before slow ones", 
     }
   });
 
+  it("another host's build (the fleet's signer signs it too), and a manifest that names another host than its UKI", async () => {
+    const sys = machine(ukiWith(configJson(5, { hostname: "web-2" })));
+    const here = AgentConfigSchema.parse({ version: 4, hostname: "web-1", update: { signers: [PEM_A] } });
+    expect(await refused(check(sys, { running: here }).done)).toBe("update: the UKI is built for host web-2, this machine is web-1 (an admin may install it with --force)");
+    expect(await refused(check(sys, { running: running(4) }).done)).toBe("update: the UKI is built for host web-2, this machine is (none) (an admin may install it with --force)");
+    expect(await refused(check(sys, { running: here, manifest: { ...manifest(5), host: "web-1" } }).done)).toBe("update: the manifest says host web-1, the UKI's signed config says web-2");
+    expect(called(sys, "runWithInput")).toEqual([]);
+    const { log, done } = check(sys, { running: here, force: true });
+    await expect(done).resolves.toMatchObject({ version: 5 });
+    expect(log.lines).toContain("warn: update: --force: installing host web-2's build on web-1");
+    // The same host: no question asked.
+    const same = machine(ukiWith(configJson(5, { hostname: "web-1" })));
+    await expect(check(same, { running: here, manifest: { ...manifest(5), host: "web-1" } }).done).resolves.toMatchObject({ version: 5 });
+  });
+
   it("the manifest lists fewer images than the new config has, or more", async () => {
     const fewer = [UKI_PATH, "initos/modules.sqfs", "initos/modules.verity", "initos/tools.sqfs"];
     const sys = machine(ukiWith(configJson(5)), PEM_A, fewer);
