@@ -193,10 +193,10 @@ export interface ZstdFrame {
  */
 function walkFrames(f: Bytes, start: number, end: number): ZstdFrame[] {
   const frames: ZstdFrame[] = [];
-  const inSection = (at: number, len: number, what: string) => {
+  const fits = (at: number, len: number, what: string) => {
     if (at + len > end) f.refuse(`truncated .initrd: ${what} at offset ${at} runs past the end of the section`);
-    return f.view(at, len, what);
   };
+  const inSection = (at: number, len: number, what: string) => (fits(at, len, what), f.view(at, len, what));
   let pos = start;
   while (pos < end) {
     // Zero padding: skipped in chunks (it is at most an alignment's worth in a real UKI).
@@ -210,7 +210,7 @@ function walkFrames(f: Bytes, start: number, end: number): ZstdFrame[] {
     const magic = inSection(pos, 4, "a frame's magic number").getUint32(0, true);
     if ((magic & SKIPPABLE_MASK) >>> 0 === SKIPPABLE_MAGIC) {
       const size = inSection(pos + 4, 4, "a skippable frame's size").getUint32(0, true);
-      inSection(pos + 8, size, "a skippable frame");
+      fits(pos + 8, size, "a skippable frame"); // its content is not read
       frames.push({ offset: pos, length: 8 + size, skippable: true, contentSize: null, contentBound: 0 });
       pos += 8 + size;
       continue;
