@@ -70,6 +70,25 @@ describe("readUkiConfig on build/target.efi", () => {
     expect(given).toEqual([readFileSync("build/config.cpio.zst").length, readFileSync("build/config.cpio.zst").length]);
   });
 
+  it("under Bun (the agent's runtime) with its own zstd (runtimeZstdFrame), as the agent reads it", () => {
+    const script = `${dir}/read-uki.ts`;
+    writeFileSync(
+      script,
+      `import { realSys } from "${process.cwd()}/agent/sys/index.ts";
+import { readUkiConfig } from "${process.cwd()}/agent/update/uki.ts";
+const sys = await realSys();
+const t = [];
+let r;
+for (let i = 0; i < 20; i++) { const t0 = performance.now(); r = readUkiConfig(sys, "${UKI}"); t.push(performance.now() - t0); }
+console.log(JSON.stringify({ config: r.config, cmdline: r.cmdline, first: t[0], median: t.slice(1).sort((a, b) => a - b)[9] }));
+`,
+    );
+    const out = JSON.parse(execFileSync("node_modules/.bin/bun", [script], { encoding: "utf8" })) as { config: AgentConfig; cmdline: string; first: number; median: number };
+    console.log(`readUkiConfig under Bun: ${out.first.toFixed(1)} ms the first time, then ${out.median.toFixed(1)} ms (median of 19)`);
+    expect(out.config).toEqual(builtConfig());
+    expect(out.cmdline).toBe(readFileSync("build/target.cmdline", "utf8").trim());
+  });
+
   it("agrees with decompressing the whole .initrd (the slow way, the kernel's view: the last config.json of all segments)", () => {
     const initrd = ukiSections(sys, UKI).find((s) => s.name === ".initrd")!;
     const bytes = Buffer.alloc(initrd.virtualSize);
