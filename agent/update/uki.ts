@@ -4,9 +4,9 @@
 // The .initrd section is the concatenation base.cpio.zst + agent.cpio.zst + config.cpio.zst:
 // zstd frames, each a newc cpio (initrd/build.ts). The config segment, a few KB, is the last
 // frame. Decompressing the whole initrd (120 MB of cpio, most of it the agent) to find one file
-// would take seconds on the host and far longer under TCG; instead the frames are walked by
-// their headers (a 3-byte header per block of at most 128 KiB: about a thousand small reads
-// for the 47 MB agent segment) and only the last frame is decompressed.
+// takes 0.6 s on the host and far longer under TCG; instead the frames are walked by their
+// headers (a 3-byte header per block of at most 128 KiB of content: ~3000 small reads for the
+// 47 MB agent segment) and only the last frame is decompressed.
 //
 // Measured (host, 2 cores, Bun 1.4.5, page cache warm): readUkiConfig on build/target.efi
 // (62.6 MB; .initrd 48.3 MB in 3 frames) takes 5.6 ms (median of 20; 21 ms for the first call,
