@@ -64,6 +64,18 @@ export interface FileInfo {
 // uses (`sys: Files & Mounts`), so its signature shows what it touches, and a fake needs only
 // those. `Sys` is all of them: what the real machine (realSys) and the full fake provide.
 
+/**
+ * One open file read at any offset (an update's UKI: its section table and block headers,
+ * never the whole file). Every read is of the file as it was opened.
+ */
+export interface FileReader {
+  /** The size when opened. */
+  readonly size: number;
+  /** Up to `length` bytes at `offset` (fewer only at the end of the file). */
+  read(offset: number, length: number): Uint8Array;
+  close(): void;
+}
+
 /** Files and directories (never a mount). */
 export interface Files {
   readFile(path: string): string | null;
@@ -82,6 +94,8 @@ export interface Files {
   /** Removes an empty directory. */
   rmdir(path: string): void;
   symlink(target: string, path: string): void;
+  /** Opens a file for reads at any offset; throws (with errno) when it cannot be opened. */
+  openReader(path: string): FileReader;
   /** A file's bytes in order, `chunk` bytes at a time, from one open (so one version of it). */
   readChunks(path: string, chunk?: number): AsyncIterable<Uint8Array>;
   /**
@@ -161,6 +175,13 @@ export interface Crypt {
    * block, then opens /dev/mapper/<name>. Throws naming what did not match.
    */
   verityOpen(name: string, data: string, hash: string, rootHash: string, verity: VerityParams): string;
+  /**
+   * The same checks in userspace, with no device opened (an update's image files before they
+   * are renamed into place): the superblock against `verity`, then every block against
+   * `rootHash`. Rejects naming what did not match. A promise so that it can move off the event
+   * loop (koffi's async calls) without changing its callers; today it runs inline.
+   */
+  verityVerify(data: string, hash: string, rootHash: string, verity: VerityParams): Promise<void>;
   luks: LuksOps;
   randomBytes(n: number): Uint8Array;
 }
@@ -428,6 +449,23 @@ function realFiles(libc: Libc): Files {
     rmdir: (p) => rmdirSync(p),
     symlink: (t, p) => symlinkSync(t, p),
     readChunks: (path, chunk) => readChunks(path, chunk),
+    openReader: (path) => {
+      const fd = openSync(path, "r");
+      return {
+        size: fstatSync(fd).size,
+        read: (offset, length) => {
+          const buf = Buffer.alloc(length);
+          let got = 0;
+          while (got < length) {
+            const n = readSync(fd, buf, got, length - got, offset + got);
+            if (n === 0) break;
+            got += n;
+          }
+          return buf.subarray(0, got);
+        },
+        close: () => closeSync(fd),
+      };
+    },
     openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
     openDir: (p) => openSync(p, constants.O_RDONLY | constants.O_DIRECTORY),
     close: (fd) => closeSync(fd),
@@ -487,6 +525,7 @@ function realDevices(libc: Libc, blkid: typeof import("./blkid.ts")): Devices {
 function realCrypt(cryptsetup: typeof import("./cryptsetup.ts"), randomBytes: (n: number) => Uint8Array): Crypt {
   return {
     verityOpen: (n, d, h, r, v) => cryptsetup.verityOpen(n, d, h, r, true, v),
+    verityVerify: async (d, h, r, v) => cryptsetup.verityVerify(d, h, r, v),
     luks: {
       format: cryptsetup.luksFormat,
       addKey: cryptsetup.luksAddKey,

@@ -3,7 +3,7 @@
 import type { AgentConfig } from "../../agent/config.ts";
 import type { MountedImage } from "../../agent/stages/images.ts";
 import type { VerityParams } from "../../agent/sys/cryptsetup.ts";
-import type { FileInfo, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps, WatchdogHandle } from "../../agent/sys/index.ts";
+import type { FileInfo, FileReader, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps, WatchdogHandle } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
   kind: "file" | "dir" | "link";
@@ -168,6 +168,21 @@ export class FakeSys implements Sys {
     const e = this.verityFailures.get(data);
     if (e) throw e;
     return `/dev/mapper/${name}`;
+  }
+  /** verityVerify: as verityOpen, the data path's entry in verityFailures makes it fail. */
+  async verityVerify(data: string, hash: string, rootHash: string, verity: VerityParams): Promise<void> {
+    this.log(`verityVerify ${data} ${hash} ${rootHash.slice(0, 8)}`);
+    this.verityPinned.set(data, verity);
+    const e = this.verityFailures.get(data);
+    if (e) throw e;
+  }
+  /** Reads of the file's content as it was when opened (latin1 bytes, like readBytes). */
+  openReader(path: string): FileReader {
+    this.log(`openReader ${path}`);
+    const text = this.readFile(path);
+    if (text === null) throw Object.assign(new Error(`open ${path}: ENOENT`), { errno: 2 });
+    const data = Buffer.from(text, "latin1");
+    return { size: data.length, read: (offset, length) => data.subarray(offset, offset + length), close: () => undefined };
   }
   attachLoop(file: string): string {
     this.log(`attachLoop ${file}`);
