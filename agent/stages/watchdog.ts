@@ -96,3 +96,25 @@ export function keepPetting(sys: Clock, log: Logger, dog: WatchdogHandle): () =>
     cancel = null;
   };
 }
+
+/**
+ * Opens again the watchdog a previous process closed still armed (PID 1 at the switch): the
+ * running one, hardware first, as armWatchdog chose it; it is not armed anew. Null, logged,
+ * when there is none (then nothing pets it, and it fires: the trial falls back).
+ */
+export function reopenWatchdog(sys: Files & Watchdogs, log: Logger, seconds: number): WatchdogHandle | null {
+  const devs = watchdogDevices(sys);
+  const dev = devs.find((d) => d.identity !== SOFTDOG_IDENTITY) ?? devs.find((d) => d.identity === SOFTDOG_IDENTITY);
+  if (!dev) {
+    log.warn("watchdog: none to take over from PID 1");
+    return null;
+  }
+  try {
+    const handle = sys.openWatchdog(`/dev/${dev.name}`, seconds);
+    log.info(`watchdog: ${handle.identity} on ${handle.path} taken over from PID 1 (${handle.timeout}s)`);
+    return handle;
+  } catch (e) {
+    log.warn(`watchdog: taking over ${dev.name}: ${describe(e)}`);
+    return null;
+  }
+}
