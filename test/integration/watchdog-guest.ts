@@ -3,7 +3,7 @@
 // from the cmdline (initos.wdtest=...); lines starting with WDTEST are for the test, with the
 // guest's uptime so the test can compare them with the kernel's timestamps.
 import { readdirSync, readFileSync, readlinkSync } from "node:fs";
-import { bootNext, clearBootNext, ensureBootEntry, listBootEntries, setBootNext } from "../../agent/efi/bootentries.ts";
+import { bootCurrent, bootNext, bootOrder, clearBootNext, ensureBootEntry, listBootEntries, setBootNext, setBootOrder } from "../../agent/efi/bootentries.ts";
 import { formatDevicePath } from "../../agent/efi/loadopt.ts";
 import { deleteVar, EFIVARS_DIR, INITOS_GUID, readVar, varPath, writeVar } from "../../agent/efi/vars.ts";
 import { KmsgLogger } from "../../agent/log.ts";
@@ -86,6 +86,30 @@ async function main(): Promise<void> {
     say(`BootNext=${bootNext(sys)}`);
     clearBootNext(sys);
     say(`BootNext after clear=${bootNext(sys)}`);
+    say("done");
+    sys.sync();
+    sys.reboot(RB.POWER_OFF);
+  }
+  if (scenario === "efi-next" || scenario === "booted") {
+    sys.loadModule("efivarfs");
+    sys.mount("efivarfs", EFIVARS_DIR, "efivarfs", 0);
+    new Coldplug(sys, log).scan();
+    if (scenario === "efi-next") {
+      // The trial: an entry for slot B's loader, BootNext to it, BootOrder left alone.
+      const num = ensureBootEntry(sys, log, { description: "initos B", partition: "/dev/vda2", path: "\\EFI\\initos\\b.efi" });
+      setBootNext(sys, num);
+      say(`next ${num} order=${JSON.stringify(bootOrder(sys))}`);
+    } else {
+      const current = bootCurrent(sys);
+      const order = bootOrder(sys) ?? [];
+      say(`booted current=${current} next=${bootNext(sys)} order=${JSON.stringify(order)}`);
+      // The commit: this entry first in BootOrder, unless it already is.
+      if (current !== null && order[0] !== current) {
+        setBootOrder(sys, [current, ...order.filter((n) => n !== current)]);
+        say(`committed order=${JSON.stringify(bootOrder(sys))}`);
+      }
+    }
+    for (const e of listBootEntries(sys)) say(`entry ${e.name} ${e.option ? `"${e.option.description}" ${formatDevicePath(e.option.filePaths[0]!)}` : e.error}`);
     say("done");
     sys.sync();
     sys.reboot(RB.POWER_OFF);

@@ -8,10 +8,10 @@
 // - under OVMF: efivarfs variables of our vendor GUID are immutable once created and are
 //   rewritten and deleted through the flag; Boot####, BootNext on the firmware's store.
 import { execFileSync } from "node:child_process";
-import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { OVMF, qemuArgs, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 
 const BUN = "node_modules/@oven/bun-linux-x64-baseline/bin/bun";
 const B = "build";
@@ -90,4 +90,64 @@ describe("EFI variables under OVMF (direct kernel boot through the firmware)", (
     expect(vm.output).toMatch(new RegExp(`WDTEST BootNext=${parseInt(created.slice(4), 16)} `));
     expect(vm.output).toMatch(/WDTEST BootNext after clear=null/);
   }, 300_000);
+});
+
+describe("the firmware boots what we wrote (OVMF, three boots, one NVRAM)", () => {
+  it("BootNext to the entry ensureBootEntry made boots slot B's UKI (BootCurrent is it, BootNext consumed); committed first in BootOrder, it boots again and stays first", async () => {
+    // Slot B's FAT holds a UKI (this kernel and initrd, cmdline scenario "booted") at a path only
+    // our entry names: nothing else in the firmware's order could find it.
+    const img = `${dir}/next.img`;
+    execFileSync("truncate", ["-s", "256M", img]);
+    const esp = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+    execFileSync("sfdisk", ["-q", img], { input: `label: gpt\nstart=2048, size=65536, type=${esp}\nstart=67584, size=393216, type=${esp}, uuid=${PART_B}\n` });
+    execFileSync("zstd", ["-q", "-f", "-T0", "-3", initrd, "-o", `${dir}/initrd.zst`]);
+    execFileSync(BUN, ["initrd/build.ts", "uki", "--kernel", `${B}/kernel.json`, "--initrd", `${dir}/initrd.zst`, "--cmdline", "console=ttyS0 initos.wdtest=booted", "--out", `${dir}/b.efi`], { stdio: "ignore" });
+    execFileSync("mkfs.vfat", ["-C", `${dir}/b.fat`, String(393216 / 2)], { stdio: "ignore" });
+    execFileSync("mmd", ["-i", `${dir}/b.fat`, "::/EFI", "::/EFI/initos"]);
+    execFileSync("mcopy", ["-i", `${dir}/b.fat`, `${dir}/b.efi`, "::/EFI/initos/b.efi"]);
+    execFileSync("dd", [`if=${dir}/b.fat`, `of=${img}`, "bs=512", "seek=67584", "conv=notrunc", "status=none"]);
+
+    // Boot 1: the kernel through the firmware (-kernel), the trial's setup; QEMU run here so that
+    // its NVRAM file stays for boot 2.
+    const nv = `${dir}/nv1`;
+    mkdirSync(nv);
+    const args = qemuArgs({ name: "efi-next-1", firmware: { vars: OVMF.varsPlain }, direct: { kernel: `${B}/vmlinuz`, initrd, append: "console=ttyS0 initos.wdtest=efi-next" }, disks: [{ file: img }] }, nv);
+    const out1 = execFileSync("qemu-system-x86_64", args, { encoding: "utf8", timeout: 240_000, maxBuffer: 64 << 20 });
+    writeFileSync(`${B}/logs/efi-next-1.log`, out1);
+    const next = /WDTEST next (\d+) order=(\S+)/.exec(out1);
+    expect(next, out1.slice(-2000)).not.toBeNull();
+    expect(out1).toContain(`initos: efi: Boot${Number(next![1]).toString(16).toUpperCase().padStart(4, "0")} created: "initos B" HD(2,GPT,${PART_B},0x10800,0x60000)/File(\\EFI\\initos\\b.efi)`);
+
+    // Boot 2: firmware only, with boot 1's NVRAM: BootNext. The guest then commits (its entry
+    // first in BootOrder).
+    const nv2 = `${dir}/nv2`;
+    mkdirSync(nv2);
+    const out2 = execFileSync("qemu-system-x86_64", qemuArgs({ name: "efi-next-2", firmware: { vars: `${nv}/vars.fd` }, disks: [{ file: img }] }, nv2), {
+      encoding: "utf8",
+      timeout: 240_000,
+      maxBuffer: 64 << 20,
+    });
+    writeFileSync(`${B}/logs/efi-next-2.log`, out2);
+    const booted = /WDTEST booted current=(\S+) next=(\S+) order=\[(\S*)\]/.exec(out2);
+    expect(booted, out2.slice(-2000)).not.toBeNull();
+    expect(booted![1]).toBe(next![1]); // the firmware booted our entry
+    expect(booted![2]).toBe("null"); // and consumed BootNext
+    // BootOrder: what boot 1 left, without our entry; OVMF appends the options it makes for the
+    // devices it finds (DVD, the disk, its shell) on a boot without -kernel.
+    const order2 = booted![3]!.split(",").map(Number);
+    expect(order2.slice(0, JSON.parse(next![2]!).length)).toEqual(JSON.parse(next![2]!));
+    expect(order2).not.toContain(Number(next![1]));
+    expect(out2).toMatch(new RegExp(`WDTEST committed order=\\[${next![1]},${order2.join(",")}\\]`));
+
+    // Boot 3: the committed entry boots from BootOrder, and OVMF keeps it first.
+    const vm = await startVm({ name: "efi-next-3", firmware: { vars: `${nv2}/vars.fd` }, disks: [{ file: img }] });
+    await vm.waitFor(/WDTEST done/, 240_000);
+    await vm.waitExit(30_000);
+    const third = /WDTEST booted current=(\S+) next=(\S+) order=(\S+)/.exec(vm.output);
+    console.log(`boot 1: ${next![0]}\nboot 2: ${booted![0]}\nboot 3: ${third?.[0]}`);
+    expect(third![1]).toBe(next![1]);
+    expect(third![2]).toBe("null");
+    expect(third![3]).toBe(`[${next![1]},${order2.join(",")}]`);
+    expect(vm.output).not.toMatch(/WDTEST committed/);
+  }, 600_000);
 });
