@@ -6,7 +6,7 @@
 // but a kernel that hangs with it takes softdog down too.
 //
 // Measured (test/integration/watchdog.test.ts, QEMU TCG, cloud kernel 6.1, timeout 5 s): softdog
-// resets the machine 4.95-5.05 s after the last pet ("softdog: Initiating system reboot", an
+// resets the machine 4.95-5.12 s after the last pet ("softdog: Initiating system reboot", an
 // emergency restart: no "reboot:" line, QEMU -no-reboot exits); closed without the magic 'V' it
 // stays armed (the kernel says "watchdog did not stop!") and resets 5.0 s after the close, so
 // an exec (switch_root) that closes the close-on-exec fd hands a running watchdog to the OS;
