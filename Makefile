@@ -144,10 +144,10 @@ $(B)/version.txt: FORCE
 $(B)/signers.txt: FORCE
 	@mkdir -p $(B)
 	@printf '%s\n' $(abspath $(SIGNERS)) | cmp -s - $@ || printf '%s\n' $(abspath $(SIGNERS)) > $@
-CONFIG_ARGS = --images $(B)/images --pcr-pub $(PCR_PUB) --version "$$(cat $(B)/version.txt)" $(foreach s,$(SIGNERS),--signer $(s))
-CONFIG_DEPS = initrd/config.json $(IMAGES) $(PCR_PUB) $(B)/version.txt $(B)/signers.txt $(SIGNERS) $(BUILD_SRC)
-$(B)/config.cpio: $(CONFIG_DEPS) $(SSH_AUTHORIZED_KEYS)
-	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --ssh-keys $(SSH_AUTHORIZED_KEYS) --out $@
+CONFIG_ARGS = --images $(B)/images --pcr-pub $(PCR_PUB) $(foreach s,$(SIGNERS),--signer $(s))
+CONFIG_DEPS = initrd/config.json $(IMAGES) $(PCR_PUB) $(B)/signers.txt $(SIGNERS) $(BUILD_SRC)
+$(B)/config.cpio: $(CONFIG_DEPS) $(B)/version.txt $(SSH_AUTHORIZED_KEYS)
+	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --version "$$(cat $(B)/version.txt)" --ssh-keys $(SSH_AUTHORIZED_KEYS) --out $@
 $(B)/sigrelay.so: initrd/sigrelay.c
 	@mkdir -p $(B)
 	gcc -shared -fPIC -Os -Wall -Wextra -o $@ $<
@@ -274,12 +274,16 @@ HOST_DIR := $(HOSTS_DIR)/$(HOST)
 HB       := $(B)/hosts/$(HOST)
 host: $(HB)/$(HOST).unsigned.efi
 	@cd $(HB) && sha256sum config.cpio.zst $(HOST).initrd $(HOST).cmdline $(HOST).unsigned.efi
-# Which host directory built it, so another HOSTS_DIR with the same host name rebuilds.
+# Which host directory built it, so another HOSTS_DIR with the same host name rebuilds; and the
+# host's own version file: building a host with VERSION=N leaves the main build's config alone.
 $(HB)/source.txt: FORCE
 	@mkdir -p $(HB)
 	@echo '$(abspath $(HOST_DIR))' | cmp -s - $@ || echo '$(abspath $(HOST_DIR))' > $@
-$(HB)/config.cpio: $(CONFIG_DEPS) $(HOST_DIR)/host.json $(HOST_DIR)/authorized_keys $(HB)/source.txt
-	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --host $(HOST_DIR)/host.json --ssh-keys $(HOST_DIR)/authorized_keys --out $@
+$(HB)/version.txt: FORCE
+	@mkdir -p $(HB)
+	@echo '$(VERSION)' | cmp -s - $@ || echo '$(VERSION)' > $@
+$(HB)/config.cpio: $(CONFIG_DEPS) $(HB)/version.txt $(HOST_DIR)/host.json $(HOST_DIR)/authorized_keys $(HB)/source.txt
+	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --version "$$(cat $(HB)/version.txt)" --host $(HOST_DIR)/host.json --ssh-keys $(HOST_DIR)/authorized_keys --out $@
 $(HB)/$(HOST).initrd: $(B)/base.cpio.zst $(B)/agent.cpio.zst $(HB)/config.cpio.zst
 	cat $^ > $@
 $(HB)/$(HOST).cmdline: $(HOST_DIR)/host.json $(B)/target.cmdline $(HB)/source.txt $(BUILD_SRC)
