@@ -288,6 +288,9 @@ $(HB)/$(HOST).initrd: $(B)/base.cpio.zst $(B)/agent.cpio.zst $(HB)/config.cpio.z
 	cat $^ > $@
 $(HB)/$(HOST).cmdline: $(HOST_DIR)/host.json $(B)/target.cmdline $(HB)/source.txt $(BUILD_SRC)
 	$(BUILD) host-cmdline --host $(HOST_DIR)/host.json --cmdline "$$(cat $(B)/target.cmdline)" --out $@
+# The host's files are sources: when one is missing, say which (make alone says "No rule").
+$(HOST_DIR)/host.json $(HOST_DIR)/authorized_keys:
+	@echo "make host: $@ is missing (see hosts/README.md)" >&2; exit 1
 else
 host:
 	@echo "make host: say which: HOST=<name> (a directory $(HOSTS_DIR)/<name>/ with host.json and authorized_keys)" >&2; exit 1
