@@ -49,8 +49,8 @@ PCR_PUB_DERIVED := 1
 endif
 # The build's version, in the signed config: an update must carry a higher one (anti-rollback).
 # The commit's time: it grows along a linear history. Every new commit thus changes the config
-# segment and every UKI and disk after it (measured: ~N s of `make all`), not the base or agent
-# segments, the kernel or the images.
+# segment and every UKI and disk after it, not the base or agent segments, the kernel or the
+# images (measured: 9 s of `make all` for a new VERSION: 4 UKIs, 4 disks).
 VERSION     ?= $(SOURCE_DATE_EPOCH)
 # The db certificates an update's UKI must be signed by (update.signers in the config): by
 # default the one that signs real UKIs.
