@@ -20,7 +20,7 @@ const HB = `build/hosts/${HOST}`;
 afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
   rmSync(HB, { recursive: true, force: true });
-  rmSync("build/hosts/fleet-test-bad", { recursive: true, force: true });
+  for (const h of ["fleet-test-bad", "fleet-test-nokeys", "fleet-test-none"]) rmSync(`build/hosts/${h}`, { recursive: true, force: true });
 });
 
 const sha = (f: string) => createHash("sha256").update(readFileSync(f)).digest("hex");
@@ -136,6 +136,9 @@ describe("make host, make sign, make bundle", () => {
     const bad = make("host", "HOST=fleet-test-bad", "VERSION=1");
     expect(bad.status).not.toBe(0);
     expect(bad.stderr).toContain(`build initrd-config: ${dir}/hosts/fleet-test-bad/host.json: address.ip: expected address/prefix, e.g. 192.168.1.10/24`);
+    mkdirSync(`${dir}/hosts/fleet-test-nokeys`);
+    writeFileSync(`${dir}/hosts/fleet-test-nokeys/host.json`, JSON.stringify({ hostname: "nokeys" }));
+    expect(last(make("host", "HOST=fleet-test-nokeys", "VERSION=1"))).toBe(`make host: ${dir}/hosts/fleet-test-nokeys/authorized_keys is missing (see hosts/README.md)`);
     const none = make("host");
     expect(last(none)).toMatch(/^make host: say which: HOST=<name>/);
   }, 120_000);
