@@ -11,11 +11,12 @@
 // push to a fleet.
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
-import { type AgentConfig, AgentConfigSchema, CONFIG_PATH } from "../agent/config.ts";
-import { zodIssue } from "../agent/errors.ts";
+import { closeSync, existsSync, fstatSync, fsyncSync, openSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
+import type { AgentConfig } from "../agent/config.ts";
+import { describe, zodIssue } from "../agent/errors.ts";
+import type { FileReader } from "../agent/sys/index.ts";
 import { type Manifest, MANIFEST_NAME, ManifestSchema, UKI_PATH } from "../agent/update/manifest.ts";
-import { peSection } from "./pe.ts";
+import { type FrameDecompressor, readUkiConfig, runtimeZstdFrame } from "../agent/update/uki.ts";
 
 const BLOCK = 512;
 const CHUNK = 1 << 20;
@@ -126,95 +127,37 @@ export function writeBundle(out: string, opts: { version: number; host?: string;
   return manifest;
 }
 
-/**
- * The zstd frames an initrd is made of (each segment is one `zstd` output: one frame), found by
- * walking the frame and block headers without decompressing anything (RFC 8878, 3.1.1). Skippable
- * frames are left out.
- */
-export function zstdFrames(data: Uint8Array): Uint8Array[] {
-  const v = new DataView(data.buffer, data.byteOffset, data.byteLength);
-  const frames: Uint8Array[] = [];
-  let pos = 0;
-  const need = (n: number) => {
-    if (pos + n > data.length) throw new Error(`initrd: a zstd frame is truncated at byte ${pos}`);
-  };
-  while (pos < data.length) {
-    need(4);
-    const magic = v.getUint32(pos, true);
-    if ((magic & 0xfffffff0) === 0x184d2a50) {
-      need(8);
-      pos += 8 + v.getUint32(pos + 4, true);
-      continue;
-    }
-    if (magic !== 0xfd2fb528) throw new Error(`initrd: byte ${pos} does not start a zstd frame (an uncompressed segment?)`);
-    const start = pos;
-    need(5);
-    const fhd = data[pos + 4]!;
-    const fcsFlag = fhd >> 6;
-    const single = (fhd >> 5) & 1;
-    const checksum = (fhd >> 2) & 1;
-    const dictId = [0, 1, 2, 4][fhd & 3]!;
-    const fcs = [single ? 1 : 0, 2, 4, 8][fcsFlag]!;
-    pos += 5 + (single ? 0 : 1) + dictId + fcs;
-    for (;;) {
-      need(3);
-      const bh = data[pos]! | (data[pos + 1]! << 8) | (data[pos + 2]! << 16);
-      const last = bh & 1;
-      const type = (bh >> 1) & 3;
-      const size = bh >>> 3;
-      if (type === 3) throw new Error(`initrd: reserved zstd block type at byte ${pos}`);
-      pos += 3 + (type === 1 ? 1 : size);
-      if (last) break;
-    }
-    pos += checksum ? 4 : 0;
-    need(0);
-    frames.push(data.subarray(start, pos));
-  }
-  return frames;
-}
-
-/** A file's data in a newc cpio archive (the last entry with that name wins, as in the kernel). */
-export function cpioFile(archive: Buffer, name: string): Buffer | undefined {
-  let pos = 0;
-  let found: Buffer | undefined;
-  const pad4 = (n: number) => (n + 3) & ~3;
-  while (pos + 110 <= archive.length) {
-    if (archive.toString("latin1", pos, pos + 6) !== "070701") {
-      // The zero padding after a trailer, then possibly another archive.
-      if (archive[pos] === 0) {
-        pos++;
-        continue;
+/** A file as the agent's readers take it (its Files.openReader), with node:fs. */
+function fileReader(path: string): FileReader {
+  const fd = openSync(path, "r");
+  return {
+    size: fstatSync(fd).size,
+    read: (offset, length) => {
+      const buf = Buffer.alloc(length);
+      let got = 0;
+      while (got < length) {
+        const n = readSync(fd, buf, got, length - got, offset + got);
+        if (n === 0) break;
+        got += n;
       }
-      throw new Error(`initrd: no cpio header at byte ${pos}`);
-    }
-    const field = (i: number) => parseInt(archive.toString("latin1", pos + 6 + i * 8, pos + 14 + i * 8), 16);
-    const size = field(6);
-    const nameSize = field(11);
-    const entry = archive.toString("utf8", pos + 110, pos + 110 + nameSize - 1);
-    const dataAt = pad4(pos + 110 + nameSize);
-    if (dataAt + size > archive.length) throw new Error(`initrd: cpio entry ${entry} is truncated`);
-    if (entry === name) found = archive.subarray(dataAt, dataAt + size);
-    pos = pad4(dataAt + size);
-  }
-  return found;
+      return buf.subarray(0, got);
+    },
+    close: () => closeSync(fd),
+  };
 }
 
 /**
- * The signed config inside a UKI: etc/initos/config.json from its initrd, looked for in the
- * segments from the last (the config segment) backwards; only those are decompressed.
+ * The signed config inside a UKI, read by the agent's own reader (agent/update/uki.ts: the
+ * .initrd's zstd frames walked by their headers, only the last one, the config segment,
+ * decompressed): the build checks a bundle as the agent will. Under Bun (the build) node:zlib
+ * has zstd; Node 20 (the tests) passes the zstd tool.
  */
-export function ukiConfig(uki: string): AgentConfig {
-  const initrd = peSection(readFileSync(uki), ".initrd");
-  if (!initrd) throw new Error(`${uki} has no .initrd section`);
-  const name = CONFIG_PATH.slice(1);
-  for (const frame of zstdFrames(initrd).reverse()) {
-    const text = cpioFile(execFileSync("zstd", ["-d", "-c", "-q"], { input: frame, maxBuffer: 1 << 30 }), name);
-    if (!text) continue;
-    const r = AgentConfigSchema.safeParse(JSON.parse(text.toString("utf8")));
-    if (!r.success) throw new Error(`${uki}: its ${CONFIG_PATH}: ${zodIssue(r.error)}`);
-    return r.data;
+export function ukiConfig(uki: string, unzstd: FrameDecompressor = runtimeZstdFrame): AgentConfig {
+  try {
+    return readUkiConfig({ openReader: fileReader }, uki, uki, unzstd).config;
+  } catch (e) {
+    throw new Error(describe(e).replace(/^update: /, ""));
   }
-  throw new Error(`${uki}: no ${CONFIG_PATH} in its initrd`);
 }
 
 /**

@@ -12,6 +12,7 @@ import { bufferSource, streamOf } from "../../initrd/bytes.ts";
 import { ukiConfig } from "../../initrd/bundle.ts";
 import { peSection, readPe } from "../../initrd/pe.ts";
 import { readTarStream } from "../../initrd/tar.ts";
+import { cliUnzstd } from "../unit/update-fixture.ts";
 
 const HOST = "fleet-test-1";
 const VERSION = 42;
@@ -55,7 +56,7 @@ describe("make host, make sign, make bundle", () => {
     expect(initrd.subarray(0, shared.length).equals(shared)).toBe(true);
     expect(initrd.subarray(shared.length).equals(readFileSync(`${HB}/config.cpio.zst`))).toBe(true);
 
-    const config = ukiConfig(uki);
+    const config = ukiConfig(uki, cliUnzstd);
     expect(config).toMatchObject({ version: VERSION, hostname: HOST, update: { commit: "manual", healthSeconds: 30, trialSeconds: 300 } });
     expect(config.ssh.authorizedKeys).toEqual([readFileSync("build/test-ssh/id_ed25519.pub", "utf8").trim()]);
     // The default signer: the db certificate that signs real UKIs (the snakeoil one here).

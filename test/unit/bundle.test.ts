@@ -1,14 +1,13 @@
 // The update bundle writer (initrd/bundle.ts) read back by the project's own tar reader and the
-// agent's manifest parser, as the agent will read a bundle from ssh's stdin; and the pieces that
-// find the signed config inside a UKI's initrd (zstd frames, newc cpio), on real zstd output.
+// agent's manifest parser, as the agent will read a bundle from ssh's stdin. (Reading the UKI's
+// own config is the agent's reader, tested in update-uki.test.ts.)
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { MANIFEST_NAME, parseManifest, UKI_PATH } from "../../agent/update/manifest.ts";
 import { bufferSource, streamOf } from "../../initrd/bytes.ts";
-import { cpioFile, type BundlePart, writeBundle, zstdFrames } from "../../initrd/bundle.ts";
-import { writeCpio } from "../../initrd/cpio.ts";
+import { type BundlePart, writeBundle } from "../../initrd/bundle.ts";
 import { readTarStream } from "../../initrd/tar.ts";
 import { scratchDirs } from "../oci-fixture.ts";
 
@@ -106,31 +105,5 @@ describe("update bundle", () => {
     expect(() => writeBundle(`${dir}/x.bundle`, { version: 1, parts: [...parts, { path: "initos/f.sqfs", file: changing }] })).toThrow(/^bundle: \/proc\/sys\/kernel\/random\/uuid changed while the bundle was written$/);
     expect(() => readFileSync(`${dir}/x.bundle`)).toThrow(/ENOENT/);
     expect(() => readFileSync(`${dir}/x.bundle.tmp`)).toThrow(/ENOENT/);
-  });
-});
-
-describe("the signed config inside a UKI's initrd", () => {
-  it("finds each zstd frame of concatenated segments, and a file in a newc cpio", () => {
-    const dir = fresh("frames");
-    const segments = [
-      { name: "a", files: { "usr/bin/x": Buffer.alloc(300_000, 9) } },
-      { name: "b", files: { "etc/initos/config.json": Buffer.from('{"version":1}') } },
-      { name: "c", files: { "etc/initos/config.json": Buffer.from('{"version":2}'), "etc/other": Buffer.from("x") } },
-    ];
-    const frames = segments.map((s) => {
-      writeCpio(`${dir}/${s.name}.cpio`, Object.entries(s.files).map(([path, data]) => ({ path, type: "file" as const, mode: 0o644, data })), 0);
-      // -T0 as the Makefile compresses (multi-threaded: still one frame per segment).
-      execFileSync("zstd", ["-q", "-f", "-T0", "-19", `${dir}/${s.name}.cpio`, "-o", `${dir}/${s.name}.cpio.zst`]);
-      return readFileSync(`${dir}/${s.name}.cpio.zst`);
-    });
-    // A skippable frame in between, as some tools add, is stepped over.
-    const skippable = Buffer.concat([Buffer.from([0x50, 0x2a, 0x4d, 0x18]), Buffer.from([3, 0, 0, 0]), Buffer.from("abc")]);
-    const initrd = Buffer.concat([frames[0]!, skippable, frames[1]!, frames[2]!]);
-    const found = zstdFrames(initrd).map((f) => Buffer.from(f));
-    expect(found).toEqual(frames);
-    const config = (frame: Buffer) => cpioFile(execFileSync("zstd", ["-d", "-c", "-q"], { input: frame }), "etc/initos/config.json")?.toString();
-    expect(found.map(config)).toEqual([undefined, '{"version":1}', '{"version":2}']);
-    expect(() => zstdFrames(initrd.subarray(0, initrd.length - 10))).toThrow(/^initrd: a zstd frame is truncated at byte \d+$/);
-    expect(() => zstdFrames(Buffer.concat([frames[0]!, readFileSync(`${dir}/a.cpio`)]))).toThrow(/does not start a zstd frame \(an uncompressed segment\?\)$/);
   });
 });
