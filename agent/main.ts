@@ -79,7 +79,7 @@ async function runBesideSidecar(phase: "beside" | "beside-run"): Promise<never> 
   try {
     const sys = await realSys();
     const beside = await import("./stages/beside.ts");
-    return phase === "beside" ? beside.enterBesideRoot(sys, log) : await beside.runBeside(sys, log);
+    return phase === "beside" ? beside.enterBesideRoot(sys, log) : await beside.runBeside(sys, log, new KmsgLogger());
   } catch (e) {
     log.err(`sidecar beside the OS: ${describe(e)}`);
     process.exit(1);

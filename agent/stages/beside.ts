@@ -177,7 +177,14 @@ function detachInherited(sys: Files & Mounts): number {
 }
 
 /** Phase 2, in the sidecar's own root: the admin socket and sshd, until the machine goes down. */
-export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }): Promise<never> {
+/**
+ * `sshdLog`: where sshd's lines go. After the switch /dev/kmsg is rate-limited again (the OS's
+ * setting, per open file: a burst of 10 lines in 5 s), and dropbear says three lines or more per
+ * session: sharing one open with the agent's own lines lost those (seen: an update's refusal
+ * line missing from the log during a test's burst of ssh sessions). main.ts gives it a logger
+ * with an open of its own.
+ */
+export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }, sshdLog: Logger = log): Promise<never> {
   // Again: the exec into this phase made the process dumpable.
   sys.setDumpable(false);
   const { config, error } = parseConfig(sys.readFile(CONFIG_PATH));
@@ -187,7 +194,7 @@ export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }):
   // The update side first: a trial's watchdog was let go by PID 1 and must be petted again soon.
   const upd = await besideUpdate(sys, log, config, () => caps.power("reboot"), AGENT_PATH);
   serveAdmin(sys, log, adminHandler({ ...caps, update: upd.update, commit: upd.commit, status: () => [...caps.status(), ...upd.status()] }));
-  const sshd = startSshd(sys, log, config);
+  const sshd = startSshd(sys, sshdLog, config);
   watchOsShutdown(sys, log, sshd);
   log.info(`sidecar beside the OS: ready (pid ${sys.pid()})`);
   for (;;) await sys.sleep(3_600_000);

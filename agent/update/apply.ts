@@ -194,8 +194,7 @@ async function stageAndCheck(d: UpdateDeps, mnt: string, bundle: AsyncIterable<B
     const extra = await next();
     if (extra) refuse(`update: bundle: ${JSON.stringify(extra.path)} is not in its manifest`);
 
-    const config = await d.check({ manifest, files }, force);
-    log.info(`update: version ${config.version} checked: signature, root hashes`);
+    await d.check({ manifest, files }, force); // logs what it checked
     // Images first, the UKI last: the slot's UKI changes only when everything it needs is there.
     const order = [...manifest.files].sort((a, b) => Number(a.path === UKI_PATH) - Number(b.path === UKI_PATH));
     for (const f of order) {
@@ -229,11 +228,19 @@ async function writeChecked(sys: Files, path: string, data: AsyncIterable<Buffer
   const hash = createHash("sha256");
   let n = 0;
   async function* counted(): AsyncGenerator<Buffer> {
-    for await (const c of data) {
-      n += c.length;
+    const it = data[Symbol.asyncIterator]();
+    for (;;) {
+      let r: IteratorResult<Buffer>;
+      try {
+        r = await it.next();
+      } catch (e) {
+        return refuse(`update: ${describe(e)}`); // the bundle's fault (cut short, malformed), not the disk's
+      }
+      if (r.done) return;
+      n += r.value.length;
       if (n > f.size) refuse(`update: bundle: ${f.path} is longer than the ${f.size} bytes its manifest lists`);
-      hash.update(c);
-      yield c;
+      hash.update(r.value);
+      yield r.value;
     }
   }
   try {

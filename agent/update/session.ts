@@ -142,7 +142,7 @@ export class TrialRun {
     this.halt();
     if (this.watchdog) {
       this.watchdog.disarm();
-      this.log.info(`update: the ${this.watchdog.identity} watchdog is disarmed; an OS that wants one (systemd's RuntimeWatchdogSec=) opens it itself`);
+      this.log.info(`update: the watchdog (${this.watchdog.identity}) is disarmed; an OS that wants one (systemd's RuntimeWatchdogSec=) opens it itself`);
       this.watchdog = null;
     }
     const text = `update: version ${t.version} committed: slot ${t.slot} is the default boot from now on`;
