@@ -3,7 +3,8 @@
  * PID, its argv, which subvolume it runs from and whether /home is a separate mount, the uptime
  * at which it started and the memory then available (the benchmark reads both), then powers the
  * VM off. With an argument `hold=N` it first stays up N seconds (or until SIGTERM, SIGINT or
- * SIGUSR2), so a test can talk to whatever runs beside it. With an argument `ps` it first lists
+ * SIGUSR2), so a test can talk to whatever runs beside it; SIGINT (ctrl-alt-del, the sidecar's
+ * `reboot` request) then reboots instead, as sysvinit and busybox init do. With an argument `ps` it first lists
  * every process that is not a kernel thread (what the initrd left running), one line each.
  * With an argument `hang` it plays an OS that froze (after `ps` and `hold=N`, if given): it stops
  * every other process (kill(-1, SIGSTOP): the agent's sidecar beside it too, and with it the
@@ -21,7 +22,7 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
+static void on_signal(int sig) { stop = sig; }
 
 static void read_line(const char *path, char *buf, size_t n) {
 	int fd = open(path, O_RDONLY);
@@ -100,7 +101,7 @@ int main(int argc, char **argv) {
 		signal(SIGINT, on_signal);
 		signal(SIGUSR2, on_signal); /* busybox-style poweroff request */
 		for (int i = 0; i < hold && !stop; i++) sleep(1);
-		printf("INITOS-TEST-ROOT done holding\n");
+		printf("INITOS-TEST-ROOT done holding: %s\n", stop == SIGINT ? "reboot" : "poweroff");
 		fflush(stdout);
 	}
 	if (hang) {
@@ -111,6 +112,6 @@ int main(int argc, char **argv) {
 		for (;;) pause();
 	}
 	sync();
-	reboot(RB_POWER_OFF);
+	reboot(stop == SIGINT ? RB_AUTOBOOT : RB_POWER_OFF);
 	return 0;
 }
