@@ -61,7 +61,7 @@ DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-
 	openssl openssh-client util-linux fdisk systemd buildah \
 	libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0 libtss2-tctildr0 libtss2-tcti-device0 \
 	libtss2-tcti-swtpm0 libtss2-tcti-pcap0 \
-	lz4 xz-utils gzip fonts-dejavu-core debootstrap
+	lz4 xz-utils gzip fonts-dejavu-core debootstrap efibootmgr strace
 
 AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
 # The OCI importer (VM images only): changing it rebuilds no initrd or UKI.

@@ -27,6 +27,10 @@ import { loadModules } from "./stages/modules.ts";
 import { networkRequested, setupNetwork } from "./stages/network.ts";
 import { mountPool } from "./stages/pool.ts";
 import { unlockPool } from "./stages/volumes.ts";
+import { startTrial, type UpdateBoot } from "./stages/trial.ts";
+import { realUpdateDeps, updateCommand } from "./update/apply.ts";
+import type { FirmwareWithNext } from "./update/session.ts";
+import { updateStatus } from "./update/status.ts";
 import type { RemoteAdmin } from "./stages/remote.ts";
 import { mountRoot, SYSROOT } from "./stages/root.ts";
 import { mountVmRoot, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
@@ -49,6 +53,9 @@ export interface BootState {
   inputs?: Inputs;
   /** The TPM over this boot: phases, the latch. */
   tpm?: BootTpm;
+  /** The boot disk's slots (esp stage), and the update's view of this boot (trial stage). */
+  esp?: EspResult;
+  update?: UpdateBoot;
   /**
    * switch_root made the OS's root "/" (set by switchRoot just before it pivots or chroots).
    * From then on the failure policy only logs and reboots: nothing is written into the OS.
@@ -113,6 +120,10 @@ async function prepare(ctx: BootContext, state: BootState): Promise<Prepared> {
       return findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds);
     }));
     images = await stage(ctx, "images", () => setupImages(sys, log, config, found, unverifiedAllowed(early, cmdline, log), cold));
+    state.esp = found;
+    // An update's trial (watchdog, late commit) or the fallback from one: before anything that
+    // could hang, after the images (softdog is a module of the modules image).
+    state.update = await stage(ctx, "trial", () => startTrial(sys, log, cold, config, found));
   }
 
   // The TPM: PCR 11 says "enter-initrd" (what the PCR key signed), then the latch. Only the
@@ -205,6 +216,12 @@ async function handOff(ctx: BootContext, state: BootState, p: Prepared, handoff:
   // Nothing the initrd started may outlive it (unless beside the OS, in its own namespace).
   await state.remote.stop();
   await stopServices(sys, log, handoff.services);
+  // A trial's watchdog stays armed across the switch: the agent beside the OS opens it again.
+  const trial = state.update?.run;
+  trial?.release();
+  if (trial && !besideWanted(cmdline, config)) {
+    log.warn(`update: no sidecar beside the OS to commit the trial of version ${trial.trial.version}: the watchdog will reset the machine into slot ${trial.trial.from.slot}`);
+  }
   let beside = false;
   if (besideWanted(cmdline, config)) {
     ctx.timeline.save(); // the sidecar takes a copy of the timeline with it
@@ -277,7 +294,11 @@ export function rebootDelay(inputs: Partial<Pick<Inputs, "cmdline" | "config">> 
 /** The failure policy for this boot: what main.ts runs for any error that ends the boot. */
 export function failBoot(ctx: BootContext, state: BootState, error: unknown): Promise<never> {
   const past = state.pastPointOfNoReturn === true;
-  const recovery = past ? undefined : () => startFailureSidecar(ctx, state);
+  // A trial that fails goes back to the old slot at once (BootOrder's first entry): waiting in
+  // the recovery sidecar would keep the machine on the version that failed.
+  const trial = state.update?.run?.trial;
+  if (trial) ctx.log.err(`update: the trial of version ${trial.version} failed; rebooting into slot ${trial.from.slot}`);
+  const recovery = past || trial ? undefined : () => startFailureSidecar(ctx, state);
   return applyFailurePolicy(ctx.sys, ctx.log, ctx.timeline, error, rebootDelay(state.inputs), recovery, past);
 }
 
@@ -320,9 +341,17 @@ export function initrdAdmin(ctx: BootContext, state: BootState, continueBoot?: (
     switchRoot: continueBoot
       ? { run: () => (continueBoot(), "continuing the boot") }
       : { refused: "only from sidecar mode (initos.mode=sidecar)" },
-    update: { refused: "not wired yet" },
+    update: continueBoot && state.esp && state.update?.firmware && state.inputs
+      ? { run: initrdUpdate(ctx, state.esp, state.update.firmware, state.inputs.config) }
+      : { refused: "only in sidecar mode (initos.mode=sidecar) or beside the running OS, on a machine booted through UEFI from its ESP" },
     commit: { refused: "nothing to commit in the initrd: a trial commits beside the OS it booted" },
   };
+}
+
+function initrdUpdate(ctx: BootContext, esp: EspResult, firmware: FirmwareWithNext, config: AgentConfig) {
+  const { sys, log } = ctx;
+  const reboot = () => (sys.after(200, () => powerAction(sys, log, "reboot", "update --reboot")), "reboot in progress");
+  return updateCommand(log, () => realUpdateDeps(sys, log, config, () => esp, firmware), reboot);
 }
 
 export function initrdStatus(ctx: BootContext, state: BootState): StatusField[] {
@@ -330,6 +359,7 @@ export function initrdStatus(ctx: BootContext, state: BootState): StatusField[] 
     ["mode", state.inputs?.cmdline.mode ?? "host"],
     ["secure boot", state.inputs?.early.secureBoot ?? "unknown"],
     ["stages", ctx.timeline.summary()],
+    ...updateStatus(ctx.sys, state.inputs?.config, state.esp, state.update?.firmware),
     ["zombies", countZombies(ctx.sys)],
     ["agent rss", `${procStatusKiB(ctx.sys, "VmRSS") ?? "?"} kB`],
     ["memavailable", `${memAvailableKiB(ctx.sys) ?? "?"} kB`],

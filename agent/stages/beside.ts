@@ -35,7 +35,9 @@ import { type Logger, savedStages, summarizeStages, TIMELINE_PATH } from "../log
 import { procStatusKiB } from "../pid1.ts";
 import { isSystemd, isSystemdShutdown } from "../switchroot.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
-import type { Clock, Files, Mounts, Processes, Sockets } from "../sys/index.ts";
+import type { Clock, Files, Mounts, Processes, Sys } from "../sys/index.ts";
+import { EFIVARS_DIR } from "../efi/vars.ts";
+import { besideUpdate } from "../update/beside.ts";
 import { TOOLS_ROOT } from "../sys/tools.ts";
 import type { Supervised } from "../supervise.ts";
 import { AGENT_PATH, HOST_KEY, SSH_DIR, startSshd } from "./sidecar.ts";
@@ -125,6 +127,8 @@ export function enterBesideRoot(sys: Files & Mounts & Processes, log: Logger): n
   sys.mount("proc", `${STAGING}/proc`, "proc", MS.NOSUID | MS.NODEV | MS.NOEXEC);
   sys.mount("sysfs", `${STAGING}/sys`, "sysfs", MS.NOSUID | MS.NODEV | MS.NOEXEC | MS.RDONLY);
   sys.mount("devtmpfs", `${STAGING}/dev`, "devtmpfs", MS.NOSUID, "mode=0755");
+  // The firmware's variables: an update's boot entries, BootNext, its trial record.
+  if (sys.exists(EFIVARS_DIR)) sys.mount("efivarfs", `${STAGING}${EFIVARS_DIR}`, "efivarfs", MS.NOSUID | MS.NODEV | MS.NOEXEC);
   // Small files are copied: the config (signed, in the initrd), the boot timeline, the host key.
   for (const f of [CONFIG_PATH, TIMELINE_PATH, HOST_KEY]) {
     if (sys.exists(f)) sys.copyFile(f, `${STAGING}${f}`);
@@ -173,13 +177,16 @@ function detachInherited(sys: Files & Mounts): number {
 }
 
 /** Phase 2, in the sidecar's own root: the admin socket and sshd, until the machine goes down. */
-export async function runBeside(sys: Files & Mounts & Processes & Clock & Sockets, log: Logger & { recent(): string[] }): Promise<never> {
+export async function runBeside(sys: Sys, log: Logger & { recent(): string[] }): Promise<never> {
   // Again: the exec into this phase made the process dumpable.
   sys.setDumpable(false);
   const { config, error } = parseConfig(sys.readFile(CONFIG_PATH));
   if (error) log.err(error);
   sys.mkdirp(SSH_DIR, 0o700);
-  serveAdmin(sys, log, adminHandler(besideAdmin(sys, log)));
+  const caps = besideAdmin(sys, log);
+  // The update side first: a trial's watchdog was let go by PID 1 and must be petted again soon.
+  const upd = await besideUpdate(sys, log, config, () => caps.power("reboot"), AGENT_PATH);
+  serveAdmin(sys, log, adminHandler({ ...caps, update: upd.update, commit: upd.commit, status: () => [...caps.status(), ...upd.status()] }));
   const sshd = startSshd(sys, log, config);
   watchOsShutdown(sys, log, sshd);
   log.info(`sidecar beside the OS: ready (pid ${sys.pid()})`);
@@ -303,7 +310,7 @@ export function besideAdmin(sys: Files & Processes & Clock, log: Logger & { rece
     },
     passphrase: refused,
     switchRoot: refused,
-    update: { refused: "not wired yet" },
+    update: { refused: "not available (no EFI variables or boot disk)" },
     commit: { refused: "no trial is running" },
   };
 }

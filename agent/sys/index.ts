@@ -2,7 +2,7 @@
 // network, the TPM, processes, time, the console and the admin socket. Stages take the small
 // interfaces below and touch nothing else (no koffi, no node:fs, no child_process, no timers),
 // so their decisions are tested with fakes (test/unit/fakesys.ts).
-import { closeSync, constants, copyFileSync, existsSync, fsyncSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, copyFileSync, existsSync, fstatSync, fsyncSync, ftruncateSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import { open } from "node:fs/promises";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
@@ -64,6 +64,18 @@ export interface FileInfo {
 // uses (`sys: Files & Mounts`), so its signature shows what it touches, and a fake needs only
 // those. `Sys` is all of them: what the real machine (realSys) and the full fake provide.
 
+/**
+ * One open file read at any offset (an update's UKI: its section table and block headers,
+ * never the whole file). Every read is of the file as it was opened.
+ */
+export interface FileReader {
+  /** The size when opened. */
+  readonly size: number;
+  /** Up to `length` bytes at `offset` (fewer only at the end of the file). */
+  read(offset: number, length: number): Uint8Array;
+  close(): void;
+}
+
 /** Files and directories (never a mount). */
 export interface Files {
   readFile(path: string): string | null;
@@ -82,6 +94,8 @@ export interface Files {
   /** Removes an empty directory. */
   rmdir(path: string): void;
   symlink(target: string, path: string): void;
+  /** Opens a file for reads at any offset; throws (with errno) when it cannot be opened. */
+  openReader(path: string): FileReader;
   /** A file's bytes in order, `chunk` bytes at a time, from one open (so one version of it). */
   readChunks(path: string, chunk?: number): AsyncIterable<Uint8Array>;
   /**
@@ -103,6 +117,19 @@ export interface Files {
   rename(from: string, to: string): void;
   /** fsync(2) of a file or directory (a directory: the names in it are on the disk). */
   fsyncPath(path: string): void;
+  /**
+   * Writes `data` with one open (created if missing, never truncated first) and one write(2)
+   * from offset 0, as efivarfs requires (a variable is set by a single write of attributes and
+   * value; truncating would not change it). A plain file is then cut to `data`'s length.
+   * Throws on a short write.
+   */
+  writeOnce(path: string, data: Uint8Array, mode?: number): void;
+  /**
+   * Sets or clears the immutable inode flag (FS_IOC_SETFLAGS, FS_IMMUTABLE_FL) of `path`;
+   * returns whether it was set. efivarfs makes variables it does not know to be safe to delete
+   * immutable: writing or deleting one needs the flag cleared first.
+   */
+  setImmutable(path: string, on: boolean): boolean;
 }
 
 /** The mount table, and this process's root and mount namespace. */
@@ -148,6 +175,13 @@ export interface Crypt {
    * block, then opens /dev/mapper/<name>. Throws naming what did not match.
    */
   verityOpen(name: string, data: string, hash: string, rootHash: string, verity: VerityParams): string;
+  /**
+   * The same checks in userspace, with no device opened (an update's image files before they
+   * are renamed into place): the superblock against `verity`, then every block against
+   * `rootHash`. Rejects naming what did not match. A promise so that it can move off the event
+   * loop (koffi's async calls) without changing its callers; today it runs inline.
+   */
+  verityVerify(data: string, hash: string, rootHash: string, verity: VerityParams): Promise<void>;
   luks: LuksOps;
   randomBytes(n: number): Uint8Array;
 }
@@ -235,7 +269,33 @@ export interface Sockets {
   serveLines(path: string, maxLine: number, answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>): LineServer;
 }
 
-export interface Sys extends Files, Mounts, Modules, Devices, Crypt, Net, Tpm, Processes, Clock, Console, Sockets {}
+/** An open watchdog device (agent/sys/watchdog.ts): running from the open until disarmed. */
+export interface WatchdogHandle {
+  /** The device node, e.g. /dev/watchdog0. */
+  readonly path: string;
+  /** The driver's identity (WDIOC_GETSUPPORT), e.g. "Software Watchdog", "i6300ESB timer". */
+  readonly identity: string;
+  /** WDIOF_* option bits the driver supports (WDIOF_MAGICCLOSE = 0x100, WDIOF_SETTIMEOUT = 0x80). */
+  readonly options: number;
+  /** The timeout in seconds as the driver set it (it may round what was asked). */
+  readonly timeout: number;
+  /** Restarts the countdown (WDIOC_KEEPALIVE). */
+  pet(): void;
+  /** Seconds left before the reset (WDIOC_GETTIMELEFT); null when the driver cannot tell. */
+  timeLeft(): number | null;
+  /** Writes the magic 'V' and closes: the driver stops the countdown (unless built nowayout). */
+  disarm(): void;
+  /** Closes without the magic 'V': the countdown goes on, for whoever opens the device next (the OS's systemd). */
+  release(): void;
+}
+
+/** Watchdog devices. */
+export interface Watchdogs {
+  /** Opens `path` (which starts the countdown) and sets its timeout; throws naming the device. */
+  openWatchdog(path: string, timeoutSeconds: number): WatchdogHandle;
+}
+
+export interface Sys extends Files, Mounts, Modules, Devices, Crypt, Net, Tpm, Processes, Clock, Console, Sockets, Watchdogs {}
 
 function info(path: string): FileInfo {
   try {
@@ -389,6 +449,23 @@ function realFiles(libc: Libc): Files {
     rmdir: (p) => rmdirSync(p),
     symlink: (t, p) => symlinkSync(t, p),
     readChunks: (path, chunk) => readChunks(path, chunk),
+    openReader: (path) => {
+      const fd = openSync(path, "r");
+      return {
+        size: fstatSync(fd).size,
+        read: (offset, length) => {
+          const buf = Buffer.alloc(length);
+          let got = 0;
+          while (got < length) {
+            const n = readSync(fd, buf, got, length - got, offset + got);
+            if (n === 0) break;
+            got += n;
+          }
+          return buf.subarray(0, got);
+        },
+        close: () => closeSync(fd),
+      };
+    },
     openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
     openDir: (p) => openSync(p, constants.O_RDONLY | constants.O_DIRECTORY),
     close: (fd) => closeSync(fd),
@@ -396,6 +473,17 @@ function realFiles(libc: Libc): Files {
     writeStream,
     rename: (from, to) => renameSync(from, to),
     fsyncPath,
+    writeOnce: (p, d, mode = 0o644) => {
+      const fd = openSync(p, constants.O_WRONLY | constants.O_CREAT, mode);
+      try {
+        const n = writeSync(fd, d, 0, d.length, 0);
+        if (n !== d.length) throw new Error(`write ${p}: ${n} of ${d.length} bytes written`);
+        if (fstatSync(fd).size > d.length) ftruncateSync(fd, d.length);
+      } finally {
+        closeSync(fd);
+      }
+    },
+    setImmutable: (p, on) => libc.setImmutable(p, on),
   };
 }
 
@@ -437,6 +525,7 @@ function realDevices(libc: Libc, blkid: typeof import("./blkid.ts")): Devices {
 function realCrypt(cryptsetup: typeof import("./cryptsetup.ts"), randomBytes: (n: number) => Uint8Array): Crypt {
   return {
     verityOpen: (n, d, h, r, v) => cryptsetup.verityOpen(n, d, h, r, true, v),
+    verityVerify: async (d, h, r, v) => cryptsetup.verityVerify(d, h, r, v),
     luks: {
       format: cryptsetup.luksFormat,
       addKey: cryptsetup.luksAddKey,
@@ -530,5 +619,6 @@ export async function realSys(): Promise<Sys> {
     ...realClock,
     ...realConsole(libc),
     serveLines,
+    openWatchdog: (await import("./watchdog.ts")).openWatchdog,
   };
 }

@@ -333,3 +333,33 @@ export function setDumpable(on: boolean): void {
 export function getDumpable(): boolean {
   return check("prctl", ["PR_GET_DUMPABLE"], prctl(PR_GET_DUMPABLE)) === 1;
 }
+
+// inode flags (linux/fs.h). The ioctl numbers say `long` (_IOR('f', 1, long) = 0x80086601),
+// but the kernel reads and writes an int: a 4-byte buffer is what it fills (measured on ext4
+// and efivarfs, x86_64).
+const FS_IOC_GETFLAGS = 0x80086601;
+const FS_IOC_SETFLAGS = 0x40086602;
+const FS_IMMUTABLE_FL = 0x00000010;
+
+/**
+ * Sets or clears FS_IMMUTABLE_FL on `path` (efivarfs marks variables that are not known to be
+ * safe to delete immutable: writing or deleting one needs it cleared first). Returns whether it
+ * was set before. Other flags are left as they are.
+ */
+export function setImmutable(path: string, on: boolean): boolean {
+  const fd = openSync(path, "r");
+  try {
+    const flags = new Uint8Array(4);
+    check("ioctl", [path, "FS_IOC_GETFLAGS"], c.ioctl(fd, FS_IOC_GETFLAGS, "uint8_t *", flags));
+    const v = new DataView(flags.buffer);
+    const before = v.getUint32(0, true);
+    const was = (before & FS_IMMUTABLE_FL) !== 0;
+    if (was !== on) {
+      v.setUint32(0, on ? before | FS_IMMUTABLE_FL : before & ~FS_IMMUTABLE_FL, true);
+      check("ioctl", [path, "FS_IOC_SETFLAGS", on ? "+i" : "-i"], c.ioctl(fd, FS_IOC_SETFLAGS, "uint8_t *", flags));
+    }
+    return was;
+  } finally {
+    closeSync(fd);
+  }
+}

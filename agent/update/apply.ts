@@ -17,16 +17,17 @@
 // bootable and first in BootOrder; the next update starts by removing the stale staging files.
 // Between recording the trial and setting BootNext (milliseconds) a power cut would count the
 // version as failed: --force applies it again.
-import type { UpdateOptions } from "../admin.ts";
+import type { CtlResponse, UpdateOptions } from "../admin.ts";
 import type { AgentConfig } from "../config.ts";
 import { BootError, describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { MS } from "../sys/consts.ts";
-import type { Files, Mounts } from "../sys/index.ts";
+import type { Crypt, Files, Mounts, Processes } from "../sys/index.ts";
 import type { EspResult, EspSlot } from "../stages/esp.ts";
 import { readTarStream, type TarStreamEntry } from "../../initrd/tar.ts";
 import { MANIFEST_MAX, MANIFEST_NAME, type Manifest, type ManifestFile, parseManifest, UKI_PATH } from "./manifest.ts";
 import { mayApply, orderWith, recordWritten, type UpdateState } from "./trial.ts";
+import { checkUpdate } from "./verify.ts";
 import { createHash } from "node:crypto";
 
 /** Where the staged files wait on the inactive ESP (removed by a refusal, or the next update). */
@@ -65,6 +66,40 @@ export interface UpdateDeps {
 const refuse = (line: string): never => {
   throw new BootError(line);
 };
+
+/** Where the signers' certificates wait while sbverify reads them (tmpfs, root only). */
+const CHECK_DIR = "/run/initos/update";
+
+/** The dependencies on a real machine: the checks of verify.ts, the firmware given. */
+export function realUpdateDeps(sys: Files & Mounts & Processes & Crypt, log: Logger, config: AgentConfig, esp: UpdateDeps["esp"], firmware: UpdateFirmware): UpdateDeps {
+  const check: UpdateDeps["check"] = async (staged, force) => {
+    sys.mkdirp(CHECK_DIR, 0o700);
+    return (await checkUpdate(sys, log, { manifest: staged.manifest, files: staged.files, running: config, force, tmpDir: CHECK_DIR })).config;
+  };
+  return { sys, log, config, esp, check, firmware };
+}
+
+/**
+ * The `update` command of a process (PID 1 in sidecar mode, the agent beside the OS): one at
+ * a time, every refusal logged as the one line it answers, `--reboot` once the slot is written.
+ */
+export function updateCommand(log: Logger, deps: () => UpdateDeps, reboot: () => string): (opts: UpdateOptions, bundle: AsyncIterable<Buffer>) => Promise<CtlResponse> {
+  let busy = false;
+  return async (opts, bundle) => {
+    if (busy) return { ok: false, text: "update: another update is being written" };
+    busy = true;
+    try {
+      const text = await applyUpdate(deps(), bundle, opts);
+      return { ok: true, text: opts.reboot ? `${text}\n${reboot()}` : text };
+    } catch (e) {
+      const text = describe(e);
+      log.err(text.startsWith("update: ") ? text : `update: ${text}`);
+      return { ok: false, text };
+    } finally {
+      busy = false;
+    }
+  };
+}
 
 /** The booted slot and the one an update writes; refused when there is no such pair. */
 export function updateSlots(esp: EspResult): { booted: EspSlot; target: EspSlot } {

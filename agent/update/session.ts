@@ -10,22 +10,10 @@
 import type { AgentConfig } from "../config.ts";
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { Clock, Files } from "../sys/index.ts";
+import { keepPetting } from "../stages/watchdog.ts";
+import type { Clock, Files, WatchdogHandle } from "../sys/index.ts";
 import type { UpdateFirmware } from "./apply.ts";
 import { type BootVerdict, commitWaitsFor, onBoot, orderWith, recordCommitted, type Trial } from "./trial.ts";
-
-/** A watchdog device, opened and armed (see sys/watchdog.ts). */
-export interface ArmedWatchdog {
-  /** What it is, for the log ("softdog", "i6300esb"). */
-  readonly identity: string;
-  /** Its timeout in seconds, as the driver set it. */
-  readonly timeout: number;
-  pet(): void;
-  /** Stops it (magic close): after the commit. */
-  disarm(): void;
-  /** Closes it still armed: whoever opens it next must pet it. */
-  release(): void;
-}
 
 export interface FirmwareWithNext extends UpdateFirmware {
   bootNext(): number | null;
@@ -54,6 +42,7 @@ export function checkBoot(firmware: FirmwareWithNext, log: Logger, bootedSlot: s
  */
 export class TrialRun {
   private stopPetting: (() => void) | null = null;
+  private stopDeadline: (() => void) | null = null;
   private commitAsked = false;
   private committed = false;
   private rootAt: number | null = null;
@@ -63,7 +52,7 @@ export class TrialRun {
     private readonly log: Logger,
     readonly trial: Trial,
     private readonly policy: AgentConfig["update"],
-    private watchdog: ArmedWatchdog | null,
+    private watchdog: WatchdogHandle | null,
   ) {}
 
   /** Seconds of the trial left before its deadline (from power-on). */
@@ -71,32 +60,30 @@ export class TrialRun {
     return this.policy.trialSeconds - uptimeSeconds(this.sys);
   }
 
-  /** Pets every third of the timeout, until the deadline; then lets the watchdog fire. */
+  /** Pets the watchdog (every third of its timeout) until the deadline; then lets it fire. */
   startPetting(): void {
     const wd = this.watchdog;
     if (!wd || this.stopPetting) return;
-    const every = Math.max(1000, Math.floor((wd.timeout * 1000) / 3));
-    const tick = () => {
-      if (this.committed || !this.watchdog) return;
-      if (this.left() <= 0) {
-        this.log.err(`update: the trial of version ${this.trial.version} did not commit within ${this.policy.trialSeconds} s of power-on; no longer petting the ${wd.identity} watchdog: the machine resets into slot ${this.trial.from.slot} within ${wd.timeout} s`);
-        this.stopPetting = null;
-        return;
-      }
-      try {
-        wd.pet();
-      } catch (e) {
-        this.log.warn(`update: petting the watchdog: ${describe(e)}`);
-      }
-      this.stopPetting = this.sys.after(every, tick);
-    };
-    tick();
+    const left = this.left();
+    if (left <= 0) return this.abandon(wd);
+    this.stopPetting = keepPetting(this.sys, this.log, wd);
+    this.stopDeadline = this.sys.after(left * 1000, () => this.abandon(wd));
+  }
+
+  private abandon(wd: WatchdogHandle): void {
+    this.halt();
+    this.log.err(`update: the trial of version ${this.trial.version} did not commit within ${this.policy.trialSeconds} s of power-on; no longer petting the watchdog (${wd.identity}): the machine resets into slot ${this.trial.from.slot} within ${wd.timeout} s`);
+  }
+
+  private halt(): void {
+    this.stopPetting?.();
+    this.stopDeadline?.();
+    this.stopPetting = this.stopDeadline = null;
   }
 
   /** At the switch: PID 1 closes the watchdog still armed, for the agent beside the OS. */
   release(): void {
-    this.stopPetting?.();
-    this.stopPetting = null;
+    this.halt();
     if (!this.watchdog) return;
     this.watchdog.release();
     this.watchdog = null;
@@ -152,8 +139,7 @@ export class TrialRun {
       return { ok: false, text };
     }
     this.committed = true;
-    this.stopPetting?.();
-    this.stopPetting = null;
+    this.halt();
     if (this.watchdog) {
       this.watchdog.disarm();
       this.log.info(`update: the ${this.watchdog.identity} watchdog is disarmed; an OS that wants one (systemd's RuntimeWatchdogSec=) opens it itself`);

@@ -3,7 +3,7 @@
 import type { AgentConfig } from "../../agent/config.ts";
 import type { MountedImage } from "../../agent/stages/images.ts";
 import type { VerityParams } from "../../agent/sys/cryptsetup.ts";
-import type { FileInfo, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps } from "../../agent/sys/index.ts";
+import type { FileInfo, FileReader, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps, WatchdogHandle } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
   kind: "file" | "dir" | "link";
@@ -169,6 +169,21 @@ export class FakeSys implements Sys {
     if (e) throw e;
     return `/dev/mapper/${name}`;
   }
+  /** verityVerify: as verityOpen, the data path's entry in verityFailures makes it fail. */
+  async verityVerify(data: string, hash: string, rootHash: string, verity: VerityParams): Promise<void> {
+    this.log(`verityVerify ${data} ${hash} ${rootHash.slice(0, 8)}`);
+    this.verityPinned.set(data, verity);
+    const e = this.verityFailures.get(data);
+    if (e) throw e;
+  }
+  /** Reads of the file's content as it was when opened (latin1 bytes, like readBytes). */
+  openReader(path: string): FileReader {
+    this.log(`openReader ${path}`);
+    const text = this.readFile(path);
+    if (text === null) throw Object.assign(new Error(`open ${path}: ENOENT`), { errno: 2 });
+    const data = Buffer.from(text, "latin1");
+    return { size: data.length, read: (offset, length) => data.subarray(offset, offset + length), close: () => undefined };
+  }
   attachLoop(file: string): string {
     this.log(`attachLoop ${file}`);
     return "/dev/loop7";
@@ -292,12 +307,53 @@ export class FakeSys implements Sys {
   }
   unlink(p: string): void {
     this.log(`unlink ${p}`);
+    if (this.immutable.has(p)) throw Object.assign(new Error(`unlink ${p}: EPERM`), { errno: 1, code: "EPERM" });
     this.files.delete(p);
   }
   rmdir(p: string): void {
     this.log(`rmdir ${p}`);
     if ([...this.files.keys()].some((k) => k.startsWith(`${p}/`))) throw Object.assign(new Error(`rmdir ${p}: ENOTEMPTY`), { errno: 39 });
     this.files.delete(p);
+  }
+  /** Paths with the immutable inode flag (efivarfs's protected variables): writes and unlinks fail with EPERM. */
+  immutable = new Set<string>();
+  writeOnce(p: string, d: Uint8Array): void {
+    this.log(`writeOnce ${p}`);
+    if (this.immutable.has(p)) throw Object.assign(new Error(`open ${p}: EPERM`), { errno: 1, code: "EPERM" });
+    this.add(p, { kind: "file", data: Buffer.from(d).toString("latin1") });
+  }
+  setImmutable(p: string, on: boolean): boolean {
+    this.log(`setImmutable ${p} ${on ? "+i" : "-i"}`);
+    if (!this.files.has(p)) throw Object.assign(new Error(`open ${p}: ENOENT`), { errno: 2, code: "ENOENT" });
+    const was = this.immutable.has(p);
+    if (on) this.immutable.add(p);
+    else this.immutable.delete(p);
+    return was;
+  }
+  /** Watchdog devices by path: the driver's identity, options (WDIOF_*) and the largest timeout it takes. */
+  watchdogDevices = new Map<string, { identity: string; options?: number; maxTimeout?: number }>();
+  /** Each opened watchdog: its state and how often it was petted. */
+  watchdogState = new Map<string, { state: "armed" | "disarmed" | "released"; pets: number; timeout: number }>();
+  openWatchdog(path: string, timeoutSeconds: number): WatchdogHandle {
+    this.log(`openWatchdog ${path} ${timeoutSeconds}`);
+    const dev = this.watchdogDevices.get(path);
+    if (!dev) throw Object.assign(new Error(`open ${path}: ENOENT`), { errno: 2, code: "ENOENT" });
+    const timeout = Math.min(timeoutSeconds, dev.maxTimeout ?? 65535);
+    const st = { state: "armed" as "armed" | "disarmed" | "released", pets: 0, timeout };
+    this.watchdogState.set(path, st);
+    const live = () => {
+      if (st.state !== "armed") throw new Error(`${path}: already closed`);
+    };
+    return {
+      path,
+      identity: dev.identity,
+      options: dev.options ?? 0x8180,
+      timeout,
+      pet: () => (live(), this.log(`watchdog.pet ${path}`), void st.pets++),
+      timeLeft: () => (live(), null),
+      disarm: () => (live(), this.log(`watchdog.disarm ${path}`), void (st.state = "disarmed")),
+      release: () => (live(), this.log(`watchdog.release ${path}`), void (st.state = "released")),
+    };
   }
   symlink(t: string, p: string): void {
     this.log(`symlink ${t} ${p}`);

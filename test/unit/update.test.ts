@@ -208,7 +208,7 @@ describe("the running trial", () => {
     const sys = new FakeSys();
     sys.add("/proc/uptime", { kind: "file", data: "40.0 10.0\n" });
     const pets: string[] = [];
-    const wd = { identity: "softdog", timeout: 30, pet: () => pets.push("pet"), disarm: () => pets.push("disarm"), release: () => pets.push("release") };
+    const wd = { path: "/dev/watchdog0", identity: "Software Watchdog", options: 0x180, timeout: 30, timeLeft: () => null, pet: () => void pets.push("pet"), disarm: () => void pets.push("disarm"), release: () => void pets.push("release") };
     const log = { lines: [] as string[], info(l: string) { this.lines.push(l); }, warn(l: string) { this.lines.push(l); }, err(l: string) { this.lines.push(l); }, debug() {} };
     const fw = new FakeFirmware();
     fw.entries.set("b", 2);
@@ -223,10 +223,11 @@ describe("the running trial", () => {
     expect(pets).toEqual(["pet"]);
     await sys.advance(10_000);
     expect(pets).toEqual(["pet", "pet"]);
-    sys.add("/proc/uptime", { kind: "file", data: "301.0 10.0\n" });
-    await sys.advance(10_000);
-    await sys.advance(10_000);
-    expect(pets).toEqual(["pet", "pet"]);
+    await sys.advance(250_000); // power-on at 40 s: the deadline (300 s) is 260 s after the start
+    const n = pets.length;
+    expect(n).toBe(26); // at 0 s, then every 10 s until the deadline (260 s) comes first
+    await sys.advance(60_000);
+    expect(pets).toHaveLength(n);
     expect(log.lines.join("\n")).toMatch(/did not commit within 300 s.*resets into slot a/);
   });
   it("commits after the health time (auto): BootOrder, the record, the watchdog disarmed", async () => {
