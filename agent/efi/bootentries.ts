@@ -24,6 +24,15 @@ import { deleteVar, EFI_GLOBAL_GUID, EFIVARS_DIR, listVars, readVar, type VarFil
 
 export type EfiSys = VarFiles;
 
+/**
+ * Whether EFI variables can be read and written at `dir`: false on a direct kernel boot (no
+ * firmware: cloud-hypervisor, QEMU -kernel without OVMF) or before efivarfs is mounted. A
+ * mounted efivarfs always lists some variables (at least the firmware's Boot#### and BootOrder).
+ */
+export function efiVarsAvailable(sys: Pick<Files, "readdir">, dir = EFIVARS_DIR): boolean {
+  return sys.readdir(dir).length > 0;
+}
+
 export interface BootEntry {
   num: number;
   /** Boot#### */
@@ -157,6 +166,7 @@ function target(o: LoadOption): { hd: HardDriveNode; file: string } | null {
  * not touched.
  */
 export function ensureBootEntry(sys: EfiSys & Files & Devices, log: Logger, want: WantedEntry, dir = EFIVARS_DIR): number {
+  if (!efiVarsAvailable(sys, dir)) throw new BootError(`efi: no EFI variables at ${dir} (not booted through UEFI, or efivarfs not mounted)`);
   const facts = typeof want.partition === "string" ? partitionFacts(sys, want.partition) : want.partition;
   const path = efiPath(want.path);
   const hd: HardDriveNode = { type: "hd", ...facts };

@@ -5,9 +5,13 @@
 // a kernel timer: it resets the machine when userspace (the agent, then the OS) stops petting,
 // but a kernel that hangs with it takes softdog down too.
 //
-// Measured (test/integration/watchdog.test.ts, QEMU TCG, cloud kernel 6.1): softdog resets the
-// machine when not petted, and also after a close without the magic 'V' (it stays armed for
-// whoever opens it next); after 'V' and a close it is stopped.
+// Measured (test/integration/watchdog.test.ts, QEMU TCG, cloud kernel 6.1, timeout 5 s): softdog
+// resets the machine 4.95-5.12 s after the last pet ("softdog: Initiating system reboot", an
+// emergency restart: no "reboot:" line, QEMU -no-reboot exits); closed without the magic 'V' it
+// stays armed (the kernel says "watchdog did not stop!") and resets 5.0 s after the close, so
+// an exec (switch_root) that closes the close-on-exec fd hands a running watchdog to the OS;
+// after 'V' and a close it is stopped (15 s without a reset). nowayout=0 in this kernel.
+// softdog cannot tell the time left (WDIOC_GETTIMELEFT: timeLeft() is null).
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { Clock, Files, Modules, WatchdogHandle, Watchdogs } from "../sys/index.ts";

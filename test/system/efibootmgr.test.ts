@@ -87,6 +87,7 @@ describe("EFI boot entries against efibootmgr (root: loop devices)", () => {
   it("BootOrder and BootNext: what we write efibootmgr reads, and the other way round", () => {
     const vars = `${dir}/order`;
     mkdirSync(vars);
+    writeVar(sys, "PlatformLang", EFI_GLOBAL_GUID, Buffer.from("en\0"), 7, vars); // firmware never has none
     // efibootmgr -o takes only entries that exist.
     for (const n of [0, 1, 2, 3]) {
       const part = { partition: n + 1, start: 2048 * (n + 1), size: 2048, partUuid: UUID_A };

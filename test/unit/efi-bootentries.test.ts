@@ -25,6 +25,7 @@ const G = EFI_GLOBAL_GUID;
 function machine(lbs = 512): FakeSys {
   const sys = new FakeSys();
   sys.add(EFIVARS_DIR, { kind: "dir" });
+  putVar(sys, "Lang", Buffer.from("eng")); // a mounted efivarfs is never empty
   sys.add("/sys/class/block/vda", { kind: "link", target: "../../devices/pci0000:00/0000:00:03.0/virtio1/block/vda" });
   sys.add("/sys/class/block/vda/queue/logical_block_size", { kind: "file", data: `${lbs}\n` });
   const parts: [string, number, number, number, string][] = [
@@ -128,6 +129,13 @@ describe("ensureBootEntry", () => {
     putVar(sys, "Boot0000", encodeLoadOption(entry(UUID_A, {}, 1)));
     putVar(sys, "Boot0001", encodeLoadOption(entry(UUID_B, { filePaths: [[{ type: "hd", partition: 2, start: 34816, size: 32768, partUuid: UUID_B }, { type: "file", path: "\\EFI\\other.efi" }]] })));
     expect(ensureBootEntry(sys, silentLog(), { description: "initos B", partition: "/dev/vda2", path: LOADER })).toBe(2);
+  });
+
+  it("refuses, in one line, where there are no EFI variables (direct kernel boot)", () => {
+    const sys = new FakeSys();
+    expect(() => ensureBootEntry(sys, silentLog(), { description: "x", partition: "/dev/vda1", path: LOADER })).toThrow(
+      "efi: no EFI variables at /sys/firmware/efi/efivars (not booted through UEFI, or efivarfs not mounted)",
+    );
   });
 
   it("takes the partition's facts as given", () => {
