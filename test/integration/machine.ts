@@ -167,11 +167,14 @@ export function buildVersion(dir: string, version: number, cmdlineWords: string[
   return { version, uki, pcrSigned: `${d}/pcrsigned.efi`, bundle };
 }
 
-/** Authenticode-signs `input` with `key` (decrypted with `pass` when given) and `cert`. */
+/**
+ * Authenticode-signs `input` with `key` (decrypted with `pass` when given) and `cert`. sbsign's
+ * chatter ("gaps between PE/COFF sections?") is shown only when it fails (in the thrown error).
+ */
 export function sbsignWith(key: string, cert: string, input: string, out: string, pass?: string): string {
   execFileSync("bash", ["-c", `sbsign --key <(openssl pkey -in "$1"${pass ? " -passin env:P" : ""}) --cert "$2" --output "$3" "$4"`, "-", key, cert, out, input], {
     env: { ...process.env, P: pass ?? "" },
-    stdio: ["ignore", "ignore", "inherit"],
+    stdio: ["ignore", "ignore", "pipe"],
   });
   return out;
 }

@@ -123,11 +123,27 @@ async function reboot(): Promise<number> {
   return mark;
 }
 
+/**
+ * One step of the chain. The steps share one machine, each starting where the last one left
+ * it: after a failed step the rest fail at once, naming it, instead of each waiting out its
+ * timeouts on a machine in the wrong state.
+ */
+let broken: string | undefined;
+function step(name: string, fn: () => Promise<void>, timeoutMs: number): void {
+  it(name, async ({ onTestFailed }) => {
+    if (broken) throw new Error(`not run: the chain broke at "${broken}"`);
+    onTestFailed(() => {
+      broken ??= name;
+    });
+    await fn();
+  }, timeoutMs);
+}
+
 const WRITTEN = (version: number, slot: string, from: string) =>
   new RegExp(`^update: version ${version} written to slot ${slot}; BootNext is Boot([0-9A-F]{4}): the next boot is its trial, slot ${from} stays the default until it commits\\n$`);
 
 describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware variables) from v1 to v5", () => {
-  it("installs v1 onto a blank disk; both slots get v1's UKI", async () => {
+  step("installs v1 onto a blank disk; both slots get v1's UKI", async () => {
     const inst = await startVm({
       name: "update-install",
       firmware: { vars: OVMF.varsSecure },
@@ -142,7 +158,7 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     putUki(disk, v[1]!.uki, "b");
   }, 480_000);
 
-  it("v1 boots from slot a; `update < v2` writes slot b and sets BootNext; status shows it", async () => {
+  step("v1 boots from slot a; `update < v2` writes slot b and sets BootNext; status shows it", async () => {
     await powerOn("update-chain");
     await bootedInto("a", 0);
     const before = await status();
@@ -158,7 +174,7 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     expect(st.update).toMatch(/^trial of version 2 in slot b \(next boot\); last: version 2 written/);
   }, 900_000);
 
-  it("the trial boots v2 from slot b, unlocks through the TPM (no reseal), commits after the OS stayed up; the next boot is v2 from b", async () => {
+  step("the trial boots v2 from slot b, unlocks through the TPM (no reseal), commits after the OS stayed up; the next boot is v2 from b", async () => {
     const mark = await reboot();
     await vm.waitFor(new RegExp(`BdsDxe: starting Boot${entry.b} `), 120_000, false, mark);
     const out = await bootedInto("b", mark);
@@ -177,7 +193,7 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     expect((await status()).version).toBe("2");
   }, 900_000);
 
-  it("v3's kernel panics in its trial: the machine reboots by itself into v2, reports v3 failed, and refuses v3 again", async () => {
+  step("v3's kernel panics in its trial: the machine reboots by itself into v2, reports v3 failed, and refuses v3 again", async () => {
     expect(readFileSync(`${dir}/v3/cmdline`, "utf8")).toMatch(/(^| )panic=\d+ /); // else the panic halts for ever
     const r = await update(v[3]!.bundle);
     const m = WRITTEN(3, "a", "b").exec(r.stdout);
@@ -200,7 +216,7 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     expect(again.status).not.toBe(0);
   }, 900_000);
 
-  it("v4 hangs in its trial (every process stopped): the watchdog resets the machine into v2", async () => {
+  step("v4 hangs in its trial (every process stopped): the watchdog resets the machine into v2", async () => {
     const r = await update(v[4]!.bundle);
     expect(r.stdout).toMatch(WRITTEN(4, "a", "b"));
     expect(WRITTEN(4, "a", "b").exec(r.stdout)![1]).toBe(entry.a);
@@ -221,7 +237,7 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     expect(st.update).toMatch(/failed versions: 3, 4/);
   }, 900_000);
 
-  it("refuses a bundle signed by another key, an image off its root hash, a truncated bundle and an older version: one line each, slot files unchanged", async () => {
+  step("refuses a bundle signed by another key, an image off its root hash, a truncated bundle and an older version: one line each, slot files unchanged", async () => {
     // Another signer: a throwaway key and certificate, the same (PCR-signed) UKI.
     const other = `${dir}/other`;
     mkdirSync(other);
@@ -263,7 +279,7 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     expect(st.update).not.toMatch(/trial of version/);
   }, 1_200_000);
 
-  it("a power cut while v5 is written: the machine boots v2 from b, and v5 then writes", async () => {
+  step("a power cut while v5 is written: the machine boots v2 from b, and v5 then writes", async () => {
     const mark = vm.mark();
     const cut = update(v[5]!.bundle);
     await vm.waitFor(/initos: update: bundle of version 5 /, 300_000, false, mark);
