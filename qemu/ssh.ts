@@ -1,8 +1,8 @@
 // A real OpenSSH client against a guest's forwarded sshd. Asynchronous on purpose: while a
 // synchronous child runs, the test process cannot drain QEMU's serial pipe, QEMU blocks on it,
 // and the guest's console (and PID 1 writing to it) stalls with it.
-import { spawn } from "node:child_process";
-import { closeSync, openSync } from "node:fs";
+import { type ChildProcess, spawn } from "node:child_process";
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync } from "node:fs";
 
 export interface SshResult {
   status: number | null;
@@ -24,6 +24,32 @@ export interface SshOptions {
   alias?: string;
   /** Killed (status null) after this long; default 120 s. */
   timeoutMs?: number;
+  /** Called with the ssh process once started (e.g. to see how much of `inputFile` it has read). */
+  onSpawn?: (child: ChildProcess) => void;
+}
+
+/**
+ * How far a process has read `file` (the largest file position among its descriptors open on
+ * it, from /proc/<pid>/fdinfo: ssh reads its stdin through a dup of fd 0); null when the
+ * process is gone or has the file open no more.
+ */
+export function readPosition(pid: number, file: string): number | null {
+  const want = realpathSync(file);
+  let best: number | null = null;
+  try {
+    for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+      try {
+        if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== want) continue;
+        const m = /^pos:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, "utf8"));
+        if (m) best = Math.max(best ?? 0, Number(m[1]));
+      } catch {
+        // closed meanwhile
+      }
+    }
+  } catch {
+    return null;
+  }
+  return best;
 }
 
 /**
@@ -51,6 +77,7 @@ export function ssh(port: number, command: string, o: SshOptions = {}): Promise<
     const fd = o.inputFile === undefined ? undefined : openSync(o.inputFile, "r");
     const child = spawn("ssh", args, { stdio: [fd ?? "pipe", "pipe", "pipe"] });
     if (fd !== undefined) closeSync(fd);
+    o.onSpawn?.(child);
     let stdout = "";
     let stderr = "";
     child.stdout!.on("data", (d) => (stdout += d));
