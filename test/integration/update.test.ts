@@ -19,7 +19,7 @@ import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freePort, OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { readPosition, ssh, type SshOptions, sshWhenUp } from "../../qemu/ssh.ts";
-import { buildVersion, espContents, type HostVersion, putUki, rebundle, sbsignWith, type TestHost } from "./machine.ts";
+import { buildVersion, espContents, type HostVersion, putUki, rebundle, sbsignWith, type TestHost, tokens } from "./machine.ts";
 
 const B = "build";
 const KEY = `${B}/test-ssh/id_ed25519`;
@@ -38,6 +38,8 @@ let vars: string;
 const v: Record<number, HostVersion> = {};
 let vm: Vm;
 let port: number;
+/** The LUKS2 tokens the install sealed: no boot of the chain may need another (no reseal). */
+let sealed: ReturnType<typeof tokens>;
 /** Boot#### of each slot, as the updates named them. */
 const entry: Record<string, string> = {};
 
@@ -160,6 +162,8 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     });
     expect(await inst.waitExit(400_000)).toBe(0);
     expect(inst.output).toMatch(/initos: install: done: \/dev\/vdb has @root/);
+    sealed = tokens(disk);
+    expect([...sealed.keys()]).toEqual([0]);
     // The installer wrote the images of this build; the slots boot v1.
     putUki(disk, v[1]!.uki, "a");
     putUki(disk, v[1]!.uki, "b");
@@ -186,6 +190,9 @@ describe.sequential("A/B updates over ssh: one machine (disk, TPM, firmware vari
     await vm.waitFor(new RegExp(`BdsDxe: starting Boot${entry.b} `), 120_000, false, mark);
     const out = await bootedInto("b", mark);
     expect(out).toMatch(/initos: update: this boot is the trial of version 2 in slot b/);
+    // A new UKI, the same PCR signer: the token sealed at install opens it, nothing is resealed.
+    expect(out).not.toMatch(/sealed a new key|Reseal/);
+    expect(tokens(disk)).toEqual(sealed);
     expect(out).toMatch(/initos: watchdog: softdog on \/dev\/watchdog\d+, 20s/);
     await vm.waitFor(/initos: update: version 2 committed: slot b is the default boot from now on/, 180_000, false, mark);
     const st = await status();
