@@ -3,13 +3,17 @@
 #   make demo    install what is missing, build, boot the signed UKI under QEMU (Secure Boot + TPM)
 #   make test    install what is missing, build, run every test: unit, system and integration
 #   make unit    the unit tests (test/unit): no root, no build, seconds
+#   make host HOST=<name>    one machine of a fleet, unsigned (hosts/<name>/ -> build/hosts/<name>/)
+#   make sign [HOST=<name>]  on the signing machine: sign what `make host` built, build nothing
+#   make bundle HOST=<name>  the update bundle of a signed host UKI and the images
 #
 # Signing keys: SB_KEY / SB_CERT (PEM), SB_KEY_PASS when the key is encrypted; PCR_KEY (PEM, RSA),
 # PCR_KEY_PASS when encrypted. Passphrases go in the environment (export them), never on a command
 # line: the recipes hand them to openssl and the build as `env:VAR`, so no process has them in its
 # argv, and keys are decrypted only into pipes or in-process, never into build/. The defaults are
 # Debian's snakeoil keys, which the snakeoil OVMF firmware trusts, and a PCR key made here: for
-# tests and the demo only. Your SB_KEY signs only what a real machine boots (target.efi,
+# tests and the demo only. A build machine without the PCR key names its public half instead:
+# PCR_PUB=FILE.pem (made with `openssl pkey -in PCR_KEY -pubout`). Your SB_KEY signs only what a real machine boots (target.efi,
 # installer.efi); the test and demo UKIs (initos.efi and boot.img, reference.efi) are always
 # signed with the snakeoil key.
 
@@ -37,7 +41,22 @@ export SB_KEY_PASS
 # The default is a test key made once into build/keys.
 TEST_PCR_KEY := $(B)/keys/pcr-test.key
 PCR_KEY     ?= $(TEST_PCR_KEY)
+# Given (command line or environment): a public key file, used as is. Otherwise derived here from
+# PCR_KEY.
+ifeq ($(origin PCR_PUB),undefined)
 PCR_PUB     := $(B)/keys/pcr.pub.pem
+PCR_PUB_DERIVED := 1
+endif
+# The build's version, in the signed config: an update must carry a higher one (anti-rollback).
+# The commit's time: it grows along a linear history. Every new commit thus changes the config
+# segment and every UKI and disk after it, not the base or agent segments, the kernel or the
+# images (measured: 9 s of `make all` for a new VERSION: 4 UKIs, 4 disks).
+VERSION     ?= $(SOURCE_DATE_EPOCH)
+# The db certificates an update's UKI must be signed by (update.signers in the config): by
+# default the one that signs real UKIs.
+SIGNERS     ?= $(SB_CERT)
+# Per-host builds: hosts/<name>/host.json and authorized_keys (see hosts/example/).
+HOSTS_DIR   ?= hosts
 # The cmdline signed into the UKI. The demo and the Secure Boot tests boot the test root.
 CMDLINE     ?= console=ttyS0 root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@ initos.reboot_delay=3 -- demo
 # The installed machine's UKI: no root=, the encrypted pool names it. systemd.gpt_auto=0: the
@@ -63,7 +82,8 @@ DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-
 	libtss2-tcti-swtpm0 libtss2-tcti-pcap0 \
 	lz4 xz-utils gzip fonts-dejavu-core debootstrap efibootmgr strace
 
-AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
+# The agent also reads update bundles with the build's tar reader.
+AGENT_SRC := $(shell find agent -name '*.ts') initrd/tar.ts initrd/bytes.ts package-lock.json
 # The OCI importer (VM images only): changing it rebuilds no initrd or UKI.
 OCI_SRC   := initrd/oci.ts initrd/vmimage.ts initrd/bytes.ts initrd/decompress.ts initrd/tar.ts initrd/fstree.ts initrd/layer.ts
 BUILD_SRC := $(filter-out initrd/images.ts $(OCI_SRC) initrd/debian.ts,$(wildcard initrd/*.ts)) agent/config.ts
@@ -72,7 +92,7 @@ ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.e
 	$(B)/boot.img $(B)/boot-unsigned.img $(B)/testroot.img $(B)/installer.img \
 	$(B)/vm/vmlinuz $(B)/vm/initrd.img $(B)/app-under-test $(B)/debian.img $(B)/installer-debian.img
 
-.PHONY: all deps debs npm test unit system integration demo bench typecheck clean
+.PHONY: all deps debs npm test unit system integration demo bench typecheck clean host sign bundle compare
 all: $(ARTIFACTS)
 
 # --- dependencies: Debian packages and npm packages, installed only when missing ----------
@@ -120,8 +140,17 @@ $(B)/test-ssh/id_ed25519.pub:
 	ssh-keygen -q -t ed25519 -N '' -C initos-test -f $(B)/test-ssh/id_ed25519
 $(B)/base.cpio: $(B)/kernel.json $(B)/preinit initrd/config.json $(BUILD_SRC)
 	$(BUILD) initrd-base --kernel $(B)/kernel.json --preinit $(B)/preinit --config initrd/config.json --out $@
-$(B)/config.cpio: initrd/config.json $(IMAGES) $(SSH_AUTHORIZED_KEYS) $(PCR_PUB) $(BUILD_SRC)
-	$(BUILD) initrd-config --config initrd/config.json --images $(B)/images --ssh-keys $(SSH_AUTHORIZED_KEYS) --pcr-pub $(PCR_PUB) --out $@
+# The version and the signers, tracked like the cmdline: the config is rebuilt when they change.
+$(B)/version.txt: FORCE
+	@mkdir -p $(B)
+	@echo '$(VERSION)' | cmp -s - $@ || echo '$(VERSION)' > $@
+$(B)/signers.txt: FORCE
+	@mkdir -p $(B)
+	@printf '%s\n' $(abspath $(SIGNERS)) | cmp -s - $@ || printf '%s\n' $(abspath $(SIGNERS)) > $@
+CONFIG_ARGS = --images $(B)/images --pcr-pub $(PCR_PUB) $(foreach s,$(SIGNERS),--signer $(s))
+CONFIG_DEPS = initrd/config.json $(IMAGES) $(PCR_PUB) $(B)/signers.txt $(SIGNERS) $(BUILD_SRC)
+$(B)/config.cpio: $(CONFIG_DEPS) $(B)/version.txt $(SSH_AUTHORIZED_KEYS)
+	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --version "$$(cat $(B)/version.txt)" --ssh-keys $(SSH_AUTHORIZED_KEYS) --out $@
 $(B)/sigrelay.so: initrd/sigrelay.c
 	@mkdir -p $(B)
 	gcc -shared -fPIC -Os -Wall -Wextra -o $@ $<
@@ -142,26 +171,31 @@ $(shell mkdir -p -m 700 $(B)/keys; rm -f $(B)/keys/db.key; \
 $(TEST_PCR_KEY):
 	@mkdir -p -m 700 $(dir $@)
 	(umask 077; openssl genrsa -out $@ 2048 2>/dev/null)
+ifdef PCR_PUB_DERIVED
 $(PCR_PUB): $(PCR_KEY) $(B)/keys/paths
 	openssl pkey -in $(PCR_KEY) $(if $(PCR_KEY_PASS),-passin env:PCR_KEY_PASS) -pubout -out $@
+endif
 # Secure Boot signing: $(call sbsign,KEY,CERT,PASS_VAR). The key is decrypted by openssl into a
 # pipe sbsign reads (process substitution: /dev/fd/N), so no decrypted copy ever lands in a file;
 # the passphrase reaches openssl as env:PASS_VAR. sbsign's and sbverify's chatter ("gaps between
 # PE/COFF sections?") is shown only if they fail.
-sbsign = out=$$(sbsign --key <(openssl pkey -in $(1) $(if $($(3)),-passin env:$(3))) --cert $(2) --output $@ $< 2>&1 \
-	&& sbverify --cert $(2) $@ 2>&1) || { echo "$$out" >&2; exit 1; }
+# $(call sbsign_to,KEY,CERT,PASS_VAR,IN,OUT) is the same for any input and output.
+sbsign_to = out=$$(sbsign --key <(openssl pkey -in $(1) $(if $($(3)),-passin env:$(3))) --cert $(2) --output $(5) $(4) 2>&1 \
+	&& sbverify --cert $(2) $(5) 2>&1) || { echo "$$out" >&2; rm -f $(5); exit 1; }
+sbsign = $(call sbsign_to,$(1),$(2),$(3),$<,$@)
 export PCR_KEY_PASS
 
 # --- UKI ---------------------------------------------------------------------------------
 # Which UKI may unseal the disk: only those whose PCR 11 the PCR key signed (.pcrsig, over
-# exactly their sections, enter-initrd phase only): the installed machine's UKI (target.efi)
-# and the bench's shell initrd (reference.efi). Every other UKI carries the PCR signer's
-# public key (.pcrpkey) but no signature, so it can never unseal a key sealed to that signer,
-# even when the same db key signed it: the installer (installer.efi) and the demo/test UKI
-# (initos.efi, whose cmdline boots the test root).
+# exactly their sections, enter-initrd phase only): the installed machine's UKI (target.efi),
+# each host's (make sign) and the bench's shell initrd (reference.efi). Every other UKI carries
+# the PCR signer's public key (.pcrpkey) but no signature, so it can never unseal a key sealed
+# to that signer, even when the same db key signed it: the installer (installer.efi) and the
+# demo/test UKI (initos.efi, whose cmdline boots the test root). Every *.unsigned.efi is built
+# without .pcrsig; `build.ts sign-pcr` adds it at signing time, right before sbsign, to a copy
+# rebuilt from the UKI's own sections (byte for byte what signing at build time gave).
 UKI_PCR = --pcrpkey $(PCR_PUB)
-$(B)/target.unsigned.efi $(B)/reference.unsigned.efi: private UKI_PCR = --pcrpkey $(PCR_PUB) --pcr-key $(PCR_KEY) --pcr-key-pass-env PCR_KEY_PASS
-$(B)/target.unsigned.efi $(B)/reference.unsigned.efi: $(PCR_KEY)
+PCR_SIGN = $(BUILD) sign-pcr --pcr-key $(PCR_KEY) --pcr-key-pass-env PCR_KEY_PASS
 $(B)/cmdline.txt: FORCE
 	@mkdir -p $(B)
 	@echo '$(CMDLINE)' | cmp -s - $@ || echo '$(CMDLINE)' > $@
@@ -182,6 +216,11 @@ $(REAL_UKIS): $(SB_KEY) $(SB_CERT) $(B)/keys/paths
 $(B)/initos.efi $(B)/reference.efi: $(TEST_SB_KEY) $(TEST_SB_CERT)
 $(B)/%.efi: $(B)/%.unsigned.efi
 	$(call sbsign,$(SIGN_KEY),$(SIGN_CERT),$(SIGN_PASS))
+PCR_SIGNED := $(B)/target.efi $(B)/reference.efi
+$(PCR_SIGNED): $(B)/%.efi: $(B)/%.unsigned.efi $(PCR_KEY)
+	$(PCR_SIGN) --uki $< --out $@.pcrsigned
+	$(call sbsign_to,$(SIGN_KEY),$(SIGN_CERT),$(SIGN_PASS),$@.pcrsigned,$@)
+	rm -f $@.pcrsigned
 
 $(B)/target.cmdline: FORCE
 	@echo '$(TARGET_CMDLINE)' | cmp -s - $@ || echo '$(TARGET_CMDLINE)' > $@
@@ -226,6 +265,78 @@ $(B)/boot.img: $(B)/initos.efi $(IMAGES)
 	$(BUILD) disk --uki $< --images $(B)/images --out $@
 $(B)/boot-unsigned.img: $(B)/initos.unsigned.efi
 	$(BUILD) disk --uki $< --out $@
+
+# --- fleet: per-host builds, signing on another machine, update bundles (issue #15) -----------
+# make host HOST=<name> [VERSION=N] [HOSTS_DIR=DIR]: hosts/<name>/{host.json,authorized_keys}
+# give build/hosts/<name>/: config.cpio.zst (the host's config segment), <name>.initrd (the
+# shared base and agent segments + that one), <name>.cmdline (TARGET_CMDLINE + the host's words
+# and address) and <name>.unsigned.efi (with .pcrpkey, without .pcrsig). Nothing of it needs a
+# private key: with PCR_PUB=FILE the PCR key is not read.
+ifneq ($(HOST),)
+HOST_DIR := $(HOSTS_DIR)/$(HOST)
+HB       := $(B)/hosts/$(HOST)
+host: $(HB)/$(HOST).unsigned.efi
+	@cd $(HB) && sha256sum config.cpio.zst $(HOST).initrd $(HOST).cmdline $(HOST).unsigned.efi
+# Which host directory built it, so another HOSTS_DIR with the same host name rebuilds; and the
+# host's own version file: building a host with VERSION=N leaves the main build's config alone.
+$(HB)/source.txt: FORCE
+	@mkdir -p $(HB)
+	@echo '$(abspath $(HOST_DIR))' | cmp -s - $@ || echo '$(abspath $(HOST_DIR))' > $@
+$(HB)/version.txt: FORCE
+	@mkdir -p $(HB)
+	@echo '$(VERSION)' | cmp -s - $@ || echo '$(VERSION)' > $@
+$(HB)/config.cpio: $(CONFIG_DEPS) $(HB)/version.txt $(HOST_DIR)/host.json $(HOST_DIR)/authorized_keys $(HB)/source.txt
+	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --version "$$(cat $(HB)/version.txt)" --host $(HOST_DIR)/host.json --ssh-keys $(HOST_DIR)/authorized_keys --out $@
+$(HB)/$(HOST).initrd: $(B)/base.cpio.zst $(B)/agent.cpio.zst $(HB)/config.cpio.zst
+	cat $^ > $@
+$(HB)/$(HOST).cmdline: $(HOST_DIR)/host.json $(B)/target.cmdline $(HB)/source.txt $(BUILD_SRC)
+	$(BUILD) host-cmdline --host $(HOST_DIR)/host.json --cmdline "$$(cat $(B)/target.cmdline)" --out $@
+# The host's files are sources: when one is missing, say which (make alone says "No rule").
+$(HOST_DIR)/host.json $(HOST_DIR)/authorized_keys:
+	@echo "make host: $@ is missing (see hosts/README.md)" >&2; exit 1
+else
+host:
+	@echo "make host: say which: HOST=<name> (a directory $(HOSTS_DIR)/<name>/ with host.json and authorized_keys)" >&2; exit 1
+endif
+# (<name>.unsigned.efi is made by the generic UKI rule from <name>.initrd and <name>.cmdline.)
+# A host's signed UKI is made by `make sign` only (never signed here with the test key).
+$(B)/hosts/%.efi:
+	@echo "$@ is missing: it is made by make sign$(if $(HOST), HOST=$(HOST)) (on the signing machine)" >&2; exit 1
+
+# make compare HOST=<name> FROM=DIR: the signing machine's check that its own build of the
+# commit (make host HOST=<name>) is byte for byte the build machine's (copied into DIR).
+compare:
+	@[ -n "$(HOST)" ] && [ -n "$(FROM)" ] || { echo "make compare: say HOST=<name> FROM=<the build machine's build/hosts/<name> copy>" >&2; exit 1; }
+	@for f in config.cpio.zst $(HOST).initrd $(HOST).cmdline $(HOST).unsigned.efi; do \
+		[ -f "$(FROM)/$$f" ] || { echo "make compare: $(FROM)/$$f is missing" >&2; exit 1; }; \
+		[ -f "$(HB)/$$f" ] || { echo "make compare: $(HB)/$$f is missing (make host HOST=$(HOST) first)" >&2; exit 1; }; \
+		cmp "$(FROM)/$$f" "$(HB)/$$f" >&2 || { echo "make compare: $$f differs: do not sign" >&2; exit 1; }; \
+	done; echo "compare: $(HOST): the same bytes as $(FROM)"
+
+# make sign [HOST=<name>] [UKIS="a.unsigned.efi ..."]: on the machine with the keys, signs what
+# was built, and builds nothing (no prerequisites: a missing input is named, not made). For each
+# <x>.unsigned.efi (default: every build/hosts/*/*.unsigned.efi, or HOST's): adds the PCR 11
+# signature (PCR_KEY), then Authenticode-signs with SB_KEY/SB_CERT the way sbsign above does
+# (key decrypted into a pipe, passphrases only from the environment), giving <x>.efi.
+UKIS ?= $(if $(HOST),$(B)/hosts/$(HOST)/$(HOST).unsigned.efi,$(wildcard $(B)/hosts/*/*.unsigned.efi))
+sign:
+	@[ -n "$(strip $(UKIS))" ] || { echo "make sign: no $(B)/hosts/*/*.unsigned.efi to sign (make host HOST=<name> builds one)" >&2; exit 1; }
+	@for f in $(PCR_KEY) $(SB_KEY) $(SB_CERT) $(UKIS); do [ -f "$$f" ] || { echo "make sign: $$f is missing" >&2; exit 1; }; done
+	@for u in $(UKIS); do case "$$u" in *.unsigned.efi) ;; *) echo "make sign: $$u is not a *.unsigned.efi" >&2; exit 1;; esac; done
+	@set -e; for u in $(UKIS); do o="$${u%.unsigned.efi}.efi"; \
+		$(PCR_SIGN) --uki "$$u" --out "$$o.pcrsigned"; \
+		$(call sbsign_to,$(SB_KEY),$(SB_CERT),SB_KEY_PASS,"$$o.pcrsigned","$$o"); \
+		rm -f "$$o.pcrsigned"; echo "sign: $$o"; \
+	done
+
+# make bundle HOST=<name> [VERSION=N]: build/hosts/<name>/<name>-<version>.bundle from the
+# signed UKI and the images its config names (build/images); builds nothing either. VERSION
+# must be the one the host was built with (checked against the UKI's config).
+bundle:
+	@[ -n "$(HOST)" ] || { echo "make bundle: say which: HOST=<name>" >&2; exit 1; }
+	@[ -f $(B)/hosts/$(HOST)/$(HOST).efi ] || { echo "make bundle: $(B)/hosts/$(HOST)/$(HOST).efi is missing (make sign HOST=$(HOST) makes it)" >&2; exit 1; }
+	@[ -d $(B)/images ] || { echo "make bundle: $(B)/images is missing (the images of the same commit: make $(B)/images/modules.json)" >&2; exit 1; }
+	$(BUILD) bundle --uki $(B)/hosts/$(HOST)/$(HOST).efi --images $(B)/images --version $(VERSION) --host $(HOST) --out $(B)/hosts/$(HOST)/$(HOST)-$(VERSION).bundle
 
 # --- make bench: a reference initrd doing the agent's work with busybox sh, as InitOS did -----
 # Same kernel, modules and cmdline as the installed machine's UKI (target.efi), and with the

@@ -5,9 +5,12 @@
 //   bun initrd/build.ts kernel      --cache DIR [--meta linux-image-amd64] --out kernel.json
 //   bun initrd/build.ts images      --kernel kernel.json --cache DIR --out DIR
 //   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--add DEST=FILE] --out FILE.cpio
-//   bun initrd/build.ts initrd-config --config FILE [--images DIR] [--ssh-keys FILE] [--pcr-pub PUB.pem] --out FILE.cpio
+//   bun initrd/build.ts initrd-config --config FILE [--images DIR] [--ssh-keys FILE] [--pcr-pub PUB.pem] [--version N] [--signer CERT.pem]... [--host hosts/NAME/host.json] --out FILE.cpio
 //   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
 //   bun initrd/build.ts uki         --kernel kernel.json --initrd FILE --cmdline TEXT [--pcrpkey PUB.pem [--pcr-key KEY.pem [--pcr-key-pass-env VAR]]] --out FILE.efi
+//   bun initrd/build.ts host-cmdline --host hosts/NAME/host.json --cmdline TEXT --out FILE
+//   bun initrd/build.ts sign-pcr    --uki UNSIGNED.efi --pcr-key KEY.pem [--pcr-key-pass-env VAR] --out FILE.efi
+//   bun initrd/build.ts bundle      --uki SIGNED.efi --images DIR --version N [--host NAME] --out FILE.bundle
 //   bun initrd/build.ts disk        --uki FILE [--images DIR] --out boot.img
 //   bun initrd/build.ts testroot    --init FILE --out root.img
 //   bun initrd/build.ts rootfs      --init FILE --out rootfs.tar
@@ -18,11 +21,12 @@
 //   bun initrd/build.ts debian      --cache DIR --out debian.img
 //   bun initrd/build.ts debian-rootfs --cache DIR --out debian.tar.zst
 import { execFileSync } from "node:child_process";
-import { createHash, createPublicKey } from "node:crypto";
-import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { X509Certificate, createHash, createPublicKey } from "node:crypto";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { AgentConfigSchema } from "../agent/config.ts";
+import { zodIssue } from "../agent/errors.ts";
 import { ESP_TYPE } from "../agent/stages/esp.ts";
 import { InstallConfigSchema } from "../agent/stages/install.ts";
 import { type CpioEntry, fileFrom, writeCpio } from "./cpio.ts";
@@ -30,7 +34,9 @@ import { ensureKernel, type KernelInfo } from "./kernel.ts";
 import { moduleClosure, readModuleIndex } from "./kmods.ts";
 import { collectLibs } from "./libs.ts";
 import { buildModulesImage, buildToolsImage, ensureFirmware, type ImageInfo } from "./images.ts";
-import { buildUkiFrom } from "./uki.ts";
+import { buildUkiFrom, signPcr } from "./uki.ts";
+import { bundleParts, ukiConfig, writeBundle } from "./bundle.ts";
+import { HOST_NAME, hostCmdline, readHost, withHost } from "./host.ts";
 import { referenceEntries } from "./reference/initrd.ts";
 import { buildVmImage } from "./vmimage.ts";
 import { imageArgv } from "./oci.ts";
@@ -45,6 +51,15 @@ export const DLOPENED = ["libc.so.6", "libkmod.so.2", "libblkid.so.1", "libcrypt
  */
 export const EXTRA_MODULES = ["efivarfs", "virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod"];
 const KOFFI_NODE = "node_modules/@koromix/koffi-linux-x64/linux_x64/koffi.node";
+
+/**
+ * The mtime of the initrd's segments (base, agent, config): fixed, not the commit's time. A
+ * segment is rebuilt only when its inputs change, so with the commit's time a build machine's
+ * incremental build and the signing machine's fresh clone of the same commit would differ in
+ * every header (issue #15: the signing machine rebuilds and compares bytes). No one reads these
+ * times.
+ */
+const SEGMENT_MTIME = 0;
 
 function mtime(): number {
   const v = process.env.SOURCE_DATE_EPOCH;
@@ -169,17 +184,43 @@ function cmdInitrdBase(o: Record<string, string | undefined>, adds: string[]): v
     ...stageModules(kernel, [...modules, ...EXTRA_MODULES], `${out}.modules`),
     ...adds.map((a) => fileFrom(a.slice(0, a.indexOf("=")), a.slice(a.indexOf("=") + 1), 0o755)),
   ];
-  const size = writeCpio(out, entries, mtime());
+  const size = writeCpio(out, entries, SEGMENT_MTIME);
   console.log(`initrd-base: ${out} ${(size / 1e6).toFixed(1)} MB, ${entries.length} entries`);
+}
+
+/** A certificate file as the config carries it (update.signers): one PEM certificate. */
+function signerPem(file: string): string {
+  const text = readFileSync(file, "utf8");
+  if (text.includes("PRIVATE KEY")) throw new Error(`--signer ${file} holds a private key: give the certificate`);
+  const pems = text.match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g) ?? [];
+  if (pems.length !== 1) throw new Error(`--signer ${file}: expected one PEM certificate, found ${pems.length}`);
+  try {
+    // Normalized: the same certificate gives the same config bytes however its file is wrapped.
+    return new X509Certificate(pems[0]!).toString();
+  } catch (e) {
+    throw new Error(`--signer ${file}: not a certificate (${(e as Error).message})`);
+  }
+}
+
+/** --version: the build's version, a whole number (the Makefile's default is the commit's time). */
+function parseVersion(v: string): number {
+  if (!/^\d{1,15}$/.test(v)) throw new Error(`--version ${JSON.stringify(v)} is not a whole number`);
+  return Number(v);
 }
 
 /**
  * The config segment: /etc/initos/config.json, the signed config, with the images' root hashes
- * and verity parameters, the keys that may log in and the PCR signer filled in. A few KB, last
- * in the initrd.
+ * and verity parameters, the keys that may log in, the PCR signer, the version, the update
+ * signers and (per host) the host's part filled in. A few KB, last in the initrd.
  */
-function cmdInitrdConfig(o: Record<string, string | undefined>): void {
-  const template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
+function cmdInitrdConfig(o: Record<string, string | undefined>, _adds: string[], lists: Lists): void {
+  let template = JSON.parse(readFileSync(need(o, "config"), "utf8")) as Record<string, unknown>;
+  if (o.host) template = withHost(template, readHost(o.host).host);
+  if (o.version !== undefined) template.version = parseVersion(o.version);
+  if (lists.signer.length) {
+    const update = (template.update ?? {}) as { signers?: string[] };
+    template.update = { ...update, signers: [...(update.signers ?? []), ...lists.signer.map(signerPem)] };
+  }
   // Keys that may log in to the sidecar: one public key per line of --ssh-keys.
   if (o["ssh-keys"]) {
     const keys = readFileSync(o["ssh-keys"], "utf8").split("\n").map((l) => l.trim()).filter((l) => l && !l.startsWith("#"));
@@ -188,10 +229,12 @@ function cmdInitrdConfig(o: Record<string, string | undefined>): void {
   }
   withPcrPublicKey(template, o["pcr-pub"]);
   // A bad config fails the build, not the boot.
-  const config = AgentConfigSchema.parse(withRootHashes(template, o.images));
+  const parsed = AgentConfigSchema.safeParse(withRootHashes(template, o.images));
+  if (!parsed.success) throw new Error(`the config from ${need(o, "config")}${o.host ? ` and ${o.host}` : ""}: ${zodIssue(parsed.error)}`);
+  const config = parsed.data;
   const out = need(o, "out");
-  writeCpio(out, [{ path: "etc/initos/config.json", type: "file", mode: 0o644, data: Buffer.from(JSON.stringify(config, null, 1) + "\n") }], mtime());
-  console.log(`initrd-config: ${out}`);
+  writeCpio(out, [{ path: "etc/initos/config.json", type: "file", mode: 0o644, data: Buffer.from(JSON.stringify(config, null, 1) + "\n") }], SEGMENT_MTIME);
+  console.log(`initrd-config: ${out} (version ${config.version}${config.hostname ? `, host ${config.hostname}` : ""}, ${config.update.signers.length} update signer(s))`);
 }
 
 function cmdInitrdAgent(o: Record<string, string | undefined>): void {
@@ -204,7 +247,7 @@ function cmdInitrdAgent(o: Record<string, string | undefined>): void {
     fileFrom("usr/lib/initos/sigrelay.so", sigrelay, 0o755),
     ...libs.map((l) => fileFrom(l.path, l.source, 0o755)),
   ];
-  const size = writeCpio(out, entries, mtime());
+  const size = writeCpio(out, entries, SEGMENT_MTIME);
   console.log(`initrd-agent: ${out} ${(size / 1e6).toFixed(1)} MB, ${libs.length} libraries`);
 }
 
@@ -233,6 +276,52 @@ function cmdUki(o: Record<string, string | undefined>): void {
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }
+}
+
+/** A host's UKI cmdline (initrd/host.ts): the installed machine's --cmdline plus the host's words. */
+function cmdHostCmdline(o: Record<string, string | undefined>): void {
+  const file = need(o, "host");
+  const text = hostCmdline(need(o, "cmdline"), readHost(file).host, file);
+  writeFileSync(need(o, "out"), text + "\n");
+  console.log(`host-cmdline: ${text}`);
+}
+
+/**
+ * `make sign`, step one: the UKI with its PCR 11 enter-initrd signature added (.pcrsig, made
+ * with the PCR key; its passphrase only ever from the environment variable named). Written
+ * through a temporary file: an output that exists is whole.
+ */
+function cmdSignPcr(o: Record<string, string | undefined>): void {
+  const uki = need(o, "uki");
+  const key = need(o, "pcr-key");
+  const out = need(o, "out");
+  for (const [what, f] of [["--uki", uki], ["--pcr-key", key]]) if (!existsSync(f!)) throw new Error(`${what} ${f} does not exist`);
+  const tmp = mkdtempSync(`${dirname(out)}/.sign-pcr-`);
+  try {
+    signPcr(uki, `${tmp}/out.efi`, { path: key, passphraseEnv: o["pcr-key-pass-env"] ?? "PCR_KEY_PASS" }, tmp);
+    renameSync(`${tmp}/out.efi`, out);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+  console.log(`sign-pcr: ${out} (its PCR 11 in the enter-initrd phase signed)`);
+}
+
+/**
+ * An update bundle (initrd/bundle.ts) of a signed UKI and the images its config names. The
+ * version must be the one in the UKI's signed config.
+ */
+function cmdBundle(o: Record<string, string | undefined>): void {
+  const start = performance.now();
+  const uki = need(o, "uki");
+  if (!existsSync(uki)) throw new Error(`--uki ${uki} does not exist`);
+  const version = parseVersion(need(o, "version"));
+  if (o.host !== undefined && !HOST_NAME.test(o.host)) throw new Error(`--host ${JSON.stringify(o.host)} is not a host name (a-z, 0-9, -)`);
+  const config = ukiConfig(uki);
+  if (config.version !== version) throw new Error(`${uki} carries version ${config.version} in its signed config, not ${version}`);
+  const out = need(o, "out");
+  const m = writeBundle(out, { version, host: o.host, parts: bundleParts(uki, config, need(o, "images")) });
+  const sec = ((performance.now() - start) / 1000).toFixed(1);
+  console.log(`bundle: ${out} version ${m.version}${m.host ? ` for ${m.host}` : ""}, ${m.files.length} files, ${(statSync(out).size / 1e6).toFixed(1)} MB in ${sec}s`);
 }
 
 export const DISK_SLOTS = [
@@ -411,12 +500,20 @@ function need(o: Record<string, string | undefined>, key: string): string {
   return v;
 }
 
-const commands: Record<string, (o: Record<string, string | undefined>, adds: string[]) => void | Promise<void>> = {
+/** The options given more than once. */
+interface Lists {
+  signer: string[];
+}
+
+const commands: Record<string, (o: Record<string, string | undefined>, adds: string[], lists: Lists) => void | Promise<void>> = {
   kernel: cmdKernel,
   "initrd-base": cmdInitrdBase,
   "initrd-config": cmdInitrdConfig,
   "initrd-agent": cmdInitrdAgent,
   uki: cmdUki,
+  "host-cmdline": cmdHostCmdline,
+  "sign-pcr": cmdSignPcr,
+  bundle: cmdBundle,
   images: cmdImages,
   disk: cmdDisk,
   testroot: cmdTestroot,
@@ -439,13 +536,14 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: rest,
     options: {
-      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta", "pcrpkey", "pcr-key", "pcr-key-pass-env", "pcr-pub", "esp-mib"].map((k) => [k, { type: "string" as const }])),
+      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta", "pcrpkey", "pcr-key", "pcr-key-pass-env", "pcr-pub", "esp-mib", "version", "host"].map((k) => [k, { type: "string" as const }])),
       add: { type: "string", multiple: true },
+      signer: { type: "string", multiple: true },
     },
   });
   try {
-    const { add, ...single } = values;
-    await run(single as Record<string, string | undefined>, (add as string[] | undefined) ?? []);
+    const { add, signer, ...single } = values;
+    await run(single as Record<string, string | undefined>, (add as string[] | undefined) ?? [], { signer: (signer as string[] | undefined) ?? [] });
   } catch (e) {
     console.error(`build ${cmd}: ${(e as Error).message}`);
     process.exit(1);

@@ -4,6 +4,7 @@
 //   modules.sqfs  /modules/<release>/...  every module of the kernel (indexes included)
 //                 /firmware/...           firmware (Debian's firmware-linux-free)
 //   tools.sqfs    /usr/bin/..., /usr/lib/... the tools recovery needs, with their libraries
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { copyFileSync, mkdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { extractDeb, run } from "./debs.ts";
@@ -27,7 +28,11 @@ export interface ImageInfo {
  */
 export const VERITY_FORMAT = { hashType: 1, hashAlgorithm: "sha256", dataBlockSize: 4096, hashBlockSize: 4096 } as const;
 
-/** Tools in the tools image: the ssh server, an admin shell, TPM, LUKS and btrfs tools. */
+/**
+ * Tools in the tools image: the ssh server, an admin shell, TPM, LUKS and btrfs tools, and
+ * sbverify, with which the agent checks an update's UKI against the signers in its signed config
+ * (issue #15; it needs only libcrypto and libc).
+ */
 export const TOOLS = [
   "/usr/sbin/dropbear",
   "/usr/bin/dropbearkey",
@@ -39,18 +44,28 @@ export const TOOLS = [
   "/usr/sbin/sfdisk",
   "/usr/sbin/mkfs.fat",
   "/sbin/mkfs.btrfs",
+  // update: the new UKI's Authenticode signature
+  "/usr/bin/sbverify",
 ];
 /** tpm2-tools loads its TPM transport with dlopen. */
 const TOOLS_DLOPENED = ["libtss2-tcti-device.so.0"];
 
 /**
- * Reproducible squashfs: fixed owner and times, no appending to an old image. mksquashfs reads
- * SOURCE_DATE_EPOCH itself (and refuses time options beside it); without it, times are 0.
+ * Reproducible squashfs: fixed owner and times, no appending to an old image. The times are 0,
+ * not the commit's time (SOURCE_DATE_EPOCH, which mksquashfs would read itself and which it
+ * refuses beside time options, so it is taken out of its environment): an image is rebuilt only
+ * when its inputs change, so with the commit's time an incremental build and a fresh clone of
+ * the same commit would disagree, and with them the root hashes in the signed config (issue #15:
+ * the signing machine rebuilds and compares).
  */
 export function mksquashfs(sources: string[], out: string): void {
   rmSync(out, { force: true });
-  const times = process.env.SOURCE_DATE_EPOCH ? [] : ["-mkfs-time", "0", "-all-time", "0"];
-  run("mksquashfs", [...sources, out, "-quiet", "-no-progress", "-noappend", "-comp", "zstd", "-all-root", ...times]);
+  const env = { ...process.env };
+  delete env.SOURCE_DATE_EPOCH;
+  execFileSync("mksquashfs", [...sources, out, "-quiet", "-no-progress", "-noappend", "-comp", "zstd", "-all-root", "-mkfs-time", "0", "-all-time", "0"], {
+    stdio: ["ignore", "pipe", "inherit"],
+    env,
+  });
 }
 
 /**

@@ -9,7 +9,7 @@ import { execFileSync } from "node:child_process";
 import { createPublicKey } from "node:crypto";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
 import { pcrSignature } from "./measure.ts";
-import { readPe } from "./pe.ts";
+import { peChecksum, peHeaderOffsets, peSection, readPe } from "./pe.ts";
 
 export const STUB = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 
@@ -58,7 +58,25 @@ export function buildUki(out: string, parts: readonly UkiPart[], stub = STUB, en
     args.push("--add-section", `${e.section}=${e.file}`, "--change-section-vma", `${e.section}=0x${e.vma.toString(16)}`);
   }
   execFileSync("objcopy", [...args, stub, out], { stdio: ["ignore", "inherit", "inherit"], env });
+  fixTimestamp(out, stub);
   return layout;
+}
+
+/**
+ * objcopy (binutils 2.40) writes the current time into the COFF header, ignoring
+ * SOURCE_DATE_EPOCH, so two builds of one UKI differed in it and in the checksum over it
+ * (measured: bytes 137-140 and 217-220). It is set back to the stub's own (0 in Debian's) and
+ * the checksum recomputed (40 ms for a 60 MB UKI): the same parts give the same bytes on every
+ * machine (issue #15). Neither field is measured into PCR 11 (only sections are); Authenticode
+ * signing comes after.
+ */
+function fixTimestamp(file: string, stub = STUB): void {
+  const data = readFileSync(file);
+  const off = peHeaderOffsets(data);
+  const stubData = readFileSync(stub);
+  data.writeUInt32LE(stubData.readUInt32LE(peHeaderOffsets(stubData).timeDateStamp), off.timeDateStamp);
+  data.writeUInt32LE(peChecksum(data, off.checkSum), off.checkSum);
+  writeFileSync(file, data);
 }
 
 /** A UKI's contents as files. Every one of them is measured into PCR 11 by the stub. */
@@ -109,4 +127,36 @@ export function buildUkiFrom(out: string, inputs: UkiInputs, workDir: string, st
   const env = { ...process.env };
   if (inputs.pcrKey?.passphraseEnv) delete env[inputs.pcrKey.passphraseEnv];
   return buildUki(out, parts, stub, env);
+}
+
+/** The sections `buildUkiFrom` adds to the stub, in the order of UkiInputs. */
+const ADDED = [".linux", ".initrd", ".cmdline", ".osrel", ".pcrpkey"] as const;
+
+/**
+ * Adds the signed PCR 11 policy (.pcrsig) to a UKI built without one (`make sign`, on the
+ * machine that holds the PCR key): its measured sections are taken back out of the image and
+ * the UKI is rebuilt from them with the signature, by the same layout as at build time, so the
+ * result is byte for byte what `build.ts uki --pcr-key` gives from the same parts (a section
+ * cannot just be appended: the kernel must stay the last section, see computeLayout). Refuses
+ * a UKI that already has a .pcrsig or is already Authenticode-signed (that signature would be
+ * lost), or that has no .pcrpkey (no key could match the signature).
+ */
+export function signPcr(unsigned: string, out: string, pcrKey: { path: string; passphraseEnv?: string }, workDir: string, stub = STUB): UkiLayoutEntry[] {
+  const data = readFileSync(unsigned);
+  const pe = readPe(data);
+  if (pe.certificateTable.size !== 0) throw new Error(`${unsigned} is already Authenticode-signed: give the unsigned UKI`);
+  if (pe.sections.some((s) => s.name === ".pcrsig")) throw new Error(`${unsigned} already has a .pcrsig`);
+  const files: Record<string, string> = {};
+  for (const name of ADDED) {
+    const bytes = peSection(data, name, pe);
+    if (!bytes) throw new Error(`${unsigned} has no ${name} section${name === ".pcrpkey" ? " (built without --pcrpkey: it can never unseal)" : ""}`);
+    files[name] = `${workDir}/${name.slice(1)}`;
+    writeFileSync(files[name]!, bytes);
+  }
+  return buildUkiFrom(
+    out,
+    { linux: files[".linux"]!, initrd: files[".initrd"]!, cmdline: files[".cmdline"]!, osrel: files[".osrel"]!, pcrpkey: files[".pcrpkey"]!, pcrKey },
+    workDir,
+    stub,
+  );
 }

@@ -121,6 +121,51 @@ describe("UKI with .pcrsig", () => {
     expect([...sectionsOf(`${dir}/plain.efi`).keys()].sort()).toEqual([".cmdline", ".initrd", ".linux", ".osrel"]);
   });
 
+  const signPcr = (uki: string, out: string, key = `${dir}/pcr.key`, env: Record<string, string> = {}) =>
+    execFileSync(BUN, ["initrd/build.ts", "sign-pcr", "--uki", uki, "--pcr-key", key, "--out", out], {
+      env: { ...process.env, ...env },
+      encoding: "utf8",
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+
+  it("builds the same bytes twice (objcopy's timestamp is reset, issue #15: the signing machine compares)", () => {
+    uki(`${dir}/twice-1.efi`, ["--pcrpkey", parts.pcrpkey]);
+    // objcopy wrote the time in seconds: make sure a second has passed.
+    execFileSync("sleep", ["1.1"]);
+    uki(`${dir}/twice-2.efi`, ["--pcrpkey", parts.pcrpkey]);
+    expect(readFileSync(`${dir}/twice-2.efi`).equals(readFileSync(`${dir}/twice-1.efi`))).toBe(true);
+  });
+
+  it("sign-pcr adds to a built UKI byte for byte the .pcrsig uki --pcr-key would have built in (make sign)", () => {
+    uki(`${dir}/late.unsigned.efi`, ["--pcrpkey", parts.pcrpkey]);
+    uki(`${dir}/early.efi`, ["--pcrpkey", parts.pcrpkey, "--pcr-key", `${dir}/pcr.key`]);
+    signPcr(`${dir}/late.unsigned.efi`, `${dir}/late.efi`);
+    expect(readFileSync(`${dir}/late.efi`).equals(readFileSync(`${dir}/early.efi`))).toBe(true);
+    // The encrypted copy of the key, its passphrase from PCR_KEY_PASS (the default variable).
+    signPcr(`${dir}/late.unsigned.efi`, `${dir}/late-enc.efi`, `${dir}/pcr-enc.key`, { PCR_KEY_PASS: PASS });
+    expect(readFileSync(`${dir}/late-enc.efi`).equals(readFileSync(`${dir}/early.efi`))).toBe(true);
+  });
+
+  it("sign-pcr refuses, in one line: a UKI with .pcrsig, one without .pcrpkey, an Authenticode-signed one, another key", () => {
+    uki(`${dir}/r-signed.efi`, ["--pcrpkey", parts.pcrpkey, "--pcr-key", `${dir}/pcr.key`]);
+    uki(`${dir}/r-nopkey.efi`, []);
+    uki(`${dir}/r-unsigned.efi`, ["--pcrpkey", parts.pcrpkey]);
+    execFileSync("bash", ["-c", 'sbsign --key <(openssl pkey -in "$1" -passin pass:snakeoil) --cert "$2" --output "$3" "$4"', "-", "/usr/share/ovmf/PkKek-1-snakeoil.key", "/usr/share/ovmf/PkKek-1-snakeoil.pem", `${dir}/r-sb.efi`, `${dir}/r-unsigned.efi`], { stdio: "ignore" });
+    const why = (uki: string, key?: string) => {
+      try {
+        signPcr(uki, `${dir}/r-out.efi`, key);
+      } catch (e) {
+        return String((e as { stderr?: string }).stderr).trim();
+      }
+      return "signed";
+    };
+    expect(why(`${dir}/r-signed.efi`)).toMatch(/^build sign-pcr: \S+r-signed\.efi already has a \.pcrsig$/);
+    expect(why(`${dir}/r-nopkey.efi`)).toMatch(/^build sign-pcr: \S+r-nopkey\.efi has no \.pcrpkey section \(built without --pcrpkey: it can never unseal\)$/);
+    expect(why(`${dir}/r-sb.efi`)).toMatch(/^build sign-pcr: \S+r-sb\.efi is already Authenticode-signed: give the unsigned UKI$/);
+    expect(why(`${dir}/r-unsigned.efi`, `${dir}/other.key`)).toMatch(/^build sign-pcr: PCR key \S+other\.key does not match the public key \S+ embedded as \.pcrpkey: refusing to sign$/);
+    expect(why(`${dir}/missing.efi`)).toMatch(/^build sign-pcr: --uki \S+missing\.efi does not exist$/);
+  });
+
   it("refuses --pcr-key without --pcrpkey, and a private key as --pcrpkey", () => {
     expect(() => uki(`${dir}/bad.efi`, ["--pcr-key", `${dir}/pcr.key`])).toThrow(/needs the public key embedded too/);
     expect(() => uki(`${dir}/bad.efi`, ["--pcrpkey", `${dir}/pcr.key`])).toThrow(/holds a private key/);
@@ -182,8 +227,11 @@ describe("encrypted PCR key", () => {
     expect(plan).toMatch(new RegExp(`openssl pkey -in ${dir}/sb-enc.key -passin env:SB_KEY_PASS.*--output ${b}/target\\.efi`));
     expect(plan).toMatch(new RegExp(`openssl pkey -in ${dir}/sb-enc.key -passin env:SB_KEY_PASS.*--output ${b}/installer\\.efi`));
     expect(plan).toMatch(new RegExp(`openssl pkey -in /usr/share/ovmf/PkKek-1-snakeoil.key -passin env:TEST_SB_KEY_PASS.*--output ${b}/initos\\.efi`));
-    // Only target.efi's PCR 11 is signed; the PCR key's passphrase is named, not given.
-    expect(plan).toMatch(new RegExp(`uki .*--pcr-key ${dir}/pcr-enc.key --pcr-key-pass-env PCR_KEY_PASS --out ${b}/target\\.unsigned\\.efi`));
+    // Only target.efi's PCR 11 is signed, at signing time; the PCR key's passphrase is named, not given.
+    expect(plan).toMatch(new RegExp(`uki .*--pcrpkey ${b}/keys/pcr.pub.pem --out ${b}/target\\.unsigned\\.efi`));
+    expect(plan).toMatch(new RegExp(`sign-pcr --pcr-key ${dir}/pcr-enc.key --pcr-key-pass-env PCR_KEY_PASS --uki ${b}/target\\.unsigned\\.efi --out ${b}/target\\.efi\\.pcrsigned`));
+    expect(plan).toMatch(new RegExp(`--output ${b}/target\\.efi ${b}/target\\.efi\\.pcrsigned`));
+    expect(plan).not.toMatch(/ uki .*--pcr-key /);
     expect(plan).toMatch(new RegExp(`uki .*--pcrpkey ${b}/keys/pcr.pub.pem --out ${b}/installer\\.unsigned\\.efi`));
     expect(plan).toMatch(new RegExp(`uki .*--pcrpkey ${b}/keys/pcr.pub.pem --out ${b}/initos\\.unsigned\\.efi`));
   });
