@@ -36,8 +36,13 @@ export interface VmOptions {
   logDir?: string;
   /** Direct kernel boot (no firmware), as cloud-hypervisor does. */
   direct?: { kernel: string; initrd: string; append: string };
-  /** Firmware boot: OVMF with this vars template (copied; the original stays pristine). */
-  firmware?: { vars: string; code?: string };
+  /**
+   * Firmware boot: OVMF with this vars template (copied; the original stays pristine). With
+   * `file`, the variables live in that file, used in place and made as a copy of `vars` only
+   * when missing: BootOrder, BootNext and Boot#### the guest writes survive into the next QEMU
+   * process started with the same file (one machine's NVRAM across power cuts).
+   */
+  firmware?: { vars: string; code?: string; file?: string };
   disks?: Disk[];
   /** Attach a TPM 2.0 (swtpm). `stateDir` keeps state between boots; otherwise a fresh TPM. */
   tpm?: boolean | { stateDir: string };
@@ -55,6 +60,18 @@ export interface VmOptions {
   machine?: "q35" | "microvm";
   /** A host directory shared with the guest over 9p under `tag`. */
   share?: { tag: string; dir: string };
+  /**
+   * Reboots stay in this QEMU process (no -no-reboot): a guest reboot, a kernel panic with
+   * panic=N or a watchdog's reset goes on into the next boot, as a real machine does, and the
+   * serial log accumulates across boots (mark() and waitFor's `from` look at one boot's part).
+   * Only a poweroff (or stop()) ends the process.
+   */
+  reboot?: boolean;
+  /**
+   * An emulated i6300esb watchdog (PCI; its expiry resets the machine). Debian's cloud kernel
+   * has no driver for it, so a guest of that kernel uses softdog, which needs nothing here.
+   */
+  i6300esb?: boolean;
 }
 
 export class Vm {
@@ -102,18 +119,33 @@ export class Vm {
   }
 
   /**
+   * Where the output is now: pass it to waitFor (`from`) or since() to look only at what comes
+   * after it, e.g. the next boot's lines in a VM that reboots in place (`reboot: true`).
+   */
+  mark(): number {
+    return this.buf.length;
+  }
+
+  /** The output after `mark` (a mark() taken earlier). */
+  since(mark: number): string {
+    return this.buf.slice(mark);
+  }
+
+  /**
    * Resolves with the first match of `re` in the complete lines of output (a line still being
    * written could match a prefix of what it will say); rejects on timeout or VM exit. A prompt,
-   * which ends without a newline, is waited for with `prompt`.
+   * which ends without a newline, is waited for with `prompt`. With `from` (a mark()), only the
+   * output after that point is searched; match indexes are then relative to it.
    */
-  waitFor(re: RegExp, timeoutMs: number, prompt = false): Promise<RegExpMatchArray> {
+  waitFor(re: RegExp, timeoutMs: number, prompt = false, from = 0): Promise<RegExpMatchArray> {
     return new Promise((res, rej) => {
       const check = () => {
-        const m = (this.running && !prompt ? this.buf.slice(0, this.buf.lastIndexOf("\n") + 1) : this.buf).match(re);
+        const end = this.running && !prompt ? this.buf.lastIndexOf("\n") + 1 : this.buf.length;
+        const m = end > from ? this.buf.slice(from, end).match(re) : null;
         if (m) return done(() => res(m));
-        if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}; log ${this.logPath}`)));
+        if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}${from ? ` (after output offset ${from})` : ""}; log ${this.logPath}`)));
       };
-      const timer = setTimeout(() => done(() => rej(new Error(`${this.name}: no ${re} within ${timeoutMs} ms; log ${this.logPath}`))), timeoutMs);
+      const timer = setTimeout(() => done(() => rej(new Error(`${this.name}: no ${re}${from ? ` after output offset ${from}` : ""} within ${timeoutMs} ms; log ${this.logPath}`))), timeoutMs);
       const done = (f: () => void) => {
         clearTimeout(timer);
         this.waiters.delete(check);
@@ -124,7 +156,7 @@ export class Vm {
     });
   }
 
-  /** Waits for the VM to power off or reboot (QEMU runs with -no-reboot); kills it on timeout. */
+  /** Waits for the VM to power off, or reboot unless `reboot` was asked (-no-reboot); kills it on timeout. */
   async waitExit(timeoutMs: number): Promise<number | null> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<"timeout">((res) => (timer = setTimeout(() => res("timeout"), timeoutMs)));
@@ -184,7 +216,9 @@ async function waitForFile(path: string, timeoutMs: number, what: string): Promi
 export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] {
   const args = ["-accel", "tcg", "-cpu", "max", "-m", String(o.memoryMiB ?? 1024), "-smp", String(o.cpus ?? 2)];
   // -no-reboot: a reboot ends QEMU, so the failure policy's reboot is observable as an exit.
-  args.push("-display", "none", "-serial", "stdio", "-monitor", `unix:${tmp}/monitor.sock,server=on,wait=off`, "-no-reboot");
+  // With `reboot`, a reboot (or a watchdog's reset) goes on into the next boot instead.
+  args.push("-display", "none", "-serial", "stdio", "-monitor", `unix:${tmp}/monitor.sock,server=on,wait=off`);
+  if (!o.reboot) args.push("-no-reboot");
   const microvm = o.machine === "microvm";
   if (microvm && (o.firmware || !o.direct)) throw new Error(`${o.name}: microvm boots the kernel directly, without firmware`);
   // The same virtio devices on either transport: PCI on q35, MMIO on microvm.
@@ -196,8 +230,8 @@ export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] 
     args.push("-nic", "none");
   }
   if (o.firmware) {
-    const vars = `${tmp}/vars.fd`;
-    copyFileSync(o.firmware.vars, vars);
+    const vars = o.firmware.file ? resolve(o.firmware.file) : `${tmp}/vars.fd`;
+    if (!o.firmware.file || !existsSync(vars)) copyFileSync(o.firmware.vars, vars);
     args.push(
       "-machine", "q35,smm=on",
       "-global", "driver=cfi.pflash01,property=secure,value=on",
@@ -226,6 +260,11 @@ export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] 
     else args.push("-drive", drive, "-device", `${dev("blk")},drive=disk${i}${boot}`);
   });
   if (o.share) args.push("-fsdev", `local,id=share0,path=${resolve(o.share.dir)},security_model=none`, "-device", `${dev("9p")},fsdev=share0,mount_tag=${o.share.tag}`);
+  // The action on expiry is QEMU's default (-action watchdog=reset).
+  if (o.i6300esb) {
+    if (microvm) throw new Error(`${o.name}: the i6300esb watchdog is a PCI device; microvm has no PCI`);
+    args.push("-device", "i6300esb");
+  }
   if (tpmSock) args.push("-chardev", `socket,id=tpmchr,path=${tpmSock}`, "-tpmdev", "emulator,id=tpm0,chardev=tpmchr", "-device", "tpm-tis,tpmdev=tpm0");
   return args;
 }

@@ -1,7 +1,8 @@
 // A real OpenSSH client against a guest's forwarded sshd. Asynchronous on purpose: while a
 // synchronous child runs, the test process cannot drain QEMU's serial pipe, QEMU blocks on it,
 // and the guest's console (and PID 1 writing to it) stalls with it.
-import { spawn } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync } from "node:fs";
 
 export interface SshResult {
   status: number | null;
@@ -9,11 +10,54 @@ export interface SshResult {
   stderr: string;
 }
 
+export interface SshOptions {
+  key?: string | null;
+  /** Text for the command's stdin. */
+  input?: string;
+  /**
+   * A file for the command's stdin, streamed by ssh itself from the open file (an update
+   * bundle, ~95 MB, is never read into this process). Exclusive with `input`.
+   */
+  inputFile?: string;
+  knownHosts?: string;
+  strict?: boolean;
+  alias?: string;
+  /** Killed (status null) after this long; default 120 s. */
+  timeoutMs?: number;
+  /** Called with the ssh process once started (e.g. to see how much of `inputFile` it has read). */
+  onSpawn?: (child: ChildProcess) => void;
+}
+
+/**
+ * How far a process has read `file` (the largest file position among its descriptors open on
+ * it, from /proc/<pid>/fdinfo: ssh reads its stdin through a dup of fd 0); null when the
+ * process is gone or has the file open no more.
+ */
+export function readPosition(pid: number, file: string): number | null {
+  const want = realpathSync(file);
+  let best: number | null = null;
+  try {
+    for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+      try {
+        if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== want) continue;
+        const m = /^pos:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, "utf8"));
+        if (m) best = Math.max(best ?? 0, Number(m[1]));
+      } catch {
+        // closed meanwhile
+      }
+    }
+  } catch {
+    return null;
+  }
+  return best;
+}
+
 /**
  * `strict`: the host key must already be in `knownHosts` (proves a guest kept its key);
  * `alias` names the host in known_hosts instead of [127.0.0.1]:port, which changes every boot.
  */
-export function ssh(port: number, command: string, o: { key?: string | null; input?: string; knownHosts?: string; strict?: boolean; alias?: string } = {}): Promise<SshResult> {
+export function ssh(port: number, command: string, o: SshOptions = {}): Promise<SshResult> {
+  if (o.input !== undefined && o.inputFile !== undefined) throw new Error("ssh: input and inputFile both given");
   const auth = o.key
     ? ["-i", o.key, "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey"]
     : ["-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1"];
@@ -29,22 +73,26 @@ export function ssh(port: number, command: string, o: { key?: string | null; inp
     command,
   ];
   return new Promise((resolve) => {
-    const child = spawn("ssh", args, { stdio: ["pipe", "pipe", "pipe"] });
+    // The file's descriptor is the child's stdin: ssh reads it at its own pace.
+    const fd = o.inputFile === undefined ? undefined : openSync(o.inputFile, "r");
+    const child = spawn("ssh", args, { stdio: [fd ?? "pipe", "pipe", "pipe"] });
+    if (fd !== undefined) closeSync(fd);
+    o.onSpawn?.(child);
     let stdout = "";
     let stderr = "";
-    child.stdout.on("data", (d) => (stdout += d));
-    child.stderr.on("data", (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill("SIGKILL"), 120_000);
+    child.stdout!.on("data", (d) => (stdout += d));
+    child.stderr!.on("data", (d) => (stderr += d));
+    const timer = setTimeout(() => child.kill("SIGKILL"), o.timeoutMs ?? 120_000);
     child.on("close", (status) => {
       clearTimeout(timer);
       resolve({ status, stdout, stderr });
     });
-    child.stdin.end(o.input ?? "");
+    child.stdin?.end(o.input ?? "");
   });
 }
 
 /** sshd comes up a moment after the agent says so: retry while the connection is refused, bounded. */
-export async function sshWhenUp(port: number, command: string, o: Parameters<typeof ssh>[2] = {}): Promise<SshResult> {
+export async function sshWhenUp(port: number, command: string, o: SshOptions = {}): Promise<SshResult> {
   for (let i = 0; i < 30; i++) {
     const r = await ssh(port, command, o);
     if (!/kex_exchange_identification|Connection (reset|refused|closed)/.test(r.stderr)) return r;

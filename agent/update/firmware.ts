@@ -14,7 +14,8 @@ export const UPDATE_VAR = "InitosUpdate";
 export function efiFirmware(sys: EfiSys & Files & Devices, log: Logger): FirmwareWithNext {
   return {
     // The description names the slot; the device path (partition UUID + file) is what counts.
-    entryFor: (slot) => ensureBootEntry(sys, log, { description: `initos ${slot.name}`, partition: slot.device, path: UKI_PATH }),
+    // UKI_PATH is relative to the slot (a bundle path); the load option's file path is absolute.
+    entryFor: (slot) => ensureBootEntry(sys, log, { description: `initos ${slot.name}`, partition: slot.device, path: `/${UKI_PATH}` }),
     bootOrder: () => bootOrder(sys) ?? [],
     setBootOrder: (order) => setBootOrder(sys, order),
     setBootNext: (entry) => setBootNext(sys, entry),

@@ -68,9 +68,9 @@ describe("the sidecar beside the OS", () => {
     const detached = /initos: sidecar beside the OS: root ready, (\d+) inherited mounts detached; starting/.exec(vm.output);
     expect(Number(detached?.[1])).toBeGreaterThanOrEqual(12);
 
-    // The OS's init still decides: reboot is a request to it, it stops holding and powers off.
+    // The OS's init still decides: reboot is a request to it, it stops holding and reboots.
     expect((await ssh(port, "reboot", { key: KEY })).stdout).toBe("reboot requested from the OS's init\n");
-    await vm.waitFor(/INITOS-TEST-ROOT done holding/, 60_000);
+    await vm.waitFor(/INITOS-TEST-ROOT done holding: reboot/, 60_000);
     expect(await vm.waitExit(60_000)).toBe(0);
   }, 600_000);
 });

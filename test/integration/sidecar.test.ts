@@ -105,9 +105,9 @@ describe.sequential("sidecar", () => {
     expect(st.status).toBe(0);
     expect(st.stdout).toMatch(/^mode: sidecar beside the OS\nprocess: @initos-sidecar \(pid \d+\)\nboot stages: early \d+ms, .*root \d+ms, handoff-check \d+ms/);
     expect((await ssh(p5, "switch-root", known)).stdout).toBe("switch-root: not available beside the running OS\n");
-    // reboot is a request to the OS's init (SIGINT): the test init stops holding and powers off
+    // reboot is a request to the OS's init (SIGINT): the test init stops holding and reboots
     expect((await ssh(p5, "reboot", known)).stdout).toBe("reboot requested from the OS's init\n");
-    await bvm.waitFor(/INITOS-TEST-ROOT done holding/, 60_000);
+    await bvm.waitFor(/INITOS-TEST-ROOT done holding: reboot/, 60_000);
     expect(await bvm.waitExit(60_000)).toBe(0);
   }, 360_000);
 

@@ -3,10 +3,15 @@
  * PID, its argv, which subvolume it runs from and whether /home is a separate mount, the uptime
  * at which it started and the memory then available (the benchmark reads both), then powers the
  * VM off. With an argument `hold=N` it first stays up N seconds (or until SIGTERM, SIGINT or
- * SIGUSR2), so a test can talk to whatever runs beside it. With an argument `ps` it first lists
+ * SIGUSR2), so a test can talk to whatever runs beside it; SIGINT (ctrl-alt-del, the sidecar's
+ * `reboot` request) then reboots instead, as sysvinit and busybox init do. With an argument `ps` it first lists
  * every process that is not a kernel thread (what the initrd left running), one line each.
+ * With an argument `hang` it plays an OS that froze (after `ps` and `hold=N`, if given): it stops
+ * every other process (kill(-1, SIGSTOP): the agent's sidecar beside it too, and with it the
+ * watchdog's petting), says so in one line, and never powers off.
  */
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -17,7 +22,7 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
+static void on_signal(int sig) { stop = sig; }
 
 static void read_line(const char *path, char *buf, size_t n) {
 	int fd = open(path, O_RDONLY);
@@ -78,11 +83,12 @@ int main(int argc, char **argv) {
 	read_line("/etc/initos-test-root", root, sizeof root);
 	snprintf(timeline, sizeof timeline, "%s", access("/run/initos/boot.json", R_OK) == 0 ? "yes" : "no");
 	printf("INITOS-TEST-ROOT pid=%d root=%s home=%s timeline=%s argc=%d argv=[", getpid(), root, home, timeline, argc);
-	int hold = 0, ps = 0;
+	int hold = 0, ps = 0, hang = 0;
 	for (int i = 1; i < argc; i++) {
 		printf("%s%s", i > 1 ? " " : "", argv[i]);
 		if (strncmp(argv[i], "hold=", 5) == 0) hold = atoi(argv[i] + 5);
 		if (strcmp(argv[i], "ps") == 0) ps = 1;
+		if (strcmp(argv[i], "hang") == 0) hang = 1;
 	}
 	/* RD_TIMESTAMP "<realtime usec> <monotonic usec>": when the initrd started, for systemd. */
 	const char *rd = getenv("RD_TIMESTAMP");
@@ -95,10 +101,17 @@ int main(int argc, char **argv) {
 		signal(SIGINT, on_signal);
 		signal(SIGUSR2, on_signal); /* busybox-style poweroff request */
 		for (int i = 0; i < hold && !stop; i++) sleep(1);
-		printf("INITOS-TEST-ROOT done holding\n");
+		printf("INITOS-TEST-ROOT done holding: %s\n", stop == SIGINT ? "reboot" : "poweroff");
 		fflush(stdout);
 	}
+	if (hang) {
+		/* As PID 1, kill(-1) reaches every process but itself (kernel threads ignore it). */
+		int r = kill(-1, SIGSTOP);
+		printf("INITOS-TEST-ROOT hanging: %s\n", r == 0 ? "every other process stopped" : errno == ESRCH ? "no other process to stop" : strerror(errno));
+		fflush(stdout);
+		for (;;) pause();
+	}
 	sync();
-	reboot(RB_POWER_OFF);
+	reboot(stop == SIGINT ? RB_AUTOBOOT : RB_POWER_OFF);
 	return 0;
 }
