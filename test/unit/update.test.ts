@@ -7,13 +7,57 @@ import type { AgentConfig } from "../../agent/config.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import type { EspResult, EspSlot } from "../../agent/stages/esp.ts";
 import { applyUpdate, STAGING_DIR, type UpdateFirmware } from "../../agent/update/apply.ts";
-import { MANIFEST_NAME, UKI_PATH } from "../../agent/update/manifest.ts";
+import { MANIFEST_NAME, parseManifest, UKI_PATH } from "../../agent/update/manifest.ts";
+import { initrdAdmin, type BootState } from "../../agent/boot.ts";
+import { Timeline } from "../../agent/log.ts";
+import { RemoteAdmin } from "../../agent/stages/remote.ts";
+import { parseCmdline } from "../../agent/cmdline.ts";
 import { TrialRun } from "../../agent/update/session.ts";
 import { commitWaitsFor, EMPTY_STATE, mayApply, onBoot, orderWith, parseUpdateState, serializeUpdateState, type UpdateState } from "../../agent/update/trial.ts";
 import { tarBytes } from "../oci-fixture.ts";
-import { FakeSys } from "./fakesys.ts";
+import { FakeSys, silentLog } from "./fakesys.ts";
 
 const trial = { slot: "b", entry: 2, version: 7, from: { slot: "a", version: 6 }, started: false };
+
+describe("the bundle's manifest", () => {
+  const ok = { format: 1, version: 7, files: [{ path: UKI_PATH, size: 3, sha256: "a".repeat(64) }] };
+  const bad: [string, string, RegExp][] = [
+    ["not JSON", "{", /^bundle: manifest.json is not JSON$/],
+    ["another format", JSON.stringify({ ...ok, format: 2 }), /^bundle: manifest.json: format: /],
+    ["version 0", JSON.stringify({ ...ok, version: 0 }), /^bundle: manifest.json: version: /],
+    ["no UKI", JSON.stringify({ ...ok, files: [{ path: "initos/modules.sqfs", size: 1, sha256: "a".repeat(64) }] }), /no EFI\/BOOT\/BOOTX64.EFI/],
+    ["a path twice", JSON.stringify({ ...ok, files: [...ok.files, ...ok.files] }), /listed twice/],
+    ["a path outside the slot's files", JSON.stringify({ ...ok, files: [...ok.files, { path: "initos/../EFI/x.efi", size: 1, sha256: "a".repeat(64) }] }), /files\.1\.path: expected/],
+    ["an absolute path", JSON.stringify({ ...ok, files: [{ ...ok.files[0], path: `/${UKI_PATH}` }] }), /files\.0\.path: /],
+    ["a bad hash", JSON.stringify({ ...ok, files: [{ ...ok.files[0], sha256: "xyz" }] }), /sha256/],
+    ["a size of 0", JSON.stringify({ ...ok, files: [{ ...ok.files[0], size: 0 }] }), /files\.0\.size: /],
+    ["an unknown key", JSON.stringify({ ...ok, signedBy: "me" }), /signedBy/],
+  ];
+  for (const [what, text, line] of bad) it(`refuses ${what} in one line`, () => expect(parseManifest(text)).toMatch(line));
+  it("accepts a well-formed one", () => expect(parseManifest(JSON.stringify(ok))).toEqual(ok));
+});
+
+describe("who may update", () => {
+  const caps = (sidecarMode: boolean, booted: boolean) => {
+    const sys = new FakeSys();
+    const log = silentLog();
+    const ctx = { sys, log, timeline: new Timeline("/nonexistent/boot.json") };
+    const state: BootState = {
+      remote: new RemoteAdmin(sys, log),
+      inputs: { cmdline: parseCmdline("").cmdline, config: DEFAULT_CONFIG, early: { secureBoot: "on", efivars: Promise.resolve(true) } },
+      ...(booted ? { esp: ESP, update: { firmware: new FakeFirmware() } } : {}),
+    };
+    return initrdAdmin(ctx, state, sidecarMode ? () => {} : undefined);
+  };
+  it("sidecar mode, booted through UEFI from the ESP: update; never commit in the initrd", () => {
+    expect("run" in caps(true, true).update).toBe(true);
+    expect(caps(true, true).commit).toEqual({ refused: expect.stringMatching(/commits beside the OS/) });
+  });
+  it("the recovery sidecar and a machine without its slots: refused", () => {
+    expect(caps(false, true).update).toEqual({ refused: expect.stringMatching(/only in sidecar mode/) });
+    expect(caps(true, false).update).toEqual({ refused: expect.stringMatching(/only in sidecar mode/) });
+  });
+});
 
 describe("the trial state machine", () => {
   it("a boot with no trial recorded is normal", () => {
