@@ -11,10 +11,10 @@
 // push to a fleet.
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, fstatSync, fsyncSync, openSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, openSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import type { AgentConfig } from "../agent/config.ts";
 import { describe, zodIssue } from "../agent/errors.ts";
-import type { FileReader } from "../agent/sys/index.ts";
+import { openReader } from "../agent/sys/index.ts";
 import { type Manifest, MANIFEST_NAME, ManifestSchema, UKI_PATH } from "../agent/update/manifest.ts";
 import { type FrameDecompressor, readUkiConfig, runtimeZstdFrame } from "../agent/update/uki.ts";
 
@@ -127,25 +127,6 @@ export function writeBundle(out: string, opts: { version: number; host?: string;
   return manifest;
 }
 
-/** A file as the agent's readers take it (its Files.openReader), with node:fs. */
-function fileReader(path: string): FileReader {
-  const fd = openSync(path, "r");
-  return {
-    size: fstatSync(fd).size,
-    read: (offset, length) => {
-      const buf = Buffer.alloc(length);
-      let got = 0;
-      while (got < length) {
-        const n = readSync(fd, buf, got, length - got, offset + got);
-        if (n === 0) break;
-        got += n;
-      }
-      return buf.subarray(0, got);
-    },
-    close: () => closeSync(fd),
-  };
-}
-
 /**
  * The signed config inside a UKI, read by the agent's own reader (agent/update/uki.ts: the
  * .initrd's zstd frames walked by their headers, only the last one, the config segment,
@@ -154,7 +135,7 @@ function fileReader(path: string): FileReader {
  */
 export function ukiConfig(uki: string, unzstd: FrameDecompressor = runtimeZstdFrame): AgentConfig {
   try {
-    return readUkiConfig({ openReader: fileReader }, uki, uki, unzstd).config;
+    return readUkiConfig({ openReader }, uki, uki, unzstd).config;
   } catch (e) {
     throw new Error(describe(e).replace(/^update: /, ""));
   }

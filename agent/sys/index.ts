@@ -348,6 +348,25 @@ function removeTreeOnDevice(dir: string, dev: number): number {
 }
 
 /** One open, then sequential reads into a fresh buffer each (a consumer may still hold the last). */
+/** See Files.openReader (exported for the build, which reads UKIs as the agent does). */
+export function openReader(path: string): FileReader {
+  const fd = openSync(path, "r");
+  return {
+    size: fstatSync(fd).size,
+    read: (offset, length) => {
+      const buf = Buffer.alloc(length);
+      let got = 0;
+      while (got < length) {
+        const n = readSync(fd, buf, got, length - got, offset + got);
+        if (n === 0) break;
+        got += n;
+      }
+      return buf.subarray(0, got);
+    },
+    close: () => closeSync(fd),
+  };
+}
+
 async function writeStream(path: string, data: AsyncIterable<Uint8Array>, mode = 0o600): Promise<number> {
   const f = await open(path, "w", mode);
   let n = 0;
@@ -449,23 +468,7 @@ function realFiles(libc: Libc): Files {
     rmdir: (p) => rmdirSync(p),
     symlink: (t, p) => symlinkSync(t, p),
     readChunks: (path, chunk) => readChunks(path, chunk),
-    openReader: (path) => {
-      const fd = openSync(path, "r");
-      return {
-        size: fstatSync(fd).size,
-        read: (offset, length) => {
-          const buf = Buffer.alloc(length);
-          let got = 0;
-          while (got < length) {
-            const n = readSync(fd, buf, got, length - got, offset + got);
-            if (n === 0) break;
-            got += n;
-          }
-          return buf.subarray(0, got);
-        },
-        close: () => closeSync(fd),
-      };
-    },
+    openReader,
     openDirInRoot: (root, path) => libc.openDirInRoot(root, path),
     openDir: (p) => openSync(p, constants.O_RDONLY | constants.O_DIRECTORY),
     close: (fd) => closeSync(fd),
