@@ -176,8 +176,10 @@ function detachInherited(sys: Files & Mounts): number {
   return gone.length + 1;
 }
 
-/** Phase 2, in the sidecar's own root: the admin socket and sshd, until the machine goes down. */
 /**
+ * Phase 2, in the sidecar's own root: the admin socket (with the update's commands: update/beside.ts)
+ * and sshd, until the machine goes down.
+ *
  * `sshdLog`: where sshd's lines go. After the switch /dev/kmsg is rate-limited again (the OS's
  * setting, per open file: a burst of 10 lines in 5 s), and dropbear says three lines or more per
  * session: sharing one open with the agent's own lines lost those (seen: an update's refusal
