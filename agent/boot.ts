@@ -355,12 +355,16 @@ function initrdUpdate(ctx: BootContext, esp: EspResult, firmware: FirmwareWithNe
 }
 
 export function initrdStatus(ctx: BootContext, state: BootState): StatusField[] {
+  // Zombies first: reading the slots' UKIs below keeps the event loop (and with it the reaping
+  // of exited children) busy for a moment, and an orphan that exits then would be counted (seen:
+  // "zombies: 1" on every status while a service made an orphan a second).
+  const zombies = countZombies(ctx.sys);
   return [
     ["mode", state.inputs?.cmdline.mode ?? "host"],
     ["secure boot", state.inputs?.early.secureBoot ?? "unknown"],
     ["stages", ctx.timeline.summary()],
     ...updateStatus(ctx.sys, state.inputs?.config, state.esp, state.update?.firmware),
-    ["zombies", countZombies(ctx.sys)],
+    ["zombies", zombies],
     ["agent rss", `${procStatusKiB(ctx.sys, "VmRSS") ?? "?"} kB`],
     ["memavailable", `${memAvailableKiB(ctx.sys) ?? "?"} kB`],
   ];

@@ -50,7 +50,7 @@ describe.sequential("sidecar", () => {
   it("the key from the UKI logs in and runs status; the session is the command interface, not a shell", async () => {
     const r = await sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts` });
     expect(r.status).toBe(0);
-    expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\nversion: \d+\nzombies: 0\nagent rss: \d+ kB\nmemavailable: \d+ kB\n$/);
+    expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\nversion: \d+\nslots: a v\d+, b v\d+\nzombies: 0\nagent rss: \d+ kB\nmemavailable: \d+ kB\n$/);
     const sh = await run(KEY, "cat /etc/passwd; id");
     expect(sh.status).toBe(2);
     expect(sh.stderr).toMatch(/initos: unknown command "cat"; try: status, log, unlock, reseal, switch-root, update, commit, reboot, poweroff/);
