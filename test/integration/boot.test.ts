@@ -36,7 +36,7 @@ describe("boot", () => {
     const before = Number(/initos: handoff: MemAvailable (\d+) kB before switch_root/.exec(vm.output)?.[1]);
     expect(Number(m[6]) - before).toBeGreaterThan(100_000);
     expect(vm.output).toMatch(/initos: initos-agent starting \(pid 1\)/);
-    expect(vm.output).toMatch(/initos: timeline: early \d+ms, modules \d+ms, esp \d+ms, images \d+ms, tpm \d+ms, root \d+ms, handoff-check \d+ms, os-mounts \d+ms/);
+    expect(vm.output).toMatch(/initos: timeline: early \d+ms, modules \d+ms, esp \d+ms, images \d+ms, trial \d+ms, tpm \d+ms, root \d+ms, handoff-check \d+ms, os-mounts \d+ms/);
     expect(vm.output).toMatch(/initos: switch_root: freed initramfs \(\d+ entries\)/);
     expect(vm.output).not.toMatch(/Kernel panic/);
     await vm.waitExit(30_000); // the test init powers off
