@@ -4,15 +4,12 @@
 // §5): validated, with errors naming the key, and never allowed to name a path outside the root.
 import { describe, zodIssue } from "./errors.ts";
 import { z } from "zod";
+import { type JailsConfig, parseJails, subvolumeName } from "./jails/config.ts";
+
+export { subvolumeName };
 
 export const HOST_CONFIG_JSON = "initos.json";
 export const HOST_CONFIG_ENV = "initos.env";
-
-/**
- * A subvolume at the top of the pool, by its plain name: no "/", and no leading "." (so neither
- * "." nor ".."), which btrfs would otherwise take as a path. Shared with `initos.root=`.
- */
-export const subvolumeName = z.string().regex(/^@?[A-Za-z0-9_-][A-Za-z0-9_.-]*$/, "expected a subvolume name such as @root");
 
 /**
  * Where a subvolume is bound in the root: an absolute path below "/" without "." or ".."
@@ -36,14 +33,22 @@ const DEFAULT_BINDS: Bind[] = [
 /** The file's shape; each bind entry is checked on its own (see checkBinds). */
 const HostConfigSchema = z
   .object({
-    root: subvolumeName,
+    /** The subvolume to switch_root into; without it (and with jails) the host runs jails. */
+    root: subvolumeName.optional(),
     /** Subvolumes mounted into the root; a missing subvolume is skipped with a note. */
     binds: z.array(z.unknown()).optional(),
+    /** Jail mode: the machine's /24, and the jails (each checked on its own: jails/config.ts). */
+    network: z.unknown().optional(),
+    jails: z.array(z.unknown()).optional(),
   })
-  .strict();
+  .strict()
+  .refine((c) => c.root !== undefined || c.jails !== undefined, { message: "expected root (a subvolume to boot) or jails", path: ["root"] });
 
 export interface HostConfig {
-  root: string;
+  /** The root subvolume; undefined in jail mode. */
+  root?: string;
+  /** Jail mode (no root): the bridge's /24 and the jails, as far as they parsed. */
+  jails?: JailsConfig;
   binds: Bind[];
   /** One line per bind entry that was refused (already says it is not mounted), for the log. */
   refused: string[];
@@ -77,7 +82,8 @@ function checkBinds(file: string, entries: readonly unknown[] | undefined): Pick
 function parsed(file: string, input: unknown): HostConfig {
   const r = HostConfigSchema.safeParse(input);
   if (!r.success) fail(file, r.error);
-  return { root: r.data.root, ...checkBinds(file, r.data.binds) };
+  const jails = r.data.jails && parseJails(file, r.data.network, r.data.jails);
+  return { root: r.data.root, ...checkBinds(file, r.data.binds), ...(jails ? { jails } : {}) };
 }
 
 export function parseHostJson(text: string, file = HOST_CONFIG_JSON): HostConfig {
