@@ -109,6 +109,7 @@ export function mountPool(sys: Files & Mounts & Modules & Processes, log: Logger
     if (cfg.ssh.authorizedKeys.length) keepHostKey(sys, log, dev);
     const from = rootOverride ? "initos.root on the cmdline" : "the host config";
     if (rootOverride) config.root = rootOverride;
+    if (!config.root) throw new BootError("host config names jails but no root, and this boot has no jail mode to run them (initos.root= names a root to boot instead)");
     if (sys.lstat(`${POOL}/${config.root}`).kind !== "dir") {
       throw new BootError(`root subvolume ${config.root} (from ${from}) is not in the pool`);
     }
