@@ -7,6 +7,7 @@
 // A new command is one row in COMMANDS, plus a capability where it depends on the process.
 import { z } from "zod";
 import { describe, zodIssue } from "./errors.ts";
+import { imageName, jailName } from "./jails/config.ts";
 import type { Logger } from "./log.ts";
 import type { LineServer, Sockets } from "./sys/index.ts";
 
@@ -41,7 +42,19 @@ export interface AdminCaps {
   update: Cap<(opts: UpdateOptions, bundle: AsyncIterable<Buffer>) => Promise<CtlResponse>>;
   /** `commit`: the control plane's word that the trial boot is good (policy "manual"). */
   commit: Cap<() => Promise<CtlResponse>>;
+  /** `jails`, `jail`, `image`: jail mode only (agent/jails/). */
+  jails: Cap<JailAdmin>;
 }
+
+/** What jail mode answers: the jails' status, a jail's start or stop, the image store. */
+export interface JailAdmin {
+  status(): Promise<string>;
+  jail(action: JailAction, name: string): Promise<CtlResponse>;
+  /** `image import NAME` reads the archive from `body`; `list` and `rm` leave it unread. */
+  image(action: ImageAction, name: string | undefined, body: AsyncIterable<Buffer>): Promise<CtlResponse>;
+}
+export type JailAction = "start" | "stop" | "restart";
+export type ImageAction = "import" | "list" | "rm";
 
 /** `update --force --reboot`. */
 export interface UpdateOptions {
@@ -59,16 +72,22 @@ const updateFlags = { force: z.boolean().default(false), reboot: z.boolean().def
 /** A command's arguments as parsed: `{}` for none, `{ passphrase: string }`. */
 type ArgsOf<A> = { [P in keyof A]: A[P] extends z.ZodType ? z.output<A[P]> : never };
 
+/** `jail start web`, `image import web`: the words after the command, in this order. */
+const jailArgs = { action: z.enum(["start", "stop", "restart"]), name: jailName };
+const imageArgs = { action: z.enum(["import", "list", "rm"]), name: imageName.optional() };
+
 /**
- * A command: its arguments, and what it does. `body`: it reads the rest of the connection (an
- * update bundle, from the ssh session's stdin); the others never read it.
+ * A command: its arguments, and what it does. `body`: whether a request reads the rest of the
+ * connection (an update bundle, an image archive: the ssh session's stdin); the others never
+ * read it. `positional`: the arguments given as plain words, in order (the rest are --flags).
  */
 function command<A extends z.ZodRawShape>(
   args: A,
   run: (caps: AdminCaps, req: ArgsOf<A>, body: AsyncIterable<Buffer>) => CtlResponse | Promise<CtlResponse>,
-  body = false,
+  opts: { body?: boolean | ((req: ArgsOf<A>) => boolean); positional?: readonly (keyof A & string)[] } = {},
 ) {
-  return { args, run, body };
+  const body = opts.body ?? false;
+  return { args, run, body: typeof body === "function" ? body : () => body, positional: opts.positional ?? [] };
 }
 
 const ok = (text: string): CtlResponse => ({ ok: true, text });
@@ -86,9 +105,18 @@ const COMMANDS = {
   /** Sidecar mode: leave it and continue the boot into the root (unlocking it if needed). */
   "switch-root": command(none, (c) => withCap("switch-root", c.switchRoot, (f) => ok(f()))),
   /** A bundle on stdin into the inactive slot; the next boot is its trial. */
-  update: command(updateFlags, (c, r, body) => withCap("update", c.update, (f) => f({ force: r.force, reboot: r.reboot }, body)), true),
+  update: command(updateFlags, (c, r, body) => withCap("update", c.update, (f) => f({ force: r.force, reboot: r.reboot }, body)), { body: true }),
   /** The trial boot is good: make its slot the default (when the policy waits for this). */
   commit: command(none, (c) => withCap("commit", c.commit, (f) => f())),
+  /** Jail mode: each jail's state. */
+  jails: command(none, (c) => withCap("jails", c.jails, async (j) => ok(await j.status()))),
+  /** Jail mode: `jail start|stop|restart NAME`. */
+  jail: command(jailArgs, (c, r) => withCap("jail", c.jails, (j) => j.jail(r.action, r.name)), { positional: ["action", "name"] }),
+  /** Jail mode: `image import NAME` (an OCI archive on stdin), `image list`, `image rm NAME`. */
+  image: command(imageArgs, (c, r, body) => withCap("image", c.jails, (j) => j.image(r.action, r.name, body)), {
+    body: (r) => r.action === "import",
+    positional: ["action", "name"],
+  }),
   reboot: command(none, (c) => ok(c.power("reboot"))),
   poweroff: command(none, (c) => ok(c.power("poweroff"))),
 };
@@ -130,10 +158,19 @@ export function requestFromArgs(args: readonly string[], stdin: () => string): C
   if (!isCmd(cmd)) return `unknown command ${JSON.stringify(cmd ?? "")}; try: ${CTL_COMMANDS.join(", ")}`;
   const shape: z.ZodRawShape = COMMANDS[cmd].args;
   const flags = Object.keys(shape).filter((k) => shape[k] instanceof z.ZodDefault && shape[k]._def.innerType instanceof z.ZodBoolean);
+  const positional: readonly string[] = COMMANDS[cmd].positional;
   const req: Record<string, unknown> = { cmd };
+  let next = 0;
   for (const word of rest) {
+    if (!word.startsWith("--") && next < positional.length) {
+      req[positional[next++]!] = word;
+      continue;
+    }
     const flag = word.startsWith("--") ? word.slice(2) : "";
-    if (!flags.includes(flag)) return flags.length ? `ctl ${cmd}: unknown argument ${JSON.stringify(word)}; it takes ${flags.map((f) => `--${f}`).join(", ")}` : `ctl ${cmd}: takes no arguments`;
+    if (!flags.includes(flag)) {
+      const takes = [...positional.map((p) => p.toUpperCase()), ...flags.map((f) => `--${f}`)];
+      return takes.length ? `ctl ${cmd}: unknown argument ${JSON.stringify(word)}; it takes ${takes.join(", ")}` : `ctl ${cmd}: takes no arguments`;
+    }
     req[flag] = true;
   }
   if ("passphrase" in shape) {
@@ -145,9 +182,9 @@ export function requestFromArgs(args: readonly string[], stdin: () => string): C
   return typeof r === "string" ? `ctl ${cmd}: ${r}` : r;
 }
 
-/** Whether the command reads a body (its stdin) after the request line. */
-export function takesBody(cmd: Cmd): boolean {
-  return COMMANDS[cmd].body;
+/** Whether the request reads a body (its stdin) after the request line. */
+export function takesBody(req: CtlRequest): boolean {
+  return (COMMANDS[req.cmd].body as (r: CtlRequest) => boolean)(req);
 }
 
 /** The handler for a process with these capabilities. */

@@ -7,7 +7,7 @@
 //
 // Each stage is a function with typed inputs and outputs; this file only sequences them, times
 // them and decides between them. A thrown error ends in failBoot (the failure policy).
-import type { AdminCaps, StatusField } from "./admin.ts";
+import type { AdminCaps, PowerAction, StatusField } from "./admin.ts";
 import type { Cmdline, Mode } from "./cmdline.ts";
 import { parseCmdline } from "./cmdline.ts";
 import { type AgentConfig, CONFIG_PATH, parseConfig } from "./config.ts";
@@ -36,6 +36,9 @@ import { mountRoot, SYSROOT } from "./stages/root.ts";
 import { mountVmRoot, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
 import { type Supervised, stopServices, supervise } from "./supervise.ts";
 import { switchRoot } from "./switchroot.ts";
+import type { JailsConfig } from "./jails/config.ts";
+import { startJailMode } from "./jails/mode.ts";
+import type { Jails } from "./jails/run.ts";
 import type { Sys } from "./sys/index.ts";
 import { TOOLS_ROOT } from "./sys/tools.ts";
 
@@ -56,6 +59,8 @@ export interface BootState {
   /** The boot disk's slots (esp stage), and the update's view of this boot (trial stage). */
   esp?: EspResult;
   update?: UpdateBoot;
+  /** Jail mode's jails, once they run: stopped before any power action. */
+  jails?: Jails;
   /**
    * switch_root made the OS's root "/" (set by switchRoot just before it pivots or chroots).
    * From then on the failure policy only logs and reboots: nothing is written into the OS.
@@ -152,9 +157,46 @@ async function host(ctx: BootContext, state: BootState, p: Prepared, services: r
     // The installed machine: the encrypted pool says which subvolume is the root.
     if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
     const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, p.tpm, p.early.secureBoot, esp, state.remote, initrdAdmin(ctx, state)));
-    await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
+    const mounted = await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
+    if (mounted.config.jails && !mounted.config.root) return jailMode(ctx, state, p, mounted.config.jails, services);
   }
   return { kind: "switch-root", services };
+}
+
+/**
+ * Jail mode (a host config with jails and no root): PID 1 keeps the hardware and the pool (on
+ * /x), serves the admin commands over ssh as the sidecar does, and runs the jails; it never
+ * leaves the initrd. Power actions stop the jails first (shutdown).
+ */
+async function jailMode(ctx: BootContext, state: BootState, p: Prepared, jc: JailsConfig, services: readonly Supervised[]): Promise<never> {
+  const { sys, log } = ctx;
+  const { cmdline, config } = p;
+  for (const line of jc.refused) log.err(line);
+  // The boot's own part ends here, as at a switch_root: what runs from now on (the jails) is
+  // less trusted than the initrd, so PCR 11 leaves the initrd phase and the latch is extended.
+  await p.tpm.leaveInitrd();
+  p.tpm.close();
+  await stage(ctx, "network", () => state.remote.network(p.cold, cmdline, config));
+  state.jails = await stage(ctx, "jails", () => startJailMode(sys, log, p.cold, jc));
+  state.remote.route(initrdAdmin(ctx, state));
+  if (!state.remote.running) await stage(ctx, "sshd", () => state.remote.serve(config));
+  const all = services.length ? services : config.services.map((svc) => supervise(sys, log, svc));
+  log.info(`timeline: ${ctx.timeline.summary()}`);
+  ctx.timeline.save();
+  log.info(`jails: ready (${all.length} service(s))`);
+  for (;;) await sys.sleep(3_600_000); // PID 1 stays: a power action ends it
+}
+
+/**
+ * A power action asked for by a signal or an admin: jail mode's jails are stopped first (each
+ * asked, then killed after a bound), so their filesystems are clean; then reboot(2).
+ */
+export async function shutdown(ctx: BootContext, state: BootState, action: PowerAction, why: string): Promise<void> {
+  if (state.jails) {
+    ctx.log.info(`${why}: stopping the jails before the ${action}`);
+    await state.jails.stopAll();
+  }
+  powerAction(ctx.sys, ctx.log, action, why);
 }
 
 /** A VM: its root disk, share and address from the cmdline; its app (after `--`) runs as a pod. */
@@ -334,7 +376,7 @@ export function initrdAdmin(ctx: BootContext, state: BootState, continueBoot?: (
     status: () => initrdStatus(ctx, state),
     log: () => log.recent(),
     power(action) {
-      sys.after(200, () => powerAction(sys, log, action, "ctl")); // answer first
+      sys.after(200, () => void shutdown(ctx, state, action, "ctl")); // answer first
       return `${action} in progress`;
     },
     passphrase: { refused: "nothing is waiting for a passphrase (it works while the boot waits for the recovery passphrase)" },
@@ -345,6 +387,7 @@ export function initrdAdmin(ctx: BootContext, state: BootState, continueBoot?: (
       ? { run: initrdUpdate(ctx, state.esp, state.update.firmware, state.inputs.config) }
       : { refused: "only in sidecar mode (initos.mode=sidecar) or beside the running OS, on a machine booted through UEFI from its ESP" },
     commit: { refused: "nothing to commit in the initrd: a trial commits beside the OS it booted" },
+    jails: state.jails ? { run: state.jails.admin() } : { refused: "only in jail mode (a host config on the pool with jails and no root)" },
   };
 }
 

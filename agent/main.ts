@@ -3,7 +3,7 @@ import { existsSync, readdirSync, readFileSync, writeSync } from "node:fs";
 import { dirname } from "node:path";
 import { CONFIG_PATH, parseConfig } from "./config.ts";
 import { BUSYBOX, runAsShell } from "./stages/sidecar.ts";
-import { boot, type BootContext, type BootState, failBoot } from "./boot.ts";
+import { boot, type BootContext, type BootState, failBoot, shutdown } from "./boot.ts";
 import { CTL_COMMANDS, CTL_SOCKET } from "./admin.ts";
 import { describe } from "./errors.ts";
 import { KmsgLogger, Timeline } from "./log.ts";
@@ -38,6 +38,7 @@ async function runAsInit(): Promise<never> {
     reap: (pid) => libc.reapIfExited(pid),
     listPids: () => readdirSync("/proc"),
     onFatal: (e) => void fail(e),
+    power: (action, why) => void shutdown(ctx, state, action, why),
     relaySignal: (sig) => libc.relaySignal(sig, SIGRELAY_LIB),
   });
   log.info(`initos-agent starting (pid ${process.pid})`);

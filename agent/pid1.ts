@@ -40,6 +40,11 @@ export interface Pid1Hooks {
   reap(pid: number): boolean;
   listPids(): string[];
   onFatal(error: unknown): void;
+  /**
+   * SIGTERM, SIGINT, SIGPWR: the power action, by default at once; jail mode stops its jails
+   * first (boot.ts shutdown).
+   */
+  power?: (action: "poweroff" | "reboot", why: string) => void;
 }
 
 /** The installed reaper (installPid1Handlers), for reapNow. */
@@ -89,13 +94,14 @@ export function watchSignalPipe(fd: number, onSignal: (signo: number) => void): 
 export function installPid1Handlers(sys: Files & Processes, log: Logger, hooks: Pid1Hooks & { relaySignal?: (sig: number) => number }): void {
   reaper = () => reapOrphans(sys, hooks);
   process.on("SIGCHLD", reaper);
-  process.on("SIGTERM", () => powerAction(sys, log, "poweroff", "SIGTERM"));
-  process.on("SIGINT", () => powerAction(sys, log, "reboot", "SIGINT (ctrl-alt-del)"));
+  const power = hooks.power ?? ((action, why) => powerAction(sys, log, action, why));
+  process.on("SIGTERM", () => power("poweroff", "SIGTERM"));
+  process.on("SIGINT", () => power("reboot", "SIGINT (ctrl-alt-del)"));
   // The runtime owns SIGPWR (JavaScriptCore's thread suspension); sigrelay hands us the ones
   // other processes send.
   if (hooks.relaySignal) {
     try {
-      watchSignalPipe(hooks.relaySignal(SIGPWR), () => powerAction(sys, log, "poweroff", "SIGPWR"));
+      watchSignalPipe(hooks.relaySignal(SIGPWR), () => power("poweroff", "SIGPWR"));
     } catch (e) {
       log.warn(`SIGPWR will be ignored: ${describe(e)}`);
     }

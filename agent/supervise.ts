@@ -19,6 +19,25 @@ export interface Service {
   name: string;
   argv: string[];
   env?: Record<string, string>;
+  /** Runs before each start and restart (a jail: what its last run left behind); a throw is a failed start. */
+  beforeStart?: () => void;
+  /**
+   * Asks it to stop on its own before any signal (a VM: the ACPI power button); it then has the
+   * stop's `termMs` to exit before SIGTERM (which a hypervisor takes as pulling the plug).
+   */
+  askStop?: () => Promise<void>;
+}
+
+/** What a supervised service is doing, for status. */
+export interface ServiceState {
+  running: boolean;
+  /** The running incarnation's pid. */
+  pid?: number;
+  /** sys.now() when it last started. */
+  since: number;
+  restarts: number;
+  /** How the last incarnation ended: "exited with 3", "killed by SIGKILL", ... */
+  last?: string;
 }
 
 const MIN_BACKOFF_MS = 1000;
@@ -47,18 +66,24 @@ export interface Supervised {
    * the initrd may outlive it). Resolves once they are gone, or the bounds have passed.
    */
   stop(sys: SuperviseSys, bounds?: StopBounds): Promise<void>;
+  state(): ServiceState;
 }
 
 export function supervise(sys: SuperviseSys, log: Logger, svc: Service): Supervised {
-  const handle: Handle = { stopped: false };
+  const handle: Handle = { stopped: false, running: false, since: sys.now(), restarts: -1 };
   start(sys, log, svc, MIN_BACKOFF_MS / 2, handle);
   return {
     name: svc.name,
+    state: () => ({ running: handle.running, pid: handle.running ? handle.pid : undefined, since: handle.since, restarts: Math.max(0, handle.restarts), last: handle.last }),
     async stop(sys, bounds = STOP_BOUNDS) {
       handle.stopped = true; // no restart from now on
       const pid = handle.pid;
       const t0 = sys.now();
-      const left = pid === undefined ? [] : await endProcesses(sys, log, svc.name, sessionAndDescendants(pid), bounds);
+      if (svc.askStop && handle.running) {
+        await svc.askStop().catch((e: unknown) => log.warn(`stop ${svc.name}: could not ask it to stop: ${e instanceof Error ? e.message : String(e)}`));
+        while (handle.running && sys.now() - t0 < bounds.termMs) await sys.sleep(bounds.pollMs);
+      }
+      const left = pid === undefined || !handle.running ? [] : await endProcesses(sys, log, svc.name, sessionAndDescendants(pid), bounds);
       log.info(`supervise: ${svc.name} stopped${left.length ? ` (${left.length} left)` : ""} in ${(sys.now() - t0).toFixed(0)}ms`);
     },
   };
@@ -66,16 +91,31 @@ export function supervise(sys: SuperviseSys, log: Logger, svc: Service): Supervi
 
 interface Handle {
   stopped: boolean;
-  /** The running incarnation's pid (its session's id too). */
+  /** The last incarnation's pid (its session's id too). */
   pid?: number;
+  running: boolean;
+  since: number;
+  restarts: number;
+  last?: string;
 }
 
 function start(sys: SuperviseSys, log: Logger, svc: Service, backoffMs: number, handle: Handle): void {
   const started = sys.now();
-  const child = sys.spawnService(svc.argv, svc.env ?? {}, (line) => log.info(`${svc.name}: ${line}`));
+  handle.since = started;
+  handle.restarts++;
+  let child: { pid: number | undefined; exited: Promise<string> };
+  try {
+    svc.beforeStart?.();
+    child = sys.spawnService(svc.argv, svc.env ?? {}, (line) => log.info(`${svc.name}: ${line}`));
+  } catch (e) {
+    child = { pid: undefined, exited: Promise.resolve(`failed to start: ${e instanceof Error ? e.message : String(e)}`) };
+  }
   handle.pid = child.pid;
+  handle.running = child.pid !== undefined;
   log.info(`supervise: ${svc.name} started (pid ${child.pid ?? "?"})`);
   void child.exited.then((why) => {
+    handle.running = false;
+    handle.last = why;
     if (handle.stopped) return;
     const delay = nextBackoff(backoffMs, sys.now() - started);
     log.warn(`supervise: ${svc.name} ${why}; restarting in ${(delay / 1000).toFixed(0)}s`);

@@ -321,6 +321,7 @@ export function besideAdmin(sys: Files & Processes & Clock, log: Logger & { rece
     switchRoot: refused,
     update: { refused: "not available (no EFI variables or boot disk)" },
     commit: { refused: "no trial is running" },
+    jails: { refused: "jails run in jail mode, in place of a root: not beside an OS" },
   };
 }
 

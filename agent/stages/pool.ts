@@ -7,6 +7,7 @@ import type { Logger } from "../log.ts";
 import type { AgentConfig } from "../config.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Files, Modules, Mounts, Processes } from "../sys/index.ts";
+import { POOL_MOUNT } from "../jails/config.ts";
 import { markInitrdMounts } from "./images.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";
@@ -79,6 +80,19 @@ function unresolved(e: unknown): string {
 }
 
 /**
+ * Jail mode (a host config with jails and no root): the pool's top level stays mounted on /x,
+ * writable, for the image store and the jails' snapshots. nodev: no device node on the pool is
+ * ever a device (an image's are skipped at import, and a jail in its user namespace could not
+ * open one anyway); setuid stays, or a jail's own sudo or ping would not work inside it.
+ */
+function mountForJails(sys: Mounts & Files, log: Logger, dev: string, devOpts: string, config: HostConfig): MountedRoot & { config: HostConfig } {
+  sys.mkdirp(POOL_MOUNT, 0o700);
+  sys.mount(dev, POOL_MOUNT, "btrfs", MS.NODEV, `subvolid=5,${devOpts}`);
+  log.info(`pool: no root in the host config; jail mode with ${config.jails?.jails.length ?? 0} jail(s), the pool on ${POOL_MOUNT}`);
+  return { device: dev, fstype: "btrfs", path: POOL_MOUNT, config };
+}
+
+/**
  * Mounts the root subvolume named by the host config, and its binds, on /sysroot.
  *
  * The host config and everything in the root subvolume are written by the OS's root user, and
@@ -109,7 +123,7 @@ export function mountPool(sys: Files & Mounts & Modules & Processes, log: Logger
     if (cfg.ssh.authorizedKeys.length) keepHostKey(sys, log, dev);
     const from = rootOverride ? "initos.root on the cmdline" : "the host config";
     if (rootOverride) config.root = rootOverride;
-    if (!config.root) throw new BootError("host config names jails but no root, and this boot has no jail mode to run them (initos.root= names a root to boot instead)");
+    if (!config.root) return mountForJails(sys, log, dev, devOpts, config);
     if (sys.lstat(`${POOL}/${config.root}`).kind !== "dir") {
       throw new BootError(`root subvolume ${config.root} (from ${from}) is not in the pool`);
     }

@@ -79,7 +79,7 @@ export async function runAsShell(args: readonly string[], io: ShellIo): Promise<
     process.stderr.write(`initos: ${req}\n`);
     return 2;
   }
-  const res = await callAdmin(req, (l) => io.request(l, takesBody(req.cmd) ? io.stdinStream() : undefined));
+  const res = await callAdmin(req, (l) => io.request(l, takesBody(req) ? io.stdinStream() : undefined));
   process.stdout.write(res.text.endsWith("\n") ? res.text : `${res.text}\n`);
   return res.ok ? 0 : 1;
 }

@@ -133,3 +133,32 @@ export function requestLine(path: string, line: string, body?: AsyncIterable<Uin
     });
   });
 }
+
+/**
+ * Connects to `address`:`port` and resolves with the first line the server sends (or "" when it
+ * sends nothing within the bound but accepted); rejects naming why (refused, timed out). A
+ * server that waits for the client to speak first (HTTP) gets a bare request line.
+ */
+export function tcpProbe(address: string, port: number, timeoutMs: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const sock = createConnection({ host: address, port });
+    let got = "";
+    let connected = false;
+    const done = (f: () => void) => {
+      clearTimeout(timer);
+      sock.destroy();
+      f();
+    };
+    const timer = setTimeout(() => done(() => (connected ? resolve(got.split("\n")[0]!.trim()) : reject(new Error(`no connection within ${timeoutMs}ms`)))), timeoutMs);
+    sock.on("connect", () => {
+      connected = true;
+      sock.write("GET / HTTP/1.0\r\n\r\n");
+    });
+    sock.on("data", (d: Buffer) => {
+      got += d.toString("utf8");
+      if (got.includes("\n")) done(() => resolve(got.split("\n")[0]!.trim()));
+    });
+    sock.on("end", () => done(() => resolve(got.split("\n")[0]!.trim())));
+    sock.on("error", (e: NodeJS.ErrnoException) => done(() => reject(new Error(e.code === "ECONNREFUSED" ? "connection refused" : e.message))));
+  });
+}

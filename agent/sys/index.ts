@@ -267,6 +267,8 @@ export interface Sockets {
    * take one (an update bundle); the others leave it unread.
    */
   serveLines(path: string, maxLine: number, answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>): LineServer;
+  /** A TCP connection to a jail's port (over the bridge): the first line it answers; rejects naming why not. */
+  tcpProbe(address: string, port: number, timeoutMs: number): Promise<string>;
 }
 
 /** An open watchdog device (agent/sys/watchdog.ts): running from the open until disarmed. */
@@ -609,7 +611,7 @@ export async function realSys(): Promise<Sys> {
   const libc = await import("./libc.ts");
   const tss = await import("./tss.ts");
   const { randomBytes } = await import("node:crypto");
-  const { serveLines } = await import("./ctlsocket.ts");
+  const { serveLines, tcpProbe } = await import("./ctlsocket.ts");
   return {
     ...realFiles(libc),
     ...realMounts(libc),
@@ -622,6 +624,7 @@ export async function realSys(): Promise<Sys> {
     ...realClock,
     ...realConsole(libc),
     serveLines,
+    tcpProbe,
     openWatchdog: (await import("./watchdog.ts")).openWatchdog,
   };
 }

@@ -29,7 +29,7 @@ describe("ctl requests", () => {
   it("turns typed words into requests; the passphrase comes from stdin", () => {
     expect(requestFromArgs(["status"], () => "")).toEqual({ cmd: "status" });
     expect(requestFromArgs(["unlock"], () => "words here\n")).toEqual({ cmd: "unlock", passphrase: "words here" });
-    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reseal, switch-root, update, commit, reboot, poweroff');
+    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, reboot, poweroff');
     expect(requestFromArgs([], () => "")).toMatch(/^unknown command ""/);
     expect(requestFromArgs(["status", "now"], () => "")).toBe("ctl status: takes no arguments");
   });
@@ -38,8 +38,19 @@ describe("ctl requests", () => {
     expect(requestFromArgs(["update"], () => "")).toEqual({ cmd: "update", force: false, reboot: false });
     expect(requestFromArgs(["update", "--force", "--reboot"], () => "")).toEqual({ cmd: "update", force: true, reboot: true });
     expect(requestFromArgs(["update", "--now"], () => "")).toBe('ctl update: unknown argument "--now"; it takes --force, --reboot');
-    expect(takesBody("update")).toBe(true);
-    expect(takesBody("status")).toBe(false);
+    expect(takesBody({ cmd: "update", force: false, reboot: false })).toBe(true);
+    expect(takesBody({ cmd: "status" })).toBe(false);
+    expect(takesBody({ cmd: "image", action: "import", name: "web" })).toBe(true);
+    expect(takesBody({ cmd: "image", action: "list", name: undefined })).toBe(false);
+  });
+
+  it("positional words: jail start NAME, image import NAME; wrong ones named", () => {
+    expect(requestFromArgs(["jail", "start", "web"], () => "")).toEqual({ cmd: "jail", action: "start", name: "web" });
+    expect(requestFromArgs(["image", "list"], () => "")).toEqual({ cmd: "image", action: "list" });
+    expect(requestFromArgs(["image", "import", "web"], () => "")).toEqual({ cmd: "image", action: "import", name: "web" });
+    expect(requestFromArgs(["jail", "start", "web", "now"], () => "")).toBe('ctl jail: unknown argument "now"; it takes ACTION, NAME');
+    expect(requestFromArgs(["jail", "kill", "web"], () => "")).toBe("ctl jail: bad request: action: Invalid option: expected one of \"start\"|\"stop\"|\"restart\"");
+    expect(requestFromArgs(["jail", "start", "../x"], () => "")).toMatch(/^ctl jail: bad request: name: expected 1-11 characters/);
   });
 
   it("answers each request line, logging the command but never a passphrase; refuses bad and overlong ones", async () => {
@@ -49,9 +60,9 @@ describe("ctl requests", () => {
     const send = (line: string) => s.request("/run/initos/ctl.sock", line);
     expect(await callAdmin({ cmd: "status" }, send)).toEqual({ ok: true, text: "did status" });
     expect(await callAdmin({ cmd: "unlock", passphrase: "secret-words" }, send)).toEqual({ ok: false, text: "did unlock" });
-    expect(JSON.parse(await send('{"cmd":"sh"}'))).toEqual({ ok: false, text: "bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, reboot, poweroff" });
+    expect(JSON.parse(await send('{"cmd":"sh"}'))).toEqual({ ok: false, text: "bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, reboot, poweroff" });
     expect(JSON.parse(await send(`{"cmd":"status","x":"${"y".repeat(9000)}"}`))).toEqual({ ok: false, text: "request too long" });
-    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock", "warn: ctl: refused: bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, reboot, poweroff"]);
+    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock", "warn: ctl: refused: bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, reboot, poweroff"]);
     expect(s.lineServers.get("/run/initos/ctl.sock")?.maxLine).toBe(8192);
   });
 

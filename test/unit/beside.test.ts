@@ -184,6 +184,7 @@ describe("the sidecar beside the OS at the OS's shutdown", () => {
     const order: string[] = [];
     const sshd: Supervised = {
       name: "sshd",
+      state: () => ({ running: false, since: 0, restarts: 0 }),
       stop: async () => {
         // What the real one does first, synchronously: no restart from here on.
         order.push(`stop sshd (after ${sys.calls.length} calls)`);
@@ -227,7 +228,7 @@ describe("the sidecar beside the OS at the OS's shutdown", () => {
   it("wakes systemd-shutdown only once sshd is gone, not before", async () => {
     const s = pid1("/usr/lib/systemd/systemd-shutdown");
     let gone!: () => void;
-    const sshd: Supervised = { name: "sshd", stop: () => new Promise<void>((r) => (gone = r)) };
+    const sshd: Supervised = { name: "sshd", state: () => ({ running: false, since: 0, restarts: 0 }), stop: () => new Promise<void>((r) => (gone = r)) };
     let cont!: () => void;
     watchOsShutdown(s, silentLog(), sshd, (_sig, h) => (cont = h));
     cont();

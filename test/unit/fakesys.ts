@@ -522,6 +522,15 @@ export class FakeSys implements Sys {
     });
     return { pid, exited };
   }
+  /** tcpProbe answers, by "address:port"; a missing one is refused. */
+  probes = new Map<string, string>();
+  async tcpProbe(address: string, port: number, _timeoutMs: number): Promise<string> {
+    this.log(`tcpProbe ${address}:${port}`);
+    const a = this.probes.get(`${address}:${port}`);
+    if (a === undefined) throw new Error("connection refused");
+    return a;
+  }
+
   /** Admin sockets served (serveLines), by path; request() talks to one. */
   lineServers = new Map<string, { maxLine: number; answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>; closed: boolean }>();
   serveLines(path: string, maxLine: number, answer: (line: string | null, body: AsyncIterable<Buffer>) => Promise<string>): LineServer {

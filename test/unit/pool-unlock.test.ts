@@ -39,7 +39,7 @@ const admin: AdminCaps = {
   passphrase: { refused: REFUSED },
   switchRoot: { refused: "only from sidecar mode (initos.mode=sidecar)" },
   update: { refused: "not here" },
-  commit: { refused: "not here" },
+  commit: { refused: "not here" }, jails: { refused: "no" },
 };
 
 /**

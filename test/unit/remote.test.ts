@@ -29,7 +29,7 @@ function caps(who: string): AdminCaps {
     passphrase: { refused: `not here (${who})` },
     switchRoot: { refused: `not here (${who})` },
     update: { refused: `not here (${who})` },
-    commit: { refused: `not here (${who})` },
+    commit: { refused: `not here (${who})` }, jails: { refused: "no" },
   };
 }
 

@@ -107,7 +107,7 @@ describe("stopping processes (bounded, awaited)", () => {
     s.addProcess({ pid: 50, ppid: 1, sid: 50, comm: "escaped", ignore: [TERM] }); // left its session, orphaned
     s.addProcess({ pid: 51, ppid: 2, sid: 0, comm: "modprobe" }); // the kernel's usermode helper
     const order: string[] = [];
-    const svc = (name: string): Supervised => ({ name, stop: async (sys: Sys) => void order.push(`${name} ${sys.pid()}`) });
+    const svc = (name: string): Supervised => ({ name, state: () => ({ running: false, since: 0, restarts: 0 }), stop: async (sys: Sys) => void order.push(`${name} ${sys.pid()}`) });
     const sent = recordSignals(s);
     const log = silentLog();
     await stopServices(s, log, [svc("sshd"), svc("other")], bounds);
