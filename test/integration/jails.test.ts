@@ -1,0 +1,129 @@
+// Jail mode under QEMU (TCG): an encrypted pool whose host config names no root but jails. The
+// agent stays PID 1 with its admin sidecar, keeps the pool on /x, and runs container jails with
+// crun from the verified tools image:
+//  - an image pushed with `ssh ... image import web < web.tar` (an OCI archive) becomes a
+//    read-only subvolume; hostile archives are refused with one line and leave nothing behind;
+//  - `jail start web`: its init is PID 1 of its own pid namespace, uid 0 inside is an
+//    unprivileged uid outside (from the host's /proc), it answers on the bridge (the host's
+//    probe), its memory limit is enforced (the first run eats past it: the kernel's OOM killer
+//    ends it in its cgroup), and its death gets it restarted;
+//  - it sees neither the host's disks nor the pool's top level nor the other jail;
+//  - poweroff stops the jails first (their init gets SIGTERM).
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { freePort, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { ssh } from "../../qemu/ssh.ts";
+import { idBase } from "../../agent/jails/config.ts";
+import { writeDigestMismatch, writeEscape, writeTruncated, writeWebImage } from "../jails/web-image.ts";
+import { buildPoolImage, testRootfs } from "./pool-image.ts";
+
+const B = "build";
+const KEY = `${B}/test-ssh/id_ed25519`;
+const PASS = "jail-mode-test";
+const PROMPT = /Recovery passphrase \(attempt (\d) of 3\): $/;
+let dir: string;
+let vm: Vm;
+let port: number;
+
+const run = (command: string, inputFile?: string) => ssh(port, command, { key: KEY, knownHosts: `${dir}/known_hosts`, inputFile, timeoutMs: 300_000 });
+
+const JAILS = {
+  network: { address: "10.77.0.1/24" },
+  jails: [
+    { name: "web", kind: "container", image: "web", memory: "64M", address: "10.77.0.10", shares: [{ subvol: "@data", dir: "web", path: "/data" }], probe: 8080 },
+    { name: "peer", kind: "container", image: "web", memory: "64M", address: "10.77.0.11", shares: [{ subvol: "@data", dir: "peer", path: "/data" }] },
+    { name: "bad", kind: "container", image: "web", address: "10.78.0.12" },
+  ],
+};
+
+beforeAll(async () => {
+  dir = mkdtempSync(`${tmpdir()}/initos-jails-`);
+  const pool = buildPoolImage({ out: `${dir}/pool.img`, passphrase: PASS, rootfs: testRootfs(`${dir}/rootfs.tar`), subvolumes: ["@spare", "@data"], hostConfig: JAILS });
+  port = await freePort();
+  vm = await startVm({
+    name: "jails",
+    direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+    disks: [{ file: `${B}/boot.img` }, { file: pool }],
+    net: { forward: [{ host: port, guest: 15022 }] },
+    memoryMiB: 1024,
+  });
+  await vm.waitFor(PROMPT, 240_000, true);
+  vm.send(`${PASS}\n`);
+  await vm.waitFor(/initos: jails: ready/, 300_000);
+}, 600_000);
+afterAll(async () => {
+  await stopAll();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe.sequential("jail mode", () => {
+  it("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
+    expect(vm.output).toMatch(/initos: pool: no root in the host config; jail mode with 2 jail\(s\), the pool on \/x/);
+    expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
+    expect(vm.output).toMatch(/initos: jail web: not started: .*image web is not imported/);
+  });
+
+  it("image import: hostile archives are refused with one line each and leave nothing behind", async () => {
+    const cases: [string, string, RegExp][] = [
+      ["truncated", writeTruncated(writeWebImage(`${dir}/good.tar`), `${dir}/truncated.tar`), /image bad1: .*(truncated|short|end)/i],
+      ["digest", writeDigestMismatch(`${dir}/digest.tar`), /image bad2: .*digest/i],
+      ["escape", writeEscape(`${dir}/escape.tar`), /image bad3: .*(outside|escap|\.\.|refusing)/i],
+    ];
+    for (const [i, [, file, why]] of cases.entries()) {
+      const r = await run(`image import bad${i + 1}`, file);
+      expect(r.status, `${file}: ${r.stdout}${r.stderr}`).toBe(1);
+      const lines = r.stdout.trim().split("\n");
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toMatch(why);
+    }
+    const list = await run("image list");
+    expect(list.stdout.trim()).toBe("no images");
+  }, 600_000);
+
+  it("image import web streams an OCI archive into a read-only subvolume; jail start runs it", async () => {
+    const imported = await run("image import web", writeWebImage(`${dir}/web.tar`));
+    expect(imported.status, imported.stdout + imported.stderr).toBe(0);
+    expect(imported.stdout).toMatch(/^image web: /);
+    expect((await run("image list")).stdout).toMatch(/^web: sha256:[0-9a-f]{12}/m);
+    const from = vm.mark();
+    const started = await run("jail start web");
+    expect(started.stdout.trim()).toBe("jail web: started");
+    await vm.waitFor(/JAIL-UP pid=1 uid=0 hostname=web/, 120_000, false, from);
+  }, 600_000);
+
+  it("its memory limit is enforced: the first run is killed by the OOM killer in its cgroup, and the jail is restarted", async () => {
+    await vm.waitFor(/JAIL-HOG allocating/, 120_000);
+    await vm.waitFor(/oom-kill:.*oom_memcg=\/initos\/web/, 120_000);
+    await vm.waitFor(/initos: supervise: jail web (exited with \d+|killed by SIGKILL); restarting in 1s/, 120_000);
+    await vm.waitFor(/JAIL-SERVING on 8080/, 180_000);
+    expect(vm.output).not.toMatch(/JAIL-HOG survived/);
+    expect(vm.output).toMatch(/JAIL-SHARE wrote \/data\/ran-once/);
+  }, 600_000);
+
+  it("jails: its init is PID 1 of its own namespace with uid 0 mapped outside, the limit applies, the host reaches it over the bridge", async () => {
+    const st = (await run("jails")).stdout;
+    const base = idBase("web");
+    expect(st).toMatch(/^web: container 10\.77\.0\.10, image web: running, pid \d+, up \d+s, restarts 1 /m);
+    expect(st).toMatch(new RegExp(`^web: init pid \\d+ is pid 1 in its namespace; uid 0 inside is uid ${base} outside \\(65536 ids\\)$`, "m"));
+    expect(st).toMatch(/^web: memory [\d.]+ MiB of 64\.0 MiB, oom kills [1-9]/m);
+    expect(st).toMatch(/^web: probe 10\.77\.0\.10:8080 answered: "HTTP\/1\.[01] 200 OK"$/m);
+  }, 120_000);
+
+  it("it sees neither the host's disks nor the pool's top level nor the other jail", async () => {
+    const devs = /JAIL-DEV ([^\r\n]*)/.exec(vm.output)![1]!;
+    expect(devs.split(" ")).not.toContain("vda");
+    expect(devs).not.toMatch(/\b(vd[a-z]|sd[a-z]|nvme|mapper|loop\d|dm-\d|tpm)/);
+    const pool = /JAIL-POOL ([^\r\n]*)/.exec(vm.output)![1]!;
+    expect(pool).not.toMatch(/@jail-peer|@data |@img-|initos\.json|subvolid=5/);
+    expect(vm.output).toMatch(/JAIL-UP pid=1 uid=0 hostname=web procs=[1-3]\b/);
+  });
+
+  it("poweroff stops the jails first: their init gets SIGTERM, then the machine powers off", async () => {
+    const from = vm.mark();
+    await run("poweroff");
+    await vm.waitFor(/stopping the jails before the poweroff/, 60_000, false, from);
+    await vm.waitFor(/JAIL-TERM/, 60_000, false, from);
+    await vm.waitExit(120_000);
+  }, 240_000);
+});
