@@ -3,7 +3,7 @@
 import { check, errno, SysError } from "./ffi.ts";
 import { libcCalls } from "./libc.ts";
 
-export const RTM = { NEWLINK: 16, NEWADDR: 20, NEWROUTE: 24 } as const;
+export const RTM = { NEWLINK: 16, DELLINK: 17, NEWADDR: 20, NEWROUTE: 24 } as const;
 export const NLM_F = { REQUEST: 0x1, ACK: 0x4, REPLACE: 0x100, EXCL: 0x200, CREATE: 0x400 } as const;
 const NLMSG_ERROR = 2;
 const AF_INET = 2;
@@ -15,6 +15,14 @@ const RTA_GATEWAY = 5;
 const RT_TABLE_MAIN = 254;
 const RTPROT_BOOT = 3;
 const RTN_UNICAST = 1;
+// if_link.h / veth.h attribute numbers.
+const IFLA_IFNAME = 3;
+const IFLA_MASTER = 10;
+const IFLA_LINKINFO = 18;
+const IFLA_NET_NS_FD = 28;
+const IFLA_INFO_KIND = 1;
+const IFLA_INFO_DATA = 2;
+const VETH_INFO_PEER = 1;
 
 const align4 = (n: number) => (n + 3) & ~3;
 
@@ -43,14 +51,70 @@ export function ipv4Bytes(addr: string): Buffer {
   return Buffer.from(parts);
 }
 
-/** RTM_NEWLINK that sets IFF_UP (and only that) on interface `index`. */
-export function linkUpMsg(index: number, seq: number): Buffer {
-  const ifi = Buffer.alloc(16); // ifinfomsg
+/**
+ * An interface name as the kernel takes it (dev_valid_name): 1-15 bytes (IFNAMSIZ 16 with the
+ * NUL), no "/", ":" or whitespace, not "." or "..". Checked here so a bad name is refused with
+ * its own words rather than the kernel's EINVAL.
+ */
+export function ifName(name: string): Buffer {
+  const b = Buffer.from(`${name}\0`);
+  if (b.length < 2 || b.length > 16 || /[/:\s\0]/.test(name) || name === "." || name === "..") throw new Error(`not an interface name: ${JSON.stringify(name)}`);
+  return b;
+}
+
+function ifinfomsg(index: number, flags = 0, change = 0): Buffer {
+  const ifi = Buffer.alloc(16);
   ifi.writeUInt8(0, 0); // AF_UNSPEC
   ifi.writeInt32LE(index, 4);
-  ifi.writeUInt32LE(IFF_UP, 8); // flags
-  ifi.writeUInt32LE(IFF_UP, 12); // change mask
-  return nlmsg(RTM.NEWLINK, NLM_F.REQUEST | NLM_F.ACK, seq, ifi);
+  ifi.writeUInt32LE(flags, 8);
+  ifi.writeUInt32LE(change, 12);
+  return ifi;
+}
+
+const u32 = (n: number) => {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(n, 0);
+  return b;
+};
+
+/** IFLA_LINKINFO { IFLA_INFO_KIND kind, IFLA_INFO_DATA data? } (kind without NUL, as iproute2 sends it). */
+function linkinfo(kind: string, data?: Buffer): Buffer {
+  return rtattr(IFLA_LINKINFO, Buffer.concat([rtattr(IFLA_INFO_KIND, Buffer.from(kind)), ...(data ? [rtattr(IFLA_INFO_DATA, data)] : [])]));
+}
+
+/**
+ * RTM_NEWLINK creating bridge `name`. NLM_F_CREATE without NLM_F_EXCL: a bridge already there
+ * under that name is left as it is (the ACK says so), any other kind of link is refused
+ * (EOPNOTSUPP), so a second boot or a restarted agent goes through.
+ */
+export function newBridgeMsg(name: string, seq: number): Buffer {
+  return nlmsg(RTM.NEWLINK, NLM_F.REQUEST | NLM_F.ACK | NLM_F.CREATE, seq, Buffer.concat([ifinfomsg(0), rtattr(IFLA_IFNAME, ifName(name)), linkinfo("bridge")]));
+}
+
+/**
+ * RTM_NEWLINK creating the veth pair `name` (in the netns of the socket) and `peer`, placed at
+ * once in the netns open on `peerNsFd` (IFLA_NET_NS_FD inside VETH_INFO_PEER, whose payload is
+ * an ifinfomsg followed by the peer's attributes). NLM_F_EXCL: a leftover must be removed first,
+ * never silently reused.
+ */
+export function newVethMsg(name: string, peer: string, peerNsFd: number, seq: number): Buffer {
+  const peerInfo = rtattr(VETH_INFO_PEER, Buffer.concat([ifinfomsg(0), rtattr(IFLA_IFNAME, ifName(peer)), rtattr(IFLA_NET_NS_FD, u32(peerNsFd))]));
+  return nlmsg(RTM.NEWLINK, NLM_F.REQUEST | NLM_F.ACK | NLM_F.CREATE | NLM_F.EXCL, seq, Buffer.concat([ifinfomsg(0), rtattr(IFLA_IFNAME, ifName(name)), linkinfo("veth", peerInfo)]));
+}
+
+/** RTM_NEWLINK enslaving interface `index` to the bridge `master` (IFLA_MASTER) and setting it up, in one request. */
+export function linkMasterUpMsg(index: number, master: number, seq: number): Buffer {
+  return nlmsg(RTM.NEWLINK, NLM_F.REQUEST | NLM_F.ACK, seq, Buffer.concat([ifinfomsg(index, IFF_UP, IFF_UP), rtattr(IFLA_MASTER, u32(master))]));
+}
+
+/** RTM_DELLINK of the interface named `name` (by name: no if_nametoindex before it that could race with the link going away). */
+export function delLinkMsg(name: string, seq: number): Buffer {
+  return nlmsg(RTM.DELLINK, NLM_F.REQUEST | NLM_F.ACK, seq, Buffer.concat([ifinfomsg(0), rtattr(IFLA_IFNAME, ifName(name))]));
+}
+
+/** RTM_NEWLINK that sets IFF_UP (and only that) on interface `index`. */
+export function linkUpMsg(index: number, seq: number): Buffer {
+  return nlmsg(RTM.NEWLINK, NLM_F.REQUEST | NLM_F.ACK, seq, ifinfomsg(index, IFF_UP, IFF_UP));
 }
 
 /** RTM_NEWADDR for address/prefix on interface `index` (replacing the same address if present). */
