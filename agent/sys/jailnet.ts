@@ -9,7 +9,7 @@ import { closeSync, mkdirSync, openSync, unlinkSync, writeFileSync } from "node:
 import { dirname } from "node:path";
 import { SysError } from "./ffi.ts";
 import { CLONE_NEWNET, MNT_DETACH, MS, mount, persistentTap, setns, umount2, unshare } from "./libc.ts";
-import { addrAddMsg, defaultRouteMsg, delLinkMsg, ifIndex, ifName, ipv4Bytes, linkMasterUpMsg, linkUpMsg, newBridgeMsg, newVethMsg, rtnetlink } from "./netlink.ts";
+import { addrAddMsg, bridgeMac, defaultRouteMsg, jailMac, delLinkMsg, ifIndex, ifName, ipv4Bytes, linkMasterUpMsg, linkUpMsg, newBridgeMsg, newVethMsg, rtnetlink } from "./netlink.ts";
 
 const ENOENT = 2;
 const EINVAL = 22;
@@ -39,13 +39,14 @@ export class NetnsStuckError extends Error {
 }
 
 /**
- * The bridge `name` with `address/prefix`, up; IPv4 forwarding on (the host routes the /24 it
- * holds to the jails and back: no NAT). Idempotent: an existing bridge of that name is kept.
+ * The bridge `name` with `address/prefix` and a MAC made of it (bridgeMac: stable whatever
+ * ports come and go), up; IPv4 forwarding on (the host routes the /24 it holds to the jails and
+ * back: no NAT). Idempotent: an existing bridge of that name is kept.
  */
 export function bridge(name: string, address: string, prefix: number): void {
   checkPrefix(prefix, name);
   rtnetlink([
-    { what: `create bridge ${name}`, build: (s) => newBridgeMsg(name, s) },
+    { what: `create bridge ${name}`, build: (s) => newBridgeMsg(name, bridgeMac(address), s) },
     { what: `address ${address}/${prefix} on ${name}`, build: (s) => addrAddMsg(ifIndex(name), address, prefix, s) },
     { what: `link ${name} up`, build: (s) => linkUpMsg(ifIndex(name), s) },
   ]);
@@ -102,7 +103,8 @@ export function removeNetns(netnsPath: string, hostIf: string): void {
 
 /**
  * A new network namespace for a jail, persisted on `o.netnsPath`: lo up; `o.jailIf` with its
- * address, up, default route via the gateway; its veth peer `o.hostIf` in the host's netns,
+ * address and a MAC made of it (jailMac: the host's ARP entry stays right across restarts), up,
+ * default route via the gateway; its veth peer `o.hostIf` in the host's netns,
  * attached to the bridge and up. What a previous run of the same jail left on those names is
  * replaced; on failure nothing of this call is left behind.
  */
@@ -119,7 +121,7 @@ export function jailNetns(o: JailNetnsOptions): void {
     inNewNetns(o.netnsPath, (hostNs) =>
       rtnetlink([
         { what: `link lo up in ${o.netnsPath}`, build: (s) => linkUpMsg(ifIndex("lo"), s) },
-        { what: `create veth ${o.jailIf} with peer ${o.hostIf} in the host's netns`, build: (s) => newVethMsg(o.jailIf, o.hostIf, hostNs, s) },
+        { what: `create veth ${o.jailIf} with peer ${o.hostIf} in the host's netns`, build: (s) => newVethMsg(o.jailIf, jailMac(o.address), o.hostIf, hostNs, s) },
         { what: `address ${o.address}/${o.prefix} on ${o.jailIf} in ${o.netnsPath}`, build: (s) => addrAddMsg(ifIndex(o.jailIf), o.address, o.prefix, s) },
         { what: `link ${o.jailIf} up in ${o.netnsPath}`, build: (s) => linkUpMsg(ifIndex(o.jailIf), s) },
         { what: `default route via ${o.gateway} on ${o.jailIf} in ${o.netnsPath}`, build: (s) => defaultRouteMsg(ifIndex(o.jailIf), o.gateway, s) },

@@ -6,28 +6,32 @@
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
-import { delLinkMsg, ifName, linkMasterUpMsg, newBridgeMsg, newVethMsg } from "../../agent/sys/netlink.ts";
+import { bridgeMac, delLinkMsg, ifName, jailMac, macString, linkMasterUpMsg, newBridgeMsg, newVethMsg } from "../../agent/sys/netlink.ts";
 import { FakeSys } from "./fakesys.ts";
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
 const ZERO_IFINFO = "00".repeat(16);
 
 describe("rtnetlink messages for jails", () => {
-  it("RTM_NEWLINK bridge: IFLA_IFNAME with its NUL, IFLA_LINKINFO { IFLA_INFO_KIND \"bridge\" }, CREATE without EXCL", () => {
-    expect(hex(newBridgeMsg("initos0", 1))).toBe(
-      "3c000000" + "1000" + "0504" + "01000000" + "00000000" + // len 60, RTM_NEWLINK, REQUEST|ACK|CREATE, seq 1
+  it("RTM_NEWLINK bridge: IFLA_IFNAME with its NUL, IFLA_ADDRESS, IFLA_LINKINFO { IFLA_INFO_KIND \"bridge\" }, CREATE without EXCL", () => {
+    expect(hex(bridgeMac("10.77.0.1"))).toBe("02490a4d0001");
+    expect(hex(newBridgeMsg("initos0", bridgeMac("10.77.0.1"), 1))).toBe(
+      "48000000" + "1000" + "0504" + "01000000" + "00000000" + // len 72, RTM_NEWLINK, REQUEST|ACK|CREATE, seq 1
         ZERO_IFINFO +
         "0c00" + "0300" + "696e69746f733000" + // IFLA_IFNAME "initos0\0"
+        "0a00" + "0100" + "02490a4d0001" + "0000" + // IFLA_ADDRESS 02:49:0a:4d:00:01, padded
         "1000" + "1200" + // IFLA_LINKINFO, 16
         "0a00" + "0100" + "627269646765" + "0000", // IFLA_INFO_KIND "bridge" (no NUL), padded
     );
   });
 
-  it("RTM_NEWLINK veth: the peer's ifinfomsg, name and IFLA_NET_NS_FD nested in IFLA_INFO_DATA/VETH_INFO_PEER, EXCL", () => {
-    expect(hex(newVethMsg("eth0", "vj-web", 5, 2))).toBe(
-      "64000000" + "1000" + "0506" + "02000000" + "00000000" + // len 100, REQUEST|ACK|EXCL|CREATE
+  it("RTM_NEWLINK veth: the jail end's MAC; the peer's ifinfomsg, name and IFLA_NET_NS_FD nested in IFLA_INFO_DATA/VETH_INFO_PEER, EXCL", () => {
+    expect(macString(jailMac("10.77.0.2"))).toBe("02:4a:0a:4d:00:02");
+    expect(hex(newVethMsg("eth0", jailMac("10.77.0.2"), "vj-web", 5, 2))).toBe(
+      "70000000" + "1000" + "0506" + "02000000" + "00000000" + // len 112, REQUEST|ACK|EXCL|CREATE
         ZERO_IFINFO +
         "0900" + "0300" + "6574683000" + "000000" + // IFLA_IFNAME "eth0\0", padded
+        "0a00" + "0100" + "024a0a4d0002" + "0000" + // IFLA_ADDRESS 02:4a:0a:4d:00:02, padded
         "3800" + "1200" + // IFLA_LINKINFO, 56
         "0800" + "0100" + "76657468" + // IFLA_INFO_KIND "veth"
         "2c00" + "0200" + // IFLA_INFO_DATA, 44
@@ -53,7 +57,7 @@ describe("rtnetlink messages for jails", () => {
   it("refuses names the kernel would: empty, over 15 bytes, with / : or spaces, . and ..", () => {
     expect(ifName("vj-abcdefghijk").length).toBe(15); // 14 + NUL: the longest jail host end ("vj-" + 11)
     for (const bad of ["", "a23456789012345x", "a/b", "a:b", "a b", ".", ".."]) expect(() => ifName(bad)).toThrow(`not an interface name: ${JSON.stringify(bad)}`);
-    expect(() => newVethMsg("eth0", "vj-much-too-long", 3, 1)).toThrow('not an interface name: "vj-much-too-long"');
+    expect(() => newVethMsg("eth0", jailMac("10.77.0.2"), "vj-much-too-long", 3, 1)).toThrow('not an interface name: "vj-much-too-long"');
   });
 });
 
