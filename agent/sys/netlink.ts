@@ -85,10 +85,10 @@ function linkinfo(kind: string, data?: Buffer): Buffer {
 
 /**
  * The bridge's MAC, fixed: 02 (locally administered, unicast), 0x49 ("I"), then the host's IPv4
- * address. Left to the kernel, a bridge takes the lowest MAC of its ports, so a jail starting
- * with a lower (random) veth MAC changed the gateway's MAC under every other jail, whose ARP
- * entries then pointed nowhere until they expired (measured: random fe:be:.. at creation, then
- * the new port's 00:00:00:00:00:05; once set by hand it stays).
+ * address. Left to the kernel, a bridge takes the lowest MAC of its ports (measured: random
+ * fe:be:.. at creation, then a new port's 00:00:00:00:00:05; once set, it stays), so the
+ * gateway's MAC would move under every jail as jails come and go, and their ARP entries would
+ * name a port's MAC that may be gone (inferred from the above, not measured).
  */
 export function bridgeMac(address: string): Buffer {
   return Buffer.concat([Buffer.from([0x02, 0x49]), ipv4Bytes(address)]);
