@@ -38,6 +38,26 @@ export interface NetOps {
    * again (renewed) before, so nobody keeps an address the server may give to someone else.
    */
   addLeasedAddress(ifname: string, address: string, prefix: number, seconds: number): void;
+  // Jail mode (agent/sys/jailnet.ts). Modules "bridge", "veth", "tun" must be loaded first.
+  /**
+   * Bridge `name` (created, or kept if there) with `address/prefix`, up; and IPv4 forwarding
+   * on, since the machine's /24 behind it is routed to the host, not NATed.
+   */
+  bridge(name: string, address: string, prefix: number): void;
+  /**
+   * A jail's own network namespace, persisted as a bind mount on `netnsPath` (for crun:
+   * linux.namespaces [{ type: "network", path }]): lo up, `jailIf` with `address/prefix`, up,
+   * default route via `gateway`; its veth peer `hostIf` in the host's netns, on `bridge`, up.
+   * A previous run's netnsPath and hostIf are replaced; on failure nothing is left. Throws
+   * NetnsStuckError (fatal for the agent) if the thread could not return to the host's netns.
+   */
+  jailNetns(o: import("./jailnet.ts").JailNetnsOptions): void;
+  /** Unmounts and unlinks `netnsPath`, deletes `hostIf`; missing pieces are fine. */
+  removeNetns(netnsPath: string, hostIf: string): void;
+  /** A persistent tap `name` (for QEMU's `-netdev tap,ifname=<name>,script=no`), on `bridge`, up. Idempotent. */
+  tap(name: string, bridge: string): void;
+  /** Deletes a link (RTM_DELLINK); a missing one is fine. */
+  removeLink(name: string): void;
 }
 
 /** The TPM2, in-process (tpm2-tss's ESYS through koffi): the interface lives with it in tss.ts. */
@@ -545,7 +565,7 @@ function realCrypt(cryptsetup: typeof import("./cryptsetup.ts"), randomBytes: (n
   };
 }
 
-function realNet(nl: typeof import("./netlink.ts"), udp: typeof import("./udp.ts")): Net {
+function realNet(nl: typeof import("./netlink.ts"), udp: typeof import("./udp.ts"), jn: typeof import("./jailnet.ts")): Net {
   return {
     net: {
       udp: (n, p) => udp.udpOnDevice(n, p),
@@ -553,6 +573,11 @@ function realNet(nl: typeof import("./netlink.ts"), udp: typeof import("./udp.ts
       addAddress: (n, a, p) => nl.rtnetlink([{ what: `address ${a}/${p} on ${n}`, build: (s) => nl.addrAddMsg(nl.ifIndex(n), a, p, s) }]),
       defaultRoute: (n, g) => nl.rtnetlink([{ what: `default route via ${g}`, build: (s) => nl.defaultRouteMsg(nl.ifIndex(n), g, s) }]),
       addLeasedAddress: (n, a, p, secs) => nl.rtnetlink([{ what: `address ${a}/${p} on ${n} for ${secs}s`, build: (s) => withLifetime(nl.addrAddMsg(nl.ifIndex(n), a, p, s), secs) }]),
+      bridge: jn.bridge,
+      jailNetns: jn.jailNetns,
+      removeNetns: jn.removeNetns,
+      tap: jn.tap,
+      removeLink: jn.removeLink,
     },
   };
 }
@@ -618,7 +643,7 @@ export async function realSys(): Promise<Sys> {
     ...(await import("./kmod.ts").then((kmod): Modules => ({ loadModule: (m) => kmod.loadModule(m), reloadModuleIndex: () => kmod.resetModuleIndex() }))),
     ...realDevices(libc, await import("./blkid.ts")),
     ...realCrypt(await import("./cryptsetup.ts"), randomBytes),
-    ...realNet(await import("./netlink.ts"), await import("./udp.ts")),
+    ...realNet(await import("./netlink.ts"), await import("./udp.ts"), await import("./jailnet.ts")),
     tpm: () => tss.openTpm(),
     ...realProcesses(libc, await import("node:child_process"), await import("./spawn.ts")),
     ...realClock,

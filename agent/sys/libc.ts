@@ -23,6 +23,7 @@ const c = {
   wait4: libc.fn<(pid: number, status: [number], options: number, rusage: null) => number>("int wait4(int pid, _Out_ int *status, int options, void *rusage)"),
   kill: libc.fn<(pid: number, sig: number) => number>("int kill(int pid, int sig)"),
   unshare: libc.fn<(flags: number) => number>("int unshare(int flags)"),
+  setns: libc.fn<(fd: number, nstype: number) => number>("int setns(int fd, int nstype)"),
   execve: libc.fn<(path: string, argv: (string | null)[], envp: (string | null)[]) => number>("int execve(const char *path, const char **argv, const char **envp)"),
   sigprocmask: libc.fn<(how: number, set: Uint8Array, old: null) => number>("int sigprocmask(int how, const uint8_t *set, void *old)"),
   signal: libc.fn<(sig: number, handler: null) => Ptr<"sighandler"> | null>("void *signal(int sig, void *handler)"),
@@ -127,9 +128,41 @@ export function statfsType(path: string): number {
 }
 
 export const CLONE_NEWNS = 0x00020000;
+export const CLONE_NEWNET = 0x40000000;
 
 export function unshare(flags: number): void {
   check("unshare", [flags.toString(16)], c.unshare(flags));
+}
+
+/** setns(2): the calling thread (only it) joins the namespace open on `fd`. */
+export function setns(fd: number, nstype: number, shown: string): void {
+  check("setns", [shown, nstype.toString(16)], c.setns(fd, nstype));
+}
+
+/**
+ * Makes (or reopens) the tap device `name` and marks it persistent, so it outlives this open:
+ * QEMU opens it later by name (`-netdev tap,ifname=<name>`). IFF_NO_PI: frames without the
+ * 4-byte packet-information header, as QEMU expects them. An existing tap of that name is
+ * reused (the ioctl attaches to it); a non-tap link of that name is refused (EINVAL), and one a
+ * running VM still holds gives EBUSY.
+ */
+export function persistentTap(name: string): void {
+  const TUNSETIFF = 0x400454ca; // _IOW('T', 202, int)
+  const TUNSETPERSIST = 0x400454cb; // _IOW('T', 203, int)
+  const IFF_TAP = 0x0002;
+  const IFF_NO_PI = 0x1000;
+  const ifr = new Uint8Array(40); // struct ifreq: ifr_name[16], then the union (ifr_flags, a short)
+  const nameBytes = Buffer.from(name);
+  if (nameBytes.length < 1 || nameBytes.length > 15) throw new Error(`not an interface name: ${JSON.stringify(name)}`);
+  ifr.set(nameBytes, 0);
+  new DataView(ifr.buffer).setUint16(16, IFF_TAP | IFF_NO_PI, true);
+  const fd = openSync("/dev/net/tun", "r+"); // ENOENT here: the tun module is not loaded
+  try {
+    check("ioctl", ["/dev/net/tun", "TUNSETIFF", name], c.ioctl(fd, TUNSETIFF, "uint8_t *", ifr));
+    check("ioctl", ["/dev/net/tun", "TUNSETPERSIST", name], c.ioctl(fd, TUNSETPERSIST, "unsigned long", 1));
+  } finally {
+    closeSync(fd);
+  }
 }
 
 export function reboot(cmd: number): void {

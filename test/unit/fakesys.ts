@@ -111,6 +111,11 @@ export class FakeSys implements Sys {
     addAddress: (n, a, p) => this.log(`net.addAddress ${n} ${a}/${p}`),
     defaultRoute: (n, g) => this.log(`net.defaultRoute ${n} ${g}`),
     addLeasedAddress: (n, a, p, secs) => this.log(`net.addLeasedAddress ${n} ${a}/${p} ${secs}s`),
+    bridge: (n, a, p) => this.log(`net.bridge ${n} ${a}/${p}`),
+    jailNetns: (o) => this.log(`net.jailNetns ${o.netnsPath} ${o.jailIf} ${o.address}/${o.prefix} via ${o.gateway} ${o.hostIf} on ${o.bridge}`),
+    removeNetns: (p, h) => this.log(`net.removeNetns ${p} ${h}`),
+    tap: (n, b) => this.log(`net.tap ${n} on ${b}`),
+    removeLink: (n) => this.log(`net.removeLink ${n}`),
   };
   tpmFake?: TpmOps;
   tpm(): TpmOps {
