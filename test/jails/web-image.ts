@@ -42,7 +42,7 @@ export function writeDigestMismatch(out: string): string {
   const manifest = JSON.parse(w.blobs.get(m.digest)!.toString()) as { layers: { digest: string }[] };
   const layer = manifest.layers[0]!.digest;
   const bytes = Buffer.from(w.blobs.get(layer)!);
-  bytes[600] ^= 0xff; // inside the file's data
+  bytes.writeUInt8(bytes.readUInt8(600) ^ 0xff, 600); // inside the file's data
   w.replace(layer, bytes);
   writeFileSync(out, w.tar([m]));
   return out;
