@@ -11,6 +11,8 @@ export interface FakeNode {
   dev?: number;
   target?: string;
   data?: string;
+  uid?: number;
+  gid?: number;
 }
 
 export class FakeSys implements Sys {
@@ -144,8 +146,23 @@ export class FakeSys implements Sys {
   }
   lstat(p: string): FileInfo {
     const n = this.files.get(p.replace(/(.)\/+$/, "$1"));
-    if (!n) return { kind: "missing", mode: 0, dev: -1 };
-    return { kind: n.kind, mode: n.mode ?? 0, dev: n.dev ?? 1 };
+    if (!n) return { kind: "missing", mode: 0, dev: -1, uid: -1, gid: -1 };
+    return { kind: n.kind, mode: n.mode ?? 0, dev: n.dev ?? 1, uid: n.uid ?? 0, gid: n.gid ?? 0 };
+  }
+  /** As the kernel does: a new owner clears setuid/setgid of what is not a directory. */
+  lchown(p: string, uid: number, gid: number): void {
+    this.log(`lchown ${p} ${uid} ${gid}`);
+    const n = this.files.get(p);
+    if (!n) throw Object.assign(new Error(`lchown ${p}: ENOENT`), { errno: 2 });
+    n.uid = uid;
+    n.gid = gid;
+    if (n.kind === "file") n.mode = (n.mode ?? 0) & ~0o6000;
+  }
+  chmod(p: string, mode: number): void {
+    this.log(`chmod ${p} ${mode.toString(8)}`);
+    const n = this.files.get(p);
+    if (!n) throw Object.assign(new Error(`chmod ${p}: ENOENT`), { errno: 2 });
+    n.mode = mode;
   }
   readlink(p: string): string {
     return this.files.get(p)?.target ?? "";
