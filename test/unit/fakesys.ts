@@ -228,8 +228,10 @@ export class FakeSys implements Sys {
     this.log(`umount ${target} ${flags}`);
     this.mounts = this.mounts.filter((m) => m !== target);
   }
-  statfsType(): number {
-    return this.rootMagic;
+  /** Filesystem magic by path (statfsType); anything else is on the root's. */
+  statfsMagic = new Map<string, number>();
+  statfsType(p?: string): number {
+    return (p !== undefined ? this.statfsMagic.get(p) : undefined) ?? this.rootMagic;
   }
   loadModule(name: string): { modules: string[]; matched: string[] } {
     this.log(`loadModule ${name}`);
