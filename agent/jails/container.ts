@@ -60,6 +60,15 @@ export function writeBundle(sys: Pick<Files, "mkdirp" | "writeBytes">, jail: Jai
  * The jail's rootfs: a fresh writable snapshot @jail-<name> of its image (so the image stays
  * pristine and each start begins from it), owned by its id range. An old snapshot (the last
  * run's) is deleted first. A failure leaves no snapshot behind.
+ *
+ * The shift costs one lstat + lchown per inode, measured on a loop-mounted btrfs on this host
+ * (2 cores): debootstrap's Debian 12 minbase, 5157 inodes, 170-280 ms; /usr/share, 54893 inodes,
+ * 1.8-2.1 s (26-30k inodes/s); the snapshot itself ~0.1 s. An idmapped mount of the image would
+ * cost nothing per inode, but crun 1.8.1 cannot idmap the rootfs.
+ *
+ * The jail's root (host uid idBase) must be able to walk to the snapshot: crun makes the rootfs
+ * private from inside the user namespace (EACCES, measured, under a 0700 directory), so the
+ * pool's top level must be searchable by others (mkfs.btrfs makes it 0755).
  */
 export function prepareRootfs(
   sys: Pick<Files, "lstat" | "readdir" | "lchown" | "chmod"> & Pick<Processes, "run"> & Pick<Clock, "now">,

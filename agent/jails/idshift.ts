@@ -25,6 +25,9 @@ export function shiftOwners(sys: Pick<Files, "lstat" | "readdir" | "lchown" | "c
   const top = sys.lstat(root);
   if (top.kind !== "dir") throw new Error(`${root}: not a directory`);
   const result: ShiftResult = { inodes: 0, overflow: 0 };
+  // A hard-linked file is met once per name: shifted twice it would land beyond the range
+  // (Debian's gzip/gunzip, perl/perl5.36.0 did, measured). Same filesystem, so st_ino is enough.
+  const linked = new Set<number>();
   const shift = (id: number) => {
     if (id >= 0 && id < ID_RANGE) return base + id;
     result.overflow++;
@@ -43,6 +46,10 @@ export function shiftOwners(sys: Pick<Files, "lstat" | "readdir" | "lchown" | "c
       if (c.kind === "dir") {
         todo.push(p);
         continue;
+      }
+      if (c.nlink > 1) {
+        if (linked.has(c.ino)) continue;
+        linked.add(c.ino);
       }
       shiftOne(sys, p, c, shift);
       result.inodes++;

@@ -61,6 +61,9 @@ export interface FileInfo {
   /** The owner (jails shift a rootfs's owners into their id range). */
   uid: number;
   gid: number;
+  /** st_ino and st_nlink: a hard-linked file is one inode under several names. */
+  ino: number;
+  nlink: number;
 }
 
 // Small interfaces, one per kind of side effect: a stage takes the intersection of those it
@@ -308,9 +311,9 @@ function info(path: string): FileInfo {
   try {
     const st = lstatSync(path);
     const kind: FileKind = st.isFile() ? "file" : st.isDirectory() ? "dir" : st.isSymbolicLink() ? "link" : "other";
-    return { kind, mode: st.mode & 0o7777, dev: st.dev, uid: st.uid, gid: st.gid };
+    return { kind, mode: st.mode & 0o7777, dev: st.dev, uid: st.uid, gid: st.gid, ino: st.ino, nlink: st.nlink };
   } catch {
-    return { kind: "missing", mode: 0, dev: -1, uid: -1, gid: -1 };
+    return { kind: "missing", mode: 0, dev: -1, uid: -1, gid: -1, ino: 0, nlink: 0 };
   }
 }
 

@@ -52,6 +52,7 @@ describe("container jail under crun", () => {
     const base = 3145728;
     expect(r.owners.root).toMatchObject({ uid: base, gid: base });
     expect(r.owners.busybox).toEqual({ uid: base, gid: base, mode: 0o755 });
+    expect(r.owners.hardlink).toEqual({ uid: base, gid: base, mode: 0o755 });
     expect(r.owners.su).toEqual({ uid: base, gid: base, mode: 0o4755 });
     expect(r.owners.link).toMatchObject({ uid: base, gid: base });
     expect(r.owners.user1000).toMatchObject({ uid: base + 1000, gid: base + 1000 });

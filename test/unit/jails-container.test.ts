@@ -47,7 +47,9 @@ function pool(): PoolFake {
     .add("/x/@img-deb/home", { kind: "dir", uid: 1000, gid: 1000 })
     .add("/x/@img-deb/big", { kind: "file", uid: 100000, gid: 7 })
     .add("/x/@img-deb/mnt", { kind: "dir" })
-    .add("/x/@img-deb/mnt/other", { kind: "file", dev: 2 });
+    .add("/x/@img-deb/mnt/other", { kind: "file", dev: 2 })
+    .add("/x/@img-deb/bin/gzip", { kind: "file", ino: 77, uid: 3 })
+    .add("/x/@img-deb/bin/gunzip", { kind: "file", ino: 77, uid: 3 });
   return s;
 }
 
@@ -156,7 +158,11 @@ describe("shiftOwners", () => {
     expect(node("/home")).toMatchObject({ uid: BASE + 1000, gid: BASE + 1000 });
     expect(node("/mnt/other").uid).toBeUndefined(); // another filesystem: untouched
     expect(s.calls.filter((c) => c.startsWith("chmod"))).toEqual(["chmod /x/@img-deb/bin/su 4755", "chmod /x/@img-deb/bin/wall 2755"]);
-    expect(r).toEqual({ inodes: 8, overflow: 1 });
+    // a hard link is one inode: shifted once, whichever name comes first
+    expect(node("/bin/gzip").uid).toBe(BASE + 3);
+    expect(node("/bin/gunzip").uid).toBe(BASE + 3);
+    expect(s.calls.filter((c) => /lchown .*\/bin\/(gzip|gunzip) /.test(c))).toHaveLength(1);
+    expect(r).toEqual({ inodes: 9, overflow: 1 });
     // an id beyond the range becomes nobody inside
     expect(node("/big")).toMatchObject({ uid: BASE + 65534, gid: BASE + 7 });
   });
@@ -170,7 +176,7 @@ describe("prepareRootfs", () => {
     expect(s.calls.filter((c) => c.startsWith("run"))).toEqual(["run btrfs subvolume snapshot /x/@img-deb /x/@jail-web"]);
     expect(s.files.get("/x/@jail-web/bin/su")).toMatchObject({ uid: BASE, mode: 0o4755 });
     expect(s.files.get("/x/@img-deb/bin/su")!.uid).toBeUndefined();
-    expect(log.lines[0]).toMatch(/^info: jail web: rootfs @jail-web from @img-deb, 8 inodes owned from uid\/gid 1310720 \(\d+ ms\)$/);
+    expect(log.lines[0]).toMatch(/^info: jail web: rootfs @jail-web from @img-deb, 9 inodes owned from uid\/gid 1310720 \(\d+ ms\)$/);
     expect(log.lines[1]).toBe("warn: jail web: 1 owners beyond 65535 in image deb are nobody (65534) in the jail");
   });
 

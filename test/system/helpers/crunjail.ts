@@ -4,7 +4,7 @@
 // then what the container saw and what the host sees of it, as JSON on stdout.
 // argv: <work dir> <netns path>
 import { execFileSync } from "node:child_process";
-import { chmodSync, copyFileSync, lstatSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, linkSync, lstatSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import type { Jail } from "../../../agent/jails/config.ts";
 import { containerService, containerSpec, prepareRootfs, removeContainer, resolveShares, writeBundle } from "../../../agent/jails/container.ts";
 import type { Logger } from "../../../agent/log.ts";
@@ -34,6 +34,7 @@ sh("btrfs", ["subvolume", "create", img]);
 for (const d of ["bin", "dev", "proc", "sys", "tmp", "data", "etc"]) mkdirSync(`${img}/${d}`);
 copyFileSync("/bin/busybox", `${img}/bin/busybox`);
 chmodSync(`${img}/bin/busybox`, 0o755);
+linkSync(`${img}/bin/busybox`, `${img}/bin/hardlink`); // one inode, two names: shifted once
 for (const a of ["sh", "cat", "ls", "id", "unshare", "swapoff", "head", "tr", "echo", "stat", "grep", "cut"]) symlinkSync("busybox", `${img}/bin/${a}`);
 copyFileSync("/bin/busybox", `${img}/bin/su`);
 chmodSync(`${img}/bin/su`, 0o4755);
@@ -63,7 +64,7 @@ const owner = (p: string) => {
   const st = lstatSync(`${rootfs}/${p}`);
   return { uid: st.uid, gid: st.gid, mode: st.mode & 0o7777 };
 };
-out.owners = { root: owner(""), busybox: owner("bin/busybox"), su: owner("bin/su"), link: owner("bin/sh"), user1000: owner("etc/owned-by-1000") };
+out.owners = { root: owner(""), busybox: owner("bin/busybox"), hardlink: owner("bin/hardlink"), su: owner("bin/su"), link: owner("bin/sh"), user1000: owner("etc/owned-by-1000") };
 out.imageOwner = lstatSync(`${img}/bin/busybox`).uid;
 
 const mounts = resolveShares(sys, jail, pool, run);
