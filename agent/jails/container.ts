@@ -63,8 +63,8 @@ export function writeBundle(sys: Pick<Files, "mkdirp" | "writeBytes">, jail: Jai
  *
  * The shift costs one lstat + lchown per inode, measured on a loop-mounted btrfs on this host
  * (2 cores): debootstrap's Debian 12 minbase, 5157 inodes, 170-280 ms; /usr/share, 54893 inodes,
- * 1.8-2.1 s (26-30k inodes/s); the snapshot itself ~0.1 s. An idmapped mount of the image would
- * cost nothing per inode, but crun 1.8.1 cannot idmap the rootfs.
+ * 1.8-2.1 s (26-30k inodes/s); the snapshot itself ~0.1 s. An idmapped mount of the image
+ * would cost nothing per inode; not tried with crun 1.8.1.
  *
  * The jail's root (host uid idBase) must be able to walk to the snapshot: crun makes the rootfs
  * private from inside the user namespace (EACCES, measured, under a 0700 directory), so the
