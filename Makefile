@@ -80,7 +80,7 @@ DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-
 	openssl openssh-client util-linux fdisk systemd buildah \
 	libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0 libtss2-tctildr0 libtss2-tcti-device0 \
 	libtss2-tcti-swtpm0 libtss2-tcti-pcap0 \
-	lz4 xz-utils gzip fonts-dejavu-core debootstrap efibootmgr strace
+	lz4 xz-utils gzip fonts-dejavu-core debootstrap efibootmgr strace crun
 
 # The agent also reads update bundles with the build's tar reader.
 AGENT_SRC := $(shell find agent -name '*.ts') initrd/tar.ts initrd/bytes.ts package-lock.json

@@ -46,6 +46,9 @@ export const TOOLS = [
   "/sbin/mkfs.btrfs",
   // update: the new UKI's Authenticode signature
   "/usr/bin/sbverify",
+  // jails (issue #16): the OCI runtime for container jails. It links libseccomp, libcap, yajl
+  // and libsystemd (DT_NEEDED); its dlopen is only for the krun/wasm handlers, never used here.
+  "/usr/bin/crun",
 ];
 /** tpm2-tools loads its TPM transport with dlopen. */
 const TOOLS_DLOPENED = ["libtss2-tcti-device.so.0"];

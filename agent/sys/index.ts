@@ -2,7 +2,7 @@
 // network, the TPM, processes, time, the console and the admin socket. Stages take the small
 // interfaces below and touch nothing else (no koffi, no node:fs, no child_process, no timers),
 // so their decisions are tested with fakes (test/unit/fakesys.ts).
-import { closeSync, constants, copyFileSync, existsSync, fstatSync, fsyncSync, ftruncateSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, closeSync, lchownSync, constants, copyFileSync, existsSync, fstatSync, fsyncSync, ftruncateSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import { open } from "node:fs/promises";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
@@ -78,6 +78,12 @@ export interface FileInfo {
   mode: number;
   /** st_dev: which filesystem the path is on. */
   dev: number;
+  /** The owner (jails shift a rootfs's owners into their id range). */
+  uid: number;
+  gid: number;
+  /** st_ino and st_nlink: a hard-linked file is one inode under several names. */
+  ino: number;
+  nlink: number;
 }
 
 // Small interfaces, one per kind of side effect: a stage takes the intersection of those it
@@ -114,6 +120,10 @@ export interface Files {
   /** Removes an empty directory. */
   rmdir(path: string): void;
   symlink(target: string, path: string): void;
+  /** lchown(2): the owner of `path` itself, never of what a symlink points to. */
+  lchown(path: string, uid: number, gid: number): void;
+  /** chmod(2) of a file or directory (never call it on a symlink: it would follow it). */
+  chmod(path: string, mode: number): void;
   /** Opens a file for reads at any offset; throws (with errno) when it cannot be opened. */
   openReader(path: string): FileReader;
   /** A file's bytes in order, `chunk` bytes at a time, from one open (so one version of it). */
@@ -323,9 +333,9 @@ function info(path: string): FileInfo {
   try {
     const st = lstatSync(path);
     const kind: FileKind = st.isFile() ? "file" : st.isDirectory() ? "dir" : st.isSymbolicLink() ? "link" : "other";
-    return { kind, mode: st.mode & 0o7777, dev: st.dev };
+    return { kind, mode: st.mode & 0o7777, dev: st.dev, uid: st.uid, gid: st.gid, ino: st.ino, nlink: st.nlink };
   } catch {
-    return { kind: "missing", mode: 0, dev: -1 };
+    return { kind: "missing", mode: 0, dev: -1, uid: -1, gid: -1, ino: 0, nlink: 0 };
   }
 }
 
@@ -489,6 +499,8 @@ function realFiles(libc: Libc): Files {
     unlink: (p) => unlinkSync(p),
     rmdir: (p) => rmdirSync(p),
     symlink: (t, p) => symlinkSync(t, p),
+    lchown: (p, u, g) => lchownSync(p, u, g),
+    chmod: (p, m) => chmodSync(p, m),
     readChunks: (path, chunk) => readChunks(path, chunk),
     openReader,
     openDirInRoot: (root, path) => libc.openDirInRoot(root, path),

@@ -11,6 +11,10 @@ export interface FakeNode {
   dev?: number;
   target?: string;
   data?: string;
+  uid?: number;
+  gid?: number;
+  /** Two paths with the same ino are one inode (a hard link): the fake keeps them in step. */
+  ino?: number;
 }
 
 export class FakeSys implements Sys {
@@ -149,8 +153,27 @@ export class FakeSys implements Sys {
   }
   lstat(p: string): FileInfo {
     const n = this.files.get(p.replace(/(.)\/+$/, "$1"));
-    if (!n) return { kind: "missing", mode: 0, dev: -1 };
-    return { kind: n.kind, mode: n.mode ?? 0, dev: n.dev ?? 1 };
+    if (!n) return { kind: "missing", mode: 0, dev: -1, uid: -1, gid: -1, ino: 0, nlink: 0 };
+    const nlink = n.ino === undefined ? 1 : [...this.files.values()].filter((o) => o.ino === n.ino).length;
+    return { kind: n.kind, mode: n.mode ?? 0, dev: n.dev ?? 1, uid: n.uid ?? 0, gid: n.gid ?? 0, ino: n.ino ?? 0, nlink };
+  }
+  /** As the kernel does: a new owner clears setuid/setgid of what is not a directory. */
+  lchown(p: string, uid: number, gid: number): void {
+    this.log(`lchown ${p} ${uid} ${gid}`);
+    const n = this.files.get(p);
+    if (!n) throw Object.assign(new Error(`lchown ${p}: ENOENT`), { errno: 2 });
+    const same = n.ino === undefined ? [n] : [...this.files.values()].filter((o) => o.ino === n.ino);
+    for (const o of same) {
+      o.uid = uid;
+      o.gid = gid;
+      if (o.kind === "file") o.mode = (o.mode ?? 0) & ~0o6000;
+    }
+  }
+  chmod(p: string, mode: number): void {
+    this.log(`chmod ${p} ${mode.toString(8)}`);
+    const n = this.files.get(p);
+    if (!n) throw Object.assign(new Error(`chmod ${p}: ENOENT`), { errno: 2 });
+    n.mode = mode;
   }
   readlink(p: string): string {
     return this.files.get(p)?.target ?? "";
@@ -216,8 +239,10 @@ export class FakeSys implements Sys {
     this.log(`umount ${target} ${flags}`);
     this.mounts = this.mounts.filter((m) => m !== target);
   }
-  statfsType(): number {
-    return this.rootMagic;
+  /** Filesystem magic by path (statfsType); anything else is on the root's. */
+  statfsMagic = new Map<string, number>();
+  statfsType(p?: string): number {
+    return (p !== undefined ? this.statfsMagic.get(p) : undefined) ?? this.rootMagic;
   }
   loadModule(name: string): { modules: string[]; matched: string[] } {
     this.log(`loadModule ${name}`);
