@@ -17,7 +17,7 @@ export const CRUN_ROOT = "/run/initos/crun";
 /** Each jail's bundle (config.json) and its staged shares. */
 export const JAILS_RUN = "/run/initos/jails";
 export const CGROUP_ROOT = "/sys/fs/cgroup";
-/** The parent of every jail's cgroup (spec.ts: cgroupsPath /initos/<name>). */
+/** The parent of every jail's cgroup (spec.ts: cgroupsPath /initos/<name>/run). */
 export const JAILS_CGROUP = `${CGROUP_ROOT}/initos`;
 const CGROUP2_SUPER_MAGIC = 0x63677270;
 /** The controllers the spec's limits need. */

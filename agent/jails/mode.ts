@@ -1,10 +1,103 @@
-// Jail mode's host side: what the machine needs before any jail starts (placeholder, completed below).
+// Jail mode's host side, as a list of steps: the kernel's parts (bridge, veth, tun; cgroup v2
+// with its controllers), the bridge with the host's address on the machine's /24, then each
+// jail by its launcher. The launchers tie the pieces together: the image store (images.ts),
+// the container's rootfs, shares and spec (container.ts, spec.ts), its network namespace
+// (agent/sys/jailnet.ts), and crun, supervised (run.ts).
+import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { Sys } from "../sys/index.ts";
 import type { Coldplug } from "../stages/devices.ts";
-import type { JailsConfig } from "./config.ts";
-import type { Jails } from "./run.ts";
+import type { Sys } from "../sys/index.ts";
+import { toolArgv, toolExec } from "../sys/tools.ts";
+import type { Jail, JailNetwork, JailsConfig } from "./config.ts";
+import { CRUN_ROOT, containerService, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
+import { importImage, listImages, readImage, removeImage } from "./images.ts";
+import { Jails, jailCgroup, type ImageStore, type Launcher } from "./run.ts";
+import { containerSpec } from "./spec.ts";
 
-export async function startJailMode(_sys: Sys, _log: Logger, _cold: Coldplug, _jc: JailsConfig): Promise<Jails> {
-  throw new Error("jail mode: not built yet");
+/** Kernel modules jail mode needs (modules in Debian's cloud kernel; built in elsewhere). */
+const JAIL_MODULES = ["bridge", "veth", "tun"];
+/** What a jail's process finds on its PATH when neither the image nor the config sets one. */
+const DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const CONTROLLERS = "+cpu +memory +pids";
+
+export async function startJailMode(sys: Sys, log: Logger, _cold: Coldplug, jc: JailsConfig): Promise<Jails> {
+  for (const m of JAIL_MODULES) {
+    try {
+      sys.loadModule(m);
+    } catch (e) {
+      log.warn(`jails: module ${m}: ${describe(e)} (fine if built in)`);
+    }
+  }
+  setupCgroups(sys, log);
+  sys.net.bridge(jc.network.bridge, jc.network.address, jc.network.prefix);
+  log.info(`jails: bridge ${jc.network.bridge} ${jc.network.address}/${jc.network.prefix}, forwarding on`);
+  const jails = new Jails(sys, log, jc, { container: containerLauncher(sys, log, jc.network), vm: unavailable("vm") }, imageStore(sys, log));
+  await jails.startAll();
+  return jails;
 }
+
+function imageStore(sys: Sys, log: Logger): ImageStore {
+  return {
+    importImage: (name, body) => importImage(sys, log, name, body),
+    list: () => listImages(sys),
+    remove: (name, inUse) => void removeImage(sys, log, name, inUse),
+  };
+}
+
+const netnsPath = (name: string) => `/run/initos/netns/${name}`;
+const hostIf = (name: string) => `vj-${name}`;
+
+/**
+ * A container jail: a fresh rootfs from its image (ids shifted into its range), its shares
+ * staged, its network namespace on the bridge, its spec; then crun in the foreground, which
+ * supervise.ts restarts (with crun's leftovers of a killed run deleted first).
+ */
+function containerLauncher(sys: Sys, log: Logger, net: JailNetwork): Launcher {
+  return {
+    async prepare(jail: Jail) {
+      const image = readImage(sys, jail.image);
+      if (!image) throw new Error(`image ${jail.image} is not imported (image import ${jail.image})`);
+      const rootfs = prepareRootfs(sys, log, jail);
+      const mounts = resolveShares(sys, jail);
+      // Its own cgroup, which outlives its runs (run.ts jailCgroup): crun makes <it>/run below.
+      sys.mkdirp(jailCgroup(jail.name));
+      sys.writeFile(`${jailCgroup(jail.name)}/cgroup.subtree_control`, CONTROLLERS);
+      sys.net.jailNetns({ netnsPath: netnsPath(jail.name), hostIf: hostIf(jail.name), jailIf: "eth0", address: jail.address, prefix: net.prefix, gateway: net.address, bridge: net.bridge });
+      const args = jail.command ?? [...image.entrypoint, ...image.cmd];
+      if (!args.length) throw new Error(`image ${jail.image} names no command and the host config gives none ("command")`);
+      const env = [...image.env, ...Object.entries(jail.env).map(([k, v]) => `${k}=${v}`)];
+      if (!env.some((e) => e.startsWith("PATH="))) env.unshift(DEFAULT_PATH);
+      const spec = containerSpec(jail, { rootfs, netnsPath: netnsPath(jail.name), process: { args, env, cwd: image.workingDir || "/" }, mounts });
+      const bundle = writeBundle(sys, jail, spec);
+      const svc = containerService(jail, bundle);
+      const crun = toolExec("crun");
+      return {
+        ...svc,
+        // A run that was killed (or crun with it) leaves its state behind: `crun run` would
+        // refuse the name. Deleted before every start; "does not exist" is the usual answer.
+        beforeStart: () => {
+          try {
+            sys.run(["env", ...Object.entries(crun.env).map(([k, v]) => `${k}=${v}`), ...crun.argv, "--root", CRUN_ROOT, "delete", "--force", jail.name]);
+          } catch {
+            // nothing to delete
+          }
+        },
+      };
+    },
+    async cleanup(jail: Jail) {
+      removeContainer(sys, log, jail);
+      sys.net.removeNetns(netnsPath(jail.name), hostIf(jail.name));
+    },
+  };
+}
+
+function unavailable(kind: string): Launcher {
+  return {
+    prepare: async () => {
+      throw new Error(`${kind} jails are not available on this machine`);
+    },
+    cleanup: async () => {},
+  };
+}
+
+export { toolArgv };

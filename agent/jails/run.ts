@@ -177,17 +177,20 @@ export class Jails {
   }
 }
 
-/** The jail's cgroup (crun's cgroupsPath, container.ts). */
+/**
+ * The jail's cgroup, which outlives its runs: crun makes and removes <this>/run (spec.ts) at each
+ * start and end, so the counters here (memory.events: the OOM kills) add up every run's.
+ */
 export const jailCgroup = (name: string) => `/sys/fs/cgroup/initos/${name}`;
 
 /**
  * What the host's /proc and cgroup say of a container: its init (the process that is PID 1 in
- * its own pid namespace) and whom its uid 0 is outside; its memory and the OOM kills so far.
+ * its own pid namespace) and whom its uid 0 is outside; its memory, its limit, the OOM kills.
  */
 export function containerView(sys: Pick<Files, "readFile">, jail: Jail): string[] {
   const cg = jailCgroup(jail.name);
   const out: string[] = [];
-  for (const pid of (sys.readFile(`${cg}/cgroup.procs`) ?? "").split("\n").filter(Boolean)) {
+  for (const pid of (sys.readFile(`${cg}/run/cgroup.procs`) ?? "").split("\n").filter(Boolean)) {
     const nspid = /^NSpid:\s+(.*)$/m.exec(sys.readFile(`/proc/${pid}/status`) ?? "")?.[1]?.trim().split(/\s+/);
     if (!nspid || nspid.length < 2 || nspid.at(-1) !== "1") continue;
     const map = (sys.readFile(`/proc/${pid}/uid_map`) ?? "").trim().split(/\s+/);
@@ -196,6 +199,6 @@ export function containerView(sys: Pick<Files, "readFile">, jail: Jail): string[
   }
   const mib = (v: string | null) => (v === null ? "?" : v.trim() === "max" ? "no limit" : `${(Number(v) / 1048576).toFixed(1)} MiB`);
   const oom = /^oom_kill (\d+)$/m.exec(sys.readFile(`${cg}/memory.events`) ?? "")?.[1];
-  out.push(`${jail.name}: memory ${mib(sys.readFile(`${cg}/memory.current`))} of ${mib(sys.readFile(`${cg}/memory.max`))}, oom kills ${oom ?? "?"}`);
+  out.push(`${jail.name}: memory ${mib(sys.readFile(`${cg}/memory.current`))} of ${mib(sys.readFile(`${cg}/run/memory.max`))}, oom kills ${oom ?? "?"}`);
   return out;
 }

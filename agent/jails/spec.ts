@@ -90,7 +90,7 @@ export function containerSpec(jail: Jail, o: SpecOptions): object {
       ],
       uidMappings: ids,
       gidMappings: ids,
-      ...(cgroups ? { cgroupsPath: `/initos/${jail.name}`, resources: resources(jail) } : {}),
+      ...(cgroups ? { cgroupsPath: `/initos/${jail.name}/run`, resources: resources(jail) } : {}),
       seccomp: seccompProfile(),
       maskedPaths: MASKED_PATHS,
       readonlyPaths: READONLY_PATHS,

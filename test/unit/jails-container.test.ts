@@ -98,7 +98,7 @@ describe("containerSpec", () => {
   });
 
   it("limits memory (no swap beyond it), cpu and pids in /initos/<name>", () => {
-    expect(spec.linux.cgroupsPath).toBe("/initos/web");
+    expect(spec.linux.cgroupsPath).toBe("/initos/web/run");
     expect(spec.linux.resources).toEqual({
       memory: { limit: 256 * 1024 * 1024, swap: 256 * 1024 * 1024 },
       cpu: { quota: 150_000, period: 100_000 },

@@ -77,12 +77,12 @@ describe("jail mode's supervisor", () => {
     const { s, jails } = machine();
     await jails.startAll();
     const cg = "/sys/fs/cgroup/initos/web";
-    s.writeFile(`${cg}/cgroup.procs`, "801\n802\n");
+    s.writeFile(`${cg}/run/cgroup.procs`, "801\n802\n");
     s.writeFile("/proc/801/status", "Name:\tcrun\nNSpid:\t801\n");
     s.writeFile("/proc/802/status", "Name:\tsh\nNSpid:\t802\t1\n");
     s.writeFile("/proc/802/uid_map", "         0    4849664      65536\n");
     s.writeFile(`${cg}/memory.current`, "1048576\n");
-    s.writeFile(`${cg}/memory.max`, "67108864\n");
+    s.writeFile(`${cg}/run/memory.max`, "67108864\n");
     s.writeFile(`${cg}/memory.events`, "low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n");
     s.probes.set("10.77.0.10:8080", "HTTP/1.0 200 OK");
     const status = await jails.status();
