@@ -2,6 +2,7 @@
 // included) become a tar of an OCI layout. Our own tar writer keeps the output byte-identical
 // across runs and hosts (fixed times, owners and order), and lets a test choose how long names
 // are encoded so the reader is exercised on both GNU and pax archives.
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -152,6 +153,8 @@ export interface ImageSpec {
   config?: { Entrypoint?: string[]; Cmd?: string[]; Env?: string[]; WorkingDir?: string; User?: string };
   platform?: { os: string; architecture: string };
   gzip?: boolean;
+  /** zstd layers (made with the zstd command). */
+  zstd?: boolean;
   longNames?: "pax" | "gnu";
 }
 
@@ -176,6 +179,7 @@ export class OciLayoutWriter {
     const layers = spec.layers.map((entries) => {
       const tar = layerTar(entries, { longNames: spec.longNames });
       diffIds.push(`sha256:${createHash("sha256").update(tar).digest("hex")}`);
+      if (spec.zstd) return this.blob(execFileSync("zstd", ["-q", "-c"], { input: tar }), "application/vnd.oci.image.layer.v1.tar+zstd");
       return spec.gzip
         ? this.blob(gzipSync(tar), "application/vnd.oci.image.layer.v1.tar+gzip")
         : this.blob(tar, "application/vnd.oci.image.layer.v1.tar");

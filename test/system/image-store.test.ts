@@ -4,7 +4,7 @@
 // and leave the pool exactly as it was.
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { importImage, listImages, readImage, removeImage } from "../../agent/jails/images.ts";
 import type { Logger } from "../../agent/log.ts";
@@ -13,6 +13,7 @@ import { type LayerEntry, LOWER, OciLayoutWriter, ociImageTar, scratchDirs, tarB
 
 const fresh = scratchDirs("initos-images");
 const BTRFS = ["btrfs"];
+const BUN = "node_modules/@oven/bun-linux-x64-baseline/bin/bun";
 
 let sys: Sys;
 let pool = "";
@@ -173,10 +174,21 @@ describe("image import", () => {
   });
 });
 
+describe("under Bun, the agent's runtime", () => {
+  it("imports an image with zstd layers through node:zlib's stream, with no zstd command on PATH", () => {
+    const d = fresh("bun");
+    writeFileSync(`${d}/z.tar`, ociImageTar({ layers: [LOWER, UPPER], zstd: true }));
+    const run = (tar: string) =>
+      JSON.parse(execFileSync(BUN, ["test/system/helpers/image-import.ts", pool, "zst", tar, "/usr/bin/btrfs"], { encoding: "utf8", env: { PATH: "" } })) as { line?: string; error?: string };
+    expect(run(`${d}/z.tar`).line).toMatch(/^image zst: sha256:[0-9a-f]{12}, 10 B in 2 layers \(archive .*\), new, /);
+    expect(execFileSync("find", [".", "-mindepth", "1"], { cwd: `${pool}/@img-zst`, encoding: "utf8" }).trim().split("\n").sort()).toEqual(["./a", "./a/y", "./b", "./b/new", "./etc", "./etc/keep"]);
+  });
+});
+
 describe("image list and rm", () => {
   it("lists the images with their digests, sizes and import times", () => {
     const rows = listImages(sys, opts());
-    expect(rows.map((r) => r.name)).toEqual(["abs", "web"]);
+    expect(rows.map((r) => r.name)).toEqual(["abs", "web", "zst"]);
     expect(rows[1]).toEqual({ name: "web", digest: readImage(sys, "web", opts())!.digest, size: 4, imported: "2026-11-30T12:00:00.000Z" });
   });
 
@@ -185,6 +197,7 @@ describe("image list and rm", () => {
     expect(existsSync(`${pool}/@img-web`)).toBe(true);
     expect(removeImage(sys, log, "web", () => false, opts())).toBe("image web: removed");
     expect(removeImage(sys, log, "abs", () => false, opts())).toBe("image abs: removed");
+    expect(removeImage(sys, log, "zst", () => false, opts())).toBe("image zst: removed");
     expect(() => removeImage(sys, log, "web", () => false, opts())).toThrow(/^image rm web: no such image$/);
     expect(state()).toEqual({ top: ["initos", "outside"], store: [], subvols: "" });
     expect(listImages(sys, opts())).toEqual([]);
