@@ -1,6 +1,7 @@
 // The trees layers are applied to. Layering decisions (layer.ts) are made against the small
 // `Tree` interface: `MemTree` lets tests check them without touching the disk, `DirTree` writes
-// them to a directory as an ordinary user.
+// them to a directory: as an ordinary user for the build's VM images, as root (owners kept) for
+// the agent's jail images.
 import { execFileSync } from "node:child_process";
 import {
   chmodSync,
