@@ -82,10 +82,11 @@ DEBS := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools cryptsetup-
 	libtss2-tcti-swtpm0 libtss2-tcti-pcap0 \
 	lz4 xz-utils gzip fonts-dejavu-core debootstrap efibootmgr strace crun
 
-# The agent also reads update bundles with the build's tar reader.
-AGENT_SRC := $(shell find agent -name '*.ts') initrd/tar.ts initrd/bytes.ts package-lock.json
-# The OCI importer (VM images only): changing it rebuilds no initrd or UKI.
-OCI_SRC   := initrd/oci.ts initrd/vmimage.ts initrd/bytes.ts initrd/decompress.ts initrd/tar.ts initrd/fstree.ts initrd/layer.ts
+# agent/oci/ (the OCI reader: tar, layers, trees) is shared: the agent imports images with it
+# and reads update bundles with its tar reader, the build makes VM images with it.
+AGENT_SRC := $(shell find agent -name '*.ts') package-lock.json
+# The OCI importer for VM images: changing only it rebuilds no initrd or UKI.
+OCI_SRC   := $(wildcard agent/oci/*.ts) initrd/vmimage.ts
 BUILD_SRC := $(filter-out initrd/images.ts $(OCI_SRC) initrd/debian.ts,$(wildcard initrd/*.ts)) agent/config.ts
 
 ARTIFACTS := $(B)/vmlinuz $(B)/initrd.img $(B)/initos.efi $(B)/initos.unsigned.efi \

@@ -39,7 +39,7 @@ import { bundleParts, ukiConfig, writeBundle } from "./bundle.ts";
 import { HOST_NAME, hostCmdline, readHost, withHost } from "./host.ts";
 import { referenceEntries } from "./reference/initrd.ts";
 import { buildVmImage } from "./vmimage.ts";
-import { imageArgv } from "./oci.ts";
+import { imageArgv } from "../agent/oci/oci.ts";
 import { buildDebianImage, buildDebianRootfs } from "./debian.ts";
 
 /** Libraries the agent opens with dlopen through koffi; DT_NEEDED cannot see them. */

@@ -4,11 +4,11 @@
 import { execFileSync } from "node:child_process";
 import { chmodSync, closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, ftruncateSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { openTarFile } from "./decompress.ts";
-import { DirTree, type Tree } from "./fstree.ts";
-import { applyLayer } from "./layer.ts";
-import { extractImage, type ImageConfig, isOciLayoutTar, layoutFromTar, openLayoutDir } from "./oci.ts";
-import { readTar, streamEntries } from "./tar.ts";
+import { openTarFile } from "../agent/oci/decompress.ts";
+import { DirTree, type Tree } from "../agent/oci/fstree.ts";
+import { applyLayer } from "../agent/oci/layer.ts";
+import { extractImage, type ImageConfig, isOciLayoutTar, layoutFromTar, openLayoutDir } from "../agent/oci/oci.ts";
+import { readTar, streamEntries } from "../agent/oci/tar.ts";
 
 export interface VmImageOptions {
   /** A directory, a rootfs tarball (.tar, .tar.gz, .tar.zst) or a tar of an OCI image layout. */

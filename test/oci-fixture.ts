@@ -2,6 +2,7 @@
 // included) become a tar of an OCI layout. Our own tar writer keeps the output byte-identical
 // across runs and hosts (fixed times, owners and order), and lets a test choose how long names
 // are encoded so the reader is exercised on both GNU and pax archives.
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -14,6 +15,8 @@ export type LayerEntry =
   | { path: string; type: "symlink"; target: string }
   | { path: string; type: "hardlink"; target: string }
   | { path: string; type: "fifo"; mode?: number }
+  /** A character device node (what an image's /dev may carry). */
+  | { path: string; type: "char"; major: number; minor: number }
   /** Deletes `path` from the layers below: written as `<dir>/.wh.<name>`. */
   | { path: string; type: "whiteout" }
   /** Makes directory `path` opaque: written as `<path>/.wh..wh..opq`. */
@@ -31,7 +34,12 @@ function octal(n: number, len: number): string {
   return n.toString(8).padStart(len - 1, "0") + "\0";
 }
 
-function header(name: string, flag: string, size: number, o: { mode?: number; uid?: number; gid?: number; mtime?: number; linkname?: string; gnu?: boolean }): Buffer {
+function header(
+  name: string,
+  flag: string,
+  size: number,
+  o: { mode?: number; uid?: number; gid?: number; mtime?: number; linkname?: string; gnu?: boolean; devmajor?: number; devminor?: number },
+): Buffer {
   const h = Buffer.alloc(BLOCK);
   h.write(name, 0, 100, "utf8");
   h.write(octal(o.mode ?? 0o644, 8), 100, "latin1");
@@ -44,6 +52,8 @@ function header(name: string, flag: string, size: number, o: { mode?: number; ui
   h.write(o.gnu ? "ustar  \0" : "ustar\u000000", 257, "latin1");
   h.write("root", 265, "latin1");
   h.write("root", 297, "latin1");
+  if (o.devmajor !== undefined) h.write(octal(o.devmajor, 8), 329, "latin1");
+  if (o.devminor !== undefined) h.write(octal(o.devminor, 8), 337, "latin1");
   h.fill(0x20, 148, 156);
   let sum = 0;
   for (const b of h) sum += b;
@@ -62,12 +72,14 @@ function paxRecord(key: string, value: string): string {
 
 export interface TarMember {
   name: string;
-  flag: "0" | "1" | "2" | "5" | "6";
+  flag: "0" | "1" | "2" | "3" | "5" | "6";
   data?: Uint8Array;
   mode?: number;
   uid?: number;
   gid?: number;
   linkname?: string;
+  devmajor?: number;
+  devminor?: number;
 }
 
 /** A tar of `members` in the given order, ending with the two zero blocks. */
@@ -90,7 +102,7 @@ export function tarBytes(members: readonly TarMember[], opts: TarOptions = {}): 
     }
     const data = m.data ? Buffer.from(m.data) : Buffer.alloc(0);
     const mode = m.mode ?? (m.flag === "5" ? 0o755 : m.flag === "2" ? 0o777 : 0o644);
-    out.push(header(m.name, m.flag, data.length, { ...common, mode, uid: m.uid, gid: m.gid, linkname: m.linkname }), data, pad(data.length));
+    out.push(header(m.name, m.flag, data.length, { ...common, mode, uid: m.uid, gid: m.gid, linkname: m.linkname, devmajor: m.devmajor, devminor: m.devminor }), data, pad(data.length));
   }
   out.push(Buffer.alloc(2 * BLOCK));
   return Buffer.concat(out);
@@ -116,6 +128,8 @@ export function layerTar(entries: readonly LayerEntry[], opts: TarOptions = {}):
         return { name: e.path, flag: "1", linkname: e.target };
       case "fifo":
         return { name: e.path, flag: "6", mode: e.mode };
+      case "char":
+        return { name: e.path, flag: "3", mode: 0o666, devmajor: e.major, devminor: e.minor };
       case "whiteout": {
         const [dir, base] = split(e.path);
         return { name: `${dir}.wh.${base}`, flag: "0" };
@@ -139,6 +153,8 @@ export interface ImageSpec {
   config?: { Entrypoint?: string[]; Cmd?: string[]; Env?: string[]; WorkingDir?: string; User?: string };
   platform?: { os: string; architecture: string };
   gzip?: boolean;
+  /** zstd layers (made with the zstd command). */
+  zstd?: boolean;
   longNames?: "pax" | "gnu";
 }
 
@@ -163,6 +179,7 @@ export class OciLayoutWriter {
     const layers = spec.layers.map((entries) => {
       const tar = layerTar(entries, { longNames: spec.longNames });
       diffIds.push(`sha256:${createHash("sha256").update(tar).digest("hex")}`);
+      if (spec.zstd) return this.blob(execFileSync("zstd", ["-q", "-c"], { input: tar }), "application/vnd.oci.image.layer.v1.tar+zstd");
       return spec.gzip
         ? this.blob(gzipSync(tar), "application/vnd.oci.image.layer.v1.tar+gzip")
         : this.blob(tar, "application/vnd.oci.image.layer.v1.tar");

@@ -42,13 +42,14 @@ export type CLong = number | bigint;
 
 /** One argument of a variadic C call: koffi needs its C type spelled before the value. */
 type VarValue = string | number | Uint8Array | null;
-/** The variadic tail of syscall/ioctl/prctl: (type, value) pairs; the calls here pass at most four. */
+/** The variadic tail of syscall/ioctl/prctl: (type, value) pairs; the calls here pass at most five (renameat2). */
 export type VarArgs =
   | []
   | [string, VarValue]
   | [string, VarValue, string, VarValue]
   | [string, VarValue, string, VarValue, string, VarValue]
-  | [string, VarValue, string, VarValue, string, VarValue, string, VarValue];
+  | [string, VarValue, string, VarValue, string, VarValue, string, VarValue]
+  | [string, VarValue, string, VarValue, string, VarValue, string, VarValue, string, VarValue];
 
 // `never[]` parameters: every function type is assignable to it, whatever it takes.
 type CSignature = (...args: never[]) => unknown;

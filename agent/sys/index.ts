@@ -145,6 +145,10 @@ export interface Files {
   writeStream(path: string, data: AsyncIterable<Uint8Array>, mode?: number): Promise<number>;
   /** rename(2): atomic within one filesystem. */
   rename(from: string, to: string): void;
+  /** Swaps two existing names atomically (renameat2 RENAME_EXCHANGE): one filesystem. */
+  exchange(a: string, b: string): void;
+  /** Creates a named pipe (mknod S_IFIFO), `mode` less the umask. */
+  mkfifo(path: string, mode: number): void;
   /** fsync(2) of a file or directory (a directory: the names in it are on the disk). */
   fsyncPath(path: string): void;
   /**
@@ -509,6 +513,8 @@ function realFiles(libc: Libc): Files {
     removeTreeOnDevice,
     writeStream,
     rename: (from, to) => renameSync(from, to),
+    exchange: (a, b) => libc.renameExchange(a, b),
+    mkfifo: (p, mode) => libc.mkfifo(p, mode),
     fsyncPath,
     writeOnce: (p, d, mode = 0o644) => {
       const fd = openSync(p, constants.O_WRONLY | constants.O_CREAT, mode);

@@ -52,6 +52,11 @@ export const libcCalls = c;
 const SYS_pivot_root = 155;
 const SYS_openat2 = 437;
 const SYS_memfd_create = 319;
+const SYS_renameat2 = 316;
+/** renameat2(2) flag (linux/fs.h): swap the two names, both must exist. */
+const RENAME_EXCHANGE = 2;
+const S_IFIFO = 0o010000;
+const SYS_mknodat = 259;
 const WNOHANG = 1;
 
 export function mount(src: string | null, target: string, fstype: string | null, flags: number, data: string | null = null): void {
@@ -86,6 +91,19 @@ export function chdir(path: string): void {
 
 export function pivotRoot(newRoot: string, putOld: string): void {
   check("pivot_root", [newRoot, putOld], Number(c.syscall(SYS_pivot_root, "const char *", newRoot, "const char *", putOld)));
+}
+
+/**
+ * Swaps two names atomically (renameat2 RENAME_EXCHANGE, Linux 3.15+; btrfs has it): whoever
+ * looks sees one or the other, never neither. Both must exist on one filesystem.
+ */
+export function renameExchange(a: string, b: string): void {
+  check("renameat2", [a, b, "RENAME_EXCHANGE"], Number(c.syscall(SYS_renameat2, "int", AT_FDCWD, "const char *", a, "int", AT_FDCWD, "const char *", b, "unsigned int", RENAME_EXCHANGE)));
+}
+
+/** A named pipe (mknodat S_IFIFO): no command needed, and the initrd has no mknod. */
+export function mkfifo(path: string, mode: number): void {
+  check("mknodat", [path, mode.toString(8)], Number(c.syscall(SYS_mknodat, "int", AT_FDCWD, "const char *", path, "unsigned int", S_IFIFO | (mode & 0o7777), "unsigned int", 0)));
 }
 
 export const O_PATH = 0o10000000;

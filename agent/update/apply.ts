@@ -24,7 +24,7 @@ import type { Logger } from "../log.ts";
 import { MS } from "../sys/consts.ts";
 import type { Crypt, Files, Mounts, Processes } from "../sys/index.ts";
 import type { EspResult, EspSlot } from "../stages/esp.ts";
-import { readTarStream, type TarStreamEntry } from "../../initrd/tar.ts";
+import { readTarStream, type TarStreamEntry } from "../oci/tar.ts";
 import { MANIFEST_MAX, MANIFEST_NAME, type Manifest, type ManifestFile, parseManifest, UKI_PATH } from "./manifest.ts";
 import { mayApply, orderWith, recordWritten, type UpdateState } from "./trial.ts";
 import { checkUpdate } from "./verify.ts";

@@ -8,9 +8,9 @@ import { execFileSync } from "node:child_process";
 import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { FileSource } from "../../initrd/bytes.ts";
-import { layerReader, layoutFromTar, resolveImage } from "../../initrd/oci.ts";
-import { readTar } from "../../initrd/tar.ts";
+import { FileSource } from "../../agent/oci/bytes.ts";
+import { layerReader, layoutFromTar, resolveImage } from "../../agent/oci/oci.ts";
+import { readTar } from "../../agent/oci/tar.ts";
 import { startVm, stopAll } from "../../qemu/harness.ts";
 
 const B = "build";

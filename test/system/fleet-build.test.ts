@@ -8,10 +8,10 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, wri
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
 import { parseManifest, UKI_PATH } from "../../agent/update/manifest.ts";
-import { bufferSource, streamOf } from "../../initrd/bytes.ts";
+import { bufferSource, streamOf } from "../../agent/oci/bytes.ts";
 import { ukiConfig } from "../../initrd/bundle.ts";
 import { peSection, readPe } from "../../initrd/pe.ts";
-import { readTarStream } from "../../initrd/tar.ts";
+import { readTarStream } from "../../agent/oci/tar.ts";
 import { cliUnzstd } from "../unit/update-fixture.ts";
 
 const HOST = "fleet-test-1";

@@ -6,9 +6,9 @@ import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { MANIFEST_NAME, parseManifest, UKI_PATH } from "../../agent/update/manifest.ts";
-import { bufferSource, streamOf } from "../../initrd/bytes.ts";
+import { bufferSource, streamOf } from "../../agent/oci/bytes.ts";
 import { type BundlePart, writeBundle } from "../../initrd/bundle.ts";
-import { readTarStream } from "../../initrd/tar.ts";
+import { readTarStream } from "../../agent/oci/tar.ts";
 import { scratchDirs } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-bundle");

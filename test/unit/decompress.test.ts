@@ -10,11 +10,11 @@ import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
 import * as zlib from "node:zlib";
 import { afterAll, describe, expect, it } from "vitest";
-import { type ByteSource, bufferSource, STREAM_CHUNK, streamOf } from "../../initrd/bytes.ts";
-import { decompress, openTarFile } from "../../initrd/decompress.ts";
-import { type FileSink, type Meta, MemTree } from "../../initrd/fstree.ts";
-import { extractImage, type Layout, layoutFromTar } from "../../initrd/oci.ts";
-import { readTar } from "../../initrd/tar.ts";
+import { type ByteSource, bufferSource, STREAM_CHUNK, streamOf } from "../../agent/oci/bytes.ts";
+import { decompress, openTarFile, ZstdFrames } from "../../agent/oci/decompress.ts";
+import { type FileSink, type Meta, MemTree } from "../../agent/oci/fstree.ts";
+import { extractImage, type Layout, layoutFromTar } from "../../agent/oci/oci.ts";
+import { readTar } from "../../agent/oci/tar.ts";
 import { layerTar, OciLayoutWriter, tarBytes } from "../oci-fixture.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-decompress-`);
@@ -165,5 +165,28 @@ describe("decompress and openTarFile", () => {
     direct.close();
     writeFileSync(`${dir}/c.tar.gz`, Buffer.from([0x1f, 0x8b, 1, 2, 3]));
     await expect(openTarFile(`${dir}/c.tar.gz`, `${dir}/spool2`)).rejects.toThrow(/^\/.*\/c\.tar\.gz: /);
+  });
+
+  it("tells a zstd stream that ends on a frame boundary from one cut inside a frame (Bun's zlib stream does not)", () => {
+    const framesOf = (b: Buffer, chunk: number) => {
+      const f = new ZstdFrames();
+      for (let i = 0; i < b.length; i += chunk) f.feed(b.subarray(i, i + chunk));
+      return f;
+    };
+    // Several frames, with and without checksums and content sizes, an RLE-friendly run, and a
+    // skippable frame (what pzstd and seekable zstd add) between them.
+    const skippable = Buffer.concat([Buffer.from([0x50, 0x2a, 0x4d, 0x18, 5, 0, 0, 0]), Buffer.alloc(5, 9)]);
+    const data = Buffer.concat([
+      zstdc(randomBytes(200_000)),
+      skippable,
+      execFileSync("zstd", ["-q", "-c", "--no-check"], { input: Buffer.alloc(300_000, 7) }),
+      execFileSync("zstd", ["-q", "-c", "--no-content-size"], { input: randomBytes(1000) }),
+    ]);
+    for (const chunk of [1, 7, 4096, data.length]) expect(framesOf(data, chunk).complete()).toBe(true);
+    for (const cut of [1, 3, 4, 100, 5000, data.length - 1000, data.length - 8]) {
+      expect(framesOf(data.subarray(0, data.length - cut), 4096).complete()).toBe(false);
+    }
+    expect(framesOf(Buffer.alloc(0), 1).complete()).toBe(false);
+    expect(framesOf(Buffer.from("not zstd at all"), 4).complete()).toBe(false);
   });
 });

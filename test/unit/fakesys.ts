@@ -317,6 +317,18 @@ export class FakeSys implements Sys {
     this.files.delete(a);
     this.files.set(b, n);
   }
+  /** Swaps two names and everything below them, as renameat2(RENAME_EXCHANGE) does. */
+  exchange(a: string, b: string): void {
+    this.log(`exchange ${a} ${b}`);
+    if (!this.files.has(a) || !this.files.has(b)) throw Object.assign(new Error(`renameat2(${a}, ${b}): ENOENT`), { errno: 2 });
+    const moved = [...this.files.entries()].filter(([k]) => k === a || k === b || k.startsWith(`${a}/`) || k.startsWith(`${b}/`));
+    for (const [k] of moved) this.files.delete(k);
+    for (const [k, n] of moved) this.files.set(k === a || k.startsWith(`${a}/`) ? b + k.slice(a.length) : a + k.slice(b.length), n);
+  }
+  mkfifo(p: string, mode: number): void {
+    this.log(`mkfifo ${p} ${mode.toString(8)}`);
+    this.add(p, { kind: "file", mode });
+  }
   fsyncPath(p: string): void {
     this.log(`fsync ${p}`);
   }

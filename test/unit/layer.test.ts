@@ -3,10 +3,10 @@
 // the streamed tar reader, as every OCI layer does.
 import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { describe, expect, it } from "vitest";
-import { bufferSource, streamOf } from "../../initrd/bytes.ts";
-import { DirTree, MemTree } from "../../initrd/fstree.ts";
-import { applyLayer, type LayerReader } from "../../initrd/layer.ts";
-import { readTarStream } from "../../initrd/tar.ts";
+import { bufferSource, streamOf } from "../../agent/oci/bytes.ts";
+import { DirTree, MemTree } from "../../agent/oci/fstree.ts";
+import { applyLayer, type LayerReader } from "../../agent/oci/layer.ts";
+import { readTarStream } from "../../agent/oci/tar.ts";
 import { type LayerEntry, LOWER, layerTar, SCENARIO_RESULT, UPPER, scratchDirs } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-layer");

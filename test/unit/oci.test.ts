@@ -6,10 +6,10 @@ import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import * as zlib from "node:zlib";
 import { describe, expect, it } from "vitest";
-import { bufferSource } from "../../initrd/bytes.ts";
-import { DirTree, MemTree } from "../../initrd/fstree.ts";
-import { extractImage, imageArgv, type ImageIndex, layoutFromTar, resolveImage, selectManifest } from "../../initrd/oci.ts";
-import { readTar } from "../../initrd/tar.ts";
+import { bufferSource } from "../../agent/oci/bytes.ts";
+import { DirTree, MemTree } from "../../agent/oci/fstree.ts";
+import { extractImage, imageArgv, type ImageIndex, layoutFromTar, resolveImage, selectManifest } from "../../agent/oci/oci.ts";
+import { readTar } from "../../agent/oci/tar.ts";
 import { type LayerEntry, layerTar, LOWER, ociImageTar, OciLayoutWriter, SCENARIO_RESULT, UPPER, scratchDirs } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-oci");

@@ -3,8 +3,8 @@
 import { execFileSync } from "node:child_process";
 import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
-import { bufferSource, chunks } from "../../initrd/bytes.ts";
-import { readTar, readTarStream, type TarStreamEntry } from "../../initrd/tar.ts";
+import { bufferSource, chunks } from "../../agent/oci/bytes.ts";
+import { readTar, readTarStream, type TarStreamEntry } from "../../agent/oci/tar.ts";
 import { type LayerEntry, layerTar, scratchDirs } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-tar");

@@ -5,7 +5,7 @@ import { Timeline } from "../../agent/log.ts";
 import { RemoteAdmin } from "../../agent/stages/remote.ts";
 import { POD_PATH, POD_PATH_DEV, podHandoff, setupVmMounts, vmPlan } from "../../agent/stages/vm.ts";
 import { Coldplug } from "../../agent/stages/devices.ts";
-import { MemTree } from "../../initrd/fstree.ts";
+import { MemTree } from "../../agent/oci/fstree.ts";
 import { addMountPoints } from "../../initrd/vmimage.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 

@@ -5,7 +5,7 @@
 import { createHash, type Hash } from "node:crypto";
 import { lstatSync } from "node:fs";
 import { z } from "zod";
-import { describe, zodIssue } from "../agent/errors.ts";
+import { describe, zodIssue } from "../errors.ts";
 import { type ByteSource, chunks, FileSource, readAll, streamOf } from "./bytes.ts";
 import { type Compression, decompress } from "./decompress.ts";
 import type { Tree } from "./fstree.ts";

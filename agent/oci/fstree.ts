@@ -1,6 +1,7 @@
 // The trees layers are applied to. Layering decisions (layer.ts) are made against the small
 // `Tree` interface: `MemTree` lets tests check them without touching the disk, `DirTree` writes
-// them to a directory as an ordinary user.
+// them to a directory: as an ordinary user for the build's VM images, as root (owners kept) for
+// the agent's jail images.
 import { execFileSync } from "node:child_process";
 import {
   chmodSync,
@@ -136,17 +137,30 @@ export class MemTree implements Tree {
  * A tree in a real directory, writable without root. Directory modes and times are applied in
  * finish(): a read-only directory must stay writable while later entries land in it, and adding
  * children would bump its mtime anyway. Owners are set only when running as root (otherwise
- * every file belongs to the builder); device nodes need root and are listed in `skipped`.
+ * every file belongs to the builder): files are chowned before their chmod, since chown clears
+ * set-id bits. Device nodes need root, and are made only when `devices` (default: as root);
+ * the others are listed in `skipped`. The agent's image store passes devices: false (a node in
+ * an unprivileged jail's image is of no use to it) and its own mkfifo (the initrd has no mknod).
  */
 export class DirTree implements Tree {
   readonly skipped: string[] = [];
+  /**
+   * Bytes of the regular files in the tree, kept as they are written: the image's size without
+   * a walk over it afterwards. What a later layer deletes or replaces is taken off (a walk of
+   * just that subtree); a hard-linked file's data goes only with its last name.
+   */
+  fileBytes = 0;
   private readonly dirMeta = new Map<string, Meta>();
   private readonly owners: boolean;
+  private readonly devices: boolean;
+  private readonly mkfifo: (path: string, mode: number) => void;
   constructor(
     readonly root: string,
-    opts: { owners?: boolean } = {},
+    opts: { owners?: boolean; devices?: boolean; mkfifo?: (path: string, mode: number) => void } = {},
   ) {
     this.owners = opts.owners ?? process.getuid?.() === 0;
+    this.devices = opts.devices ?? this.owners;
+    this.mkfifo = opts.mkfifo ?? ((path) => execFileSync("mknod", [path, "p"], { stdio: ["ignore", "ignore", "pipe"] }));
   }
   private abs(path: string): string {
     return path ? `${this.root}/${path}` : this.root;
@@ -163,6 +177,7 @@ export class DirTree implements Tree {
     return readdirSync(this.abs(dir));
   }
   remove(path: string): void {
+    this.fileBytes -= bytesBelow(this.abs(path));
     rmSync(this.abs(path), { recursive: true, force: true });
     for (const k of [...this.dirMeta.keys()]) if (k === path || k.startsWith(`${path}/`)) this.dirMeta.delete(k);
   }
@@ -178,7 +193,10 @@ export class DirTree implements Tree {
     // "wx": O_EXCL, so a symlink planted at this name can never redirect the write.
     const fd = openSync(this.abs(path), "wx", 0o600);
     return {
-      write: (c) => writeFully(fd, c),
+      write: (c) => {
+        writeFully(fd, c);
+        this.fileBytes += c.length;
+      },
       close: () => {
         try {
           // chown before chmod: chown clears set-id bits.
@@ -201,12 +219,12 @@ export class DirTree implements Tree {
     linkSync(this.abs(existing), this.abs(path));
   }
   mknod(path: string, type: "char" | "block" | "fifo", major: number, minor: number, meta: Meta): void {
-    if (type !== "fifo" && !this.owners) {
+    if (type !== "fifo" && !this.devices) {
       this.skipped.push(`${path} (${type} ${major}:${minor})`);
       return;
     }
-    const args = type === "fifo" ? ["p"] : [type === "char" ? "c" : "b", String(major), String(minor)];
-    execFileSync("mknod", [this.abs(path), ...args], { stdio: ["ignore", "ignore", "pipe"] });
+    if (type === "fifo") this.mkfifo(this.abs(path), 0o600);
+    else execFileSync("mknod", [this.abs(path), type === "char" ? "c" : "b", String(major), String(minor)], { stdio: ["ignore", "ignore", "pipe"] });
     if (this.owners) lchownSync(this.abs(path), meta.uid, meta.gid);
     chmodSync(this.abs(path), meta.mode & 0o7777);
     utimesSync(this.abs(path), meta.mtime, meta.mtime);
@@ -220,4 +238,12 @@ export class DirTree implements Tree {
       utimesSync(this.abs(p), meta.mtime, meta.mtime);
     }
   }
+}
+
+/** The bytes of the regular files at or below `p` whose data goes with them (one link left). */
+function bytesBelow(p: string): number {
+  const st = lstatSync(p, { throwIfNoEntry: false });
+  if (!st) return 0;
+  if (st.isDirectory()) return readdirSync(p).reduce((n, e) => n + bytesBelow(`${p}/${e}`), 0);
+  return st.isFile() && st.nlink === 1 ? st.size : 0;
 }
