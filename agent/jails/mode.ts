@@ -7,10 +7,10 @@ import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { Coldplug } from "../stages/devices.ts";
 import type { Sys } from "../sys/index.ts";
-import { toolArgv, toolExec } from "../sys/tools.ts";
+import { toolExec } from "../sys/tools.ts";
 import type { Jail, JailNetwork, JailsConfig } from "./config.ts";
 import { CRUN_ROOT, containerService, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
-import { importImage, listImages, readImage, removeImage } from "./images.ts";
+import { formatImages, importImage, listImages, readImage, removeImage } from "./images.ts";
 import { Jails, jailCgroup, type ImageStore, type Launcher } from "./run.ts";
 import { containerSpec } from "./spec.ts";
 
@@ -39,8 +39,8 @@ export async function startJailMode(sys: Sys, log: Logger, _cold: Coldplug, jc: 
 function imageStore(sys: Sys, log: Logger): ImageStore {
   return {
     importImage: (name, body) => importImage(sys, log, name, body),
-    list: () => listImages(sys),
-    remove: (name, inUse) => void removeImage(sys, log, name, inUse),
+    list: () => formatImages(listImages(sys)),
+    remove: (name, inUse) => removeImage(sys, log, name, inUse),
   };
 }
 
@@ -99,5 +99,3 @@ function unavailable(kind: string): Launcher {
     cleanup: async () => {},
   };
 }
-
-export { toolArgv };

@@ -25,11 +25,11 @@ export interface Launcher {
   cleanup(jail: Jail): Promise<void>;
 }
 
-/** The image store (images.ts), as jail mode's admin commands use it. */
+/** The image store (images.ts), as jail mode's admin commands use it: each answers a line or throws one. */
 export interface ImageStore {
   importImage(name: string, body: AsyncIterable<Uint8Array>): Promise<string>;
-  list(): { name: string; digest: string; size: number; imported: string }[];
-  remove(name: string, inUse: (name: string) => boolean): void;
+  list(): string;
+  remove(name: string, inUse: (name: string) => boolean): string;
 }
 
 /** What the supervisor touches, besides what its launchers do. */
@@ -46,6 +46,8 @@ interface Slot {
 
 export class Jails {
   private readonly slots = new Map<string, Slot>();
+  /** Imports in progress by image name: a second import of a name waits for the first. */
+  private readonly imports = new Map<string, Promise<unknown>>();
 
   constructor(
     private readonly sys: JailsSys,
@@ -138,14 +140,19 @@ export class Jails {
   }
 
   private async imageCommand(action: ImageAction, name: string | undefined, body: AsyncIterable<Buffer>): Promise<CtlResponse> {
-    if (action === "list") {
-      const images = this.images.list();
-      return { ok: true, text: images.length ? images.map((i) => `${i.name}: ${i.digest.slice(0, 19)} ${(i.size / 1048576).toFixed(1)} MiB, imported ${i.imported}`).join("\n") : "no images" };
-    }
+    if (action === "list") return { ok: true, text: this.images.list() };
     if (!name) return { ok: false, text: `image ${action}: give the image's name` };
-    if (action === "import") return { ok: true, text: await this.images.importImage(name, body) };
-    this.images.remove(name, (n) => this.imageInUse(n));
-    return { ok: true, text: `image ${name}: removed` };
+    if (action === "rm") return { ok: true, text: this.images.remove(name, (n) => this.imageInUse(n)) };
+    // The store clears an interrupted import's leftovers of the same name: a second import
+    // running meanwhile would take the first one's for those.
+    const before = this.imports.get(name) ?? Promise.resolve();
+    const run = before.catch(() => {}).then(() => this.images.importImage(name, body));
+    this.imports.set(name, run);
+    try {
+      return { ok: true, text: await run };
+    } finally {
+      if (this.imports.get(name) === run) this.imports.delete(name);
+    }
   }
 
   /** One start or stop at a time per jail: a `jail restart` during a start waits for it. */

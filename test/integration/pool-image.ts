@@ -27,6 +27,8 @@ export interface PoolImage {
   symlinks?: Record<string, string>;
   /** Files to write inside the pool, path (from the top) → content. */
   files?: Record<string, string>;
+  /** Directories to make inside the pool, path (from the top) → their owner's uid (and gid). */
+  dirs?: Record<string, number>;
 }
 
 /** An encrypted btrfs pool as the installer would leave it, but with a host config of our choosing. */
@@ -45,6 +47,7 @@ export function buildPoolImage(p: PoolImage): string {
       ...p.subvolumes.map((sv) => `btrfs -q subvolume create ${q(`${m}/${sv}`)}`),
       `tar -x -f ${q(p.rootfs)} -C ${q(`${m}/${p.subvolumes[0]!}`)}`,
       ...Object.entries(p.symlinks ?? {}).map(([path, target]) => `ln -s ${q(target)} ${q(`${m}/${path}`)}`),
+      ...Object.entries(p.dirs ?? {}).map(([path, id]) => `mkdir -p ${q(`${m}/${path}`)} && chown ${id}:${id} ${q(`${m}/${path}`)}`),
       ...Object.entries(p.files ?? {}).map(([path, content]) => `mkdir -p ${q(dirname(`${m}/${path}`))} && printf '%s' ${q(content)} > ${q(`${m}/${path}`)}`),
       `umount ${q(m)}`,
     ];

@@ -35,9 +35,10 @@ function machine(failing: string[] = []) {
   });
   const images: ImageStore = {
     importImage: async (name) => `image ${name}: imported`,
-    list: () => [{ name: "web", digest: "sha256:0123456789abcdef0123", size: 3 << 20, imported: "2026-11-30T22:00:00Z" }],
+    list: () => "web  sha256:0123456789ab  3.0 MiB  2026-11-30T22:00:00Z",
     remove: (name, inUse) => {
       if (inUse(name)) throw new Error(`image ${name}: in use by a running jail`);
+      return `image ${name}: removed`;
     },
   };
   const jails = new Jails(s, log, CONFIG, { container: launcher("crun"), vm: launcher("qemu") }, images);
@@ -113,7 +114,7 @@ describe("jail mode's supervisor", () => {
     await jails.startAll();
     const admin = jails.admin();
     const empty = (async function* () {})();
-    expect(await admin.image("list", undefined, empty)).toEqual({ ok: true, text: "web: sha256:0123456789ab 3.0 MiB, imported 2026-11-30T22:00:00Z" });
+    expect(await admin.image("list", undefined, empty)).toEqual({ ok: true, text: "web  sha256:0123456789ab  3.0 MiB  2026-11-30T22:00:00Z" });
     expect(await admin.image("import", "web", empty)).toEqual({ ok: true, text: "image web: imported" });
     await expect(admin.image("rm", "web", empty)).rejects.toThrow("image web: in use by a running jail");
     expect(await admin.image("rm", undefined, empty)).toEqual({ ok: false, text: "image rm: give the image's name" });
