@@ -4,6 +4,7 @@
 // the container's rootfs, shares and spec (container.ts, spec.ts), its network namespace
 // (agent/sys/jailnet.ts), and crun, supervised (run.ts).
 import { describe } from "../errors.ts";
+import { MS } from "../sys/consts.ts";
 import type { Logger } from "../log.ts";
 import type { Coldplug } from "../stages/devices.ts";
 import type { Sys } from "../sys/index.ts";
@@ -21,6 +22,7 @@ const DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 const CONTROLLERS = "+cpu +memory +pids";
 
 export async function startJailMode(sys: Sys, log: Logger, _cold: Coldplug, jc: JailsConfig): Promise<Jails> {
+  rootAsMount(sys, log);
   for (const m of JAIL_MODULES) {
     try {
       sys.loadModule(m);
@@ -34,6 +36,29 @@ export async function startJailMode(sys: Sys, log: Logger, _cold: Coldplug, jc: 
   const jails = new Jails(sys, log, jc, { container: containerLauncher(sys, log, jc.network), vm: unavailable("vm") }, imageStore(sys, log));
   await jails.startAll();
   return jails;
+}
+
+/** Where the initramfs is bound to become a root that can be pivoted from (rootAsMount). */
+const BOUND_ROOT = "/run/initos/root";
+
+/**
+ * crun enters a jail's rootfs with pivot_root(2), which refuses to move the initramfs (the
+ * rootfs mount has no parent: "pivot_root: Invalid argument", seen at the first jail start).
+ * crun's --no-pivot (MS_MOVE + chroot) would do instead, but leaves the rootfs mount it made
+ * inside the jail's user namespace unlocked: the jail's root could unmount it and find the
+ * initramfs (and under it the pool on /x) below. So PID 1 makes its own root a mount, as every
+ * initramfs switch_root does but onto a recursive bind of itself: the same files and mounts,
+ * now on a mount with a parent, and every process started from here (crun) inherits it. Only
+ * in jail mode: the agent never leaves the initramfs here, so nothing else notices.
+ */
+function rootAsMount(sys: Sys, log: Logger): void {
+  sys.mkdirp(BOUND_ROOT, 0o700);
+  sys.mount("/", BOUND_ROOT, null, MS.BIND | MS.REC);
+  sys.chdir(BOUND_ROOT);
+  sys.mount(".", "/", null, MS.MOVE);
+  sys.chroot(".");
+  sys.chdir("/");
+  log.info("jails: the initramfs is bound onto itself, so that runtimes can pivot_root out of it");
 }
 
 function imageStore(sys: Sys, log: Logger): ImageStore {
