@@ -1,0 +1,289 @@
+// VM jails: the host (PID 1 in jail mode, the pool at /x) boots a jail's image as a VM under
+// QEMU, with the VM kernel + initrd this project builds, driven by vm mode's cmdline contract
+// (agent/stages/vm.ts): the image's btrfs disk on /dev/vda, one share over 9p, a static address
+// on the bridge, and the jail's command run as a pod that powers the VM off when it exits.
+//
+// What QEMU gets is data from the pool's host config (validated by config.ts), so vmArgv checks
+// again that nothing of it can become another QEMU option: every value placed in a QEMU option
+// list (path=, file=, mount_tag=, ifname=) must be free of ',' and '=' is harmless only after
+// the key, so values are held to a plain path alphabet; the kernel cmdline cannot quote '"'.
+import { createHash } from "node:crypto";
+import { describe } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import type { Service } from "../supervise.ts";
+import type { Clock, Files, Processes, Sockets } from "../sys/index.ts";
+import { imageSubvolume, type Jail, POOL_MOUNT } from "./config.ts";
+
+/** A jail that cannot be started as asked: one line naming the jail and what is wrong. */
+export class VmJailError extends Error {
+  constructor(jail: string, why: string) {
+    super(`jail ${jail}: ${why}`);
+    this.name = "VmJailError";
+  }
+}
+
+export interface VmShare {
+  /** The host directory (in the pool). */
+  source: string;
+  /** The 9p mount tag the guest mounts it by. */
+  tag: string;
+  /** Where the guest mounts it. */
+  path: string;
+  readOnly: boolean;
+}
+
+export interface VmLaunch {
+  /** QEMU's argv prefix: a path, or the tools image's loader + library path + binary (toolArgv). */
+  qemu: string[];
+  /** QEMU's data directory (firmware: qboot's bios-microvm.bin), passed as -L; needed when QEMU runs through ld.so and cannot find its own. */
+  dataDir?: string;
+  kernel: string;
+  initrd: string;
+  /** The VM's root disk: a raw btrfs image (vmDisk). */
+  disk: string;
+  shares: VmShare[];
+  /** A tap device (made and attached to the bridge by the network part) and the VM's MAC on it. */
+  tap?: string;
+  mac?: string;
+  /** The jail's address on the machine's /24: its gateway (the bridge) and prefix. Absent: no network. */
+  network?: { gateway: string; prefix: number };
+  /** QMP's unix socket (powerdownVm talks to it). */
+  qmp: string;
+  kvm: boolean;
+}
+
+/**
+ * The x86 kernel's COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h): a longer -append is cut
+ * by the boot protocol, which would silently drop the end of the jail's command.
+ */
+export const MAX_CMDLINE = 2048;
+/**
+ * The VM initrd (build/vm/initrd.img) is 49 MB of zstd that unpacks to ~140 MB (the agent is
+ * 110 MB) and both live in RAM during the unpack. Measured with this kernel under TCG: see
+ * test/system/vm-jail.test.ts and the report; below this the guest panics before vm mode runs.
+ */
+export const MIN_VM_MEMORY_MIB = 384;
+
+/** Values that go inside QEMU option lists (paths, tags, interface names): no ',' (the list separator) and nothing a shell or QEMU would read specially. */
+const PLAIN = /^[A-Za-z0-9_./@+:-]+$/;
+/** A 9p mount tag: QEMU takes up to 31 bytes; the cmdline's initos.share wants [\w.-]. */
+const TAG = /^[\w.-]{1,31}$/;
+const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
+const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+
+function plain(jail: string, what: string, v: string): string {
+  if (!PLAIN.test(v)) throw new VmJailError(jail, `${what} ${JSON.stringify(v)} holds characters QEMU would parse (only letters, digits and _./@+:- are passed)`);
+  return v;
+}
+
+/**
+ * One word of the kernel cmdline after `--`: the kernel (and agent/cmdline.ts's tokenize) split
+ * on whitespace and group with double quotes, with no escape for a quote itself. A word with a
+ * space is quoted; one with a quote or a control character cannot be passed and is refused.
+ */
+function cmdlineWord(jail: string, w: string): string {
+  // eslint-disable-next-line no-control-regex
+  if (/["\x00-\x1f\x7f]/.test(w)) throw new VmJailError(jail, `command word ${JSON.stringify(w.slice(0, 40))} holds a '"' or a control character, which the kernel cmdline cannot carry`);
+  return /\s/.test(w) || w === "" ? `"${w}"` : w;
+}
+
+/** A locally administered unicast MAC, stable for a name (so the guest's interface keeps its identity across restarts). */
+export function vmMac(name: string): string {
+  const h = createHash("sha256").update(`initos-vm:${name}`).digest();
+  return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
+}
+
+/** The kernel cmdline for vm mode (agent/stages/vm.ts's contract). */
+export function vmCmdline(jail: Jail, o: Pick<VmLaunch, "shares" | "network" | "kvm">): string {
+  const words = ["console=ttyS0", "initos.mode=vm", "root=/dev/vda", "rw", `initos.hostname=${jail.name}`];
+  // microvm has no HPET or PM timer: without KVM's clock the kernel cannot calibrate its TSC
+  // and stalls; under TCG it is told the rate (qemu/harness.ts measured this).
+  if (!o.kvm) words.push("tsc_early_khz=2000000", "tsc=reliable");
+  if (o.network) {
+    if (!IPV4.test(jail.address) || !IPV4.test(o.network.gateway)) throw new VmJailError(jail.name, `address ${JSON.stringify(jail.address)} or gateway ${JSON.stringify(o.network.gateway)} is not an IPv4 address`);
+    if (!Number.isInteger(o.network.prefix) || o.network.prefix < 1 || o.network.prefix > 30) throw new VmJailError(jail.name, `prefix ${o.network.prefix} is not 1-30`);
+    words.push(`initos.ip=${jail.address}/${o.network.prefix}`, `initos.gw=${o.network.gateway}`);
+  }
+  const share = o.shares[0];
+  if (share) words.push(`initos.share=${share.tag}:${plain(jail.name, "share path", share.path)}`);
+  if (jail.command) words.push("--", ...jail.command.map((w) => cmdlineWord(jail.name, w)));
+  const line = words.join(" ");
+  if (Buffer.byteLength(line) >= MAX_CMDLINE) throw new VmJailError(jail.name, `the kernel cmdline would be ${Buffer.byteLength(line)} bytes, over the ${MAX_CMDLINE - 1} the kernel keeps (shorten the command)`);
+  return line;
+}
+
+/**
+ * QEMU's argv for a VM jail. Pure. microvm (virtio-mmio devices and the power button found
+ * through ACPI; no PCI, no firmware beyond qboot): the VM kernel boots on it, measured in
+ * test/integration/vm.test.ts and test/system/vm-jail.test.ts.
+ */
+export function vmArgv(jail: Jail, o: VmLaunch): string[] {
+  const n = jail.name;
+  if (jail.kind !== "vm") throw new VmJailError(n, `kind is ${jail.kind}, not vm`);
+  // vm mode mounts one share (initos.share): a second would be silently missing in the guest.
+  if (o.shares.length > 1) throw new VmJailError(n, `${o.shares.length} shares: a VM jail takes at most one (vm mode mounts one initos.share)`);
+  if (Object.keys(jail.env).length) throw new VmJailError(n, "env: a VM jail's app gets no environment from the host (vm mode has no way to pass one); drop env or use a container");
+  if (!Number.isInteger(jail.memoryMiB) || jail.memoryMiB < MIN_VM_MEMORY_MIB) throw new VmJailError(n, `memory ${jail.memoryMiB}M is below the ${MIN_VM_MEMORY_MIB}M the VM initrd needs to unpack`);
+  if (!(jail.cpus > 0 && jail.cpus <= 256)) throw new VmJailError(n, `cpus ${jail.cpus} is not in (0, 256]`);
+  const args = [...o.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"];
+  if (o.dataDir) args.push("-L", plain(n, "QEMU data directory", o.dataDir));
+  args.push("-name", `initos-${n}`);
+  args.push("-machine", "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on");
+  // Bun's baseline build needs SSE4.2, which TCG's default qemu64 CPU lacks (DESIGN §3).
+  args.push(...(o.kvm ? ["-accel", "kvm", "-cpu", "host"] : ["-accel", "tcg", "-cpu", "max"]));
+  args.push("-m", String(jail.memoryMiB), "-smp", String(Math.ceil(jail.cpus)));
+  // The serial console on stdout, which the supervisor logs line by line as "<name>: ...".
+  args.push("-serial", "stdio");
+  args.push("-qmp", `unix:${plain(n, "QMP socket", o.qmp)},server=on,wait=off`);
+  args.push("-kernel", plain(n, "kernel", o.kernel), "-initrd", plain(n, "initrd", o.initrd), "-append", vmCmdline(jail, o));
+  // discard=unmap: what the guest frees goes back to the pool (the disk file is sparse).
+  args.push("-drive", `file=${plain(n, "disk", o.disk)},format=raw,if=none,id=root,discard=unmap`, "-device", "virtio-blk-device,drive=root");
+  o.shares.forEach((s, i) => {
+    if (!TAG.test(s.tag)) throw new VmJailError(n, `share tag ${JSON.stringify(s.tag)} is not 1-31 of letters, digits, _.-`);
+    // mapped-xattr: the guest's owners and modes are kept in xattrs, the host files stay
+    // QEMU's own, so a guest root cannot plant a setuid-root file in the pool.
+    const ro = s.readOnly ? ",readonly=on" : "";
+    args.push("-fsdev", `local,id=fs${i},path=${plain(n, "share source", s.source)},security_model=mapped-xattr${ro}`, "-device", `virtio-9p-device,fsdev=fs${i},mount_tag=${s.tag}`);
+  });
+  if (o.network) {
+    if (!o.tap) throw new VmJailError(n, "a network without a tap device");
+    const mac = o.mac ?? vmMac(n);
+    if (!MAC.test(mac)) throw new VmJailError(n, `MAC ${JSON.stringify(mac)} is not xx:xx:xx:xx:xx:xx`);
+    args.push("-netdev", `tap,id=net0,ifname=${plain(n, "tap", o.tap)},script=no,downscript=no`, "-device", `virtio-net-device,netdev=net0,mac=${mac}`);
+  }
+  return args;
+}
+
+/** The jail's share (config.ts: a pool subvolume, or a directory in it) as the host path QEMU exports. */
+export function vmShares(jail: Jail, pool = POOL_MOUNT): VmShare[] {
+  return jail.shares.map((s, i) => ({ source: s.dir ? `${pool}/${s.subvol}/${s.dir}` : `${pool}/${s.subvol}`, tag: `share${i}`, path: s.path, readOnly: s.readOnly }));
+}
+
+/** What agent/supervise.ts runs: QEMU in the foreground, its console logged as "<jail>: ...", restarted with backoff. */
+export function vmService(jail: Jail, o: VmLaunch, env: Record<string, string> = {}): Service {
+  return { name: jail.name, argv: vmArgv(jail, o), env };
+}
+
+// --- the disk ------------------------------------------------------------------------------
+
+/**
+ * VM disks live in the pool, in one subvolume of their own (kept out of the images' and the
+ * jails' names): per image, the btrfs image made from its subvolume, kept while the image is
+ * the same; per jail, a reflinked copy made at each start (the image stays pristine, like a
+ * container's snapshot, and the copy costs no data until the VM writes).
+ */
+export const VM_DISKS = "@vm-disks";
+/**
+ * The disk file's size. It is sparse: mkfs.btrfs --rootdir writes only the tree, and the guest's
+ * discards give back what it frees, so this is the most a VM can grow to, not what it costs.
+ */
+export const VM_DISK_MIB = 8192;
+
+export type DiskSys = Pick<Files, "lstat" | "exists" | "mkdirp" | "unlink" | "rename" | "readdir" | "cloneFile"> & Pick<Processes, "run">;
+
+export interface DiskTools {
+  /** argv prefixes of btrfs and mkfs.btrfs (the tools image's, through toolArgv). */
+  btrfs: string[];
+  mkfs: string[];
+}
+
+/** The image subvolume's UUID (`btrfs subvolume show`): a new import is a new subvolume, so a new UUID. */
+function subvolumeUuid(sys: DiskSys, tools: DiskTools, path: string): string {
+  const out = sys.run([...tools.btrfs, "subvolume", "show", path]);
+  const m = /^\s*UUID:\s*([0-9a-f-]{36})\s*$/m.exec(out);
+  if (!m) throw new Error(`btrfs subvolume show ${path}: no UUID in its output`);
+  return m[1]!;
+}
+
+/**
+ * The jail's root disk: the image's btrfs disk (made once per image subvolume, by mkfs.btrfs
+ * --rootdir into a temporary name, renamed into place when whole), and a fresh reflinked copy
+ * for this start. Returns the copy's path. A failure leaves no partial file behind.
+ */
+export function vmDisk(sys: DiskSys, log: Logger, tools: DiskTools, jail: Jail, pool = POOL_MOUNT): string {
+  const src = `${pool}/${imageSubvolume(jail.image)}`;
+  if (sys.lstat(src).kind !== "dir") throw new VmJailError(jail.name, `image ${jail.image}: ${src} does not exist (image import ${jail.image})`);
+  const dir = `${pool}/${VM_DISKS}`;
+  if (sys.lstat(dir).kind === "missing") sys.run([...tools.btrfs, "subvolume", "create", dir]);
+  else if (sys.lstat(dir).kind !== "dir") throw new VmJailError(jail.name, `${dir} is not a directory`);
+  const uuid = subvolumeUuid(sys, tools, src);
+  const base = `${dir}/img-${jail.image}.${uuid}.img`;
+  if (!sys.exists(base)) {
+    const tmp = `${base}.tmp`;
+    try {
+      if (sys.exists(tmp)) sys.unlink(tmp); // a crash's leftover
+      // -s: the size of the sparse file; mkfs --rootdir writes the tree and nothing else.
+      sys.run([...tools.mkfs, "-q", "-f", "-L", `initos-${jail.image}`, "--rootdir", src, "-b", `${VM_DISK_MIB}M`, tmp]);
+      sys.rename(tmp, base);
+    } catch (e) {
+      if (sys.exists(tmp)) sys.unlink(tmp);
+      throw new VmJailError(jail.name, `image ${jail.image}: making its VM disk failed: ${describe(e)}`);
+    }
+    log.info(`jail ${jail.name}: made the VM disk of image ${jail.image} (${uuid})`);
+    // Disks of earlier imports of this image are no longer any jail's source.
+    for (const f of sys.readdir(dir)) {
+      if (f.startsWith(`img-${jail.image}.`) && `${dir}/${f}` !== base) sys.unlink(`${dir}/${f}`);
+    }
+  }
+  const disk = `${dir}/jail-${jail.name}.img`;
+  if (sys.exists(disk)) sys.unlink(disk);
+  try {
+    sys.cloneFile(base, disk);
+  } catch (e) {
+    if (sys.exists(disk)) sys.unlink(disk);
+    throw new VmJailError(jail.name, `copying the VM disk: ${describe(e)}`);
+  }
+  return disk;
+}
+
+// --- stopping ------------------------------------------------------------------------------
+
+/**
+ * Asks the VM to power off through QMP: qmp_capabilities (QMP answers nothing else first), then
+ * system_powerdown, which presses the ACPI power button. In the guest, vm mode's pod
+ * (initrd/pod.c) turns KEY_POWER into SIGTERM for the app and powers off when it exits
+ * (test/integration/vm.test.ts shows it); a root's own init (systemd) shuts down. The caller
+ * kills QEMU after its own bound if the VM does not go. Resolves true when QEMU accepted the
+ * request, false (with the reason logged) when it could not be asked.
+ */
+export async function powerdownVm(sys: Pick<Sockets, "connectUnix"> & Pick<Clock, "now">, log: Logger, qmpPath: string, timeoutMs: number): Promise<boolean> {
+  const deadline = sys.now() + timeoutMs;
+  const left = () => Math.max(1, deadline - sys.now());
+  let conn;
+  try {
+    conn = await sys.connectUnix(qmpPath, left());
+  } catch (e) {
+    log.warn(`qmp ${qmpPath}: ${describe(e)}`);
+    return false;
+  }
+  try {
+    /** The next reply (events, which QMP sends unasked, are skipped). */
+    const reply = async (what: string): Promise<void> => {
+      for (;;) {
+        const line = await conn.readLine(left());
+        if (line === null) throw new Error(`no answer to ${what}`);
+        let msg: unknown;
+        try {
+          msg = JSON.parse(line);
+        } catch {
+          throw new Error(`not JSON: ${line.slice(0, 80)}`);
+        }
+        if (typeof msg !== "object" || msg === null || "event" in msg) continue;
+        if ("error" in msg) throw new Error(`${what}: ${JSON.stringify((msg as { error: unknown }).error).slice(0, 200)}`);
+        if ("return" in msg) return;
+      }
+    };
+    const greeting = await conn.readLine(left());
+    if (greeting === null || !greeting.includes('"QMP"')) throw new Error("no QMP greeting");
+    conn.write('{"execute":"qmp_capabilities"}\n');
+    await reply("qmp_capabilities");
+    conn.write('{"execute":"system_powerdown"}\n');
+    await reply("system_powerdown");
+    return true;
+  } catch (e) {
+    log.warn(`qmp ${qmpPath}: ${describe(e)}`);
+    return false;
+  } finally {
+    conn.close();
+  }
+}
