@@ -59,10 +59,10 @@ export interface VmLaunch {
 export const MAX_CMDLINE = 2048;
 /**
  * The VM initrd (build/vm/initrd.img) is 49 MB of zstd that unpacks to ~140 MB (the agent is
- * 110 MB) and both live in RAM during the unpack. Measured with this kernel under TCG: see
- * test/system/vm-jail.test.ts and the report; below this the guest panics before vm mode runs.
+ * 110 MB), and both are in RAM during the unpack. Measured with build/vm's kernel under TCG,
+ * one CPU: 256M panics while unpacking ("System is deadlocked on memory"); 320M boots to the app.
  */
-export const MIN_VM_MEMORY_MIB = 384;
+export const MIN_VM_MEMORY_MIB = 320;
 
 /** Values that go inside QEMU option lists (paths, tags, interface names): no ',' (the list separator) and nothing a shell or QEMU would read specially. */
 const PLAIN = /^[A-Za-z0-9_./@+:-]+$/;
@@ -95,7 +95,10 @@ export function vmMac(name: string): string {
 
 /** The kernel cmdline for vm mode (agent/stages/vm.ts's contract). */
 export function vmCmdline(jail: Jail, o: Pick<VmLaunch, "shares" | "network" | "kvm">): string {
-  const words = ["console=ttyS0", "initos.mode=vm", "root=/dev/vda", "rw", `initos.hostname=${jail.name}`];
+  // panic=-1: a guest kernel panic reboots at once, which -no-reboot turns into QEMU's exit, so
+  // the supervisor sees it and restarts with backoff (a panicked guest otherwise sits forever:
+  // seen with 256M, "System is deadlocked on memory").
+  const words = ["console=ttyS0", "panic=-1", "initos.mode=vm", "root=/dev/vda", "rw", `initos.hostname=${jail.name}`];
   // microvm has no HPET or PM timer: without KVM's clock the kernel cannot calibrate its TSC
   // and stalls; under TCG it is told the rate (qemu/harness.ts measured this).
   if (!o.kvm) words.push("tsc_early_khz=2000000", "tsc=reliable");
@@ -126,6 +129,9 @@ export function vmArgv(jail: Jail, o: VmLaunch): string[] {
   if (!Number.isInteger(jail.memoryMiB) || jail.memoryMiB < MIN_VM_MEMORY_MIB) throw new VmJailError(n, `memory ${jail.memoryMiB}M is below the ${MIN_VM_MEMORY_MIB}M the VM initrd needs to unpack`);
   if (!(jail.cpus > 0 && jail.cpus <= 256)) throw new VmJailError(n, `cpus ${jail.cpus} is not in (0, 256]`);
   const args = [...o.qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"];
+  // QEMU parses what the guest sends (virtio rings, 9p requests): its seccomp filter takes
+  // away exec, setuid/setgid, obsolete and resource-control calls should a guest break in.
+  args.push("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
   if (o.dataDir) args.push("-L", plain(n, "QEMU data directory", o.dataDir));
   args.push("-name", `initos-${n}`);
   args.push("-machine", "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on");
@@ -248,7 +254,7 @@ export function vmDisk(sys: DiskSys, log: Logger, tools: DiskTools, jail: Jail, 
  */
 export async function powerdownVm(sys: Pick<Sockets, "connectUnix"> & Pick<Clock, "now">, log: Logger, qmpPath: string, timeoutMs: number): Promise<boolean> {
   const deadline = sys.now() + timeoutMs;
-  const left = () => Math.max(1, deadline - sys.now());
+  const left = () => Math.max(1, Math.round(deadline - sys.now()));
   let conn;
   try {
     conn = await sys.connectUnix(qmpPath, left());

@@ -305,7 +305,7 @@ export interface LineConnection {
   close(): void;
 }
 export interface Sockets {
-  /** Connects to the unix socket `path`; rejects (naming it) when nothing answers within `timeoutMs`. */
+  /** Connects to the unix socket `path`; rejects when nothing answers within `timeoutMs` (the caller names the path). */
   connectUnix(path: string, timeoutMs: number): Promise<LineConnection>;
   /**
    * Listens on `path` (mode 0600, a stale socket file replaced). Each connection sends one

@@ -1,5 +1,6 @@
 // A line-speaking client of a unix socket (QEMU's QMP): lines are read as they come, each read
-// bounded, so a peer that goes silent costs a timeout, never a hang.
+// bounded, so a peer that goes silent costs a timeout, never a hang. Errors do not repeat the
+// path: the caller's line names it.
 import { createConnection } from "node:net";
 import type { LineConnection } from "./index.ts";
 
@@ -20,14 +21,14 @@ export function connectUnix(path: string, timeoutMs: number): Promise<LineConnec
     };
     const timer = setTimeout(() => {
       sock.destroy();
-      reject(new Error(`${path}: no connection within ${timeoutMs}ms`));
+      reject(new Error(`no connection within ${timeoutMs}ms`));
     }, timeoutMs);
     sock.setEncoding("utf8");
     sock.on("data", (d: string) => {
       const parts = (rest + d).split("\n");
       rest = parts.pop()!;
       if (rest.length > MAX_LINE) {
-        failure = new Error(`${path}: a line longer than ${MAX_LINE} bytes`);
+        failure = new Error(`a line longer than ${MAX_LINE} bytes`);
         sock.destroy();
       }
       lines.push(...parts.map((l) => l.replace(/\r$/, "")));
@@ -36,7 +37,7 @@ export function connectUnix(path: string, timeoutMs: number): Promise<LineConnec
     sock.on("end", () => ((ended = true), poke()));
     sock.on("close", () => ((ended = true), poke()));
     sock.on("error", (e) => {
-      failure = new Error(`${path}: ${e.message}`);
+      failure = new Error(e.message);
       ended = true;
       clearTimeout(timer);
       reject(failure);
@@ -53,7 +54,7 @@ export function connectUnix(path: string, timeoutMs: number): Promise<LineConnec
             if (failure) throw failure;
             if (ended) return null;
             const wait = until - Date.now();
-            if (wait <= 0) throw new Error(`${path}: no answer within ${ms}ms`);
+            if (wait <= 0) throw new Error(`no answer within ${ms}ms`);
             await new Promise<void>((r) => {
               const t = setTimeout(r, wait);
               wake = () => (clearTimeout(t), r());
