@@ -11,6 +11,7 @@ import { createHash } from "node:crypto";
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { Service } from "../supervise.ts";
+import { IMAGES_DIR } from "../stages/images.ts";
 import type { Clock, Files, Processes, Sockets } from "../sys/index.ts";
 import { imageSubvolume, type Jail, POOL_MOUNT } from "./config.ts";
 
@@ -163,6 +164,34 @@ export function vmArgv(jail: Jail, o: VmLaunch): string[] {
 /** The jail's share (config.ts: a pool subvolume, or a directory in it) as the host path QEMU exports. */
 export function vmShares(jail: Jail, pool = POOL_MOUNT): VmShare[] {
   return jail.shares.map((s, i) => ({ source: s.dir ? `${pool}/${s.subvol}/${s.dir}` : `${pool}/${s.subvol}`, tag: `share${i}`, path: s.path, readOnly: s.readOnly }));
+}
+
+/**
+ * The verified image QEMU and the VM kernel + initrd come from (initrd/images.ts,
+ * buildVmHostImage), listed in the signed config with `onDemand`: the images stage leaves it
+ * alone and whoever starts the first VM jail opens it (stages/images.ts openImage), so hosts
+ * without VM jails never read or verify it. Measured: 72 MB (the VM initrd alone is 49 MB,
+ * vmlinuz 8 MB, QEMU with its 51 libraries and its TCG module 15 MB) against tools' 12 MB.
+ */
+export const VM_HOST_IMAGE = "vmhost";
+
+/**
+ * Where QEMU and the VM kernel are in the mounted vmhost image. QEMU runs as itself with
+ * LD_LIBRARY_PATH (toolExec's way), not through ld.so: it finds its TCG module and its
+ * firmware relative to /proc/self/exe, which through ld.so would be ld.so. -L and
+ * QEMU_MODULE_DIR say the same explicitly (measured with strace: it opens
+ * <exe>/../share/qemu/bios-microvm.bin and <exe>/../lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so).
+ * The image's libraries come from the same Debian glibc as the initrd's ld.so.
+ */
+export function vmHostPaths(root = `${IMAGES_DIR}/${VM_HOST_IMAGE}`): Pick<VmLaunch, "qemu" | "dataDir" | "kernel" | "initrd"> & { env: Record<string, string> } {
+  const lib = `${root}/usr/lib/x86_64-linux-gnu`;
+  return {
+    qemu: [`${root}/usr/bin/qemu-system-x86_64`],
+    env: { LD_LIBRARY_PATH: lib, QEMU_MODULE_DIR: `${lib}/qemu` },
+    dataDir: `${root}/usr/share/qemu`,
+    kernel: `${root}/vm/vmlinuz`,
+    initrd: `${root}/vm/initrd.img`,
+  };
 }
 
 /** What agent/supervise.ts runs: QEMU in the foreground, its console logged as "<jail>: ...", restarted with backoff. */

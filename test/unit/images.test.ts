@@ -76,6 +76,18 @@ describe("verified images", () => {
     expect(s.verityPinned.get("/run/initos/esp-a/initos/modules.sqfs")).toEqual(VERITY);
   });
 
+  it("an image marked onDemand is not read, verified or mounted at boot; openImage opens it later", async () => {
+    const s = machine("a");
+    for (const slot of ["a", "b"]) for (const f of ["vmhost.sqfs", "vmhost.verity"]) s.add(`/run/initos/esp-${slot}/initos/${f}`, { kind: "file" });
+    const withVm = AgentConfigSchema.parse({ images: [...cfg.images, { name: "vmhost", rootHash: "ef".repeat(32), verity: VERITY, onDemand: true }] });
+    const log = silentLog();
+    const e = await esps(s);
+    expect(setupImages(s, log, withVm, e, false, new Coldplug(s, log)).map((m) => m.name)).toEqual(["modules"]);
+    expect(s.calls.some((c) => c.includes("vmhost"))).toBe(false);
+    expect(log.lines).toContain("info: image vmhost: opened on demand, not at boot");
+    expect(openImage(s, log, e, withVm.esp.dir, withVm.images[1]!, false)).toMatchObject({ name: "vmhost", mountPoint: "/run/initos/images/vmhost", verified: true });
+  });
+
   it("a superblock that disagrees with the pinned parameters is one slot's reason, and the other slot is tried", async () => {
     const s = machine("a");
     s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("verity superblock: dataBlocks is 24999, the signed config pins 25000"));
