@@ -161,9 +161,43 @@ export function vmArgv(jail: Jail, o: VmLaunch): string[] {
   return args;
 }
 
-/** The jail's share (config.ts: a pool subvolume, or a directory in it) as the host path QEMU exports. */
-export function vmShares(jail: Jail, pool = POOL_MOUNT): VmShare[] {
-  return jail.shares.map((s, i) => ({ source: s.dir ? `${pool}/${s.subvol}/${s.dir}` : `${pool}/${s.subvol}`, tag: `share${i}`, path: s.path, readOnly: s.readOnly }));
+/** The jail's shares opened for QEMU; close() once the jail is stopped for good (not between restarts). */
+export interface OpenShares {
+  shares: VmShare[];
+  close(): void;
+}
+
+/**
+ * The jail's shares (config.ts: a pool subvolume, or a directory in it), each resolved inside
+ * the pool with no symlink followed (openat2 RESOLVE_IN_ROOT|NO_SYMLINKS), and handed to QEMU as
+ * /proc/<agent>/fd/<fd>: QEMU opens that magic link, which is the directory the agent resolved,
+ * not a path resolved again. A jail writes into its shares: a symlink it left there must not
+ * export the host's / to the next VM (QEMU's 9p backend follows symlinks in its root path, and
+ * a check before a path-based launch would leave a race). A share that is missing or crosses a
+ * symlink: one line, the jail not started. The fds stay open while the jail may restart.
+ */
+export function openVmShares(sys: Pick<Files, "openDirInRoot" | "close"> & Pick<Processes, "pid">, jail: Jail, pool = POOL_MOUNT): OpenShares {
+  const fds: number[] = [];
+  const close = () => fds.splice(0).forEach((fd) => sys.close(fd));
+  try {
+    const shares = jail.shares.map((s, i) => {
+      const inPool = s.dir ? `${s.subvol}/${s.dir}` : s.subvol;
+      let fd: number;
+      try {
+        fd = sys.openDirInRoot(pool, inPool);
+      } catch (e) {
+        const errno = (e as { errno?: number }).errno;
+        const why = errno === 40 ? "crosses a symlink" : errno === 2 ? "does not exist" : errno === 20 ? "is not a directory" : describe(e);
+        throw new VmJailError(jail.name, `share ${inPool} ${why} in the pool`);
+      }
+      fds.push(fd);
+      return { source: `/proc/${sys.pid()}/fd/${fd}`, tag: `share${i}`, path: s.path, readOnly: s.readOnly };
+    });
+    return { shares, close };
+  } catch (e) {
+    close();
+    throw e;
+  }
 }
 
 /**

@@ -6,11 +6,11 @@
 // app as SIGTERM (pod.c's power button). QEMU runs under flock /tmp/initos-qemu.lock (QEMU
 // runs are serialized across test runs on this machine).
 import { execFileSync } from "node:child_process";
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Jail } from "../../agent/jails/config.ts";
-import { powerdownVm, VM_DISKS, vmDisk, vmService, vmShares } from "../../agent/jails/vm.ts";
+import { openVmShares, powerdownVm, VM_DISKS, vmDisk, vmService } from "../../agent/jails/vm.ts";
 import type { Logger } from "../../agent/log.ts";
 import { supervise } from "../../agent/supervise.ts";
 import type { Sys } from "../../agent/sys/index.ts";
@@ -57,7 +57,7 @@ const launch = (j: Jail) => ({
   kernel: `${B}/vm/vmlinuz`,
   initrd: `${B}/vm/initrd.img`,
   disk: vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, j, pool),
-  shares: vmShares(j, pool),
+  shares: openVmShares(sys, j, pool).shares, // left open: the test process ends soon
   qmp: `${dir}/qmp-${j.name}.sock`,
   kvm: false,
 });
@@ -77,6 +77,7 @@ beforeAll(async () => {
   execFileSync("btrfs", ["property", "set", "-ts", `${pool}/@img-app`, "ro", "true"]);
   execFileSync("btrfs", ["-q", "subvolume", "create", `${pool}/@data`]);
   writeFileSync(`${pool}/@data/hello.txt`, "written-by-host\n");
+  symlinkSync("/", `${pool}/@data/escape`); // what a jail could leave in its share
 }, 60_000);
 
 afterAll(() => {
@@ -106,6 +107,11 @@ describe.sequential("VM jail launcher on this host (TCG)", () => {
       `jail nope: image nope: ${pool}/@img-nope does not exist (image import nope)`,
     );
     expect(sys.readdir(`${pool}/${VM_DISKS}`).sort()).toEqual(before);
+  });
+
+  it("openVmShares: a share through a symlink the jail left is refused with one line, on the real openat2", () => {
+    const j = jail({ shares: [{ subvol: "@data", dir: "escape/etc", path: "/z", readOnly: true }] });
+    expect(() => openVmShares(sys, j, pool)).toThrow("jail app: share @data/escape/etc crosses a symlink in the pool");
   });
 
   it("boots the image under the supervisor: the app's marker in the log as 'app: ...', the share, then the VM powers itself off", async () => {

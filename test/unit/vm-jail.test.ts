@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { describe, expect, it } from "vitest";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import type { Jail } from "../../agent/jails/config.ts";
-import { MAX_CMDLINE, MIN_VM_MEMORY_MIB, powerdownVm, type VmLaunch, vmArgv, vmDisk, vmMac, vmService, vmShares } from "../../agent/jails/vm.ts";
+import { MAX_CMDLINE, MIN_VM_MEMORY_MIB, openVmShares, powerdownVm, type VmLaunch, vmArgv, vmDisk, vmHostPaths, vmMac, vmService } from "../../agent/jails/vm.ts";
 import { connectUnix } from "../../agent/sys/unixclient.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
@@ -28,7 +28,7 @@ const launch = (j: Jail, over: Partial<VmLaunch> = {}): VmLaunch => ({
   kernel: "/t/vm/vmlinuz",
   initrd: "/t/vm/initrd.img",
   disk: "/x/@vm-disks/jail-web.img",
-  shares: vmShares(j),
+  shares: j.shares.map((sh, i) => ({ source: `/proc/1/fd/${100 + i}`, tag: `share${i}`, path: sh.path, readOnly: sh.readOnly })),
   tap: "vj-web",
   network: { gateway: "10.77.0.1", prefix: 24 },
   qmp: "/run/initos/jails/web.qmp",
@@ -54,7 +54,7 @@ describe("vmArgv", () => {
     expect([after(a, "-kernel"), after(a, "-initrd")]).toEqual(["/t/vm/vmlinuz", "/t/vm/initrd.img"]);
     expect(after(a, "-drive")).toBe("file=/x/@vm-disks/jail-web.img,format=raw,if=none,id=root,discard=unmap");
     expect(after(a, "-device", 0)).toBe("virtio-blk-device,drive=root");
-    expect(after(a, "-fsdev")).toBe("local,id=fs0,path=/x/@data/www,security_model=mapped-xattr,readonly=on");
+    expect(after(a, "-fsdev")).toBe("local,id=fs0,path=/proc/1/fd/100,security_model=mapped-xattr,readonly=on");
     expect(after(a, "-device", 1)).toBe("virtio-9p-device,fsdev=fs0,mount_tag=share0");
     expect(after(a, "-netdev")).toBe("tap,id=net0,ifname=vj-web,script=no,downscript=no");
     expect(after(a, "-device", 2)).toBe(`virtio-net-device,netdev=net0,mac=${vmMac("web")}`);
@@ -89,17 +89,22 @@ describe("vmArgv", () => {
     expect(vmMac("web")).toMatch(/^02(:[0-9a-f]{2}){5}$/);
   });
 
-  it("vmService: the jail's name (the log prefix) and its argv", () => {
+  it("vmService: the jail's name (the log prefix), its argv, and QEMU run as itself from the vmhost image", () => {
     const j = jail();
     expect(vmService(j, launch(j))).toEqual({ name: "web", argv: vmArgv(j, launch(j)), env: {} });
+    const { env, ...paths } = vmHostPaths("/run/initos/images/vmhost");
+    const svc = vmService(j, launch(j, paths), env);
+    expect(svc.argv.slice(0, 1)).toEqual(["/run/initos/images/vmhost/usr/bin/qemu-system-x86_64"]);
+    expect(after(svc.argv, "-L")).toBe("/run/initos/images/vmhost/usr/share/qemu");
+    expect([after(svc.argv, "-kernel"), after(svc.argv, "-initrd")]).toEqual(["/run/initos/images/vmhost/vm/vmlinuz", "/run/initos/images/vmhost/vm/initrd.img"]);
+    expect(svc.env).toEqual({ LD_LIBRARY_PATH: "/run/initos/images/vmhost/usr/lib/x86_64-linux-gnu", QEMU_MODULE_DIR: "/run/initos/images/vmhost/usr/lib/x86_64-linux-gnu/qemu" });
   });
 
   describe("hostile values are refused with one line naming the jail, never passed to QEMU", () => {
     const refused = (j: Jail, o: VmLaunch, msg: RegExp) => expect(() => vmArgv(j, o)).toThrow(msg);
     it("a ',' in a value QEMU parses as an option list (share source, disk, QMP path, tap, kernel)", () => {
-      const j = jail({ shares: [{ subvol: "@data", dir: "a,readonly=off", path: "/srv", readOnly: true }] });
-      refused(j, launch(j), /^jail web: share source "\/x\/@data\/a,readonly=off" holds characters QEMU would parse/);
       const k = jail();
+      refused(k, launch(k, { shares: [{ source: "/x/@data/a,readonly=off", tag: "s", path: "/srv", readOnly: true }] }), /^jail web: share source "\/x\/@data\/a,readonly=off" holds characters QEMU would parse/);
       refused(k, launch(k, { disk: "/x/d.img,snapshot=off" }), /^jail web: disk /);
       refused(k, launch(k, { qmp: "/run/q.sock,server=on" }), /^jail web: QMP socket /);
       refused(k, launch(k, { tap: "vj-web,script=/bin/sh" }), /^jail web: tap /);
@@ -131,6 +136,28 @@ describe("vmArgv", () => {
       const ct = jail({ kind: "container" });
       refused(ct, launch(ct), /^jail web: kind is container, not vm/);
     });
+  });
+});
+
+describe("openVmShares", () => {
+  const pool = () => new FakeSys().add("/x", { kind: "dir" }).add("/x/@data", { kind: "dir" }).add("/x/@data/www", { kind: "dir" }).add("/x/@data/out", { kind: "link", target: "/" });
+  it("resolves each share inside the pool and hands QEMU the agent's fd as /proc/<pid>/fd/<fd>", () => {
+    const sys = pool();
+    sys.pidValue = 4242;
+    const s = openVmShares(sys, jail());
+    expect(s.shares).toEqual([{ source: `/proc/4242/fd/${[...sys.openedInRoot.keys()][0]}`, tag: "share0", path: "/srv/www", readOnly: true }]);
+    expect(sys.calls).toContain("openDirInRoot /x @data/www");
+    s.close();
+    expect(sys.calls.filter((c) => c.startsWith("close "))).toEqual([...sys.openedInRoot.keys()].map((fd) => `close ${fd}`));
+  });
+  it("a share through a symlink, or missing: one line, nothing left open", () => {
+    const sys = pool();
+    const two = (dir: string) => jail({ shares: [{ subvol: "@data", dir: "www", path: "/a", readOnly: false }, { subvol: "@data", dir, path: "/b", readOnly: false }] });
+    expect(() => openVmShares(sys, two("out/etc"))).toThrow("jail web: share @data/out/etc crosses a symlink in the pool");
+    expect(() => openVmShares(sys, two("nope"))).toThrow("jail web: share @data/nope does not exist in the pool");
+    // The first share was opened each time, and closed when the second failed.
+    expect(sys.calls.filter((c) => c.startsWith("close "))).toEqual([...sys.openedInRoot.keys()].map((fd) => `close ${fd}`));
+    expect(sys.openedInRoot.size).toBe(2);
   });
 });
 
