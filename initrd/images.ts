@@ -149,12 +149,17 @@ export function buildToolsImage(outDir: string): ImageInfo {
  *
  *   usr/bin/qemu-system-x86_64, usr/lib/x86_64-linux-gnu/{*.so*, qemu/accel-tcg-x86_64.so}
  *   usr/share/qemu/bios-microvm.bin     qboot: what microvm boots with before the kernel
+ *   usr/share/qemu/linuxboot_dma.bin    the -kernel loader's option ROM
  *   vm/vmlinuz, vm/initrd.img           the VM kernel + initrd (Makefile: build/vm)
  */
 export const QEMU = "/usr/bin/qemu-system-x86_64";
 /** Modules QEMU dlopens: TCG is a module in Debian's build (KVM is built in). */
 const QEMU_MODULES = ["/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so"];
-const QEMU_FIRMWARE = ["bios-microvm.bin"];
+/**
+ * qboot for microvm, and the option ROM QEMU loads for -kernel (it says "Could not open option
+ * rom 'linuxboot_dma.bin'" without it, and boots anyway on microvm; 1.5 KB, so it is shipped).
+ */
+const QEMU_FIRMWARE = ["bios-microvm.bin", "linuxboot_dma.bin"];
 
 export function buildVmHostImage(vmDir: string, outDir: string): ImageInfo {
   const staging = `${outDir}/.vmhost-staging`;
