@@ -166,6 +166,19 @@ export function vmArgv(jail: Jail, o: VmLaunch): string[] {
   return args;
 }
 
+/**
+ * KVM when the host can do it, else TCG, with the reason for the log. /dev/kvm alone is not
+ * enough: on this build machine (a VM itself) /dev/kvm exists but the CPU shows neither vmx nor
+ * svm, and a KVM guest hangs there (DESIGN §3); the flags in /proc/cpuinfo say whether the CPU
+ * offers virtualization to this kernel.
+ */
+export function chooseAccel(sys: Pick<Files, "exists" | "readFile">): { kvm: boolean; why: string } {
+  if (!sys.exists("/dev/kvm")) return { kvm: false, why: "TCG (no /dev/kvm)" };
+  const flags = /^flags\s*:(.*)$/m.exec(sys.readFile("/proc/cpuinfo") ?? "")?.[1]?.split(/\s+/) ?? [];
+  if (!flags.includes("vmx") && !flags.includes("svm")) return { kvm: false, why: "TCG (/dev/kvm exists, but the CPU has neither vmx nor svm: nested virtualization is off)" };
+  return { kvm: true, why: "KVM" };
+}
+
 /** The jail's shares opened for QEMU; close() once the jail is stopped for good (not between restarts). */
 export interface OpenShares {
   shares: VmShare[];

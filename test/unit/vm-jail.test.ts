@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { describe, expect, it } from "vitest";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import type { Jail } from "../../agent/jails/config.ts";
-import { MAX_CMDLINE, MIN_VM_MEMORY_MIB, openVmShares, powerdownVm, type VmLaunch, vmArgv, vmDisk, vmHostPaths, vmMac, vmService } from "../../agent/jails/vm.ts";
+import { chooseAccel, MAX_CMDLINE, MIN_VM_MEMORY_MIB, openVmShares, powerdownVm, type VmLaunch, vmArgv, vmDisk, vmHostPaths, vmMac, vmService } from "../../agent/jails/vm.ts";
 import { connectUnix } from "../../agent/sys/unixclient.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
@@ -136,6 +136,19 @@ describe("vmArgv", () => {
       const ct = jail({ kind: "container" });
       refused(ct, launch(ct), /^jail web: kind is container, not vm/);
     });
+  });
+});
+
+describe("chooseAccel", () => {
+  it("KVM only with /dev/kvm and vmx or svm in the CPU flags; the reason for the log otherwise", () => {
+    const sys = (kvm: boolean, flags: string) => {
+      const s = new FakeSys().add("/proc/cpuinfo", { kind: "file", data: `processor\t: 0\nflags\t\t: fpu ${flags} sse4_2\n` });
+      return kvm ? s.add("/dev/kvm", { kind: "file" }) : s;
+    };
+    expect(chooseAccel(sys(true, "vmx"))).toEqual({ kvm: true, why: "KVM" });
+    expect(chooseAccel(sys(true, "svm"))).toEqual({ kvm: true, why: "KVM" });
+    expect(chooseAccel(sys(false, "vmx"))).toEqual({ kvm: false, why: "TCG (no /dev/kvm)" });
+    expect(chooseAccel(sys(true, "lm"))).toMatchObject({ kvm: false, why: expect.stringContaining("neither vmx nor svm") });
   });
 });
 
