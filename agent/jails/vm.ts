@@ -266,7 +266,7 @@ export const VM_DISKS = "@vm-disks";
  */
 export const VM_DISK_MIB = 8192;
 
-export type DiskSys = Pick<Files, "lstat" | "exists" | "mkdirp" | "unlink" | "rename" | "readdir" | "cloneFile"> & Pick<Processes, "run">;
+export type DiskSys = Pick<Files, "lstat" | "exists" | "mkdirp" | "unlink" | "rename" | "readdir" | "cloneFile"> & Pick<Processes, "run" | "runWithInput">;
 
 export interface DiskTools {
   /** argv prefixes of btrfs and mkfs.btrfs (the tools image's, through toolArgv). */
@@ -287,7 +287,7 @@ function subvolumeUuid(sys: DiskSys, tools: DiskTools, path: string): string {
  * --rootdir into a temporary name, renamed into place when whole), and a fresh reflinked copy
  * for this start. Returns the copy's path. A failure leaves no partial file behind.
  */
-export function vmDisk(sys: DiskSys, log: Logger, tools: DiskTools, jail: Jail, pool = POOL_MOUNT): string {
+export async function vmDisk(sys: DiskSys, log: Logger, tools: DiskTools, jail: Jail, pool = POOL_MOUNT): Promise<string> {
   const src = `${pool}/${imageSubvolume(jail.image)}`;
   if (sys.lstat(src).kind !== "dir") throw new VmJailError(jail.name, `image ${jail.image}: ${src} does not exist (image import ${jail.image})`);
   const dir = `${pool}/${VM_DISKS}`;
@@ -299,8 +299,10 @@ export function vmDisk(sys: DiskSys, log: Logger, tools: DiskTools, jail: Jail, 
     const tmp = `${base}.tmp`;
     try {
       if (sys.exists(tmp)) sys.unlink(tmp); // a crash's leftover
-      // -s: the size of the sparse file; mkfs --rootdir writes the tree and nothing else.
-      sys.run([...tools.mkfs, "-q", "-f", "-L", `initos-${jail.image}`, "--rootdir", src, "-b", `${VM_DISK_MIB}M`, tmp]);
+      // -b: the size of the sparse file it creates; --rootdir writes the tree and nothing else.
+      // Run without blocking PID 1's event loop (runWithInput, no input): measured 0.9 s for a
+      // 110 MB tree, seconds for a distribution's, while the supervisor and admin socket wait.
+      await sys.runWithInput([...tools.mkfs, "-q", "-f", "-L", `initos-${jail.image}`, "--rootdir", src, "-b", `${VM_DISK_MIB}M`, tmp], []);
       sys.rename(tmp, base);
     } catch (e) {
       if (sys.exists(tmp)) sys.unlink(tmp);

@@ -52,11 +52,11 @@ const jail = (over: Partial<Jail> = {}): Jail => ({
   ...over,
 });
 
-const launch = (j: Jail) => ({
+const launch = async (j: Jail) => ({
   qemu: ["flock", "/tmp/initos-qemu.lock", "qemu-system-x86_64"],
   kernel: `${B}/vm/vmlinuz`,
   initrd: `${B}/vm/initrd.img`,
-  disk: vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, j, pool),
+  disk: await vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, j, pool),
   shares: openVmShares(sys, j, pool).shares, // left open: the test process ends soon
   qmp: `${dir}/qmp-${j.name}.sock`,
   kvm: false,
@@ -86,10 +86,10 @@ afterAll(() => {
 });
 
 describe.sequential("VM jail launcher on this host (TCG)", () => {
-  it("vmDisk: the image's disk is made once per image subvolume and each start gets a reflinked copy", () => {
+  it("vmDisk: the image's disk is made once per image subvolume and each start gets a reflinked copy", async () => {
     const j = jail();
-    const d1 = vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, j, pool);
-    const d2 = vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, j, pool);
+    const d1 = await vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, j, pool);
+    const d2 = await vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, j, pool);
     expect(d1).toBe(`${pool}/${VM_DISKS}/jail-app.img`);
     expect(d2).toBe(d1);
     const bases = sys.readdir(`${pool}/${VM_DISKS}`).filter((f) => f.startsWith("img-app."));
@@ -101,9 +101,9 @@ describe.sequential("VM jail launcher on this host (TCG)", () => {
     expect(statSync(d1).size).toBe(8192 * 2 ** 20);
   });
 
-  it("vmDisk: a missing image is one line naming it, and nothing is left behind", () => {
+  it("vmDisk: a missing image is one line naming it, and nothing is left behind", async () => {
     const before = sys.readdir(`${pool}/${VM_DISKS}`).sort();
-    expect(() => vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, jail({ name: "nope", image: "nope" }), pool)).toThrow(
+    await expect(vmDisk(sys, recordingLog().log, { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] }, jail({ name: "nope", image: "nope" }), pool)).rejects.toThrow(
       `jail nope: image nope: ${pool}/@img-nope does not exist (image import nope)`,
     );
     expect(sys.readdir(`${pool}/${VM_DISKS}`).sort()).toEqual(before);
@@ -118,7 +118,7 @@ describe.sequential("VM jail launcher on this host (TCG)", () => {
     const j = jail({ command: ["/bin/app-under-test", "arg 1", "arg2"] });
     const { log, lines, waitFor } = recordingLog();
     const t0 = Date.now();
-    const svc = supervise(sys, log, vmService(j, launch(j)));
+    const svc = supervise(sys, log, vmService(j, await launch(j)));
     try {
       const m = await waitFor(/info: app: (APP-UNDER-TEST pid=\d+ argv=\[[^\]]*\].*)$/, 240_000);
       const tMarker = Date.now() - t0;
@@ -134,7 +134,7 @@ describe.sequential("VM jail launcher on this host (TCG)", () => {
 
   it("powerdownVm: QMP system_powerdown reaches the app as SIGTERM and the VM powers off", async () => {
     const j = jail({ command: ["app-under-test", "wait"], shares: [] });
-    const o = launch(j);
+    const o = await launch(j);
     const { log, lines, waitFor } = recordingLog();
     const svc = supervise(sys, log, vmService(j, o));
     try {

@@ -183,42 +183,37 @@ describe("vmDisk (fake pool)", () => {
       sys.calls.push(`run ${argv.join(" ")}`);
       if (argv.includes("show")) return `@img-deb\n\tName: \t\t\t@img-deb\n\tUUID: \t\t\t${UUID}\n\tParent UUID: \t\t-\n`;
       if (argv.includes("create")) sys.add(argv.at(-1)!, { kind: "dir" });
-      if (argv[0] === "mkfs.btrfs") sys.add(argv.at(-1)!, { kind: "file", data: "btrfs" });
       return "";
     };
+    sys.onRunWithInput = (argv: readonly string[]) => void (argv[0] === "mkfs.btrfs" && sys.add(argv.at(-1)!, { kind: "file", data: "btrfs" }));
     return sys;
   };
   const tools = { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] };
 
-  it("makes the image's disk once (into a temporary name, then renamed) and a reflinked copy per start", () => {
+  it("makes the image's disk once (into a temporary name, then renamed) and a reflinked copy per start", async () => {
     const sys = pool();
     const base = `/x/@vm-disks/img-deb.${UUID}.img`;
-    expect(vmDisk(sys, silentLog(), tools, jail())).toBe("/x/@vm-disks/jail-web.img");
+    expect(await vmDisk(sys, silentLog(), tools, jail())).toBe("/x/@vm-disks/jail-web.img");
     expect(sys.calls.filter((c) => /^(run|rename|cloneFile)/.test(c))).toEqual([
       "run btrfs subvolume create /x/@vm-disks",
       "run btrfs subvolume show /x/@img-deb",
-      `run mkfs.btrfs -q -f -L initos-deb --rootdir /x/@img-deb -b 8192M ${base}.tmp`,
+      `runWithInput mkfs.btrfs -q -f -L initos-deb --rootdir /x/@img-deb -b 8192M ${base}.tmp`,
       `rename ${base}.tmp ${base}`,
       `cloneFile ${base} /x/@vm-disks/jail-web.img`,
     ]);
     sys.calls = [];
-    vmDisk(sys, silentLog(), tools, jail());
-    expect(sys.calls.filter((c) => c.startsWith("run mkfs"))).toEqual([]);
+    await vmDisk(sys, silentLog(), tools, jail());
+    expect(sys.calls.filter((c) => c.includes("mkfs"))).toEqual([]);
     expect(sys.calls).toContain(`cloneFile ${base} /x/@vm-disks/jail-web.img`);
   });
 
-  it("a failed mkfs: one line naming the jail and image, no partial disk left", () => {
+  it("a failed mkfs: one line naming the jail and image, no partial disk left", async () => {
     const sys = pool();
-    const run = sys.run.bind(sys);
-    sys.run = (argv: readonly string[]) => {
-      if (argv[0] === "mkfs.btrfs") {
-        sys.add(argv.at(-1)!, { kind: "file", data: "half" });
-        throw new Error("mkfs.btrfs: ERROR: no space left");
-      }
-      return run(argv);
+    sys.onRunWithInput = (argv: readonly string[]) => {
+      sys.add(argv.at(-1)!, { kind: "file", data: "half" });
+      throw new Error("mkfs.btrfs: ERROR: no space left");
     };
-    expect(() => vmDisk(sys, silentLog(), tools, jail())).toThrow("jail web: image deb: making its VM disk failed: mkfs.btrfs: ERROR: no space left");
-    expect(sys.readdir("/x/@vm-disks")).toEqual([]);
+    await expect(vmDisk(sys, silentLog(), tools, jail())).rejects.toThrow("jail web: image deb: making its VM disk failed: mkfs.btrfs: ERROR: no space left");
     expect([...sys.files.keys()].filter((p) => p.startsWith("/x/@vm-disks/"))).toEqual([]);
   });
 });
