@@ -15,9 +15,11 @@ import { createHash } from "node:crypto";
 import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { Service } from "../supervise.ts";
+import type { Launcher } from "./run.ts";
 import { IMAGES_DIR } from "../stages/images.ts";
-import type { Clock, Files, Processes, Sockets } from "../sys/index.ts";
-import { imageSubvolume, type Jail, POOL_MOUNT } from "./config.ts";
+import type { Clock, Files, NetOps, Processes, Sockets } from "../sys/index.ts";
+import { toolArgv } from "../sys/tools.ts";
+import { imageSubvolume, type Jail, type JailNetwork, POOL_MOUNT } from "./config.ts";
 
 /** A jail that cannot be started as asked: one line naming the jail and what is wrong. */
 export class VmJailError extends Error {
@@ -375,4 +377,59 @@ export async function powerdownVm(sys: Pick<Sockets, "connectUnix"> & Pick<Clock
   } finally {
     conn.close();
   }
+}
+
+// --- the launcher (run.ts's Launcher for kind "vm") ---------------------------------------
+
+/** Where a VM jail's QMP socket lives (one per jail; QEMU replaces a stale one). */
+export const qmpPath = (name: string) => `/run/initos/jails/${name}.qmp`;
+/** The tap on the bridge: the same host-side name a container's veth gets (config.ts: "vj-<name>"). */
+export const vmTap = (name: string) => `vj-${name}`;
+/** How long the power button is pressed before run.ts's stop goes on to SIGTERM (its termMs). */
+const QMP_TIMEOUT_MS = 5000;
+
+export type VmLauncherSys = DiskSys & Pick<Files, "openDirInRoot" | "close" | "readFile"> & Pick<Processes, "pid"> & Pick<Sockets, "connectUnix"> & Pick<Clock, "now"> & { net: Pick<NetOps, "tap" | "removeLink"> };
+
+export interface VmLauncherOptions {
+  /** The mounted vmhost image's root: opens it on demand (stages/images.ts openImage) and says where. Throws one line. */
+  openHost(): Promise<string>;
+  tools?: DiskTools;
+  pool?: string;
+}
+
+/**
+ * A VM jail: the vmhost image opened (on the first VM jail), the disk copied from its image,
+ * its share opened inside the pool, its tap on the bridge; then QEMU in the foreground, which
+ * supervise.ts restarts, and the ACPI power button as the way to ask it to stop.
+ */
+export function vmLauncher(sys: VmLauncherSys, log: Logger, net: JailNetwork, o: VmLauncherOptions): Launcher {
+  const open = new Map<string, OpenShares>();
+  const tools = o.tools ?? { btrfs: toolArgv("btrfs"), mkfs: toolArgv("mkfs.btrfs") };
+  return {
+    async prepare(jail: Jail): Promise<Service> {
+      const accel = chooseAccel(sys);
+      log.info(`jail ${jail.name}: ${accel.why}`);
+      const { env, ...host } = vmHostPaths(await o.openHost());
+      const disk = await vmDisk(sys, log, tools, jail, o.pool);
+      open.get(jail.name)?.close();
+      const shares = openVmShares(sys, jail, o.pool);
+      open.set(jail.name, shares);
+      sys.net.tap(vmTap(jail.name), net.bridge);
+      const qmp = qmpPath(jail.name);
+      sys.mkdirp(qmp.slice(0, qmp.lastIndexOf("/")), 0o700);
+      const svc = vmService(jail, { ...host, disk, shares: shares.shares, tap: vmTap(jail.name), mac: vmMac(jail.name), network: { gateway: net.address, prefix: net.prefix }, qmp, kvm: accel.kvm }, env);
+      return {
+        ...svc,
+        askStop: async () => {
+          if (!(await powerdownVm(sys, log, qmp, QMP_TIMEOUT_MS))) throw new Error(`QMP ${qmp} did not take system_powerdown`);
+        },
+      };
+    },
+    async cleanup(jail: Jail): Promise<void> {
+      open.get(jail.name)?.close();
+      open.delete(jail.name);
+      sys.net.removeLink(vmTap(jail.name));
+      for (const f of [qmpPath(jail.name), `${o.pool ?? POOL_MOUNT}/${VM_DISKS}/jail-${jail.name}.img`]) if (sys.exists(f)) sys.unlink(f);
+    },
+  };
 }

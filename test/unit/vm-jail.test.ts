@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { describe, expect, it } from "vitest";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import type { Jail } from "../../agent/jails/config.ts";
-import { chooseAccel, MAX_CMDLINE, MIN_VM_MEMORY_MIB, openVmShares, powerdownVm, type VmLaunch, vmArgv, vmDisk, vmHostPaths, vmMac, vmService } from "../../agent/jails/vm.ts";
+import { chooseAccel, MAX_CMDLINE, MIN_VM_MEMORY_MIB, openVmShares, powerdownVm, qmpPath, vmLauncher, type VmLaunch, vmArgv, vmDisk, vmHostPaths, vmMac, vmService } from "../../agent/jails/vm.ts";
 import { connectUnix } from "../../agent/sys/unixclient.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
@@ -251,5 +251,60 @@ describe("powerdownVm", () => {
       server.close();
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("vmLauncher", () => {
+  const net = { bridge: "initos0", address: "10.77.0.1", prefix: 24 as const };
+  const machine = () => {
+    const sys = new FakeSys().add("/x", { kind: "dir" }).add("/x/@img-deb", { kind: "dir" }).add("/x/@data", { kind: "dir" }).add("/x/@data/www", { kind: "dir" });
+    sys.run = (argv: readonly string[]) => {
+      sys.calls.push(`run ${argv.join(" ")}`);
+      if (argv.includes("show")) return "\tUUID: \t\t\t0f5a2c7e-1111-4222-8333-444455556666\n";
+      if (argv.includes("create")) sys.add(argv.at(-1)!, { kind: "dir" });
+      return "";
+    };
+    sys.onRunWithInput = (argv: readonly string[]) => void sys.add(argv.at(-1)!, { kind: "file" });
+    return sys;
+  };
+  const tools = { btrfs: ["btrfs"], mkfs: ["mkfs.btrfs"] };
+
+  it("prepare: the vmhost image's QEMU (TCG here, said in the log), the jail's disk, share and tap; askStop presses the power button over QMP", async () => {
+    const sys = machine();
+    const log = silentLog();
+    const l = vmLauncher(sys, log, net, { openHost: async () => "/run/initos/images/vmhost", tools });
+    const svc = await l.prepare(jail());
+    expect(svc.name).toBe("web");
+    expect(svc.argv[0]).toBe("/run/initos/images/vmhost/usr/bin/qemu-system-x86_64");
+    expect(after(svc.argv, "-accel")).toBe("tcg");
+    expect(after(svc.argv, "-netdev")).toBe("tap,id=net0,ifname=vj-web,script=no,downscript=no");
+    expect(after(svc.argv, "-drive")).toMatch(/^file=\/x\/@vm-disks\/jail-web\.img,/);
+    expect(svc.env?.LD_LIBRARY_PATH).toBe("/run/initos/images/vmhost/usr/lib/x86_64-linux-gnu");
+    expect(sys.calls).toContain("net.tap vj-web on initos0");
+    expect(log.lines).toContain("info: jail web: TCG (no /dev/kvm)");
+    const peer = { greeting: ['{"QMP": {}}'], written: [] as string[], answer: () => ['{"return": {}}'] };
+    sys.unixPeers.set(qmpPath("web"), peer);
+    await svc.askStop!();
+    expect(peer.written).toEqual(['{"execute":"qmp_capabilities"}', '{"execute":"system_powerdown"}']);
+    sys.unixPeers.clear();
+    await expect(svc.askStop!()).rejects.toThrow(`QMP ${qmpPath("web")} did not take system_powerdown`);
+  });
+
+  it("cleanup: the tap, the jail's disk copy and the share fds go; the image's disk stays", async () => {
+    const sys = machine();
+    const l = vmLauncher(sys, silentLog(), net, { openHost: async () => "/r", tools });
+    await l.prepare(jail());
+    await l.cleanup(jail());
+    expect(sys.calls).toContain("net.removeLink vj-web");
+    expect(sys.exists("/x/@vm-disks/jail-web.img")).toBe(false);
+    expect(sys.exists("/x/@vm-disks/img-deb.0f5a2c7e-1111-4222-8333-444455556666.img")).toBe(true);
+    expect(sys.calls.filter((c) => c.startsWith("close "))).toEqual([...sys.openedInRoot.keys()].map((fd) => `close ${fd}`));
+  });
+
+  it("a vmhost image that cannot be opened: prepare throws its line, nothing made", async () => {
+    const sys = machine();
+    const l = vmLauncher(sys, silentLog(), net, { openHost: async () => Promise.reject(new Error("image vmhost: no copy verifies")), tools });
+    await expect(l.prepare(jail())).rejects.toThrow("image vmhost: no copy verifies");
+    expect(sys.calls.some((c) => c.startsWith("run ") || c.startsWith("net."))).toBe(false);
   });
 });
