@@ -16,8 +16,10 @@ import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { Service } from "../supervise.ts";
 import type { Launcher } from "./run.ts";
-import { IMAGES_DIR } from "../stages/images.ts";
-import type { Clock, Files, NetOps, Processes, Sockets } from "../sys/index.ts";
+import type { AgentConfig } from "../config.ts";
+import type { EspResult } from "../stages/esp.ts";
+import { IMAGES_DIR, openImage } from "../stages/images.ts";
+import type { Clock, Crypt, Devices, Files, Mounts, NetOps, Processes, Sockets } from "../sys/index.ts";
 import { toolArgv } from "../sys/tools.ts";
 import { imageSubvolume, type Jail, type JailNetwork, POOL_MOUNT } from "./config.ts";
 
@@ -228,6 +230,22 @@ export function openVmShares(sys: Pick<Files, "openDirInRoot" | "close"> & Pick<
  * vmlinuz 8 MB, QEMU with its 51 libraries and its TCG module 15 MB) against tools' 12 MB.
  */
 export const VM_HOST_IMAGE = "vmhost";
+
+/**
+ * vmLauncher's openHost for the real machine: the signed config's vmhost image, opened and
+ * verified the first time a VM jail starts (stages/images.ts openImage, every block checked
+ * against the root hash in the UKI), then reused. Its lines say what is missing.
+ */
+export function vmHostOpener(sys: Files & Mounts & Devices & Crypt, log: Logger, config: AgentConfig, esp: EspResult | undefined, allowUnverified: boolean): () => Promise<string> {
+  return async () => {
+    const image = config.images.find((i) => i.name === VM_HOST_IMAGE);
+    if (!image) throw new Error(`the signed config has no ${VM_HOST_IMAGE} image (QEMU and the VM kernel): VM jails cannot run on this build`);
+    const mountPoint = `${IMAGES_DIR}/${VM_HOST_IMAGE}`;
+    if (sys.mountPoints().includes(mountPoint)) return mountPoint;
+    if (!esp) throw new Error(`no boot partition to open the ${VM_HOST_IMAGE} image from`);
+    return openImage(sys, log, esp, config.esp.dir, image, allowUnverified).mountPoint;
+  };
+}
 
 /**
  * Where QEMU and the VM kernel are in the mounted vmhost image. QEMU runs as itself with
