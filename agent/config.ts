@@ -61,7 +61,7 @@ export const AgentConfigSchema = z
             /**
              * Not opened by the images stage: the part that needs it opens it (openImage) when
              * it does, so a boot that does not pays nothing. The VM jails' image (QEMU and the
-             * VM kernel + initrd, 72 MB against tools' 12 MB) is one: verifying it belongs to
+             * VM kernel + initrd, 72 MB against tools' 13 MB) is one: verifying it belongs to
              * starting a VM jail, not to every boot (issue #17).
              */
             onDemand: z.boolean().optional(),
