@@ -142,7 +142,7 @@ export function buildToolsImage(outDir: string): ImageInfo {
  * The VM jails' image (vmhost.sqfs): QEMU with its libraries, the accelerator module it
  * dlopens, the microvm firmware, and the VM kernel + initrd the jails boot. Its own image, not
  * part of tools: the images stage verifies every image it mounts on every boot, and this one is
- * ~80 MB against tools' 13 MB (measured: see VM_HOST_IMAGE's comment in agent/jails/vm.ts), so
+ * 72 MB against tools' 13 MB (measured: see VM_HOST_IMAGE's comment in agent/jails/vm.ts), so
  * only hosts with a VM jail should pay for it. The layout is QEMU's own relative to its binary
  * (usr/bin/../share/qemu, usr/bin/../lib/x86_64-linux-gnu/qemu), which it finds from
  * /proc/self/exe when run as itself with LD_LIBRARY_PATH (toolExec).
