@@ -132,6 +132,11 @@ IMAGES := $(B)/images/modules.json $(B)/images/tools.json
 $(IMAGES) &: $(B)/kernel.json initrd/images.ts initrd/debs.ts
 	$(BUILD) images --kernel $(B)/kernel.json --cache .cache/kernel --out $(B)/images
 
+# The VM jails' image: QEMU and the VM kernel + initrd (see buildVmHostImage). Its own image, in
+# the config only of hosts with VM jails, with "onDemand": the boot path never verifies it.
+$(B)/images/vmhost.json: $(B)/vm/vmlinuz $(B)/vm/initrd.img initrd/images.ts | npm debs
+	$(BUILD) vmhost-image --vm $(B)/vm --out $(B)/images
+
 # --- initrd: three cpio segments. base (preinit, kernel modules) and agent depend on no key, no
 # image and no host: every checkout of a commit builds them byte for byte (the signing machine
 # rebuilds and compares, issue #15), and changing the agent does not rebuild the base. config

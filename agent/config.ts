@@ -58,6 +58,13 @@ export const AgentConfigSchema = z
               })
               .strict(),
             binds: z.array(z.object({ from: z.string().regex(/^[\w.-]+$/), to: z.string().regex(/^\//) }).strict()).default([]),
+            /**
+             * Not opened by the images stage: the part that needs it opens it (openImage) when
+             * it does, so a boot that does not pays nothing. The VM jails' image (QEMU and the
+             * VM kernel + initrd, 72 MB against tools' 13 MB) is one: verifying it belongs to
+             * starting a VM jail, not to every boot (issue #17).
+             */
+            onDemand: z.boolean().optional(),
           })
           .strict(),
       )

@@ -4,6 +4,7 @@
 //
 //   bun initrd/build.ts kernel      --cache DIR [--meta linux-image-amd64] --out kernel.json
 //   bun initrd/build.ts images      --kernel kernel.json --cache DIR --out DIR
+//   bun initrd/build.ts vmhost-image --vm DIR --out DIR   (QEMU + build/vm's kernel and initrd, for VM jails)
 //   bun initrd/build.ts initrd-base --kernel kernel.json --preinit FILE --config FILE [--add DEST=FILE] --out FILE.cpio
 //   bun initrd/build.ts initrd-config --config FILE [--images DIR] [--ssh-keys FILE] [--pcr-pub PUB.pem] [--version N] [--signer CERT.pem]... [--host hosts/NAME/host.json] --out FILE.cpio
 //   bun initrd/build.ts initrd-agent --agent FILE --sigrelay FILE --out FILE.cpio
@@ -33,7 +34,7 @@ import { type CpioEntry, fileFrom, writeCpio } from "./cpio.ts";
 import { ensureKernel, type KernelInfo } from "./kernel.ts";
 import { moduleClosure, readModuleIndex } from "./kmods.ts";
 import { collectLibs } from "./libs.ts";
-import { buildModulesImage, buildToolsImage, ensureFirmware, type ImageInfo } from "./images.ts";
+import { buildModulesImage, buildToolsImage, buildVmHostImage, ensureFirmware, type ImageInfo } from "./images.ts";
 import { buildUkiFrom, signPcr } from "./uki.ts";
 import { bundleParts, ukiConfig, writeBundle } from "./bundle.ts";
 import { HOST_NAME, hostCmdline, readHost, withHost } from "./host.ts";
@@ -131,6 +132,13 @@ function cmdImages(o: Record<string, string | undefined>): void {
   for (const info of [buildModulesImage(kernel, ensureFirmware(need(o, "cache")), out), buildToolsImage(out)]) {
     console.log(`images: ${info.name} ${(statSync(info.sqfs).size / 1e6).toFixed(1)} MB, root hash ${info.rootHash}`);
   }
+}
+
+function cmdVmHostImage(o: Record<string, string | undefined>): void {
+  const out = need(o, "out");
+  mkdirSync(out, { recursive: true });
+  const info = buildVmHostImage(need(o, "vm"), out);
+  console.log(`images: ${info.name} ${(statSync(info.sqfs).size / 1e6).toFixed(1)} MB, root hash ${info.rootHash}`);
 }
 
 /**
@@ -515,6 +523,7 @@ const commands: Record<string, (o: Record<string, string | undefined>, adds: str
   "sign-pcr": cmdSignPcr,
   bundle: cmdBundle,
   images: cmdImages,
+  "vmhost-image": cmdVmHostImage,
   disk: cmdDisk,
   testroot: cmdTestroot,
   rootfs: cmdRootfs,
@@ -536,7 +545,7 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: rest,
     options: {
-      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta", "pcrpkey", "pcr-key", "pcr-key-pass-env", "pcr-pub", "esp-mib", "version", "host"].map((k) => [k, { type: "string" as const }])),
+      ...Object.fromEntries(["cache", "out", "kernel", "preinit", "config", "images", "ssh-keys", "agent", "sigrelay", "initrd", "cmdline", "uki", "init", "rootfs", "target", "from", "label", "meta", "pcrpkey", "pcr-key", "pcr-key-pass-env", "pcr-pub", "esp-mib", "version", "host", "vm"].map((k) => [k, { type: "string" as const }])),
       add: { type: "string", multiple: true },
       signer: { type: "string", multiple: true },
     },

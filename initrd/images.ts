@@ -138,6 +138,45 @@ export function buildToolsImage(outDir: string): ImageInfo {
   return finish("tools", sqfs);
 }
 
+/**
+ * The VM jails' image (vmhost.sqfs): QEMU with its libraries, the accelerator module it
+ * dlopens, the microvm firmware, and the VM kernel + initrd the jails boot. Its own image, not
+ * part of tools: the images stage verifies every image it mounts on every boot, and this one is
+ * 72 MB against tools' 13 MB (measured: see VM_HOST_IMAGE's comment in agent/jails/vm.ts), so
+ * only hosts with a VM jail should pay for it. The layout is QEMU's own relative to its binary
+ * (usr/bin/../share/qemu, usr/bin/../lib/x86_64-linux-gnu/qemu), which it finds from
+ * /proc/self/exe when run as itself with LD_LIBRARY_PATH (toolExec).
+ *
+ *   usr/bin/qemu-system-x86_64, usr/lib/x86_64-linux-gnu/{*.so*, qemu/accel-tcg-x86_64.so}
+ *   usr/share/qemu/bios-microvm.bin     qboot: what microvm boots with before the kernel
+ *   usr/share/qemu/linuxboot_dma.bin    the -kernel loader's option ROM
+ *   vm/vmlinuz, vm/initrd.img           the VM kernel + initrd (Makefile: build/vm)
+ */
+export const QEMU = "/usr/bin/qemu-system-x86_64";
+/** Modules QEMU dlopens: TCG is a module in Debian's build (KVM is built in). */
+const QEMU_MODULES = ["/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so"];
+/**
+ * qboot for microvm, and the option ROM QEMU loads for -kernel (it says "Could not open option
+ * rom 'linuxboot_dma.bin'" without it, and boots anyway on microvm; 1.5 KB, so it is shipped).
+ */
+const QEMU_FIRMWARE = ["bios-microvm.bin", "linuxboot_dma.bin"];
+
+export function buildVmHostImage(vmDir: string, outDir: string): ImageInfo {
+  const staging = `${outDir}/.vmhost-staging`;
+  rmSync(staging, { recursive: true, force: true });
+  for (const d of ["usr/bin", "usr/lib/x86_64-linux-gnu/qemu", "usr/lib64", "usr/share/qemu", "vm"]) mkdirSync(`${staging}/${d}`, { recursive: true });
+  copyFileSync(QEMU, `${staging}/usr/bin/qemu-system-x86_64`);
+  for (const m of QEMU_MODULES) copyFileSync(m, `${staging}/usr/lib/x86_64-linux-gnu/qemu/${m.replace(/.*\//, "")}`);
+  for (const l of collectLibs([QEMU, ...QEMU_MODULES])) copyFileSync(l.source, `${staging}/${l.path}`);
+  // bios-microvm.bin is a symlink to qboot.rom in Debian's qemu-system-data: copied as the file.
+  for (const f of QEMU_FIRMWARE) copyFileSync(`/usr/share/qemu/${f}`, `${staging}/usr/share/qemu/${f}`);
+  for (const f of ["vmlinuz", "initrd.img"]) copyFileSync(`${vmDir}/${f}`, `${staging}/vm/${f}`);
+  const sqfs = `${outDir}/vmhost.sqfs`;
+  mksquashfs([staging], sqfs);
+  rmSync(staging, { recursive: true, force: true });
+  return finish("vmhost", sqfs);
+}
+
 function finish(name: string, sqfs: string): ImageInfo {
   const verity = sqfs.replace(/\.sqfs$/, ".verity");
   const info: ImageInfo = { name, sqfs, verity, ...verityFormat(sqfs, verity) };

@@ -86,6 +86,10 @@ export function bindImage(sys: Files & Mounts, log: Logger, image: Image, mounte
 export function setupImages(sys: Files & Mounts & Modules & Devices & Crypt, log: Logger, cfg: AgentConfig, esp: EspResult, allowUnverified: boolean, cold: Coldplug): MountedImage[] {
   const mounted: MountedImage[] = [];
   for (const image of cfg.images) {
+    if (image.onDemand) {
+      log.info(`image ${image.name}: opened on demand, not at boot`);
+      continue;
+    }
     const m = openImage(sys, log, esp, cfg.esp.dir, image, allowUnverified);
     bindImage(sys, log, image, m);
     mounted.push(m);

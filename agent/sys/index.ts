@@ -109,6 +109,11 @@ export interface Files {
   readBytes(path: string, limit?: number): Uint8Array | null;
   writeBytes(path: string, data: Uint8Array, mode?: number): void;
   copyFile(from: string, to: string): void;
+  /**
+   * A copy sharing the source's data (FICLONE: a btrfs reflink), which costs nothing until
+   * either is written; throws (EXDEV, EOPNOTSUPP) rather than copying the bytes.
+   */
+  cloneFile(from: string, to: string): void;
   writeFile(path: string, data: string): void;
   exists(path: string): boolean;
   lstat(path: string): FileInfo;
@@ -292,7 +297,16 @@ export interface LineServer {
   /** Stops accepting; resolves once every open connection has ended. */
   close(): Promise<void>;
 }
+/** One client connection to a unix socket speaking lines (QMP): see unixclient.ts. */
+export interface LineConnection {
+  /** The next line without its newline; null at the end of the stream. Rejects after `timeoutMs`. */
+  readLine(timeoutMs: number): Promise<string | null>;
+  write(text: string): void;
+  close(): void;
+}
 export interface Sockets {
+  /** Connects to the unix socket `path`; rejects when nothing answers within `timeoutMs` (the caller names the path). */
+  connectUnix(path: string, timeoutMs: number): Promise<LineConnection>;
   /**
    * Listens on `path` (mode 0600, a stale socket file replaced). Each connection sends one
    * line; `answer` gets it (null when it ran past `maxLine` bytes without a newline) and its
@@ -489,6 +503,7 @@ function realFiles(libc: Libc): Files {
     writeFile: (p, d) => writeFileSync(p, d),
     writeBytes: (p, d, mode = 0o600) => writeFileSync(p, d, { mode }),
     copyFile: (a, b) => copyFileSync(a, b),
+    cloneFile: (a, b) => copyFileSync(a, b, constants.COPYFILE_FICLONE_FORCE),
     exists: (p) => existsSync(p),
     lstat: info,
     readlink: (p) => readlinkSync(p),
@@ -668,6 +683,7 @@ export async function realSys(): Promise<Sys> {
     ...realConsole(libc),
     serveLines,
     tcpProbe,
+    connectUnix: (await import("./unixclient.ts")).connectUnix,
     openWatchdog: (await import("./watchdog.ts")).openWatchdog,
   };
 }

@@ -3,7 +3,7 @@
 import type { AgentConfig } from "../../agent/config.ts";
 import type { MountedImage } from "../../agent/stages/images.ts";
 import type { VerityParams } from "../../agent/sys/cryptsetup.ts";
-import type { FileInfo, FileReader, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps, WatchdogHandle } from "../../agent/sys/index.ts";
+import type { FileInfo, FileReader, LineConnection, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps, WatchdogHandle } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
   kind: "file" | "dir" | "link";
@@ -58,6 +58,10 @@ export class FakeSys implements Sys {
   }
   writeBytes(p: string, d: Uint8Array): void {
     this.writeFile(p, Buffer.from(d).toString("latin1"));
+  }
+  cloneFile(a: string, b: string): void {
+    this.log(`cloneFile ${a} ${b}`);
+    this.add(b, { kind: "file", data: this.readFile(a) ?? "" });
   }
   copyFile(a: string, b: string): void {
     this.log(`copyFile ${a} ${b}`);
@@ -580,6 +584,30 @@ export class FakeSys implements Sys {
     const server = { maxLine, answer, closed: false };
     this.lineServers.set(path, server);
     return { close: async () => void (this.log(`close ${path}`), (server.closed = true)) };
+  }
+  /**
+   * Unix sockets a client can connect to (connectUnix), by path: the lines the peer greets
+   * with, and its answer (lines) to each line written; an answer of null hangs up.
+   */
+  unixPeers = new Map<string, { greeting: string[]; answer: (line: string) => string[] | null; written: string[] }>();
+  async connectUnix(path: string, _timeoutMs: number): Promise<LineConnection> {
+    this.log(`connectUnix ${path}`);
+    const peer = this.unixPeers.get(path);
+    if (!peer) throw new Error(`${path}: connect ENOENT`);
+    const queue = [...peer.greeting];
+    let ended = false;
+    return {
+      readLine: async () => queue.shift() ?? (ended ? null : Promise.reject(new Error(`${path}: no answer`))),
+      write: (text) => {
+        for (const line of text.split("\n").filter(Boolean)) {
+          peer.written.push(line);
+          const a = peer.answer(line);
+          if (a === null) ended = true;
+          else queue.push(...a);
+        }
+      },
+      close: () => this.log(`close ${path}`),
+    };
   }
   /** A client's request line on a served socket (as serveLines' transport would hand it over). */
   async request(path: string, line: string, body: readonly Buffer[] = []): Promise<string> {

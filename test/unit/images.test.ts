@@ -5,6 +5,7 @@ import { AgentConfigSchema } from "../../agent/config.ts";
 import { Coldplug, modaliases } from "../../agent/stages/devices.ts";
 import { bootedPartUuid, findEsps, LOADER_PART_UUID } from "../../agent/stages/esp.ts";
 import { openImage, setupImages } from "../../agent/stages/images.ts";
+import { vmHostOpener } from "../../agent/jails/vm.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const HASH = "ab".repeat(32);
@@ -74,6 +75,31 @@ describe("verified images", () => {
     expect(s.calls.some((c) => c.startsWith("mount /dev/vda2"))).toBe(false); // slot b never needed
     // The superblock is held to the signed config's parameters, not only the root hash.
     expect(s.verityPinned.get("/run/initos/esp-a/initos/modules.sqfs")).toEqual(VERITY);
+  });
+
+  it("an image marked onDemand is not read, verified or mounted at boot; openImage opens it later", async () => {
+    const s = machine("a");
+    for (const slot of ["a", "b"]) for (const f of ["vmhost.sqfs", "vmhost.verity"]) s.add(`/run/initos/esp-${slot}/initos/${f}`, { kind: "file" });
+    const withVm = AgentConfigSchema.parse({ images: [...cfg.images, { name: "vmhost", rootHash: "ef".repeat(32), verity: VERITY, onDemand: true }] });
+    const log = silentLog();
+    const e = await esps(s);
+    expect(setupImages(s, log, withVm, e, false, new Coldplug(s, log)).map((m) => m.name)).toEqual(["modules"]);
+    expect(s.calls.some((c) => c.includes("vmhost"))).toBe(false);
+    expect(log.lines).toContain("info: image vmhost: opened on demand, not at boot");
+    expect(openImage(s, log, e, withVm.esp.dir, withVm.images[1]!, false)).toMatchObject({ name: "vmhost", mountPoint: "/run/initos/images/vmhost", verified: true });
+  });
+
+  it("vmHostOpener: opens the vmhost image the first time, then reuses its mount; without it in the config, one line", async () => {
+    const s = machine("a");
+    for (const slot of ["a", "b"]) for (const f of ["vmhost.sqfs", "vmhost.verity"]) s.add(`/run/initos/esp-${slot}/initos/${f}`, { kind: "file" });
+    const withVm = AgentConfigSchema.parse({ images: [...cfg.images, { name: "vmhost", rootHash: "ef".repeat(32), verity: VERITY, onDemand: true }] });
+    const log = silentLog();
+    const e = await esps(s);
+    const open = vmHostOpener(s, log, withVm, e, false);
+    expect(await open()).toBe("/run/initos/images/vmhost");
+    expect(await open()).toBe("/run/initos/images/vmhost");
+    expect(s.calls.filter((c) => c.startsWith("verityOpen initos-vmhost"))).toHaveLength(1);
+    await expect(vmHostOpener(s, log, cfg, e, false)()).rejects.toThrow("the signed config has no vmhost image (QEMU and the VM kernel): VM jails cannot run on this build");
   });
 
   it("a superblock that disagrees with the pinned parameters is one slot's reason, and the other slot is tried", async () => {
