@@ -82,6 +82,8 @@ export interface Prepared extends Inputs {
   /** The images mounted from them (each from the slot whose copy verified). */
   images: readonly MountedImage[];
   tpm: BootTpm;
+  /** initos.insecure=1 with Secure Boot off: images that fail verification are used anyway. */
+  allowUnverified: boolean;
 }
 
 /** How the boot leaves the initrd; each mode returns one. */
@@ -119,12 +121,13 @@ async function prepare(ctx: BootContext, state: BootState): Promise<Prepared> {
 
   let esp: EspResult | undefined;
   let images: MountedImage[] = [];
+  const allowUnverified = mode.esp && config.images.length > 0 && unverifiedAllowed(early, cmdline, log);
   if (config.images.length > 0 && mode.esp) {
     const found = (esp = await stage(ctx, "esp", async () => {
       await early.efivars; // the booted slot is an EFI variable (LoaderDevicePartUUID)
       return findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds);
     }));
-    images = await stage(ctx, "images", () => setupImages(sys, log, config, found, unverifiedAllowed(early, cmdline, log), cold));
+    images = await stage(ctx, "images", () => setupImages(sys, log, config, found, allowUnverified, cold));
     state.esp = found;
     // An update's trial (watchdog, late commit) or the fallback from one: before anything that
     // could hang, after the images (softdog is a module of the modules image).
@@ -141,7 +144,7 @@ async function prepare(ctx: BootContext, state: BootState): Promise<Prepared> {
     tpm.measurePhase("enter-initrd");
     if (noUnseal) tpm.latch(noUnseal);
   });
-  return { cmdline, config, early, cold, esp, images, tpm };
+  return { cmdline, config, early, cold, esp, images, tpm, allowUnverified };
 }
 
 /** A physical machine: the root named on the cmdline, or the encrypted pool's. */
@@ -177,7 +180,8 @@ async function jailMode(ctx: BootContext, state: BootState, p: Prepared, jc: Jai
   await p.tpm.leaveInitrd();
   p.tpm.close();
   await stage(ctx, "network", () => state.remote.network(p.cold, cmdline, config));
-  state.jails = await stage(ctx, "jails", () => startJailMode(sys, log, p.cold, jc));
+  const vmHost = { config, esp: p.esp, allowUnverified: p.allowUnverified };
+  state.jails = await stage(ctx, "jails", () => startJailMode(sys, log, jc, vmHost));
   state.remote.route(initrdAdmin(ctx, state));
   if (!state.remote.running) await stage(ctx, "sshd", () => state.remote.serve(config));
   const all = services.length ? services : config.services.map((svc) => supervise(sys, log, svc));

@@ -6,7 +6,8 @@
 import { describe } from "../errors.ts";
 import { MS } from "../sys/consts.ts";
 import type { Logger } from "../log.ts";
-import type { Coldplug } from "../stages/devices.ts";
+import type { AgentConfig } from "../config.ts";
+import type { EspResult } from "../stages/esp.ts";
 import type { Sys } from "../sys/index.ts";
 import { toolExec } from "../sys/tools.ts";
 import type { Jail, JailNetwork, JailsConfig } from "./config.ts";
@@ -14,6 +15,7 @@ import { CRUN_ROOT, containerService, prepareRootfs, removeContainer, resolveSha
 import { formatImages, importImage, listImages, readImage, removeImage } from "./images.ts";
 import { Jails, jailCgroup, type ImageStore, type Launcher } from "./run.ts";
 import { containerSpec } from "./spec.ts";
+import { vmHostOpener, vmLauncher } from "./vm.ts";
 
 /** Kernel modules jail mode needs (modules in Debian's cloud kernel; built in elsewhere). */
 const JAIL_MODULES = ["bridge", "veth", "tun"];
@@ -21,7 +23,14 @@ const JAIL_MODULES = ["bridge", "veth", "tun"];
 const DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const CONTROLLERS = "+cpu +memory +pids";
 
-export async function startJailMode(sys: Sys, log: Logger, _cold: Coldplug, jc: JailsConfig): Promise<Jails> {
+/** Where the VM jails' image (QEMU, the VM kernel) comes from: the boot's slots, verified at first use. */
+export interface VmHostSource {
+  config: AgentConfig;
+  esp?: EspResult;
+  allowUnverified: boolean;
+}
+
+export async function startJailMode(sys: Sys, log: Logger, jc: JailsConfig, vmHost: VmHostSource): Promise<Jails> {
   rootAsMount(sys, log);
   for (const m of JAIL_MODULES) {
     try {
@@ -33,7 +42,9 @@ export async function startJailMode(sys: Sys, log: Logger, _cold: Coldplug, jc: 
   setupCgroups(sys, log);
   sys.net.bridge(jc.network.bridge, jc.network.address, jc.network.prefix);
   log.info(`jails: bridge ${jc.network.bridge} ${jc.network.address}/${jc.network.prefix}, forwarding on`);
-  const jails = new Jails(sys, log, jc, { container: containerLauncher(sys, log, jc.network), vm: unavailable("vm") }, imageStore(sys, log));
+  const openHost = vmHostOpener(sys, log, vmHost.config, vmHost.esp, vmHost.allowUnverified);
+  const launchers = { container: containerLauncher(sys, log, jc.network), vm: vmLauncher(sys, log, jc.network, { openHost }) };
+  const jails = new Jails(sys, log, jc, launchers, imageStore(sys, log));
   await jails.startAll();
   return jails;
 }
@@ -113,14 +124,5 @@ function containerLauncher(sys: Sys, log: Logger, net: JailNetwork): Launcher {
       removeContainer(sys, log, jail);
       sys.net.removeNetns(netnsPath(jail.name), hostIf(jail.name));
     },
-  };
-}
-
-function unavailable(kind: string): Launcher {
-  return {
-    prepare: async () => {
-      throw new Error(`${kind} jails are not available on this machine`);
-    },
-    cleanup: async () => {},
   };
 }

@@ -34,6 +34,8 @@ const JAILS = {
     { name: "web", kind: "container", image: "web", memory: "64M", address: "10.77.0.10", shares: [{ subvol: "@data", dir: "web", path: "/data" }], probe: 8080 },
     { name: "peer", kind: "container", image: "web", memory: "64M", address: "10.77.0.11", shares: [{ subvol: "@data", dir: "peer", path: "/data" }] },
     { name: "bad", kind: "container", image: "web", address: "10.78.0.12" },
+    // This build's signed config has no vmhost image (QEMU, the VM kernel): one line, no start.
+    { name: "vm1", kind: "vm", image: "web", memory: "384M", address: "10.77.0.13" },
   ],
 };
 
@@ -62,9 +64,10 @@ afterAll(async () => {
 
 describe.sequential("jail mode", () => {
   it("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
-    expect(vm.output).toMatch(/initos: pool: no root in the host config; jail mode with 2 jail\(s\), the pool on \/x/);
+    expect(vm.output).toMatch(/initos: pool: no root in the host config; jail mode with 3 jail\(s\), the pool on \/x/);
     expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
     expect(vm.output).toMatch(/initos: jail web: not started: .*image web is not imported/);
+    expect(vm.output).toMatch(/initos: jail vm1: not started: the signed config has no vmhost image \(QEMU and the VM kernel\): VM jails cannot run on this build/);
   });
 
   it("image import: hostile archives are refused with one line each and leave nothing behind", async () => {
