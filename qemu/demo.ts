@@ -4,13 +4,17 @@
 // then (4) a machine in sidecar mode is managed over ssh: status, switch-root, and the sidecar
 // still answering beside the booted OS; (5) a real distribution, Debian 12 with systemd
 // (build/debian.img), boots through the agent's root= path: systemd told it came from an
-// initrd, the kernel's modules from the verified image. The serial console streams by; a
-// summary follows.
+// initrd, the kernel's modules from the verified image; (6) jail mode: the host keeps the
+// hardware and runs a container jail from an OCI archive pushed over ssh. The serial console
+// streams by; a summary follows.
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { freePort, OVMF, startVm, stopAll, type Vm, type VmOptions } from "./harness.ts";
 import { ssh, sshWhenUp } from "./ssh.ts";
+import { idBase } from "../agent/jails/config.ts";
+import { buildPoolImage, testRootfs } from "../test/integration/pool-image.ts";
+import { writeWebImage } from "../test/jails/web-image.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-demo-`);
 const target = `${dir}/disk.img`;
@@ -101,6 +105,43 @@ try {
     disks: [{ file: "build/boot.img" }, { file: "build/debian.img" }],
   });
 
+  // 6. Jail mode: an encrypted pool whose host config names a container jail and no root.
+  const jailPort = await freePort();
+  const pool = buildPoolImage({
+    out: `${dir}/jails-pool.img`,
+    passphrase: "demo-jails",
+    rootfs: testRootfs(`${dir}/rootfs.tar`),
+    subvolumes: ["@spare", "@data"],
+    hostConfig: {
+      network: { address: "10.77.0.1/24" },
+      jails: [{ name: "web", kind: "container", image: "web", memory: "64M", address: "10.77.0.10", shares: [{ subvol: "@data", dir: "web", path: "/data" }], probe: 8080 }],
+    },
+    dirs: { "@data/web": idBase("web") },
+  });
+  let jailStatus = "";
+  const jailed = await show(
+    "6. jail mode: the host keeps the hardware; a container jail from an OCI archive pushed over ssh",
+    {
+      name: "demo-jails",
+      direct: { kernel: "build/vmlinuz", initrd: "build/initrd.img", append: "console=ttyS0 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+      disks: [{ file: "build/boot.img" }, { file: pool }],
+      net: { forward: [{ host: jailPort, guest: 15022 }] },
+    },
+    async (vm) => {
+      await vm.waitFor(/Recovery passphrase \(attempt 1 of 3\): $/, 240_000, true);
+      vm.send("demo-jails\n");
+      await vm.waitFor(/initos: jails: ready/, 240_000);
+      const web = writeWebImage(`${dir}/web.tar`);
+      console.log(`\n$ ssh -p 15022 root@machine image import web < web.tar`);
+      const r = await ssh(jailPort, "image import web", { key: "build/test-ssh/id_ed25519", knownHosts: `${dir}/known_hosts`, inputFile: web, timeoutMs: 300_000 });
+      console.log(r.stdout + r.stderr);
+      await operator(jailPort, "jail start web");
+      await vm.waitFor(/JAIL-SERVING on 8080/, 240_000);
+      jailStatus = await operator(jailPort, "jails");
+      await operator(jailPort, "poweroff");
+    },
+  );
+
   console.log("\n==== initos demo ====");
   console.log(`Secure Boot:          ${pick(verified, /initos: secureboot: (\S+)/)}`);
   console.log(`verified images:      ${pick(verified, /initos: (image modules: verified[^\r\n]*)/)}`);
@@ -116,6 +157,11 @@ try {
   console.log(`  its PID 1:          ${pick(debian, /INITOS-DEBIAN pid1: ([^\r\n]*)/)} (${pick(debian, /INITOS-DEBIAN state: ([^\r\n]*)/)})`);
   console.log(`  modules, firmware:  modprobe dummy ${pick(debian, /INITOS-DEBIAN modprobe dummy: ([^\r\n]*)/)}; ${pick(debian, /INITOS-DEBIAN firmware: ([^\r\n]*)/)}`);
   console.log(`  shutdown:           ${/Failed unmounting/.test(debian) ? "a mount failed to unmount" : pick(debian, /systemd-shutdown\[1\]: (All filesystems, swaps[^\r\n]*)/)}`);
+  console.log(`jail mode:            ${pick(jailed, /initos: (pool: no root[^\r\n]*)/)}`);
+  console.log(`  a container jail:   ${pick(jailStatus, /^(web: init pid[^\n]*)/m)}`);
+  console.log(`  its limit:          ${pick(jailStatus, /^web: (memory[^\n]*)/m)}; ${pick(jailed, /(Memory cgroup out of memory: Killed process \d+ \(init\))/)}`);
+  console.log(`  over the bridge:    ${pick(jailStatus, /^web: (probe[^\n]*)/m)}`);
+  console.log(`  stopped first:      ${pick(jailed, /initos: (ctl: stopping the jails[^\r\n]*)/)} ${/JAIL-TERM/.test(jailed) ? "(its init got SIGTERM)" : ""}`);
   console.log(`serial logs:          build/logs/demo*.log`);
 } catch (e) {
   console.error(`demo failed: ${(e as Error).message}`);
