@@ -172,6 +172,21 @@ function unstage(sys: Pick<Mounts, "umount">, staged: readonly SpecMount[]): voi
 }
 
 /**
+ * crun's state of the jail: gone with a clean exit, left behind when crun itself was killed,
+ * and then `crun run` refuses the name. --force: a container still running is killed first; an
+ * unknown one is not an error. Through ld.so (toolArgv) like the other tools, since Processes.run
+ * passes no environment; delete does not re-execute itself, unlike run.
+ */
+export function deleteCrunState(sys: Pick<Processes, "run">, log: Logger, jail: Jail, o: CrunOptions = {}): void {
+  const crun = o.crun ? o.crun.argv : toolArgv("crun");
+  try {
+    sys.run([...crun, "--root", o.root ?? CRUN_ROOT, "delete", "--force", jail.name]);
+  } catch (e) {
+    if (!/does not exist|No such file/.test(describe(e))) log.warn(`jail ${jail.name}: crun delete: ${describe(e)}`);
+  }
+}
+
+/**
  * After the jail has ended (or to clear what a crash left): crun's state, the staged shares
  * and the rootfs snapshot. Idempotent: what is not there is skipped.
  */
@@ -181,13 +196,7 @@ export function removeContainer(
   jail: Jail,
   o: CrunOptions & { pool?: string; btrfs?: string[]; dir?: string } = {},
 ): void {
-  const crun = crunOf(o);
-  try {
-    // --force: a container still running is killed first; an unknown one is not an error.
-    sys.run([...crun.argv, "--root", crun.root, "delete", "--force", jail.name]);
-  } catch (e) {
-    if (!/does not exist|No such file/.test(describe(e))) log.warn(`jail ${jail.name}: crun delete: ${describe(e)}`);
-  }
+  deleteCrunState(sys, log, jail, o);
   const sharesDir = `${o.dir ?? JAILS_RUN}/${jail.name}/shares`;
   const mounted = new Set(sys.mountPoints());
   unstage(

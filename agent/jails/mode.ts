@@ -4,14 +4,14 @@
 // the container's rootfs, shares and spec (container.ts, spec.ts), its network namespace
 // (agent/sys/jailnet.ts), and crun, supervised (run.ts).
 import { describe } from "../errors.ts";
+import { powerAction } from "../pid1.ts";
 import { MS } from "../sys/consts.ts";
 import type { Logger } from "../log.ts";
 import type { AgentConfig } from "../config.ts";
 import type { EspResult } from "../stages/esp.ts";
 import type { Sys } from "../sys/index.ts";
-import { toolExec } from "../sys/tools.ts";
 import type { Jail, JailNetwork, JailsConfig } from "./config.ts";
-import { CRUN_ROOT, containerService, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
+import { containerService, deleteCrunState, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
 import { formatImages, importImage, listImages, readImage, removeImage } from "./images.ts";
 import { Jails, jailCgroup, type ImageStore, type Launcher } from "./run.ts";
 import { containerSpec } from "./spec.ts";
@@ -98,7 +98,16 @@ function containerLauncher(sys: Sys, log: Logger, net: JailNetwork): Launcher {
       // Its own cgroup, which outlives its runs (run.ts jailCgroup): crun makes <it>/run below.
       sys.mkdirp(jailCgroup(jail.name));
       sys.writeFile(`${jailCgroup(jail.name)}/cgroup.subtree_control`, CONTROLLERS);
-      sys.net.jailNetns({ netnsPath: netnsPath(jail.name), hostIf: hostIf(jail.name), jailIf: "eth0", address: jail.address, prefix: net.prefix, gateway: net.address, bridge: net.bridge });
+      try {
+        sys.net.jailNetns({ netnsPath: netnsPath(jail.name), hostIf: hostIf(jail.name), jailIf: "eth0", address: jail.address, prefix: net.prefix, gateway: net.address, bridge: net.bridge });
+      } catch (e) {
+        // PID 1's thread left in a jail's network namespace: every socket and process it made
+        // from now on (sshd, the next jail's network) would be the jail's. Nothing short of a
+        // reboot puts that right.
+        // (By name: jailnet.ts binds libc, which the boot logic's import graph must not load.)
+        if (e instanceof Error && e.name === "NetnsStuckError") powerAction(sys, log, "reboot", `jail ${jail.name}: ${e.message}`);
+        throw e;
+      }
       const args = jail.command ?? [...image.entrypoint, ...image.cmd];
       if (!args.length) throw new Error(`image ${jail.image} names no command and the host config gives none ("command")`);
       const env = [...image.env, ...Object.entries(jail.env).map(([k, v]) => `${k}=${v}`)];
@@ -106,19 +115,8 @@ function containerLauncher(sys: Sys, log: Logger, net: JailNetwork): Launcher {
       const spec = containerSpec(jail, { rootfs, netnsPath: netnsPath(jail.name), process: { args, env, cwd: image.workingDir || "/" }, mounts });
       const bundle = writeBundle(sys, jail, spec);
       const svc = containerService(jail, bundle);
-      const crun = toolExec("crun");
-      return {
-        ...svc,
-        // A run that was killed (or crun with it) leaves its state behind: `crun run` would
-        // refuse the name. Deleted before every start; "does not exist" is the usual answer.
-        beforeStart: () => {
-          try {
-            sys.run(["env", ...Object.entries(crun.env).map(([k, v]) => `${k}=${v}`), ...crun.argv, "--root", CRUN_ROOT, "delete", "--force", jail.name]);
-          } catch {
-            // nothing to delete
-          }
-        },
-      };
+      // A run that was killed (or crun with it) leaves crun's state behind: deleted before every start.
+      return { ...svc, beforeStart: () => deleteCrunState(sys, log, jail) };
     },
     async cleanup(jail: Jail) {
       removeContainer(sys, log, jail);

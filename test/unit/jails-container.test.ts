@@ -269,7 +269,7 @@ describe("containerService, writeBundle, removeContainer", () => {
     s.mounts.push("/run/initos/jails/web/shares/0");
     removeContainer(s, silentLog(), jail(), { btrfs: BTRFS });
     expect(s.calls).toEqual([
-      "run /run/initos/images/tools/usr/bin/crun --root /run/initos/crun delete --force web",
+      "run /run/initos/images/tools/usr/lib64/ld-linux-x86-64.so.2 --library-path /run/initos/images/tools/usr/lib/x86_64-linux-gnu /run/initos/images/tools/usr/bin/crun --root /run/initos/crun delete --force web",
       "umount /run/initos/jails/web/shares/0 2",
       "run btrfs subvolume delete /x/@jail-web",
     ]);
@@ -277,7 +277,7 @@ describe("containerService, writeBundle, removeContainer", () => {
 
   it("is quiet when there is nothing to remove", () => {
     const s = pool();
-    s.failOn.set("run /run/initos/images/tools/usr/bin/crun", new Error("crun: container `web` does not exist"));
+    s.failOn.set("run /run/initos/images/tools/usr/lib64/ld-linux-x86-64.so.2", new Error("crun: container `web` does not exist"));
     const log = silentLog();
     removeContainer(s, log, jail(), { btrfs: BTRFS });
     expect(log.lines).toEqual([]);
