@@ -291,7 +291,8 @@ $(HB)/source.txt: FORCE
 $(HB)/version.txt: FORCE
 	@mkdir -p $(HB)
 	@echo '$(VERSION)' | cmp -s - $@ || echo '$(VERSION)' > $@
-$(HB)/config.cpio: $(CONFIG_DEPS) $(HB)/version.txt $(HOST_DIR)/host.json $(HOST_DIR)/authorized_keys $(HB)/source.txt
+# vmhost.json: a host with "vmJails" names the vmhost image (its root hash) in its config.
+$(HB)/config.cpio: $(CONFIG_DEPS) $(B)/images/vmhost.json $(HB)/version.txt $(HOST_DIR)/host.json $(HOST_DIR)/authorized_keys $(HB)/source.txt
 	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --version "$$(cat $(HB)/version.txt)" --host $(HOST_DIR)/host.json --ssh-keys $(HOST_DIR)/authorized_keys --out $@
 $(HB)/$(HOST).initrd: $(B)/base.cpio.zst $(B)/agent.cpio.zst $(HB)/config.cpio.zst
 	cat $^ > $@

@@ -7,6 +7,7 @@ import { readFileSync } from "node:fs";
 import { basename, dirname } from "node:path";
 import { z } from "zod";
 import { AgentConfigSchema } from "../agent/config.ts";
+import { VM_HOST_IMAGE } from "../agent/jails/vm.ts";
 import { parseCmdline } from "../agent/cmdline.ts";
 import { zodIssue } from "../agent/errors.ts";
 
@@ -60,6 +61,12 @@ export const HostSchema = z
       .partial()
       .strict()
       .optional(),
+    /**
+     * The host runs VM jails: its signed config names the vmhost image (QEMU and the VM kernel,
+     * 72 MB, verified at first use only), and its update bundles carry it. Hosts without VM
+     * jails do not pay for it.
+     */
+    vmJails: z.boolean().optional(),
   })
   .strict()
   .superRefine((h, ctx) => {
@@ -122,5 +129,6 @@ export function withHost(template: Record<string, unknown>, host: Host): Record<
     hostname: host.hostname,
     services: [...services, ...host.services],
     ...(host.update ? { update: { ...update, ...host.update } } : {}),
+    ...(host.vmJails ? { images: [...((template.images ?? []) as unknown[]), { name: VM_HOST_IMAGE, onDemand: true }] } : {}),
   };
 }

@@ -35,6 +35,14 @@ describe("host.json", () => {
     expect(config.services.map((s) => s.name)).toEqual(["t"]);
   });
 
+  it("vmJails names the vmhost image, on demand, after the template's; other hosts do not carry it", () => {
+    const template = { images: [{ name: "modules" }, { name: "tools" }] };
+    const withVms = withHost(template, parseHost({ hostname: "h1", vmJails: true })) as { images: unknown[] };
+    expect(withVms.images).toEqual([{ name: "modules" }, { name: "tools" }, { name: "vmhost", onDemand: true }]);
+    const plain = withHost(template, parseHost({ hostname: "h2" })) as { images: unknown[] };
+    expect(plain.images).toEqual([{ name: "modules" }, { name: "tools" }]);
+  });
+
   it("a minimal host is a hostname; services are added after the template's", () => {
     const host = parseHost({ hostname: "h1", services: [{ name: "agentd", argv: ["/run/initos/images/tools/usr/bin/busybox", "true"] }] });
     expect(hostCmdline(TARGET, host)).toBe(TARGET);
