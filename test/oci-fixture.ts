@@ -4,9 +4,7 @@
 // are encoded so the reader is exercised on both GNU and pax archives.
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { afterAll } from "vitest";
+import { writeFileSync } from "node:fs";
 import { gzipSync } from "node:zlib";
 
 export type LayerEntry =
@@ -241,17 +239,3 @@ export const UPPER: LayerEntry[] = [
 ];
 export const SCENARIO_RESULT = ["a/", "a/y", "b/", "b/new", "etc/", "etc/keep"];
 
-/**
- * A temporary directory for the calling test file, removed after it; returns a function that
- * makes a fresh subdirectory in it per call (`fresh("vm")` → .../vm-0, .../vm-1, ...).
- */
-export function scratchDirs(prefix: string): (name: string) => string {
-  const dir = mkdtempSync(`${tmpdir()}/${prefix}-`);
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
-  let n = 0;
-  return (name) => {
-    const d = `${dir}/${name}-${n++}`;
-    mkdirSync(d);
-    return d;
-  };
-}

@@ -2,6 +2,7 @@
 // is the pool; the host's btrfs command stands in for the tools image's. Good archives become
 // read-only subvolumes with the image's owners and modes; bad ones are refused with one line
 // and leave the pool exactly as it was.
+import { scratchDirs } from "../scratch.ts";
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
@@ -9,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { importImage, listImages, readImage, removeImage } from "../../agent/jails/images.ts";
 import type { Logger } from "../../agent/log.ts";
 import { realSys, type Sys } from "../../agent/sys/index.ts";
-import { type LayerEntry, LOWER, OciLayoutWriter, ociImageTar, scratchDirs, tarBytes, UPPER } from "../oci-fixture.ts";
+import { type LayerEntry, LOWER, OciLayoutWriter, ociImageTar, tarBytes, UPPER } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-images");
 const BTRFS = ["btrfs"];

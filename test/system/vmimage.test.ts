@@ -1,12 +1,13 @@
 // The VM image builder for real: a btrfs image made from an OCI layout (or a rootfs tarball),
 // read back through a loop mount in a private mount namespace (root). The OCI reading and layer
 // semantics it builds on are tested without root in test/unit/oci.test.ts.
+import { scratchDirs } from "../scratch.ts";
 import { execFileSync } from "node:child_process";
 import { readdirSync, statSync, writeFileSync } from "node:fs";
 import * as zlib from "node:zlib";
 import { describe, expect, it } from "vitest";
 import { buildVmImage } from "../../initrd/vmimage.ts";
-import { LOWER, ociImageTar, tarBytes, UPPER, scratchDirs } from "../oci-fixture.ts";
+import { LOWER, ociImageTar, tarBytes, UPPER } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-vmimage");
 

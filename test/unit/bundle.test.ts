@@ -1,6 +1,7 @@
 // The update bundle writer (initrd/bundle.ts) read back by the project's own tar reader and the
 // agent's manifest parser, as the agent will read a bundle from ssh's stdin. (Reading the UKI's
 // own config is the agent's reader, tested in update-uki.test.ts.)
+import { scratchDirs } from "../scratch.ts";
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
@@ -9,7 +10,6 @@ import { MANIFEST_NAME, parseManifest, UKI_PATH } from "../../agent/update/manif
 import { bufferSource, streamOf } from "../../agent/oci/bytes.ts";
 import { type BundlePart, writeBundle } from "../../initrd/bundle.ts";
 import { readTarStream } from "../../agent/oci/tar.ts";
-import { scratchDirs } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-bundle");
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");

@@ -1,12 +1,12 @@
 // hosts/<name>/host.json (initrd/host.ts): what a host may say, the one line a mistake gives,
 // and what it becomes: the host's cmdline (checked by the agent's own parser) and its part of
 // the signed config. hosts/example must pass as shipped.
+import { scratchDirs } from "../scratch.ts";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { AgentConfigSchema } from "../../agent/config.ts";
 import { parseCmdline } from "../../agent/cmdline.ts";
 import { hostCmdline, parseHost, readHost, withHost } from "../../initrd/host.ts";
-import { scratchDirs } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-host");
 const TARGET = "console=ttyS0 rw initos.latchcheck=1 initos.reboot_delay=3 systemd.gpt_auto=0";

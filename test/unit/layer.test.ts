@@ -1,13 +1,14 @@
 // Layer semantics against a tree: whiteouts, opaque directories, replacement, hard links, and
 // paths resolved inside the tree (a hostile layer cannot write outside it). Layers go through
 // the streamed tar reader, as every OCI layer does.
+import { scratchDirs } from "../scratch.ts";
 import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { bufferSource, streamOf } from "../../agent/oci/bytes.ts";
 import { DirTree, MemTree } from "../../agent/oci/fstree.ts";
 import { applyLayer, type LayerReader } from "../../agent/oci/layer.ts";
 import { readTarStream } from "../../agent/oci/tar.ts";
-import { type LayerEntry, LOWER, layerTar, SCENARIO_RESULT, UPPER, scratchDirs } from "../oci-fixture.ts";
+import { type LayerEntry, LOWER, layerTar, SCENARIO_RESULT, UPPER } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-layer");
 

@@ -2,6 +2,7 @@
 // reader and the layer rules have their own tests (tar.test.ts, layer.test.ts); streaming is
 // proven in decompress.test.ts; the VM image builder (a real btrfs image, read back through a
 // loop mount as root) is test/system/vmimage.test.ts.
+import { scratchDirs } from "../scratch.ts";
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import * as zlib from "node:zlib";
@@ -10,7 +11,7 @@ import { bufferSource } from "../../agent/oci/bytes.ts";
 import { DirTree, MemTree } from "../../agent/oci/fstree.ts";
 import { extractImage, imageArgv, type ImageIndex, layoutFromTar, resolveImage, selectManifest } from "../../agent/oci/oci.ts";
 import { readTar } from "../../agent/oci/tar.ts";
-import { type LayerEntry, layerTar, LOWER, ociImageTar, OciLayoutWriter, SCENARIO_RESULT, UPPER, scratchDirs } from "../oci-fixture.ts";
+import { type LayerEntry, layerTar, LOWER, ociImageTar, OciLayoutWriter, SCENARIO_RESULT, UPPER } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-oci");
 

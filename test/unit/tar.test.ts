@@ -1,11 +1,12 @@
 // The tar reader against GNU tar's formats and the fixture writer's, in both of its forms: by
 // offset (readTar) and front to back (readTarStream), which must agree on every archive.
+import { scratchDirs } from "../scratch.ts";
 import { execFileSync } from "node:child_process";
 import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { bufferSource, chunks } from "../../agent/oci/bytes.ts";
 import { readTar, readTarStream, type TarStreamEntry } from "../../agent/oci/tar.ts";
-import { type LayerEntry, layerTar, scratchDirs } from "../oci-fixture.ts";
+import { type LayerEntry, layerTar } from "../oci-fixture.ts";
 
 const fresh = scratchDirs("initos-tar");
 
