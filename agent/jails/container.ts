@@ -23,6 +23,20 @@ const CGROUP2_SUPER_MAGIC = 0x63677270;
 /** The controllers the spec's limits need. */
 const CONTROLLERS = ["cpu", "memory", "pids"];
 
+/**
+ * A jail's own cgroup, which outlives its runs: crun makes and removes <it>/run (spec.ts) at
+ * each start and end, so the counters here (memory.events: the OOM kills) add up every run's.
+ */
+export const jailCgroup = (name: string) => `${JAILS_CGROUP}/${name}`;
+
+/** Makes the jail's cgroup (jailCgroup) with the controllers /initos has, for crun's run/ below it. */
+export function makeJailCgroup(sys: Pick<Files, "readFile" | "writeFile" | "mkdirp">, jail: Jail): void {
+  const dir = jailCgroup(jail.name);
+  sys.mkdirp(dir);
+  const enabled = (sys.readFile(`${JAILS_CGROUP}/cgroup.subtree_control`) ?? "").trim().split(/\s+/).filter(Boolean);
+  if (enabled.length) sys.writeFile(`${dir}/cgroup.subtree_control`, enabled.map((c) => `+${c}`).join(" "));
+}
+
 /** How crun is run: from the tools image (toolExec: crun re-executes /proc/self/exe, which must be crun, not ld.so). */
 export interface CrunOptions {
   crun?: { argv: string[]; env: Record<string, string> };

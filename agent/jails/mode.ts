@@ -11,9 +11,9 @@ import type { AgentConfig } from "../config.ts";
 import type { EspResult } from "../stages/esp.ts";
 import type { Sys } from "../sys/index.ts";
 import type { Jail, JailNetwork, JailsConfig } from "./config.ts";
-import { containerService, deleteCrunState, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
+import { containerService, deleteCrunState, makeJailCgroup, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
 import { formatImages, importImage, listImages, readImage, removeImage } from "./images.ts";
-import { Jails, jailCgroup, type ImageStore, type Launcher } from "./run.ts";
+import { type ImageStore, Jails, type Launcher } from "./run.ts";
 import { containerSpec } from "./spec.ts";
 import { vmHostOpener, vmLauncher } from "./vm.ts";
 
@@ -21,7 +21,6 @@ import { vmHostOpener, vmLauncher } from "./vm.ts";
 const JAIL_MODULES = ["bridge", "veth", "tun"];
 /** What a jail's process finds on its PATH when neither the image nor the config sets one. */
 const DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const CONTROLLERS = "+cpu +memory +pids";
 
 /** Where the VM jails' image (QEMU, the VM kernel) comes from: the boot's slots, verified at first use. */
 export interface VmHostSource {
@@ -95,9 +94,7 @@ function containerLauncher(sys: Sys, log: Logger, net: JailNetwork): Launcher {
       if (!image) throw new Error(`image ${jail.image} is not imported (image import ${jail.image})`);
       const rootfs = prepareRootfs(sys, log, jail);
       const mounts = resolveShares(sys, jail);
-      // Its own cgroup, which outlives its runs (run.ts jailCgroup): crun makes <it>/run below.
-      sys.mkdirp(jailCgroup(jail.name));
-      sys.writeFile(`${jailCgroup(jail.name)}/cgroup.subtree_control`, CONTROLLERS);
+      makeJailCgroup(sys, jail);
       try {
         sys.net.jailNetns({ netnsPath: netnsPath(jail.name), hostIf: hostIf(jail.name), jailIf: "eth0", address: jail.address, prefix: net.prefix, gateway: net.address, bridge: net.bridge });
       } catch (e) {

@@ -11,6 +11,7 @@ import type { Logger } from "../log.ts";
 import { STOP_BOUNDS, type Service, type StopBounds, type Supervised, type SuperviseSys, supervise } from "../supervise.ts";
 import type { Files } from "../sys/index.ts";
 import type { Jail, JailsConfig } from "./config.ts";
+import { jailCgroup } from "./container.ts";
 
 /** How long a start may take before the admin's answer says "starting" (it goes on). */
 const START_ANSWER_MS = 60_000;
@@ -183,12 +184,6 @@ export class Jails {
     return lines;
   }
 }
-
-/**
- * The jail's cgroup, which outlives its runs: crun makes and removes <this>/run (spec.ts) at each
- * start and end, so the counters here (memory.events: the OOM kills) add up every run's.
- */
-export const jailCgroup = (name: string) => `/sys/fs/cgroup/initos/${name}`;
 
 /**
  * What the host's /proc and cgroup say of a container: its init (the process that is PID 1 in

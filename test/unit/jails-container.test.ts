@@ -2,7 +2,7 @@
 // and cgroups with the fake machine. crun itself runs in test/system/crun.test.ts.
 import { describe, expect, it } from "vitest";
 import type { Jail } from "../../agent/jails/config.ts";
-import { containerService, containerSpec, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "../../agent/jails/container.ts";
+import { containerService, containerSpec, makeJailCgroup, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "../../agent/jails/container.ts";
 import { shiftOwners } from "../../agent/jails/idshift.ts";
 import { DENIED_SYSCALLS } from "../../agent/jails/seccomp.ts";
 import { DEFAULT_CAPABILITIES } from "../../agent/jails/spec.ts";
@@ -302,5 +302,11 @@ describe("setupCgroups", () => {
     expect(s.calls.filter((c) => c.startsWith("mount"))).toEqual([]);
     expect(s.readFile("/sys/fs/cgroup/initos/cgroup.subtree_control")).toBe("+memory +pids");
     expect(log.lines).toEqual(["warn: jails: cgroup controllers cpu missing in this kernel: those limits do not apply"]);
+  });
+
+  it("a jail's own cgroup gets the controllers /initos has, for crun's run/ below it", () => {
+    const s = new FakeSys().add("/sys/fs/cgroup/initos/cgroup.subtree_control", { kind: "file", data: "cpu memory pids\n" });
+    makeJailCgroup(s, jail());
+    expect(s.readFile("/sys/fs/cgroup/initos/web/cgroup.subtree_control")).toBe("+cpu +memory +pids");
   });
 });
