@@ -52,6 +52,8 @@ export interface JailAdmin {
   jail(action: JailAction, name: string): Promise<CtlResponse>;
   /** `image import NAME` reads the archive from `body`; `list` and `rm` leave it unread. */
   image(action: ImageAction, name: string | undefined, body: AsyncIterable<Buffer>): Promise<CtlResponse>;
+  /** `hostconfig show`, `hostconfig set` (the new initos.json on stdin, checked, for the next boot). */
+  hostConfig(action: "show" | "set", body: AsyncIterable<Buffer>): Promise<CtlResponse>;
 }
 export type JailAction = "start" | "stop" | "restart";
 export type ImageAction = "import" | "list" | "rm";
@@ -75,6 +77,7 @@ type ArgsOf<A> = { [P in keyof A]: A[P] extends z.ZodType ? z.output<A[P]> : nev
 /** `jail start web`, `image import web`: the words after the command, in this order. */
 const jailArgs = { action: z.enum(["start", "stop", "restart"]), name: jailName };
 const imageArgs = { action: z.enum(["import", "list", "rm"]), name: imageName.optional() };
+const hostConfigArgs = { action: z.enum(["show", "set"]) };
 
 /**
  * A command: its arguments, and what it does. `body`: whether a request reads the rest of the
@@ -116,6 +119,11 @@ const COMMANDS = {
   image: command(imageArgs, (c, r, body) => withCap("image", c.jails, (j) => j.image(r.action, r.name, body)), {
     body: (r) => r.action === "import",
     positional: ["action", "name"],
+  }),
+  /** Jail mode: the pool's host config (initos.json): `hostconfig show`, `hostconfig set` < file. */
+  hostconfig: command(hostConfigArgs, (c, r, body) => withCap("hostconfig", c.jails, (j) => j.hostConfig(r.action, body)), {
+    body: (r) => r.action === "set",
+    positional: ["action"],
   }),
   reboot: command(none, (c) => ok(c.power("reboot"))),
   poweroff: command(none, (c) => ok(c.power("poweroff"))),

@@ -12,6 +12,7 @@ import type { EspResult } from "../stages/esp.ts";
 import type { Sys } from "../sys/index.ts";
 import type { Jail, JailNetwork, JailsConfig } from "./config.ts";
 import { containerService, deleteCrunState, makeJailCgroup, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
+import { hostConfigFile } from "./hostfile.ts";
 import { formatImages, importImage, listImages, readImage, removeImage } from "./images.ts";
 import { type ImageStore, Jails, type Launcher } from "./run.ts";
 import { containerSpec } from "./spec.ts";
@@ -43,7 +44,7 @@ export async function startJailMode(sys: Sys, log: Logger, jc: JailsConfig, vmHo
   log.info(`jails: bridge ${jc.network.bridge} ${jc.network.address}/${jc.network.prefix}, forwarding on`);
   const openHost = vmHostOpener(sys, log, vmHost.config, vmHost.esp, vmHost.allowUnverified);
   const launchers = { container: containerLauncher(sys, log, jc.network), vm: vmLauncher(sys, log, jc.network, { openHost }) };
-  const jails = new Jails(sys, log, jc, launchers, imageStore(sys, log));
+  const jails = new Jails(sys, log, jc, launchers, imageStore(sys, log), hostConfigFile(sys, log));
   await jails.startAll();
   return jails;
 }

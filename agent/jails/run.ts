@@ -12,6 +12,7 @@ import { STOP_BOUNDS, type Service, type StopBounds, type Supervised, type Super
 import type { Files } from "../sys/index.ts";
 import type { Jail, JailsConfig } from "./config.ts";
 import { jailCgroup } from "./container.ts";
+import type { HostConfigFile } from "./hostfile.ts";
 
 /** How long a start may take before the admin's answer says "starting" (it goes on). */
 const START_ANSWER_MS = 60_000;
@@ -56,6 +57,7 @@ export class Jails {
     config: JailsConfig,
     private readonly launchers: Record<Jail["kind"], Launcher>,
     private readonly images: ImageStore,
+    private readonly hostFile: HostConfigFile,
   ) {
     for (const jail of config.jails) this.slots.set(jail.name, { jail });
   }
@@ -118,6 +120,7 @@ export class Jails {
       status: () => this.status(),
       jail: (action, name) => this.jailCommand(action, name),
       image: (action, name, body) => this.imageCommand(action, name, body),
+      hostConfig: async (action, body) => ({ ok: true, text: action === "show" ? this.hostFile.show() : await this.hostFile.set(body) }),
     };
   }
 

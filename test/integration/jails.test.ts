@@ -9,7 +9,7 @@
 //    ends it in its cgroup), and its death gets it restarted;
 //  - it sees neither the host's disks nor the pool's top level nor the other jail;
 //  - poweroff stops the jails first (their init gets SIGTERM).
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freePort, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
@@ -68,6 +68,15 @@ describe.sequential("jail mode", () => {
     expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
     expect(vm.output).toMatch(/initos: jail web: not started: .*image web is not imported/);
     expect(vm.output).toMatch(/initos: jail vm1: not started: the signed config has no vmhost image \(QEMU and the VM kernel\): VM jails cannot run on this build/);
+  });
+
+  it("hostconfig over ssh: show gives the pool's file; set refuses a config the boot would refuse part of, and leaves the file", async () => {
+    expect(JSON.parse((await run("hostconfig show")).stdout)).toEqual(JAILS);
+    writeFileSync(`${dir}/bad.json`, JSON.stringify({ ...JAILS, jails: [JAILS.jails[0]] , network: { address: "10.77.0.1/16" } }));
+    const r = await run("hostconfig set", `${dir}/bad.json`);
+    expect(r.status).toBe(1);
+    expect(r.stdout.trim()).toBe("hostconfig set: refused: host config initos.json: network.address: expected the host's address on the machine's /24, e.g. 10.77.0.1/24");
+    expect(JSON.parse((await run("hostconfig show")).stdout)).toEqual(JAILS);
   });
 
   it("image import: hostile archives are refused with one line each and leave nothing behind", async () => {

@@ -53,7 +53,7 @@ describe.sequential("sidecar", () => {
     expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\nversion: \d+\nslots: a v\d+, b v\d+\nzombies: 0\nagent rss: \d+ kB\nmemavailable: \d+ kB\n$/);
     const sh = await run(KEY, "cat /etc/passwd; id");
     expect(sh.status).toBe(2);
-    expect(sh.stderr).toMatch(/initos: unknown command "cat"; try: status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, reboot, poweroff/);
+    expect(sh.stderr).toMatch(/initos: unknown command "cat"; try: status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, hostconfig, reboot, poweroff/);
     expect(vm.output).toMatch(/initos: ctl: status/);
   }, 120_000);
 

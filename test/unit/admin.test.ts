@@ -29,7 +29,7 @@ describe("ctl requests", () => {
   it("turns typed words into requests; the passphrase comes from stdin", () => {
     expect(requestFromArgs(["status"], () => "")).toEqual({ cmd: "status" });
     expect(requestFromArgs(["unlock"], () => "words here\n")).toEqual({ cmd: "unlock", passphrase: "words here" });
-    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, reboot, poweroff');
+    expect(requestFromArgs(["sh", "-i"], () => "")).toBe('unknown command "sh"; try: status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, hostconfig, reboot, poweroff');
     expect(requestFromArgs([], () => "")).toMatch(/^unknown command ""/);
     expect(requestFromArgs(["status", "now"], () => "")).toBe("ctl status: takes no arguments");
   });
@@ -60,9 +60,9 @@ describe("ctl requests", () => {
     const send = (line: string) => s.request("/run/initos/ctl.sock", line);
     expect(await callAdmin({ cmd: "status" }, send)).toEqual({ ok: true, text: "did status" });
     expect(await callAdmin({ cmd: "unlock", passphrase: "secret-words" }, send)).toEqual({ ok: false, text: "did unlock" });
-    expect(JSON.parse(await send('{"cmd":"sh"}'))).toEqual({ ok: false, text: "bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, reboot, poweroff" });
+    expect(JSON.parse(await send('{"cmd":"sh"}'))).toEqual({ ok: false, text: "bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, hostconfig, reboot, poweroff" });
     expect(JSON.parse(await send(`{"cmd":"status","x":"${"y".repeat(9000)}"}`))).toEqual({ ok: false, text: "request too long" });
-    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock", "warn: ctl: refused: bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, reboot, poweroff"]);
+    expect(log.lines).toEqual(["info: ctl: status", "info: ctl: unlock", "warn: ctl: refused: bad request: cmd: expected one of status, log, unlock, reseal, switch-root, update, commit, jails, jail, image, hostconfig, reboot, poweroff"]);
     expect(s.lineServers.get("/run/initos/ctl.sock")?.maxLine).toBe(8192);
   });
 

@@ -5,6 +5,7 @@ import { describe, expect, it } from "vitest";
 import { parseJails } from "../../agent/jails/config.ts";
 import { type ImageStore, Jails, type Launcher } from "../../agent/jails/run.ts";
 import type { Jail } from "../../agent/jails/config.ts";
+import { hostConfigFile } from "../../agent/jails/hostfile.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
 const flush = () => new Promise((r) => setTimeout(r, 0));
@@ -41,7 +42,7 @@ function machine(failing: string[] = []) {
       return `image ${name}: removed`;
     },
   };
-  const jails = new Jails(s, log, CONFIG, { container: launcher("crun"), vm: launcher("qemu") }, images);
+  const jails = new Jails(s, log, CONFIG, { container: launcher("crun"), vm: launcher("qemu") }, images, hostConfigFile(s, log, "/x"));
   return { s, log, events, jails };
 }
 
@@ -118,5 +119,20 @@ describe("jail mode's supervisor", () => {
     expect(await admin.image("import", "web", empty)).toEqual({ ok: true, text: "image web: imported" });
     await expect(admin.image("rm", "web", empty)).rejects.toThrow("image web: in use by a running jail");
     expect(await admin.image("rm", undefined, empty)).toEqual({ ok: false, text: "image rm: give the image's name" });
+  });
+
+  it("hostconfig set checks the new file with the boot's parser, refuses it whole for any refused entry, else writes it for the next boot", async () => {
+    const { s, jails } = machine();
+    const admin = jails.admin();
+    const body = (o: unknown) => (async function* () { yield Buffer.from(JSON.stringify(o)); })();
+    s.add("/x", { kind: "dir" });
+    const good = { network: { address: "10.77.0.1/24" }, jails: [{ name: "web", kind: "container", image: "web", address: "10.77.0.10" }] };
+    expect(await admin.hostConfig("set", body(good))).toEqual({ ok: true, text: "hostconfig: initos.json written (1 jail(s): web); it applies at the next boot" });
+    expect(JSON.parse(s.readFile("/x/initos.json")!)).toEqual(good);
+    expect((await admin.hostConfig("show", body(null))).text).toBe(JSON.stringify(good));
+    const bad = { ...good, jails: [...good.jails, { name: "db", kind: "container", image: "db", address: "10.9.9.9" }] };
+    await expect(admin.hostConfig("set", body(bad))).rejects.toThrow(/^hostconfig set: refused: host config initos\.json: refused jails\.1 .*address: 10\.9\.9\.9 is not on the machine's \/24 \(10\.77\.0\.0\/24\)$/);
+    await expect(admin.hostConfig("set", (async function* () { yield Buffer.from("{"); })())).rejects.toThrow(/^hostconfig set: refused: host config initos\.json: not JSON/);
+    expect(JSON.parse(s.readFile("/x/initos.json")!)).toEqual(good);
   });
 });
