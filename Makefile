@@ -296,6 +296,10 @@ $(HB)/config.cpio: $(CONFIG_DEPS) $(B)/images/vmhost.json $(HB)/version.txt $(HO
 	$(BUILD) initrd-config --config initrd/config.json $(CONFIG_ARGS) --version "$$(cat $(HB)/version.txt)" --host $(HOST_DIR)/host.json --ssh-keys $(HOST_DIR)/authorized_keys --out $@
 $(HB)/$(HOST).initrd: $(B)/base.cpio.zst $(B)/agent.cpio.zst $(HB)/config.cpio.zst
 	cat $^ > $@
+# The host's boot disk (two ESPs with its UKI and every image its config names: vmhost too
+# when it has VM jails), for a VM to boot it; the demo's part 7 boots demo-vm's.
+$(HB)/boot.img: $(HB)/$(HOST).unsigned.efi $(IMAGES) $(B)/images/vmhost.json
+	$(BUILD) disk --uki $< --images $(B)/images --out $@
 $(HB)/$(HOST).cmdline: $(HOST_DIR)/host.json $(B)/target.cmdline $(HB)/source.txt $(BUILD_SRC)
 	$(BUILD) host-cmdline --host $(HOST_DIR)/host.json --cmdline "$$(cat $(B)/target.cmdline)" --out $@
 # The host's files are sources: when one is missing, say which (make alone says "No rule").
@@ -416,8 +420,15 @@ integration: deps
 # Bun the console of its fifth VM stopped being read after ~31 KB in 2 runs of 2 this session,
 # even with the forced GC that had worked around it (its serial port then blocks the guest);
 # under Node it ran through.
+# Part 7's machine, demo-vm: a host with VM jails, made from $(B)/demo-hosts (not hosts/: it
+# is no fleet machine), with the test key; its initrd, and its boot disk with vmhost.
+DEMO_HOSTS := $(B)/demo-hosts
 demo: deps
-	$(MAKE) --no-print-directory all $(B)/debian.img
+	$(MAKE) --no-print-directory all $(B)/debian.img $(B)/test-ssh/id_ed25519.pub
+	@mkdir -p $(DEMO_HOSTS)/demo-vm
+	@echo '{"hostname":"demo-vm","vmJails":true}' | cmp -s - $(DEMO_HOSTS)/demo-vm/host.json || echo '{"hostname":"demo-vm","vmJails":true}' > $(DEMO_HOSTS)/demo-vm/host.json
+	@cmp -s $(B)/test-ssh/id_ed25519.pub $(DEMO_HOSTS)/demo-vm/authorized_keys || cp $(B)/test-ssh/id_ed25519.pub $(DEMO_HOSTS)/demo-vm/authorized_keys
+	$(MAKE) --no-print-directory HOST=demo-vm HOSTS_DIR=$(DEMO_HOSTS) host $(B)/hosts/demo-vm/boot.img
 	$(BUN) build --target=node qemu/demo.ts --outfile $(B)/demo.mjs
 	node $(B)/demo.mjs
 

@@ -353,6 +353,29 @@ export function diskGuids(out: string): { disk: string; slots: string[] } {
 }
 
 /**
+ * The images a boot disk for `uki` carries, as [file, path on the ESP]: every image its config
+ * names (a host with VM jails gets vmhost too), read from the UKI's config segment and each
+ * checked against the root hash there (bundleParts, as an update bundle is). An installer's UKI
+ * ends with its install segment, not its config, so its config cannot be read that way: it gets
+ * the build's modules and tools images (all that initrd/config.json names), as before.
+ */
+function diskImages(uki: string, imagesDir: string): [string, string][] {
+  let config;
+  try {
+    config = ukiConfig(uki);
+  } catch (e) {
+    console.log(`disk: ${uki}: its config is not its last segment (${(e as Error).message.slice(0, 120)}): the modules and tools images`);
+    return ["modules", "tools"].flatMap((name): [string, string][] => {
+      const info = JSON.parse(readFileSync(`${imagesDir}/${name}.json`, "utf8")) as ImageInfo;
+      return [[info.sqfs, `initos/${name}.sqfs`], [info.verity, `initos/${name}.verity`]];
+    });
+  }
+  return bundleParts(uki, config, imagesDir)
+    .slice(1)
+    .map((p): [string, string] => [p.file, p.path]);
+}
+
+/**
  * A GPT disk with two ESPs, slots A and B, each holding the UKI at the removable-media path
  * (booted without boot entries) and the images with their hash trees under /initos.
  */
@@ -365,12 +388,7 @@ function cmdDisk(o: Record<string, string | undefined>, extra: string[] = []): v
     const eq = a.indexOf("=");
     files.push([a.slice(eq + 1), a.slice(0, eq)]);
   }
-  if (o.images) {
-    for (const name of ["modules", "tools"]) {
-      const info = JSON.parse(readFileSync(`${o.images}/${name}.json`, "utf8")) as ImageInfo;
-      files.push([info.sqfs, `initos/${name}.sqfs`], [info.verity, `initos/${name}.verity`]);
-    }
-  }
+  if (o.images) files.push(...diskImages(uki, o.images));
   const MiB = 2 ** 20;
   const espMiB = Math.ceil(files.reduce((n, [f]) => n + statSync(f).size, 0) / MiB) + 40;
   const sectorsPerMiB = MiB / 512;

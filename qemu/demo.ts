@@ -5,8 +5,9 @@
 // still answering beside the booted OS; (5) a real distribution, Debian 12 with systemd
 // (build/debian.img), boots through the agent's root= path: systemd told it came from an
 // initrd, the kernel's modules from the verified image; (6) jail mode: the host keeps the
-// hardware and runs a container jail from an OCI archive pushed over ssh. The serial console
-// streams by; a summary follows.
+// hardware and runs a container jail from an OCI archive pushed over ssh; (7) a VM jail, nested:
+// QEMU from the verified vmhost image inside the TCG guest (qemu/demo-vmjail.ts; minutes). The
+// serial console streams by; a summary follows.
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -15,6 +16,7 @@ import { ssh, sshWhenUp } from "./ssh.ts";
 import { idBase } from "../agent/jails/config.ts";
 import { buildPoolImage, testRootfs } from "../test/integration/pool-image.ts";
 import { writeWebImage } from "../test/jails/web-image.ts";
+import { vmJailDemo } from "./demo-vmjail.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-demo-`);
 const target = `${dir}/disk.img`;
@@ -142,6 +144,8 @@ try {
     },
   );
 
+  const vmJail = await vmJailDemo(dir, show, operator);
+
   console.log("\n==== initos demo ====");
   console.log(`Secure Boot:          ${pick(verified, /initos: secureboot: (\S+)/)}`);
   console.log(`verified images:      ${pick(verified, /initos: (image modules: verified[^\r\n]*)/)}`);
@@ -162,6 +166,11 @@ try {
   console.log(`  its limit:          ${pick(jailStatus, /^web: (memory[^\n]*)/m)}; ${pick(jailed, /(Memory cgroup out of memory: Killed process \d+ \(init\))/)}`);
   console.log(`  over the bridge:    ${pick(jailStatus, /^web: (probe[^\n]*)/m)}`);
   console.log(`  stopped first:      ${pick(jailed, /initos: (ctl: stopping the jails[^\r\n]*)/)} ${/JAIL-TERM/.test(jailed) ? "(its init got SIGTERM)" : ""}`);
+  console.log(`a VM jail (nested):   ${pick(vmJail.output, /initos: (jail app: TCG[^\r\n]*)/)}`);
+  console.log(`  vmhost on demand:   ${pick(vmJail.output, /initos: (image vmhost: verified[^\r\n]*)/)}`);
+  console.log(`  its app:            ${pick(vmJail.output, /jail app: (VM-JAIL-APP-UP app)\b/)}; ${pick(vmJail.status, /^(app: [^\n]*)/m)}`);
+  console.log(`  timings (wall):     boot to jails ready ${vmJail.bootS.toFixed(0)} s; jail start to the app's marker ${vmJail.startS.toFixed(0)} s; poweroff to exit ${vmJail.poweroffS.toFixed(0)} s`);
+  console.log(`  stopped first:      ${pick(vmJail.output, /initos: (ctl: stopping the jails[^\r\n]*)/)} ${/jail app: VM-JAIL-APP-TERM[\r\n]/.test(vmJail.output) ? "(the app got SIGTERM from the power button)" : ""}`);
   console.log(`serial logs:          build/logs/demo*.log`);
 } catch (e) {
   console.error(`demo failed: ${(e as Error).message}`);
