@@ -162,6 +162,7 @@ async function host(ctx: BootContext, state: BootState, p: Prepared, services: r
     const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, p.tpm, p.early.secureBoot, esp, state.remote, initrdAdmin(ctx, state)));
     const mounted = await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
     if (mounted.config.jails && !mounted.config.root) return jailMode(ctx, state, p, mounted.config.jails, services);
+    if (mounted.config.jails) log.warn(`jails: not started: the host config names root ${mounted.config.root}, which the machine boots instead`);
   }
   return { kind: "switch-root", services };
 }
