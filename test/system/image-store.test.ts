@@ -5,7 +5,7 @@
 import { scratchDirs } from "../scratch.ts";
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { importImage, listImages, readImage, removeImage } from "../../agent/jails/images.ts";
 import type { Logger } from "../../agent/log.ts";
@@ -203,4 +203,30 @@ describe("image list and rm", () => {
     expect(state()).toEqual({ top: ["initos", "outside"], store: [], subvols: "" });
     expect(listImages(sys, opts())).toEqual([]);
   });
+});
+
+describe("an archive a real tool wrote", () => {
+  it("imports buildah's oci-archive (what skopeo writes too: containers/image): two layers, its whiteouts honoured", async () => {
+    const d = fresh("buildah");
+    const buildah = (...args: string[]) => execFileSync("buildah", ["--root", `${d}/storage`, "--runroot", `${d}/runroot`, "--storage-driver", "vfs", ...args], { encoding: "utf8" }).trim();
+    mkdirSync(`${d}/ctx/etc`, { recursive: true });
+    writeFileSync(`${d}/ctx/etc/gone`, "removed by layer 2\n");
+    writeFileSync(`${d}/ctx/etc/kept`, "kept\n");
+    const c1 = buildah("from", "scratch");
+    buildah("copy", c1, `${d}/ctx`, "/");
+    buildah("commit", "-q", c1, "initos-store-base");
+    const c2 = buildah("from", "--pull=never", "localhost/initos-store-base");
+    rmSync(`${buildah("mount", c2)}/etc/gone`);
+    writeFileSync(`${d}/new`, "layer 2\n");
+    buildah("copy", c2, `${d}/new`, "/etc/new");
+    buildah("config", "--cmd", "/bin/app", c2);
+    buildah("commit", "-q", c2, `oci-archive:${d}/image.tar`);
+    buildah("rm", "--all");
+
+    const line = await importTar("bld", readFileSync(`${d}/image.tar`));
+    expect(line).toMatch(/^image bld: sha256:[0-9a-f]{12}, \d+ B in 2 layers \(archive .*\), new, imported in/);
+    expect(execFileSync("find", ["etc", "-type", "f"], { cwd: `${pool}/@img-bld`, encoding: "utf8" }).trim().split("\n").sort()).toEqual(["etc/kept", "etc/new"]);
+    expect(readImage(sys, "bld", opts())).toMatchObject({ cmd: ["/bin/app"], layers: 2 });
+    expect(removeImage(sys, log, "bld", () => false, opts())).toBe("image bld: removed");
+  }, 120_000);
 });
