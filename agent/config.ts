@@ -8,7 +8,13 @@ export const CONFIG_PATH = "/etc/initos/config.json";
 
 export const AgentConfigSchema = z
   .object({
-    /** Modules (names or aliases) loaded before looking for the root device, with their deps. */
+    /**
+     * Modules (names or aliases) loaded before looking for the root device, with their deps.
+     * The build's list (initrd/config.json) ends with sha256_ssse3: the kernel's SHA-NI/AVX2
+     * sha256, which dm-verity then checks the images with instead of sha256-generic (seen in
+     * the log: "verity: sha256 using implementation"). Not loading on a CPU without SSSE3 is a
+     * warning, not an error.
+     */
     modules: z.array(z.string().regex(/^[\w-]+$/, "expected a module name")).default([]),
     /** How long to wait for the root device when the cmdline does not say (initos.rootwait). */
     rootWaitSeconds: z.number().int().min(0).max(3600).default(30),

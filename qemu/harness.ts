@@ -143,9 +143,9 @@ export class Vm {
         const end = this.running && !prompt ? this.buf.lastIndexOf("\n") + 1 : this.buf.length;
         const m = end > from ? this.buf.slice(from, end).match(re) : null;
         if (m) return done(() => res(m));
-        if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}${from ? ` (after output offset ${from})` : ""}; log ${this.logPath}`)));
+        if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}${from ? ` (after output offset ${from})` : ""}; log ${this.logPath}${this.tail()}`)));
       };
-      const timer = setTimeout(() => done(() => rej(new Error(`${this.name}: no ${re}${from ? ` after output offset ${from}` : ""} within ${timeoutMs} ms; log ${this.logPath}`))), timeoutMs);
+      const timer = setTimeout(() => done(() => rej(new Error(`${this.name}: no ${re}${from ? ` after output offset ${from}` : ""} within ${timeoutMs} ms; log ${this.logPath}${this.tail()}`))), timeoutMs);
       const done = (f: () => void) => {
         clearTimeout(timer);
         this.waiters.delete(check);
@@ -156,6 +156,15 @@ export class Vm {
     });
   }
 
+  /**
+   * The console's last lines, for an error message: CI keeps what the test runner prints, not
+   * build/logs, and a timeout that only says "no match" cannot be diagnosed from there.
+   */
+  private tail(lines = 12): string {
+    const last = this.buf.slice(-8000).replace(/\r/g, "").trimEnd().split("\n").slice(-lines);
+    return `; the console's last lines:\n${last.map((l) => `  | ${l.slice(0, 200)}`).join("\n")}`;
+  }
+
   /** Waits for the VM to power off, or reboot unless `reboot` was asked (-no-reboot); kills it on timeout. */
   async waitExit(timeoutMs: number): Promise<number | null> {
     let timer: NodeJS.Timeout | undefined;
@@ -164,7 +173,7 @@ export class Vm {
     clearTimeout(timer);
     if (r === "timeout") {
       await this.stop();
-      throw new Error(`${this.name}: still running after ${timeoutMs} ms; log ${this.logPath}`);
+      throw new Error(`${this.name}: still running after ${timeoutMs} ms; log ${this.logPath}${this.tail()}`);
     }
     return r;
   }

@@ -243,7 +243,7 @@ export function vmHostOpener(sys: Files & Mounts & Devices & Crypt, log: Logger,
     const mountPoint = `${IMAGES_DIR}/${VM_HOST_IMAGE}`;
     if (sys.mountPoints().includes(mountPoint)) return mountPoint;
     if (!esp) throw new Error(`no boot partition to open the ${VM_HOST_IMAGE} image from`);
-    return openImage(sys, log, esp, config.esp.dir, image, allowUnverified).mountPoint;
+    return (await openImage(sys, log, esp, config.esp.dir, image, allowUnverified)).mountPoint;
   };
 }
 

@@ -28,7 +28,7 @@ export interface MountedImage {
 export const IMAGES_DIR = "/run/initos/images";
 
 /** Opens `image` from the first slot whose copy verifies; with `allowUnverified`, falls back to an unverified mount. */
-export function openImage(sys: Files & Mounts & Devices & Crypt, log: Logger, esp: EspResult, dir: string, image: Image, allowUnverified: boolean): MountedImage {
+export async function openImage(sys: Files & Mounts & Devices & Crypt, log: Logger, esp: EspResult, dir: string, image: Image, allowUnverified: boolean): Promise<MountedImage> {
   const failures: string[] = [];
   const mountPoint = `${IMAGES_DIR}/${image.name}`;
   for (const slot of esp.slots) {
@@ -39,7 +39,7 @@ export function openImage(sys: Files & Mounts & Devices & Crypt, log: Logger, es
     }
     let device: string;
     try {
-      device = sys.verityOpen(`initos-${image.name}`, `${base}.sqfs`, `${base}.verity`, image.rootHash, image.verity);
+      device = await sys.verityOpen(`initos-${image.name}`, `${base}.sqfs`, `${base}.verity`, image.rootHash, image.verity);
     } catch (e) {
       failures.push(`slot ${slot.name}: ${describe(e)}`);
       log.err(`image ${image.name}: slot ${slot.name} copy rejected: ${describe(e)}`);
@@ -83,17 +83,19 @@ export function bindImage(sys: Files & Mounts, log: Logger, image: Image, mounte
  * Opens, mounts and binds every configured image. When an image brings a new module tree,
  * the module index is re-read and coldplug runs again for the drivers that were missing.
  */
-export function setupImages(sys: Files & Mounts & Modules & Devices & Crypt, log: Logger, cfg: AgentConfig, esp: EspResult, allowUnverified: boolean, cold: Coldplug): MountedImage[] {
-  const mounted: MountedImage[] = [];
-  for (const image of cfg.images) {
-    if (image.onDemand) {
-      log.info(`image ${image.name}: opened on demand, not at boot`);
-      continue;
-    }
-    const m = openImage(sys, log, esp, cfg.esp.dir, image, allowUnverified);
-    bindImage(sys, log, image, m);
-    mounted.push(m);
-  }
+export async function setupImages(sys: Files & Mounts & Modules & Devices & Crypt, log: Logger, cfg: AgentConfig, esp: EspResult, allowUnverified: boolean, cold: Coldplug): Promise<MountedImage[]> {
+  const atBoot = cfg.images.filter((image) => {
+    if (image.onDemand) log.info(`image ${image.name}: opened on demand, not at boot`);
+    return !image.onDemand;
+  });
+  // All of them at once: the kernel checks each on its own worker thread (see verityOpen), so
+  // the check of the tools image runs beside the modules image's instead of after it. Each
+  // settles before any fails the stage: nothing is still being opened behind the failure policy.
+  const opened = await Promise.allSettled(atBoot.map((image) => openImage(sys, log, esp, cfg.esp.dir, image, allowUnverified)));
+  const failed = opened.find((r) => r.status === "rejected");
+  if (failed) throw failed.reason;
+  const mounted = opened.map((r) => (r as PromiseFulfilledResult<MountedImage>).value);
+  atBoot.forEach((image, i) => bindImage(sys, log, image, mounted[i]!));
   if (cfg.images.some((i) => i.binds.some((b) => b.to === "/lib/modules"))) {
     sys.reloadModuleIndex();
     cold.forget();

@@ -191,6 +191,8 @@ export interface Mounts {
 export interface Modules {
   /** Loads a module (name or alias) with its dependencies: what was inserted, what matched. */
   loadModule(nameOrAlias: string): { modules: string[]; matched: string[] };
+  /** loadModule on a worker thread: the kernel's insertion runs on another CPU meanwhile. */
+  loadModuleInBackground(nameOrAlias: string): Promise<{ modules: string[]; matched: string[] }>;
   /** Re-reads /lib/modules/<release> after a new tree is mounted there. */
   reloadModuleIndex(): void;
 }
@@ -210,10 +212,11 @@ export interface Devices {
 /** Block-device crypto (libcryptsetup) and key material. */
 export interface Crypt {
   /**
-   * Checks the hash device's superblock against the pinned `verity` parameters, verifies every
-   * block, then opens /dev/mapper/<name>. Throws naming what did not match.
+   * Checks the hash device's superblock against the pinned `verity` parameters, opens
+   * /dev/mapper/<name> and reads every block through it off the event loop (dm-verity proves
+   * each). Resolves once all of it verified; otherwise closes it and rejects naming what did not match.
    */
-  verityOpen(name: string, data: string, hash: string, rootHash: string, verity: VerityParams): string;
+  verityOpen(name: string, data: string, hash: string, rootHash: string, verity: VerityParams): Promise<string>;
   /**
    * The same checks in userspace, with no device opened (an update's image files before they
    * are renamed into place): the superblock against `verity`, then every block against
@@ -582,7 +585,7 @@ function realDevices(libc: Libc, blkid: typeof import("./blkid.ts")): Devices {
 
 function realCrypt(cryptsetup: typeof import("./cryptsetup.ts"), randomBytes: (n: number) => Uint8Array): Crypt {
   return {
-    verityOpen: (n, d, h, r, v) => cryptsetup.verityOpen(n, d, h, r, true, v),
+    verityOpen: (n, d, h, r, v) => cryptsetup.verityOpenChecked(n, d, h, r, v),
     verityVerify: async (d, h, r, v) => cryptsetup.verityVerify(d, h, r, v),
     luks: {
       format: cryptsetup.luksFormat,
@@ -673,7 +676,7 @@ export async function realSys(): Promise<Sys> {
   return {
     ...realFiles(libc),
     ...realMounts(libc),
-    ...(await import("./kmod.ts").then((kmod): Modules => ({ loadModule: (m) => kmod.loadModule(m), reloadModuleIndex: () => kmod.resetModuleIndex() }))),
+    ...(await import("./kmod.ts").then((kmod): Modules => ({ loadModule: (m) => kmod.loadModule(m), loadModuleInBackground: (m) => kmod.loadModuleAsync(m), reloadModuleIndex: () => kmod.resetModuleIndex() }))),
     ...realDevices(libc, await import("./blkid.ts")),
     ...realCrypt(await import("./cryptsetup.ts"), randomBytes),
     ...realNet(await import("./netlink.ts"), await import("./udp.ts"), await import("./jailnet.ts")),

@@ -66,37 +66,75 @@ export interface LoadResult {
   matched: string[];
 }
 
+/** The modules `nameOrAlias` matches in context `c`, as new references; the caller unrefs each. */
+function lookup(c: Ctx, nameOrAlias: string): Module[] {
+  const k = kmod();
+  const out: [List | null] = [null];
+  const r = k.lookup(c, nameOrAlias, out);
+  if (r < 0) throw new Error(`kmod lookup ${nameOrAlias}: error ${-r}`);
+  const list = out[0];
+  const mods: Module[] = [];
+  for (let e = list; e; e = k.listNext(list, e)) mods.push(k.getModule(e));
+  if (list) k.unrefList(list);
+  return mods;
+}
+
+const PROBE_FLAGS = KMOD_PROBE_IGNORE_COMMAND | KMOD_PROBE_APPLY_BLACKLIST | KMOD_PROBE_FAIL_ON_LOADED;
+
+/** One module's probe result into `out`: inserted now, already there, or an error naming it. */
+function verdict(out: LoadResult, name: string, nameOrAlias: string, err: number): void {
+  out.matched.push(name);
+  if (err === -EEXIST) return;
+  if (err < 0) throw new Error(`insert module ${name} (for ${nameOrAlias}): ${errnoName(-err)}`);
+  out.modules.push(name);
+}
+
 /**
  * Loads the module(s) matching `nameOrAlias` with their dependencies. Already loaded and
  * built-in modules are not an error. Throws naming the module when the kernel refuses it.
  */
 export function loadModule(nameOrAlias: string): LoadResult {
   const k = kmod();
-  const c = context();
-  const out: [List | null] = [null];
-  const r = k.lookup(c, nameOrAlias, out);
-  if (r < 0) throw new Error(`kmod lookup ${nameOrAlias}: error ${-r}`);
-  const list = out[0];
-  const modules: string[] = [];
-  const matched: string[] = [];
+  const out: LoadResult = { modules: [], matched: [] };
+  const mods = lookup(context(), nameOrAlias);
   try {
-    for (let e = list; e; e = k.listNext(list, e)) {
-      const mod = k.getModule(e);
-      const name = k.getName(mod);
-      try {
-        matched.push(name);
-        const err = k.probe(mod, KMOD_PROBE_IGNORE_COMMAND | KMOD_PROBE_APPLY_BLACKLIST | KMOD_PROBE_FAIL_ON_LOADED, null, null, null, null);
-        if (err === -EEXIST) continue;
-        if (err < 0) throw new Error(`insert module ${name} (for ${nameOrAlias}): ${errnoName(-err)}`);
-        modules.push(name);
-      } finally {
-        k.unref(mod);
-      }
+    for (const mod of mods) verdict(out, k.getName(mod), nameOrAlias, k.probe(mod, PROBE_FLAGS, null, null, null, null));
+  } finally {
+    for (const mod of mods) k.unref(mod);
+  }
+  return out;
+}
+
+/**
+ * loadModule on koffi's worker thread: the insertion (finit_module: the signature check, the
+ * relocations and the module's init, all kernel time in the calling thread) runs on the other
+ * CPU while the event loop goes on. For btrfs that is ~1 s under TCG, most of it raid6_pq
+ * benchmarking its algorithms at load. Its own kmod context, made and dropped here: libkmod's
+ * contexts are not thread-safe and the main thread keeps using the shared one. libkmod logs to
+ * stderr (no log function is set), so nothing calls back into JS from the worker thread, which
+ * koffi does not allow. Loading what another thread loads at the same time is safe: the kernel
+ * lets one insertion finish and answers the other "already loaded".
+ */
+export async function loadModuleAsync(nameOrAlias: string): Promise<LoadResult> {
+  const k = kmod();
+  const c = k.new(null, [null]);
+  if (!c) throw new Error("kmod_new failed: no /lib/modules/<release>?");
+  const out: LoadResult = { modules: [], matched: [] };
+  let mods: Module[] = [];
+  try {
+    k.loadResources(c);
+    mods = lookup(c, nameOrAlias);
+    for (const mod of mods) {
+      const err = await new Promise<number>((resolve, reject) =>
+        k.probe.async(mod, PROBE_FLAGS, null, null, null, null, (e: unknown, r: number) => (e ? reject(e instanceof Error ? e : new Error(String(e))) : resolve(r))),
+      );
+      verdict(out, k.getName(mod), nameOrAlias, err);
     }
   } finally {
-    if (list) k.unrefList(list);
+    for (const mod of mods) k.unref(mod);
+    k.unrefCtx(c);
   }
-  return { modules, matched };
+  return out;
 }
 
 /**

@@ -13,12 +13,14 @@
 //
 // Prints the report; writes build/bench/results-<time>.json, build/bench/latest.json and
 // build/bench/timeline.png. BENCH_SKIP=boots,sidecar,compress,unpack leaves parts out.
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+// BENCH_BASELINE=FILE.efi adds a third variant to step 2: an agent UKI saved from an earlier
+// build, booted from the same disk and images, so a change gets its before/after in one run.
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { snapshotInputs } from "./inputs.ts";
 import type { BootSample } from "./parse.ts";
 import { renderTimeline } from "./plot.ts";
-import { bootSection, compressionSection, memorySection, metricSummaries, recommend, sizeSection, stageSection, stageSummaries } from "./report.ts";
+import { bootSection, compressionSection, goalsSection, memorySection, metricSummaries, recommend, sizeSection, stageSection, stageSummaries } from "./report.ts";
 import { compareCompression, type CompressionResult, size, type SizeReport, sizeReport } from "./sizes.ts";
 import { boot, install, kernelUnpack, referenceDisk, type SidecarResult, sidecarRss, warmUp } from "./vms.ts";
 
@@ -26,6 +28,9 @@ const OUT = "build/bench";
 const runs = Number(process.env.BENCH_RUNS ?? 3);
 const sidecarWait = Number(process.env.BENCH_SIDECAR_WAIT ?? 60);
 const skip = new Set((process.env.BENCH_SKIP ?? "").split(",").filter(Boolean));
+const baseline = process.env.BENCH_BASELINE;
+if (baseline !== undefined && !existsSync(baseline)) throw new Error(`BENCH_BASELINE=${baseline}: no such file (an agent UKI from an earlier build, e.g. a copy of build/target.efi)`);
+const variants = baseline ? (["agent", "baseline", "reference"] as const) : (["agent", "reference"] as const);
 /** One file per algorithm through the kernel (its speed barely depends on the level). */
 const UNPACK_IN_KERNEL = ["gzip -9", "xz -6", "zstd -9", "zstd -19", "lz4 -9"];
 
@@ -49,10 +54,14 @@ try {
     const installed = await install(inputs, dir);
     progress("warm-up boot of the installed disk (first-boot work, not measured)");
     await warmUp(installed, dir);
-    const refDisk = referenceDisk(installed.disk, dir, `${inputs}/reference.efi`);
+    const disks = {
+      agent: installed.disk,
+      reference: referenceDisk(installed.disk, dir, `${inputs}/reference.efi`, "reference"),
+      baseline: baseline ? referenceDisk(installed.disk, dir, baseline, "baseline") : installed.disk,
+    };
     for (let run = 1; run <= runs; run++) {
-      for (const variant of ["agent", "reference"] as const) {
-        const s = await boot(variant, run, variant === "agent" ? installed.disk : refDisk, installed.tpm, dir);
+      for (const variant of variants) {
+        const s = await boot(variant, run, disks[variant], installed.tpm, dir);
         samples.push(s);
         progress(`${variant} run ${run}: ${s.ok ? `/init → root ${s.initToRoot!.toFixed(2)} s, kernel → root ${s.kernelToRoot!.toFixed(2)} s` : `FAILED: ${s.error}`}`);
       }
@@ -80,6 +89,7 @@ try {
 const rec = compression.length ? recommend(compression, samples, sizes) : undefined;
 const sections = [
   samples.length ? bootSection(samples, runs) : "== boot: skipped",
+  samples.length ? goalsSection(samples, sizes) : "",
   samples.length ? stageSection(samples) : "",
   memorySection(samples, sidecar),
   sizeSection(sizes),
@@ -106,6 +116,6 @@ if (samples.some((s) => s.ok)) await renderTimeline(samples, `${OUT}/timeline.pn
 console.log(`\n${sections.filter(Boolean).join("\n\n")}\n`);
 console.log(`results: ${OUT}/results-${stamp}.json (and latest.json); timeline: ${OUT}/timeline.png; serial logs: ${OUT}/logs/`);
 console.log(`bench took ${((performance.now() - t0) / 60000).toFixed(1)} min`);
-for (const v of ["agent", "reference"] as const) {
+for (const v of variants) {
   if (!skip.has("boots") && !samples.some((s) => s.variant === v && s.ok)) process.exitCode = 1;
 }

@@ -10,7 +10,11 @@
 //            "initos-ref: handoff: MemAvailable N kB before switch_root"
 //   root     "INITOS-TEST-ROOT ... uptime=S memavailable=NkB" (printed by the root's init as it starts)
 
-export type Variant = "agent" | "reference";
+/**
+ * agent: this build's UKI; reference: the busybox shell initrd; baseline: the agent UKI of an
+ * earlier build (BENCH_BASELINE), for a before/after of a change in the same run.
+ */
+export type Variant = "agent" | "baseline" | "reference";
 
 /** A span of the boot, in seconds since the kernel started (the firmware's is negative). */
 export interface Segment {
@@ -103,17 +107,17 @@ export function parseBoot(variant: Variant, run: number, output: string, logPath
   seg("initramfs unpack", unpackStart, unpackEnd);
   seg("kernel", unpackEnd, runInit);
 
-  const prefix = variant === "agent" ? "initos: " : "initos-ref: ";
+  const prefix = variant === "reference" ? "initos-ref: " : "initos: ";
   const own = lines.filter((l) => l.text.startsWith(prefix) && (runInit === undefined || l.t >= runInit));
   const firstLine = own[0]?.t;
   if (runInit !== undefined && firstLine !== undefined) sample.initToFirstLine = firstLine - runInit;
-  seg(variant === "agent" ? "preinit + Bun start-up" : "busybox sh start-up", runInit, firstLine);
+  seg(variant === "reference" ? "busybox sh start-up" : "preinit + Bun start-up", runInit, firstLine);
 
   const exec = own.find((l) => l.text.startsWith(`${prefix}switch_root: exec`))?.t;
   const mem = own.map((l) => /handoff: MemAvailable (\d+) kB before switch_root/.exec(l.text)).find((m) => m);
   if (mem) sample.memBeforeKb = Number(mem[1]);
 
-  if (variant === "agent") {
+  if (variant !== "reference") {
     // "stage X: ok in Nms" is logged when X ends.
     let last: number | undefined;
     for (const l of own) {

@@ -6,7 +6,10 @@ import { Resvg } from "@resvg/resvg-js";
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
 import type { BootSample, Variant } from "./parse.ts";
+import { variantsOf } from "./report.ts";
 import { medianIndex, summarize } from "./stats.ts";
+
+const COLOURS: Record<Variant, string> = { agent: "#4c78a8", baseline: "#9ecae9", reference: "#f58518" };
 
 interface Row {
   variant: Variant;
@@ -24,7 +27,8 @@ function medianBoot(samples: BootSample[], variant: Variant): BootSample | undef
 
 export async function renderTimeline(samples: BootSample[], out: string): Promise<void> {
   const rows: Row[] = [];
-  for (const variant of ["agent", "reference"] as const) {
+  const variants = variantsOf(samples);
+  for (const variant of variants) {
     const s = medianBoot(samples, variant);
     for (const g of s?.segments ?? []) {
       const d = g.end - g.start;
@@ -38,7 +42,7 @@ export async function renderTimeline(samples: BootSample[], out: string): Promis
     samples.some((s) => (s.stages[n] ?? 0) >= 50),
   );
   const medians = stageNames.flatMap((stage) =>
-    (["agent", "reference"] as const).flatMap((variant) => {
+    variants.flatMap((variant) => {
       const m = summarize(samples.filter((s) => s.variant === variant && s.ok).map((s) => s.stages[stage]));
       return m ? [{ stage, variant, ms: m.median }] : [];
     }),
@@ -53,13 +57,13 @@ export async function renderTimeline(samples: BootSample[], out: string): Promis
     vconcat: [
       {
         width: 960,
-        height: 110,
+        height: 55 * variants.length,
         data: { values: rows },
         layer: [
           {
             mark: { type: "bar", height: 34, stroke: "white", strokeWidth: 0.5 },
             encoding: {
-              y: { field: "variant", type: "nominal", title: null, sort: ["agent", "reference"] },
+              y: { field: "variant", type: "nominal", title: null, sort: variants },
               x: { field: "start", type: "quantitative", title: "seconds since the kernel started (firmware: host clock, before 0)" },
               x2: { field: "end" },
               color: { field: "segment", type: "nominal", sort: order, scale: { scheme: "tableau20" }, legend: { title: "segment", columns: 4, orient: "bottom", labelLimit: 260 } },
@@ -68,7 +72,7 @@ export async function renderTimeline(samples: BootSample[], out: string): Promis
           {
             mark: { type: "text", fontSize: 10, color: "black" },
             encoding: {
-              y: { field: "variant", type: "nominal", sort: ["agent", "reference"] },
+              y: { field: "variant", type: "nominal", sort: variants },
               x: { field: "mid", type: "quantitative" },
               text: { field: "label" },
             },
@@ -85,7 +89,7 @@ export async function renderTimeline(samples: BootSample[], out: string): Promis
           x: { field: "stage", type: "nominal", sort: stageNames, title: "stage (median over runs)", axis: { labelAngle: 0 } },
           xOffset: { field: "variant" },
           y: { field: "ms", type: "quantitative", title: "ms" },
-          color: { field: "variant", type: "nominal", scale: { range: ["#4c78a8", "#f58518"] }, legend: { title: null, orient: "top-right" } },
+          color: { field: "variant", type: "nominal", scale: { domain: variants, range: variants.map((v) => COLOURS[v]) }, legend: { title: null, orient: "top-right" } },
         },
       },
     ],

@@ -5,8 +5,10 @@ import type { CompressionResult, SizeReport } from "./sizes.ts";
 import { fmtMB, fmtS, fmtSummary, type Summary, summarize, table } from "./stats.ts";
 import type { SidecarResult } from "./vms.ts";
 
-const VARIANTS: Variant[] = ["agent", "reference"];
+const ALL: Variant[] = ["agent", "baseline", "reference"];
 const ok = (samples: BootSample[], v: Variant) => samples.filter((s) => s.variant === v && s.ok);
+/** The variants this run booted, in report order (baseline only with BENCH_BASELINE). */
+export const variantsOf = (samples: BootSample[]): Variant[] => ALL.filter((v) => v !== "baseline" || samples.some((s) => s.variant === v));
 
 export type Metric = "firmware" | "kernelToInit" | "unpack" | "initToFirstLine" | "initToRoot" | "kernelToRoot" | "wallToRoot";
 export const METRICS: [Metric, string][] = [
@@ -21,13 +23,13 @@ export const METRICS: [Metric, string][] = [
 
 export function metricSummaries(samples: BootSample[]): Record<Variant, Record<Metric, Summary | undefined>> {
   const per = (v: Variant) => Object.fromEntries(METRICS.map(([m]) => [m, summarize(ok(samples, v).map((s) => s[m]))])) as Record<Metric, Summary | undefined>;
-  return { agent: per("agent"), reference: per("reference") };
+  return { agent: per("agent"), baseline: per("baseline"), reference: per("reference") };
 }
 
 export function stageSummaries(samples: BootSample[]): Record<Variant, Record<string, Summary | undefined>> {
   const names = (v: Variant) => [...new Set(ok(samples, v).flatMap((s) => Object.keys(s.stages)))];
   const per = (v: Variant) => Object.fromEntries(names(v).map((n) => [n, summarize(ok(samples, v).map((s) => s.stages[n]))]));
-  return { agent: per("agent"), reference: per("reference") };
+  return { agent: per("agent"), baseline: per("baseline"), reference: per("reference") };
 }
 
 const ratio = (a: Summary | undefined, b: Summary | undefined) => (a && b && b.median > 0 ? a.median / b.median : undefined);
@@ -37,14 +39,23 @@ export function bootSection(samples: BootSample[], runs: number): string {
   const loads = summarize(samples.map((s) => s.hostLoad));
   const others = Math.max(0, ...samples.map((s) => s.otherVms ?? 0));
   const failed = samples.filter((s) => !s.ok);
-  const rows = METRICS.map(([k, label]) => [label, fmtSummary(m.agent[k]), fmtSummary(m.reference[k]), fmtS(ratio(m.agent[k], m.reference[k]))]);
+  const base = variantsOf(samples).includes("baseline");
+  const rows = METRICS.map(([k, label]) => [
+    label,
+    fmtSummary(m.agent[k]),
+    ...(base ? [fmtSummary(m.baseline[k])] : []),
+    fmtSummary(m.reference[k]),
+    fmtS(ratio(m.agent[k], m.reference[k])),
+    ...(base ? [fmtS(ratio(m.agent[k], m.baseline[k]))] : []),
+  ]);
   const r = ratio(m.agent.initToRoot, m.reference.initToRoot);
   return [
     `== boot: ${runs} runs per variant, interleaved; OVMF Secure Boot + swtpm, QEMU TCG, 2 vCPUs, 2048 MiB`,
     `   host load avg at boot start: ${fmtSummary(loads, 1)} (min/median/max); other QEMUs seen: ${others}`,
     ...failed.map((s) => `   FAILED ${s.variant} run ${s.run}: ${s.error} (${s.logPath})`),
     "",
-    table(["seconds, min / median / max", "agent", "reference", "ratio"], rows),
+    table(["seconds, min / median / max", "agent", ...(base ? ["baseline"] : []), "reference", "ratio", ...(base ? ["agent/baseline"] : [])], rows),
+    ...(base ? [`baseline: ${process.env.BENCH_BASELINE ?? "an earlier build's UKI"} (the same disk and images; ratio is agent/reference)`] : []),
     "",
     `ratio agent/reference, /init → root init exec (median): ${fmtS(r)}${r === undefined ? "" : r <= 1 ? "  (agent no slower)" : `  (agent slower by ${fmtS(m.agent.initToRoot!.median - m.reference.initToRoot!.median)} s)`}`,
     `ratio agent/reference, kernel start → root init exec (median): ${fmtS(ratio(m.agent.kernelToRoot, m.reference.kernelToRoot))}`,
@@ -55,15 +66,23 @@ export function stageSection(samples: BootSample[]): string {
   const s = stageSummaries(samples);
   // Side by side where the names match (early, modules, esp, images, unlock, root).
   const names = [...new Set([...Object.keys(s.agent), ...Object.keys(s.reference)])];
-  const rows = names.map((n) => [n, fmtSummary(s.agent[n], 0), fmtSummary(s.reference[n], 0), fmtS(ratio(s.agent[n], s.reference[n]))]);
+  const base = variantsOf(samples).includes("baseline");
+  const rows = names.map((n) => [
+    n,
+    fmtSummary(s.agent[n], 0),
+    ...(base ? [fmtSummary(s.baseline[n], 0)] : []),
+    fmtSummary(s.reference[n], 0),
+    fmtS(ratio(s.agent[n], s.reference[n])),
+    ...(base ? [fmtS(ratio(s.agent[n], s.baseline[n]))] : []),
+  ]);
   return [
     "== stages, ms (min / median / max); agent: its own 'stage X: ok in Nms', reference: between its kmsg lines",
-    table(["stage", "agent", "reference", "ratio"], rows),
+    table(["stage", "agent", ...(base ? ["baseline"] : []), "reference", "ratio", ...(base ? ["agent/baseline"] : [])], rows),
   ].join("\n");
 }
 
 export function memorySection(samples: BootSample[], sidecar: SidecarResult | undefined): string {
-  const rows = VARIANTS.map((v) => {
+  const rows = variantsOf(samples).map((v) => {
     const before = summarize(ok(samples, v).map((s) => s.memBeforeKb));
     const after = summarize(ok(samples, v).map((s) => s.memAfterKb));
     const freed = before && after ? `${((after.median - before.median) / 1024).toFixed(1)} MiB` : "n/a";
@@ -81,7 +100,7 @@ export function memorySection(samples: BootSample[], sidecar: SidecarResult | un
   const after = (v: Variant) => summarize(ok(samples, v).map((s) => s.memAfterKb))?.median;
   const a = after("agent");
   const r = after("reference");
-  const peak = VARIANTS.map((v) => {
+  const peak = variantsOf(samples).map((v) => {
     const med = (k: "initrdKb" | "initramfsKb" | "peakInitramfsKb") => summarize(ok(samples, v).map((s) => s[k]))?.median;
     const mib = (kb: number | undefined) => (kb === undefined ? "n/a" : `${(kb / 1024).toFixed(1)} MiB`);
     return [v, mib(med("initrdKb")), mib(med("initramfsKb")), mib(med("peakInitramfsKb"))];
@@ -191,4 +210,36 @@ export function compressionSection(input: string, inputBytes: number | undefined
   ]
     .filter((l) => l !== "")
     .join("\n");
+}
+
+/** Peak initramfs RAM when #17 was filed (session 4's make bench), the base of its "half" goal. */
+export const PEAK_RAM_AT_ISSUE_MIB = 171.7;
+
+/**
+ * Issue #17's goals, each against this run's numbers: /init → root and power-on → root as
+ * ratios to the reference, the UKI's size, and the peak initramfs RAM against the issue's day.
+ */
+export function goalsSection(samples: BootSample[], sizes: SizeReport): string {
+  const m = metricSummaries(samples);
+  const peak = summarize(ok(samples, "agent").map((s) => s.peakInitramfsKb))?.median;
+  const uki = sizes.files["target.efi"];
+  const row = (goal: string, value: number | undefined, limit: number, show: (x: number) => string): string[] => [
+    goal,
+    value === undefined ? "n/a" : show(value),
+    show(limit),
+    value === undefined ? "not measured" : value <= limit ? "met" : "not met",
+  ];
+  const r = (x: number) => x.toFixed(2);
+  return [
+    "== goals (issue #17), this run",
+    table(
+      ["goal", "now", "target", ""],
+      [
+        row("/init → root init exec, agent/reference", ratio(m.agent.initToRoot, m.reference.initToRoot), 0.7, r),
+        row("VM start (power-on) → root init, agent/reference", ratio(m.agent.wallToRoot, m.reference.wallToRoot), 1.0, r),
+        row("UKI size, MB", uki === undefined ? undefined : uki / 1e6, 45, (x) => x.toFixed(1)),
+        row("peak initramfs RAM, MiB", peak === undefined ? undefined : peak / 1024, PEAK_RAM_AT_ISSUE_MIB / 2, (x) => x.toFixed(1)),
+      ],
+    ),
+  ].join("\n");
 }

@@ -71,9 +71,9 @@ function otherQemus(): number {
   return Number(r.stdout.trim()) || 0;
 }
 
-/** A copy of the installed disk whose ESPs boot the reference UKI instead of the agent's. */
-export function referenceDisk(installed: string, dir: string, uki: string): string {
-  const out = `${dir}/reference.img`;
+/** A copy of the installed disk whose ESPs boot another UKI (the reference's, a baseline's) instead of the agent's. */
+export function referenceDisk(installed: string, dir: string, uki: string, name: string): string {
+  const out = `${dir}/${name}.img`;
   execFileSync("cp", ["--sparse=always", installed, out]);
   for (const slot of ["a", "b"]) execFileSync("mcopy", ["-o", "-i", `${out}@@${slotOffset(out, slot)}`, uki, "::/EFI/BOOT/BOOTX64.EFI"]);
   return out;

@@ -20,6 +20,7 @@
 #   INITOS-ATTACK token=0 attempt=pcr result=UNSEALED
 #   INITOS-ATTACK token=0 attempt=pcr opened=yes
 #   INITOS-ATTACK done
+#   INITOS-ENROLL start: systemd-cryptenroll ARGS DEV (uptime N s)    then: INITOS-ENROLL exit RC (uptime N s)
 #   INITOS-ENROLL ok slot=1 dev=/dev/vda3 [unchanged (already enrolled)] | INITOS-ENROLL failed: <line>
 #   INITOS-ENROLL token=<json>                          (every systemd-tpm2 token, one line each)
 # and then the VM powers off. The root is mounted read-only: everything written goes to /run.
@@ -162,8 +163,12 @@ enroll() {
 	set -- --wipe-slot=tpm2 --tpm2-device=/dev/tpmrm0 --tpm2-pcrs=7
 	[ "$JOB" = enroll-signed ] && set -- "$@" --tpm2-public-key=/enroll/pcr.pem --tpm2-public-key-pcrs=11
 	# PASSWORD: systemd-cryptenroll's way to take the passphrase that opens an existing keyslot.
-	out=$(PASSWORD=$(cat /enroll/passphrase) systemd-cryptenroll "$@" "$dev" 2>&1)
+	# Bounded, and with no terminal to ask on: a refused passphrase or a TPM that never answers
+	# ends in a "failed" line with its output, not in a hang that only says "timeout".
+	say "INITOS-ENROLL start: systemd-cryptenroll $* $dev (uptime $(now) s)"
+	out=$(PASSWORD=$(cat /enroll/passphrase) timeout -s KILL 150 systemd-cryptenroll "$@" "$dev" < /dev/null 2>&1)
 	rc=$?
+	say "INITOS-ENROLL exit $rc (uptime $(now) s)"
 	echo "$out" | sed 's/^/systemd-cryptenroll: /' > /dev/console
 	slot=$(echo "$out" | sed -n 's/.*enrolled as key slot \([0-9]*\).*/\1/p')
 	if [ $rc = 0 ] && [ -n "$slot" ]; then

@@ -194,7 +194,7 @@ export class FakeSys implements Sys {
   pollUevents(): Record<string, string>[] {
     return this.uevents.splice(0);
   }
-  verityOpen(name: string, data: string, hash: string, rootHash: string, verity?: VerityParams): string {
+  async verityOpen(name: string, data: string, hash: string, rootHash: string, verity?: VerityParams): Promise<string> {
     this.log(`verityOpen ${name} ${data} ${hash} ${rootHash.slice(0, 8)}`);
     if (verity) this.verityPinned.set(data, verity);
     const e = this.verityFailures.get(data);
@@ -250,6 +250,10 @@ export class FakeSys implements Sys {
   }
   loadModule(name: string): { modules: string[]; matched: string[] } {
     this.log(`loadModule ${name}`);
+    return { modules: [name], matched: [name] };
+  }
+  async loadModuleInBackground(name: string): Promise<{ modules: string[]; matched: string[] }> {
+    this.log(`loadModule ${name} (background)`);
     return { modules: [name], matched: [name] };
   }
   resolveDevice(spec: string): string | null {

@@ -66,7 +66,7 @@ describe("verified images", () => {
   it("mounts the booted slot's copy when it verifies, read-only, and binds it", async () => {
     const s = machine("a");
     const log = silentLog();
-    const [m] = setupImages(s, log, cfg, await esps(s), false, new Coldplug(s, log));
+    const [m] = await setupImages(s, log, cfg, await esps(s), false, new Coldplug(s, log));
     expect(m).toMatchObject({ slot: "a", device: "/dev/mapper/initos-modules", verified: true });
     expect(s.calls).toContain("mount /dev/vda1 /run/initos/esp-a vfat 0xf umask=0077");
     expect(s.calls).toContain("mount /dev/mapper/initos-modules /run/initos/images/modules squashfs 0x7");
@@ -77,16 +77,41 @@ describe("verified images", () => {
     expect(s.verityPinned.get("/run/initos/esp-a/initos/modules.sqfs")).toEqual(VERITY);
   });
 
+  it("checks every boot image at once; one that fails fails the stage only after the others settled", async () => {
+    const s = machine("a");
+    for (const slot of ["a", "b"]) for (const f of ["tools.sqfs", "tools.verity"]) s.add(`/run/initos/esp-${slot}/initos/${f}`, { kind: "file" });
+    const two = AgentConfigSchema.parse({ images: [...cfg.images, { name: "tools", rootHash: "ef".repeat(32), verity: VERITY }] });
+    // Each check finishes only when the test says so.
+    const pending: { name: string; data: string; done: (e?: Error) => void }[] = [];
+    const open = s.verityOpen.bind(s);
+    s.verityOpen = (name, data, hash, root, v) =>
+      new Promise((res, rej) => pending.push({ name, data, done: (e) => (e ? rej(e) : res(open(name, data, hash, root, v))) }));
+    const log = silentLog();
+    const stage = setupImages(s, log, two, await esps(s), false, new Coldplug(s, log));
+    let failed: unknown;
+    stage.catch((e: unknown) => (failed = e));
+    await new Promise((r) => setTimeout(r, 0));
+    expect(pending.map((p) => p.name)).toEqual(["initos-modules", "initos-tools"]); // both started, neither done
+    pending[0]!.done(new Error("dm-verity refused data block 7")); // modules, slot a
+    await new Promise((r) => setTimeout(r, 0));
+    pending[2]!.done(new Error("dm-verity refused data block 9")); // modules, slot b
+    await new Promise((r) => setTimeout(r, 0));
+    expect(failed).toBeUndefined(); // tools is still being checked
+    pending[1]!.done();
+    await expect(stage).rejects.toThrow(`image modules: no copy matches root hash ${HASH.slice(0, 16)}... (slot a: dm-verity refused data block 7; slot b: dm-verity refused data block 9)`);
+    expect(s.calls).toContain("mount /dev/mapper/initos-tools /run/initos/images/tools squashfs 0x7");
+  });
+
   it("an image marked onDemand is not read, verified or mounted at boot; openImage opens it later", async () => {
     const s = machine("a");
     for (const slot of ["a", "b"]) for (const f of ["vmhost.sqfs", "vmhost.verity"]) s.add(`/run/initos/esp-${slot}/initos/${f}`, { kind: "file" });
     const withVm = AgentConfigSchema.parse({ images: [...cfg.images, { name: "vmhost", rootHash: "ef".repeat(32), verity: VERITY, onDemand: true }] });
     const log = silentLog();
     const e = await esps(s);
-    expect(setupImages(s, log, withVm, e, false, new Coldplug(s, log)).map((m) => m.name)).toEqual(["modules"]);
+    expect((await setupImages(s, log, withVm, e, false, new Coldplug(s, log))).map((m) => m.name)).toEqual(["modules"]);
     expect(s.calls.some((c) => c.includes("vmhost"))).toBe(false);
     expect(log.lines).toContain("info: image vmhost: opened on demand, not at boot");
-    expect(openImage(s, log, e, withVm.esp.dir, withVm.images[1]!, false)).toMatchObject({ name: "vmhost", mountPoint: "/run/initos/images/vmhost", verified: true });
+    expect(await openImage(s, log, e, withVm.esp.dir, withVm.images[1]!, false)).toMatchObject({ name: "vmhost", mountPoint: "/run/initos/images/vmhost", verified: true });
   });
 
   it("vmHostOpener: opens the vmhost image the first time, then reuses its mount; without it in the config, one line", async () => {
@@ -106,7 +131,7 @@ describe("verified images", () => {
     const s = machine("a");
     s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("verity superblock: dataBlocks is 24999, the signed config pins 25000"));
     const log = silentLog();
-    expect(openImage(s, log, await esps(s), "initos", cfg.images[0]!, false).slot).toBe("b");
+    expect((await openImage(s, log, await esps(s), "initos", cfg.images[0]!, false)).slot).toBe("b");
     expect(log.lines).toContain("err: image modules: slot a copy rejected: verity superblock: dataBlocks is 24999, the signed config pins 25000");
   });
 
@@ -121,11 +146,11 @@ describe("verified images", () => {
 
   it("falls back to the other slot's copy when the first does not verify, and says so", async () => {
     const s = machine("a");
-    s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("Verification failed at position 4096"));
+    s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("dm-verity refused data block 1 of 25000 (EIO)"));
     const log = silentLog();
-    const m = openImage(s, log, await esps(s), "initos", cfg.images[0]!, false);
+    const m = await openImage(s, log, await esps(s), "initos", cfg.images[0]!, false);
     expect(m.slot).toBe("b");
-    expect(log.lines).toContain("err: image modules: slot a copy rejected: Verification failed at position 4096");
+    expect(log.lines).toContain("err: image modules: slot a copy rejected: dm-verity refused data block 1 of 25000 (EIO)");
     expect(log.lines.find((l) => l.includes("verified from slot b"))).toMatch(/after 1 bad copy/);
   });
 
@@ -133,27 +158,27 @@ describe("verified images", () => {
     const s = machine("a");
     s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("data corrupt"));
     s.verityFailures.set("/run/initos/esp-b/initos/modules.sqfs", new Error("hash tree corrupt"));
-    expect(() => openImage(s, silentLog(), machineEsps, "initos", cfg.images[0]!, false)).toThrow(
+    await expect(openImage(s, silentLog(), machineEsps, "initos", cfg.images[0]!, false)).rejects.toThrow(
       `image modules: no copy matches root hash ${HASH.slice(0, 16)}... (slot a: data corrupt; slot b: hash tree corrupt)`,
     );
     expect(s.calls.some((c) => c.includes("squashfs"))).toBe(false);
   });
 
-  it("mounts unverified only when allowed, loudly", () => {
+  it("mounts unverified only when allowed, loudly", async () => {
     const s = machine("a");
     s.verityFailures.set("/run/initos/esp-a/initos/modules.sqfs", new Error("x"));
     s.verityFailures.set("/run/initos/esp-b/initos/modules.sqfs", new Error("y"));
     const log = silentLog();
-    const m = openImage(s, log, machineEsps, "initos", cfg.images[0]!, true);
+    const m = await openImage(s, log, machineEsps, "initos", cfg.images[0]!, true);
     expect(m).toMatchObject({ verified: false, device: "/dev/loop7", slot: "a" });
     expect(log.lines).toContain("warn: image modules: NOT VERIFIED, mounted from slot a because initos.insecure=1 and Secure Boot is off");
   });
 
-  it("reports a missing image file as that slot's reason", () => {
+  it("reports a missing image file as that slot's reason", async () => {
     const s = machine("a");
     s.files.delete("/run/initos/esp-a/initos/modules.verity");
     const log = silentLog();
-    expect(openImage(s, log, machineEsps, "initos", cfg.images[0]!, false).slot).toBe("b");
+    expect((await openImage(s, log, machineEsps, "initos", cfg.images[0]!, false)).slot).toBe("b");
   });
 });
 
