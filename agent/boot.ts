@@ -61,6 +61,8 @@ export interface BootState {
   update?: UpdateBoot;
   /** Jail mode's jails, once they run: stopped before any power action. */
   jails?: Jails;
+  /** The images stage, settled or not: the failure policy's sidecar waits for it (sshd is in the tools image). */
+  images?: Promise<unknown>;
   /**
    * switch_root made the OS's root "/" (set by switchRoot just before it pivots or chroots).
    * From then on the failure policy only logs and reboots: nothing is written into the OS.
@@ -79,8 +81,12 @@ export interface Prepared extends Inputs {
   cold: Coldplug;
   /** The boot disk's ESPs; none in a VM or without images. */
   esp?: EspResult;
-  /** The images mounted from them (each from the slot whose copy verified). */
-  images: readonly MountedImage[];
+  /**
+   * The images mounted from them (each from the slot whose copy verified). Settled when
+   * prepare() returns, except on the unlock path, where they go on checking through the TPM's
+   * unseal: that path waits for them before it opens a volume (see host()).
+   */
+  images: Promise<readonly MountedImage[]>;
   tpm: BootTpm;
   /** initos.insecure=1 with Secure Boot off: images that fail verification are used anyway. */
   allowUnverified: boolean;
@@ -120,18 +126,25 @@ async function prepare(ctx: BootContext, state: BootState): Promise<Prepared> {
   await stage(ctx, "modules", () => loadModules(sys, log, config.modules, cold));
 
   let esp: EspResult | undefined;
-  let images: MountedImage[] = [];
+  let images: Promise<readonly MountedImage[]> = Promise.resolve([]);
   const allowUnverified = mode.esp && config.images.length > 0 && unverifiedAllowed(early, cmdline, log);
   if (config.images.length > 0 && mode.esp) {
     const found = (esp = await stage(ctx, "esp", async () => {
       await early.efivars; // the booted slot is an EFI variable (LoaderDevicePartUUID)
       return findEsps(sys, log, cold, config.esp.slots, config.esp.waitSeconds);
     }));
-    images = await stage(ctx, "images", () => setupImages(sys, log, config, found, allowUnverified, cold));
+    // The kernel checks the images on worker threads (stages/images.ts). The unlock path lets
+    // them check while the TPM unseals, which needs none of them: the two took ~1 s each under
+    // TCG, one after the other (make bench). Every other path waits here, as it always did.
+    // A failure is handled where the images are awaited; the no-op catch only keeps it from
+    // being an unhandled rejection (which would end PID 1) when an earlier step fails first.
+    images = state.images = stage(ctx, "images", () => setupImages(sys, log, config, found, allowUnverified, cold));
+    images.catch(() => {});
+    if (whyNoUnseal(cmdline, true) !== null) await images;
     state.esp = found;
     // An update's trial (watchdog, late commit) or the fallback from one: before anything that
-    // could hang, after the images (softdog is a module of the modules image).
-    state.update = await stage(ctx, "trial", () => startTrial(sys, log, cold, config, found));
+    // could hang. A trial waits for the images there (softdog is a module of the modules image).
+    state.update = await stage(ctx, "trial", () => startTrial(sys, log, cold, config, found, () => images));
   }
 
   // The TPM: PCR 11 says "enter-initrd" (what the PCR key signed), then the latch. Only the
@@ -159,11 +172,12 @@ async function host(ctx: BootContext, state: BootState, p: Prepared, services: r
   } else {
     // The installed machine: the encrypted pool says which subvolume is the root.
     if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
-    // The pool's filesystem driver loads on the other CPU while this one unseals the key:
-    // inserting btrfs is ~1 s of kernel time under TCG (raid6_pq benchmarks itself at load),
-    // the unlock ~1.2 s (make bench). The root stage waits for it, then finds it loaded.
-    const poolDriver = loadInBackground(sys, log, "btrfs");
-    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, p.tpm, p.early.secureBoot, esp, state.remote, initrdAdmin(ctx, state)));
+    // The pool's filesystem driver loads on the other CPU as soon as the modules image is in,
+    // while this one goes on with the unlock: inserting btrfs is ~1 s of kernel time under TCG
+    // (raid6_pq benchmarks itself at load). The root stage waits for it, then finds it loaded.
+    // The unlock waits for the images itself, after the unseal and before it opens a volume.
+    const poolDriver = p.images.then(() => loadInBackground(sys, log, "btrfs"), () => {});
+    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, p.tpm, p.early.secureBoot, esp, state.remote, initrdAdmin(ctx, state), () => p.images));
     const mounted = await stage(ctx, "root", async () => (await poolDriver, mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config)));
     if (mounted.config.jails && !mounted.config.root) return jailMode(ctx, state, p, mounted.config.jails, services);
     if (mounted.config.jails) log.warn(`jails: not started: the host config names root ${mounted.config.root}, which the machine boots instead`);
@@ -226,7 +240,8 @@ async function install(ctx: BootContext, p: Prepared): Promise<Handoff> {
   const { esp } = p;
   if (!esp) throw new BootError("install: no ESP with images to install from");
   const ic = parseInstallConfig(sys.readFile(INSTALL_CONFIG));
-  await stage(ctx, "install", () => installTo(sys, log, p.cold, p.config, ic, esp, p.images, p.tpm, p.early.secureBoot));
+  const images = await p.images;
+  await stage(ctx, "install", () => installTo(sys, log, p.cold, p.config, ic, esp, images, p.tpm, p.early.secureBoot));
   return { kind: "poweroff", why: "install finished" };
 }
 
@@ -362,6 +377,9 @@ export async function startFailureSidecar(ctx: BootContext, state: BootState): P
   const { cmdline, config } = state.inputs;
   // The sidecar's setup writes /etc/passwd, /etc/shells, /root/.ssh: after the chroot those are the OS's.
   if (state.pastPointOfNoReturn) return false;
+  // sshd runs from the tools image: a boot that failed while its images were still checking
+  // waits for them (if they fail too, sshd cannot start and the policy reboots).
+  await state.images?.catch(() => undefined);
   // The network and sshd come after the latch, here too; a latch that fails means no sidecar.
   const tpm = (state.tpm ??= new BootTpm(ctx.sys, ctx.log, config.tpm));
   try {

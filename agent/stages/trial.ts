@@ -1,6 +1,7 @@
 // Stage "trial": whether this boot is an update's trial, or the fallback from one (update/).
-// It runs once the images are verified (softdog, the watchdog of the UKI's kernel, is a module
-// of the modules image) and before anything that could hang for long: unlock, root, sidecar.
+// It runs before anything that could hang for long: unlock, root, sidecar. A trial waits for the
+// images first (softdog, the watchdog of the UKI's kernel, is a module of the modules image);
+// any other boot does not, and its images go on checking meanwhile.
 //
 // A trial boot arms the watchdog and pets it until the switch (then the agent beside the OS
 // takes over) or until the trial's deadline; and its failures reboot at once, into the old
@@ -25,7 +26,7 @@ export interface UpdateBoot {
   run?: TrialRun;
 }
 
-export function startTrial(sys: Files & Devices & Modules & Watchdogs & Clock, log: Logger, cold: Coldplug, config: AgentConfig, esp: EspResult): UpdateBoot {
+export async function startTrial(sys: Files & Devices & Modules & Watchdogs & Clock, log: Logger, cold: Coldplug, config: AgentConfig, esp: EspResult, images: () => Promise<unknown>): Promise<UpdateBoot> {
   if (sys.readdir(EFIVARS_DIR).length === 0) return { firmware: null };
   const firmware = efiFirmware(sys, log);
   let verdict;
@@ -36,6 +37,7 @@ export function startTrial(sys: Files & Devices & Modules & Watchdogs & Clock, l
     return { firmware };
   }
   if (verdict.kind !== "trial") return { firmware };
+  await images();
   const dog = armWatchdog(sys, log, cold, config.update.watchdogSeconds);
   if (!dog) log.warn("update: no watchdog for this trial: a hang is not caught; a crash, panic or failure still returns to the old slot");
   const run = new TrialRun(sys, log, verdict.trial, config.update, dog?.handle ?? null);

@@ -21,6 +21,12 @@ export interface UnlockOps {
   latch(): void;
   /** True if unsealing again now fails, as the latch promises. */
   latchHolds(): boolean;
+  /**
+   * What opening a volume needs, once the latch holds: dm-crypt and its ciphers, which come
+   * from the modules image; the boot lets that image go on checking through the unseal.
+   * Rejects when they cannot be had (no image verified).
+   */
+  beforeOpen(): Promise<void>;
   /** Opens each key's volume in the key's keyslot only; true when every volume is open. */
   openWithTpmKeys(keys: readonly UnsealedKey[]): boolean;
   /** Opens the volumes not open yet with a passphrase; false when it opens none. */
@@ -67,6 +73,12 @@ export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): P
   if (opt.checkLatch && ops.hasTpm) {
     if (ops.latchHolds()) log.info("unlock: latch holds: the key cannot be unsealed again this boot");
     else log.err("unlock: LATCH FAILED: the key could be unsealed again this boot");
+  }
+  try {
+    await ops.beforeOpen();
+  } catch (e) {
+    wipe(keys);
+    throw e;
   }
   if (keys.length) {
     const ok = ops.openWithTpmKeys(keys);

@@ -100,7 +100,7 @@ class OpenVolumes {
 
 /** The real side effects of unlocking; see UnlockOps. */
 export function realUnlockOps(
-  sys: Files & Mounts & Crypt & Console & Clock,
+  sys: Files & Mounts & Modules & Crypt & Console & Clock,
   log: Logger,
   cfg: AgentConfig,
   tpm: BootTpm,
@@ -110,6 +110,8 @@ export function realUnlockOps(
   opened: OpenedVolume[],
   /** Starts remote admin the first time a human is asked; null if none can run. */
   recovery?: () => Promise<RemoteSecrets | null>,
+  /** The boot's images, still checking when the unlock starts (see boot.ts). */
+  images: () => Promise<unknown> = async () => {},
 ): UnlockOps {
   const req = requirement(cfg);
   const vols = new OpenVolumes(sys, log, volumes, opened);
@@ -119,6 +121,10 @@ export function realUnlockOps(
     alreadyLatched: tpm.latched,
     unsealKeys: () => releaseKeys(sys, log, tpm.tpm, req, mountEsp(sys, esp.slots[0]!), cfg.esp.dir, volumes),
     latch: () => tpm.latch("after the unseal attempt"),
+    async beforeOpen() {
+      await images();
+      loadCryptModules(sys, log);
+    },
     latchHolds() {
       const quiet = { ...log, info() {}, warn() {}, err() {}, debug() {} };
       const again = unsealTokens(sys, quiet, tpm.tpm, req, volumes);
@@ -180,13 +186,12 @@ export interface UnlockedPool {
  * `reseal` with the passphrase loop and everything else as `admin`. The boot plan stops it
  * before switch_root.
  */
-export async function unlockPool(sys: Files & Mounts & Modules & Devices & Crypt & Clock & Console, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, esp: EspResult, remoteAdmin: RemoteAdmin, admin: AdminCaps): Promise<UnlockedPool> {
+export async function unlockPool(sys: Files & Mounts & Modules & Devices & Crypt & Clock & Console, log: Logger, cold: Coldplug, cfg: AgentConfig, cmdline: Cmdline, tpm: BootTpm, secureBoot: SecureBoot, esp: EspResult, remoteAdmin: RemoteAdmin, admin: AdminCaps, images: () => Promise<unknown>): Promise<UnlockedPool> {
   const volumes = await waitUntil(sys, log, cold, "an encrypted volume (LUKS2)", cmdline.rootWaitSeconds ?? cfg.rootWaitSeconds, () => {
     const v = findLuksVolumes(sys);
     return v.length ? v : null;
   });
   log.info(`unlock: encrypted volumes ${volumes.join(" ")}`);
-  loadCryptModules(sys, log);
   const opened: OpenedVolume[] = [];
   const remote = new RemoteSecrets();
   const waiting: AdminCaps = { ...admin, passphrase: { run: remote.handle } };
@@ -199,7 +204,7 @@ export async function unlockPool(sys: Files & Mounts & Modules & Devices & Crypt
     return (await started) ? remote : null;
   };
   try {
-    const result = await unlock(log, realUnlockOps(sys, log, cfg, tpm, secureBoot, esp, volumes, opened, recovery), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
+    const result = await unlock(log, realUnlockOps(sys, log, cfg, tpm, secureBoot, esp, volumes, opened, recovery, images), { tries: cfg.passphraseTries, checkLatch: cmdline.latchCheck });
     return { devices: opened.map((o) => o.mapper), result };
   } finally {
     // The ssh client that sent the passphrase is still reading its answer; give it a moment

@@ -1,7 +1,8 @@
 // dm-verity and LUKS2 through libcryptsetup: one library for verity superblocks, loop devices
 // for image files, LUKS2 keyslots and tokens, and device-mapper activation.
-import { open } from "node:fs/promises";
+import { closeSync, openSync, readSync } from "node:fs";
 import { bytesAt, callback, errnoName, load, opaque, type Ptr, struct } from "./ffi.ts";
+import { drainAsync } from "./libc.ts";
 
 type CryptDevice = Ptr<"crypt_device">;
 
@@ -273,28 +274,33 @@ export async function verityOpenChecked(name: string, data: string, hash: string
 }
 
 /**
- * Reads `blocks` blocks of `device`, 1 MiB at a time. A read stops short at a block dm-verity
- * refuses (read(2) returns what came before it), so the next read starts at that block and
- * fails with EIO: the error names exactly the block.
+ * Reads `blocks` blocks of `device` through the kernel (libc drainAsync: sendfile to /dev/null
+ * on a worker thread, nothing copied out). A read stops short at a block dm-verity refuses, so
+ * the next one starts at that block and fails; a read of that one block on this thread then
+ * names its error.
  */
 async function readThrough(device: string, blockSize: number, blocks: number): Promise<void> {
-  const fh = await open(device, "r");
+  const fd = openSync(device, "r");
   try {
-    const chunk = Buffer.alloc(Math.max(blockSize, (1 << 20) - ((1 << 20) % blockSize)));
     const total = blockSize * blocks;
     for (let at = 0; at < total; ) {
-      let n: number;
-      try {
-        n = (await fh.read(chunk, 0, Math.min(chunk.length, total - at), at)).bytesRead;
-      } catch (e) {
-        const code = (e as NodeJS.ErrnoException).code ?? String(e);
-        throw new VerityError(`dm-verity refused data block ${Math.floor(at / blockSize)} of ${blocks} (${code}): the block or the hash tree above it does not match the root hash`, EIO);
+      const n = await drainAsync(fd, total - at);
+      if (n > 0) {
+        at += n;
+        continue;
       }
-      if (n === 0) throw new VerityError(`the device ends at data block ${Math.floor(at / blockSize)} of ${blocks}`, EIO);
-      at += n;
+      const block = Math.floor(at / blockSize);
+      if (n === 0) throw new VerityError(`the device ends at data block ${block} of ${blocks}`, EIO);
+      let code = "failed";
+      try {
+        readSync(fd, Buffer.alloc(blockSize), 0, blockSize, at);
+      } catch (e) {
+        code = (e as NodeJS.ErrnoException).code ?? String(e);
+      }
+      throw new VerityError(`dm-verity refused data block ${block} of ${blocks} (${code}): the block or the hash tree above it does not match the root hash`, EIO);
     }
   } finally {
-    await fh.close();
+    closeSync(fd);
   }
 }
 

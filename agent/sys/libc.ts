@@ -40,6 +40,7 @@ const c = {
     "int setsockopt(int fd, int level, int name, const uint8_t *value, uint32_t len)",
   ),
   close: libc.fn<(fd: number) => number>("int close(int fd)"),
+  sendfile: libc.fn<(outFd: number, inFd: number, offset: null, count: number) => CLong>("long sendfile(int out_fd, int in_fd, void *offset, size_t count)"),
   ifNameToIndex: libc.fn<(name: string) => number>("unsigned int if_nametoindex(const char *name)"),
   ioctl: libc.fn<(fd: number, request: number, ...args: VarArgs) => number>("int ioctl(int fd, unsigned long request, ...)"),
   tcgetattr: libc.fn<(fd: number, termios: Uint8Array) => number>("int tcgetattr(int fd, _Out_ uint8_t *termios)"),
@@ -75,6 +76,23 @@ export function mountAsync(src: string | null, target: string, fstype: string | 
       else resolve();
     });
   });
+}
+
+/**
+ * Reads up to `count` bytes of `fd`, from its position on, into /dev/null with sendfile(2) on
+ * koffi's worker thread: the kernel does the reading, nothing is copied to user space, and no
+ * JS has to run until it is done, so a busy event loop (a synchronous TPM exchange) does not
+ * hold it up. Resolves with the bytes read: short when a read failed after the first byte, 0 at
+ * the end, -1 when the first read failed (errno is that thread's and is not known here).
+ */
+export function drainAsync(fd: number, count: number): Promise<number> {
+  const sink = openSync("/dev/null", "w");
+  return new Promise<number>((resolve, reject) => {
+    c.sendfile.async(sink, fd, null, Math.min(count, 0x7ffff000), (err: unknown, r: CLong) => {
+      if (err) reject(err instanceof Error ? err : new Error(String(err)));
+      else resolve(Number(r));
+    });
+  }).finally(() => closeSync(sink));
 }
 
 export function umount2(target: string, flags: number): void {

@@ -77,6 +77,7 @@ export function stageSection(samples: BootSample[]): string {
   ]);
   return [
     "== stages, ms (min / median / max); agent: its own 'stage X: ok in Nms', reference: between its kmsg lines",
+    "   (the agent's images stage runs beside trial, tpm and unlock on the unlock path: its stages overlap)",
     table(["stage", "agent", ...(base ? ["baseline"] : []), "reference", "ratio", ...(base ? ["agent/baseline"] : [])], rows),
   ].join("\n");
 }

@@ -1,7 +1,7 @@
 // The koffi bindings, exercised for real: mounts in a private mount namespace (root only),
 // libblkid on an image made here, the SIGPWR relay with a real signal.
 import { execFileSync, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
 import { probe, resolveSpec } from "../../agent/sys/blkid.ts";
@@ -18,6 +18,21 @@ describe("libc bindings", () => {
     const r = JSON.parse(out) as Record<string, unknown>;
     expect(r).toMatchObject({ tmpfsMagic: true, readOnly: true, unmounted: true });
     expect(r.error).toMatch(/^mount\("tmpfs", ".*\/missing", "tmpfs", 0, null\): ENOENT$/);
+  });
+
+  it("drainAsync reads a file into /dev/null on a worker thread: its bytes, from the file's position, then 0 at the end", async () => {
+    const { drainAsync } = await import("../../agent/sys/libc.ts");
+    const file = `${dir}/drain.bin`;
+    execFileSync("dd", ["if=/dev/urandom", `of=${file}`, "bs=1M", "count=9", "status=none"]);
+    const fd = openSync(file, "r");
+    try {
+      const first = await drainAsync(fd, 4 << 20);
+      const rest = await drainAsync(fd, 64 << 20); // from where the first stopped, to the end
+      const end = await drainAsync(fd, 1);
+      expect([first, rest, end]).toEqual([4 << 20, 5 << 20, 0]);
+    } finally {
+      closeSync(fd);
+    }
   });
 
   it("names errno values", () => {

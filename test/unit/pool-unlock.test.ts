@@ -95,7 +95,7 @@ async function machine(o: { pcr7Moved?: boolean; foreignBlob?: boolean; tpm?: bo
   await boot.find();
   const cold = new Coldplug(s, log);
   const remote = new RemoteAdmin(s, log);
-  const run = (c = cfg, cmdline = noNetwork) => unlockPool(s, log, cold, c, cmdline, boot, "on", esp, remote, admin);
+  const run = (c = cfg, cmdline = noNetwork) => unlockPool(s, log, cold, c, cmdline, boot, "on", esp, remote, admin, async () => {});
   return { s, tpm, log, run, events, prompts, pending, remote };
 }
 

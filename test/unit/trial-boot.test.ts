@@ -31,13 +31,15 @@ function machine(state: UpdateState): FakeSys {
   s.watchdogDevices.set("/dev/watchdog0", { identity: "Software Watchdog" });
   return s;
 }
+/** The images, as the boot's promise of them: already there. */
+const ready = async () => {};
 const record = (s: FakeSys): UpdateState => JSON.parse((s.readFile(RECORD) ?? "").slice(4)) as UpdateState;
 
 describe("the trial stage", () => {
-  it("the trial boot marks the trial started and arms the watchdog with the config's timeout", () => {
+  it("the trial boot marks the trial started and arms the watchdog with the config's timeout", async () => {
     const s = machine({ failed: [], trial });
     const log = silentLog();
-    const u = startTrial(s, log, new Coldplug(s, log), { ...DEFAULT_CONFIG, version: 7, update: { ...DEFAULT_CONFIG.update, watchdogSeconds: 20 } }, esp("b"));
+    const u = await startTrial(s, log, new Coldplug(s, log), { ...DEFAULT_CONFIG, version: 7, update: { ...DEFAULT_CONFIG.update, watchdogSeconds: 20 } }, esp("b"), ready);
     expect(u.run?.trial.version).toBe(7);
     expect(record(s).trial?.started).toBe(true);
     expect(s.calls).toContain("openWatchdog /dev/watchdog0 20");
@@ -45,10 +47,25 @@ describe("the trial stage", () => {
     expect(log.lines.join("\n")).toMatch(/this boot is the trial of version 7 in slot b/);
   });
 
-  it("the old slot after BootNext was used: the version is recorded failed, no watchdog", () => {
+  it("a boot that is no trial does not wait for the images; a trial waits for them before it arms the watchdog", async () => {
+    const never = () => new Promise<never>(() => {});
+    const plain = machine({ failed: [] });
+    expect((await startTrial(plain, silentLog(), new Coldplug(plain, silentLog()), { ...DEFAULT_CONFIG, version: 6 }, esp("a"), never)).run).toBeUndefined();
+    const s = machine({ failed: [], trial });
+    let imagesIn!: () => void;
+    const images = new Promise<void>((res) => (imagesIn = res));
+    const started = startTrial(s, silentLog(), new Coldplug(s, silentLog()), { ...DEFAULT_CONFIG, version: 7 }, esp("b"), () => images);
+    await new Promise((r) => setTimeout(r, 0));
+    expect(s.calls.some((c) => c.startsWith("openWatchdog"))).toBe(false); // softdog is in the modules image
+    imagesIn();
+    expect((await started).run?.trial.version).toBe(7);
+    expect(s.calls.some((c) => c.startsWith("openWatchdog"))).toBe(true);
+  });
+
+  it("the old slot after BootNext was used: the version is recorded failed, no watchdog", async () => {
     const s = machine({ failed: [], trial });
     const log = silentLog();
-    const u = startTrial(s, log, new Coldplug(s, log), { ...DEFAULT_CONFIG, version: 6 }, esp("a"));
+    const u = await startTrial(s, log, new Coldplug(s, log), { ...DEFAULT_CONFIG, version: 6 }, esp("a"), ready);
     expect(u.run).toBeUndefined();
     expect(record(s)).toMatchObject({ failed: [7], last: { version: 7, outcome: "failed" } });
     expect(record(s).trial).toBeUndefined();
@@ -56,27 +73,27 @@ describe("the trial stage", () => {
     expect(log.lines.join("\n")).toMatch(/err: update: the trial of version 7 in slot b did not commit .*back on slot a \(version 6\)/);
   });
 
-  it("BootNext still pending: nothing changes, nothing armed", () => {
+  it("BootNext still pending: nothing changes, nothing armed", async () => {
     const s = machine({ failed: [], trial });
     s.add(BOOT_NEXT, { kind: "file", data: "\x07\x00\x00\x00\x02\x00" });
     const log = silentLog();
-    startTrial(s, log, new Coldplug(s, log), { ...DEFAULT_CONFIG, version: 6 }, esp("a"));
+    await startTrial(s, log, new Coldplug(s, log), { ...DEFAULT_CONFIG, version: 6 }, esp("a"), ready);
     expect(record(s).trial).toEqual(trial);
     expect(s.calls.some((c) => c.startsWith("writeOnce"))).toBe(false);
   });
 
-  it("an unreadable record does not stop the boot", () => {
+  it("an unreadable record does not stop the boot", async () => {
     const s = machine({ failed: [] });
     s.add(RECORD, { kind: "file", data: "\x07\x00" }); // shorter than its attribute bytes
     const log = silentLog();
-    expect(startTrial(s, log, new Coldplug(s, log), DEFAULT_CONFIG, esp("a")).run).toBeUndefined();
+    expect((await startTrial(s, log, new Coldplug(s, log), DEFAULT_CONFIG, esp("a"), ready)).run).toBeUndefined();
     expect(log.lines.join("\n")).toMatch(/cannot read the update record/);
   });
 
-  it("no EFI variables (a direct kernel boot): no firmware, no trial", () => {
+  it("no EFI variables (a direct kernel boot): no firmware, no trial", async () => {
     const s = new FakeSys();
     const log = silentLog();
-    expect(startTrial(s, log, new Coldplug(s, log), DEFAULT_CONFIG, esp("a"))).toEqual({ firmware: null });
+    expect(await startTrial(s, log, new Coldplug(s, log), DEFAULT_CONFIG, esp("a"), ready)).toEqual({ firmware: null });
   });
 });
 
@@ -88,7 +105,7 @@ describe("a failure during a trial", () => {
     const config = { ...DEFAULT_CONFIG, version: 7, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAA test"] } };
     const cmdline = parseCmdline("initos.ip=10.0.2.15/24 initos.reboot_delay=1").cmdline;
     const state: BootState = { remote: new RemoteAdmin(s, log), inputs: { cmdline, config, early: { secureBoot: "on", efivars: Promise.resolve(true) } } };
-    state.update = startTrial(s, log, new Coldplug(s, log), config, esp("b"));
+    state.update = await startTrial(s, log, new Coldplug(s, log), config, esp("b"), ready);
     let slept = 0;
     s.sleep = async (ms: number) => {
       slept += ms;

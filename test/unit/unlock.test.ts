@@ -13,7 +13,7 @@ const KEY = Buffer.from("k".repeat(32));
 const PASS = "right-pass";
 
 /** A scripted machine: what the TPM does, what the console answers, which secrets open the disk. */
-function ops(o: { tpm?: boolean; latched?: boolean; unseal?: "ok" | "refused" | "wrong-key"; answers?: (string | null)[]; latchHolds?: boolean; latchFails?: boolean; resealRefusal?: string }) {
+function ops(o: { tpm?: boolean; latched?: boolean; unseal?: "ok" | "refused" | "wrong-key"; answers?: (string | null)[]; latchHolds?: boolean; latchFails?: boolean; resealRefusal?: string; driversFail?: string }) {
   const calls: string[] = [];
   const answers = [...(o.answers ?? [])];
   const released: Uint8Array[] = [];
@@ -32,6 +32,10 @@ function ops(o: { tpm?: boolean; latched?: boolean; unseal?: "ok" | "refused" | 
       if (o.latchFails) throw new Error("tpm: cannot extend the latch PCR 15: TPM_RC_LOCALITY; stopping, fail closed");
     },
     latchHolds: () => (calls.push("latchHolds"), o.latchHolds ?? true),
+    beforeOpen: async () => {
+      calls.push("drivers");
+      if (o.driversFail) throw new Error(o.driversFail);
+    },
     openWithTpmKeys: (keys) => {
       calls.push(`openTpm@${keys.map((k) => k.keyslot).join(",")}`);
       return keys.every((k) => Buffer.from(k.key).equals(KEY));
@@ -50,14 +54,21 @@ describe("unlock decisions", () => {
   it("TPM releases the key: latches, then opens in the token's keyslot, never prompts; the key is wiped", async () => {
     const { u, calls, released } = ops({});
     expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "tpm", resealed: false });
-    expect(calls).toEqual(["unseal", "latch", "openTpm@0"]);
+    expect(calls).toEqual(["unseal", "latch", "drivers", "openTpm@0"]);
+    expect(released[0]!.every((b) => b === 0)).toBe(true);
+  });
+
+  it("the drivers for opening (the modules image, checked through the unseal) fail: the released key is wiped, nothing is opened or asked", async () => {
+    const { u, calls, released } = ops({ driversFail: "image modules: no copy matches root hash 5480c8de639a4d44... (slot a: dm-verity refused data block 732 of 4932 (EIO))" });
+    await expect(unlock(silentLog(), u, OPT)).rejects.toThrow(/^image modules: no copy matches root hash/);
+    expect(calls).toEqual(["unseal", "latch", "drivers"]);
     expect(released[0]!.every((b) => b === 0)).toBe(true);
   });
 
   it("latches even when the unseal fails, before asking a human", async () => {
     const { u, calls } = ops({ unseal: "refused", answers: [PASS, "n"] });
     expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "passphrase", resealed: false });
-    expect(calls).toEqual(["unseal", "latch", "prompt", "open", "confirm"]);
+    expect(calls).toEqual(["unseal", "latch", "drivers", "prompt", "open", "confirm"]);
   });
 
   it("a latch that cannot be extended stops the boot (fail closed) and wipes the released key", async () => {
@@ -93,7 +104,7 @@ describe("unlock decisions", () => {
   it("no TPM: straight to the passphrase, and no reseal is offered", async () => {
     const { u, calls } = ops({ tpm: false, answers: [PASS] });
     expect(await unlock(silentLog(), u, OPT)).toEqual({ method: "passphrase", resealed: false });
-    expect(calls).toEqual(["latch", "prompt", "open"]);
+    expect(calls).toEqual(["latch", "drivers", "prompt", "open"]);
   });
 
   it("three wrong passphrases end in a BootError; a fourth is never asked", async () => {
