@@ -173,12 +173,18 @@ async function host(ctx: BootContext, state: BootState, p: Prepared, services: r
     // The installed machine: the encrypted pool says which subvolume is the root.
     if (!esp) throw new BootError("no root= on the kernel command line and no ESP to unlock an encrypted pool with");
     // The pool's filesystem driver loads on the other CPU as soon as the modules image is in,
-    // while this one goes on with the unlock: inserting btrfs is ~1 s of kernel time under TCG
-    // (raid6_pq benchmarks itself at load). The root stage waits for it, then finds it loaded.
-    // The unlock waits for the images itself, after the unseal and before it opens a volume.
+    // while this one goes on with the unseal: inserting btrfs is ~1 s of kernel time under TCG
+    // (raid6_pq benchmarks itself at load). The unlock waits for the images and for it after
+    // the latch, before it opens a volume or asks anyone for the passphrase: a driver still
+    // loading then printed its kernel lines over the console's prompt (seen: raid6's right
+    // after "Recovery passphrase (attempt 1 of 3): ").
     const poolDriver = p.images.then(() => loadInBackground(sys, log, "btrfs"), () => {});
-    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, p.tpm, p.early.secureBoot, esp, state.remote, initrdAdmin(ctx, state), () => p.images));
-    const mounted = await stage(ctx, "root", async () => (await poolDriver, mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config)));
+    const drivers = async () => {
+      await p.images;
+      await poolDriver;
+    };
+    const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, p.tpm, p.early.secureBoot, esp, state.remote, initrdAdmin(ctx, state), drivers));
+    const mounted = await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
     if (mounted.config.jails && !mounted.config.root) return jailMode(ctx, state, p, mounted.config.jails, services);
     if (mounted.config.jails) log.warn(`jails: not started: the host config names root ${mounted.config.root}, which the machine boots instead`);
   }

@@ -22,9 +22,10 @@ export interface UnlockOps {
   /** True if unsealing again now fails, as the latch promises. */
   latchHolds(): boolean;
   /**
-   * What opening a volume needs, once the latch holds: dm-crypt and its ciphers, which come
-   * from the modules image; the boot lets that image go on checking through the unseal.
-   * Rejects when they cannot be had (no image verified).
+   * What opening a volume needs, once the latch holds and before anything is opened or a human
+   * asked: dm-crypt and its ciphers from the modules image, which the boot lets go on checking
+   * through the unseal, and the pool's driver loading beside it. Rejects when they cannot be
+   * had (no image verified).
    */
   beforeOpen(): Promise<void>;
   /** Opens each key's volume in the key's keyslot only; true when every volume is open. */

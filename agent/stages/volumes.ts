@@ -110,7 +110,7 @@ export function realUnlockOps(
   opened: OpenedVolume[],
   /** Starts remote admin the first time a human is asked; null if none can run. */
   recovery?: () => Promise<RemoteSecrets | null>,
-  /** The boot's images, still checking when the unlock starts (see boot.ts). */
+  /** The boot's images and the pool's driver, still on their way when the unlock starts (see boot.ts). */
   images: () => Promise<unknown> = async () => {},
 ): UnlockOps {
   const req = requirement(cfg);
