@@ -13,7 +13,7 @@ import { PLAINTEXT_CANARY } from "../../initrd/build.ts";
 import { freePort, OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 import { buildToolsRoot } from "../roots/build.ts";
-import { variantInitrd } from "./images.ts";
+import { flipByteOnEsp, variantInitrd } from "./images.ts";
 import { espFiles, initrdWith, passphraseOpens, pcrSignatureOf, putUki, replaceToken, tokens, variantUki } from "./machine.ts";
 
 const B = "build";
@@ -226,6 +226,27 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
     await vm.waitExit(60_000);
     expect(passphraseOpens(disk, recovery)).toBe(true);
   }, 400_000);
+
+  it("the evil maid damages the modules image on both ESPs: the images check while the key is unsealed, and then the key opens nothing", async () => {
+    // The unlock path lets the images check during the unseal (issue #17); the key the TPM
+    // releases meanwhile must be wiped unused when no copy verifies, after the latch.
+    const disk = copyOfTarget("images-damaged");
+    flipByteOnEsp(disk, "a", "initos/modules.sqfs", 3_000_000);
+    flipByteOnEsp(disk, "b", "initos/modules.sqfs", 5_000_000);
+    const before = tokens(disk);
+    const vm = await bootDisk({ name: "luks-images-damaged", disk, persist: true, tpmCopy: true });
+    expect(await vm.waitExit(240_000)).toBe(0);
+    const out = vm.output;
+    const unsealed = out.search(TOKEN_LINE);
+    const latched = out.search(/initos: tpm: latch PCR 15 extended \(after the unseal attempt\)/);
+    const refused = out.search(/initos: boot failed: image modules: no copy matches root hash [0-9a-f]{16}\.\.\. \(slot a: dm-verity refused data block 732 of \d+[^;]*; slot b: dm-verity refused data block 1220 of /);
+    expect(unsealed).toBeGreaterThan(0);
+    expect(latched).toBeGreaterThan(unsealed);
+    expect(refused).toBeGreaterThan(latched);
+    expect(out).toMatch(/initos: stage unlock: failed after \d+ms/);
+    expect(out).not.toMatch(/initos: unlock: opened|initos: pool:|image modules: verified|Recovery passphrase|INITOS-TEST-ROOT/);
+    expect(tokens(disk)).toEqual(before);
+  }, 300_000);
 
   it("a second production UKI (another initrd byte, another cmdline) unlocks unattended, with no reseal", async () => {
     const disk = copyOfTarget("second-production");
