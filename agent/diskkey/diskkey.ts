@@ -13,7 +13,7 @@ import type { AgentConfig } from "../config.ts";
 import type { Logger } from "../log.ts";
 import { TPM_KDF } from "../sys/cryptsetup.ts";
 import type { TpmOps, Crypt, Files } from "../sys/index.ts";
-import type { PolicyStep } from "../sys/tss.ts";
+import { type PolicyStep, type Primary, TpmError } from "../sys/tss.ts";
 import { keyFingerprint, policyPcr, rsaPublicArea, sealPolicy, ZERO_DIGEST } from "./policy.ts";
 import type { LegacySeal } from "./legacy.ts";
 import { describeBinding, parseToken, refusal, type Requirement, type Sealed, tokenJson, type Tpm2Token } from "./token.ts";
@@ -94,10 +94,39 @@ export function pcrSignatureOnce(sys: Files, req: Requirement): () => PcrSignatu
 }
 
 /**
+ * How many policy sessions an unseal may start before a stream of PCR extends counts as a
+ * failure. systemd's tpm2-util allows 30 as well; each one costs ~0.5 s under TCG.
+ */
+export const UNSEAL_SESSIONS = 30;
+
+/**
+ * tpm.unseal, started again in a new session while the TPM answers TPM_RC_PCR_CHANGED.
+ *
+ * Why: under Secure Boot the kernel's IMA arch policy (CONFIG_IMA_ARCH_POLICY, on in Debian's
+ * kernels) measures every module it loads into PCR 10, and any extend moves the TPM's PCR
+ * update counter. A session that straddles one fails at Unseal though no PCR it binds moved.
+ * Seen: btrfs loading in the background during a trial boot's unseal, which then fell to the
+ * passphrase. A new session replays the whole policy against the PCRs as they are now, so
+ * nothing is trusted that the TPM did not check again.
+ */
+export function unsealInSessions(tpm: TpmOps, log: Logger, what: string, blob: Uint8Array, primary: Primary, steps: readonly PolicyStep[], srk?: Uint8Array): Uint8Array {
+  for (let session = 1; ; session++) {
+    try {
+      const secret = tpm.unseal(blob, primary, steps, srk);
+      if (session > 1) log.info(`${what}: a PCR was extended during the policy session ${session - 1} time(s) (module loads are measured into PCR 10); unsealed in session ${session}`);
+      return secret;
+    } catch (e) {
+      if (!(e instanceof TpmError && e.pcrChanged)) throw e;
+      if (session >= UNSEAL_SESSIONS) throw new Error(`${describe(e)} in each of ${UNSEAL_SESSIONS} policy sessions: something keeps extending PCRs`);
+    }
+  }
+}
+
+/**
  * Replays what `t` is bound to in a policy session and unseals it; throws with the cause. The
  * object must have passed refusal() against `req` (so its signer is the config's).
  */
-export function unsealObject(tpm: TpmOps, req: Requirement, t: Sealed, signature: () => PcrSignature): Uint8Array {
+export function unsealObject(tpm: TpmOps, log: Logger, what: string, req: Requirement, t: Sealed, signature: () => PcrSignature): Uint8Array {
   const steps: PolicyStep[] = [];
   if (t.signedPcrs.length) {
     const sig = signature();
@@ -111,7 +140,7 @@ export function unsealObject(tpm: TpmOps, req: Requirement, t: Sealed, signature
     if (!Buffer.from(expected).equals(t.policyHash)) throw new Error(`sealed for other values of PCR ${t.pcrs.join(",")} than this boot's (firmware, Secure Boot keys or dbx changed, or the latch is already extended)`);
     steps.push({ kind: "pcr", pcrs: t.pcrs });
   }
-  return tpm.unseal(t.blob, t.srk ? { kind: "srk" } : { kind: "legacy-ecc" }, steps, t.srk);
+  return unsealInSessions(tpm, log, what, t.blob, t.srk ? { kind: "srk" } : { kind: "legacy-ecc" }, steps, t.srk);
 }
 
 /**
@@ -131,7 +160,7 @@ export function unsealTokens(sys: Crypt & Files, log: Logger, tpm: TpmOps, req: 
         continue;
       }
       try {
-        const secret = unsealObject(tpm, req, t, signature);
+        const secret = unsealObject(tpm, log, `unlock: ${name}`, req, t, signature);
         log.info(`unlock: ${name}: unsealed${t.srk ? ` under the SRK ${SRK_HANDLE}` : ""}`);
         keys.push({ device, token: t.id, keyslot: t.keyslot, key: keyslotPassphrase(secret) });
         secret.fill(0);
@@ -150,7 +179,7 @@ export function unsealTokens(sys: Crypt & Files, log: Logger, tpm: TpmOps, req: 
  */
 export function unsealLegacy(log: Logger, tpm: TpmOps, req: Requirement, device: string, seal: LegacySeal): UnsealedKey | null {
   try {
-    const key = tpm.unseal(seal.blob, { kind: "legacy-ecc" }, [{ kind: "pcr", pcrs: [...req.pcrs, req.latchPcr] }]);
+    const key = unsealInSessions(tpm, log, `unlock: ${device}: the ESP seal`, seal.blob, { kind: "legacy-ecc" }, [{ kind: "pcr", pcrs: [...req.pcrs, req.latchPcr] }]);
     log.info(`unlock: ${device}: unsealed the key sealed on the ESP by an older initos (keyslot ${seal.keyslot})`);
     return { device, token: -1, keyslot: seal.keyslot, key };
   } catch (e) {

@@ -43,7 +43,7 @@ export function unsealHostKey(sys: Files, log: Logger, tpm: TpmOps, req: Require
     const sealed = parseSealed("recovery host key", HOSTKEY_TYPE, text);
     const refused = refusal(sealed, hostReq, "recovery host key");
     if (refused) throw new Error(refused);
-    const key = unsealObject(tpm, hostReq, sealed, signature);
+    const key = unsealObject(tpm, log, "recovery: ssh host key", hostReq, sealed, signature);
     log.info("recovery: ssh host key unsealed (the one pinned at install)");
     return key;
   } catch (e) {

@@ -117,10 +117,16 @@ function rcName(rc: number): string {
 const RC_VALUE = 0x084;
 const RC_SIGNATURE = 0x09b;
 const RC_POLICY_FAIL = 0x09d;
+const RC_PCR_CHANGED = 0x128;
 
 export class TpmError extends Error {
   /** The TPM refused because the policy (PCR values, signed policy) does not match. */
   readonly policyFailure: boolean;
+  /**
+   * A PCR, any PCR, was extended after the policy session's PolicyPCR: the session is stale, not
+   * refused (the TPM compares its PCR update counter). Another session may well succeed.
+   */
+  readonly pcrChanged: boolean;
   constructor(
     /** The failing call, e.g. "Esys_Unseal". */
     readonly call: string,
@@ -134,6 +140,7 @@ export class TpmError extends Error {
     this.policyFailure =
       base === RC_POLICY_FAIL ||
       ((base === RC_VALUE || base === RC_SIGNATURE) && (call === "Esys_PolicyAuthorize" || call === "Esys_VerifySignature"));
+    this.pcrChanged = base === RC_PCR_CHANGED;
   }
 }
 

@@ -9,6 +9,8 @@ import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { openTpm, type PolicyStep, TpmError, type TpmDevice } from "../../agent/sys/tss.ts";
 import { keyName, policyAuthorize, policyPcr as policyPcrOf, rsaPublicArea, sha256 as sha256Of, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
+import { unsealInSessions } from "../../agent/diskkey/diskkey.ts";
+import { silentLog } from "../unit/fakesys.ts";
 
 // The policy math is agent/diskkey/policy.ts: the systemd test below checks it against the
 // policy hash systemd-cryptenroll computed.
@@ -251,6 +253,45 @@ describe("tss (ESYS via koffi) against swtpm", () => {
     const e = expectTpmError(() => dev().unseal(blob, { kind: "srk" }, [], other));
     expect(e.message).toBe("srk: 0x81000001 is not the SRK the token was sealed under");
     expect(e.policyFailure).toBe(false);
+  });
+
+  it("a PCR extended inside the policy session (as IMA measures a module load): TPM_RC_PCR_CHANGED, and a new session unseals", async () => {
+    // The proxy sends its own PCR 10 extend to swtpm just before each Unseal it is told to spoil.
+    const proxyPort = await freePortPair();
+    const count = `${dir}/interrupt`;
+    writeFileSync(count, "0");
+    const proxy = spawn(process.execPath, [new URL("./helpers/tpm-measuring-proxy.mjs", import.meta.url).pathname, String(port), String(proxyPort), count], { stdio: ["ignore", "pipe", "inherit"] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        proxy.stdout!.once("data", () => resolve());
+        proxy.once("exit", (c) => reject(new Error(`the proxy exited (${c})`)));
+      });
+      const through = openTpm(`swtpm:host=127.0.0.1,port=${proxyPort}`);
+      try {
+        const { serialized } = through.ensureSrk();
+        const secret = randomBytes(32);
+        const blob = through.seal(secret, policyPcr(ZERO32, [7], through.pcrRead([7])), { kind: "srk" });
+        const steps: PolicyStep[] = [{ kind: "pcr", pcrs: [7] }];
+        const before = Buffer.from(through.pcrRead([10]).get(10)!);
+
+        writeFileSync(count, "1");
+        const e = expectTpmError(() => through.unseal(blob, { kind: "srk" }, steps, serialized));
+        expect(e.message).toMatch(/^Esys_Unseal: TPM_RC_PCR_CHANGED \(0x128\): tpm:error\(2\.0\): PCR have changed since checked/);
+        expect(e.pcrChanged).toBe(true);
+        expect(e.policyFailure).toBe(false);
+        expect(Buffer.from(through.pcrRead([10]).get(10)!)).not.toEqual(before); // the proxy's extend happened
+
+        writeFileSync(count, "2");
+        const log = silentLog();
+        expect(Buffer.from(unsealInSessions(through, log, "test", blob, { kind: "srk" }, steps, serialized))).toEqual(secret);
+        expect(log.lines).toEqual(["info: test: a PCR was extended during the policy session 2 time(s) (module loads are measured into PCR 10); unsealed in session 3"]);
+        expect(readFileSync(count, "utf8")).toBe("0");
+      } finally {
+        through.close();
+      }
+    } finally {
+      proxy.kill();
+    }
   });
 
   it("decodes TPM errors with Tss2_RC_Decode and names the call", () => {

@@ -5,7 +5,7 @@ import { generateKeyPairSync, sign } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
-import { enroll, PCR_SIGNATURE, pcrSignatureOnce, readPcrSignature, requirement, reseal, sealKey, unsealTokens } from "../../agent/diskkey/diskkey.ts";
+import { enroll, PCR_SIGNATURE, pcrSignatureOnce, readPcrSignature, requirement, reseal, sealKey, UNSEAL_SESSIONS, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm, LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
 import { keyFingerprint, phaseDigest, policyPcr, sealPolicy, signedPcrPolicy, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
 import { realUnlockOps } from "../../agent/stages/volumes.ts";
@@ -163,6 +163,35 @@ describe("sealing and unsealing", () => {
     expect(unsealTokens(sys, log, tpm, REQ, [DEV])).toEqual([]);
     expect(log.lines.at(-1)).toMatch(/sealed for other values of PCR 7,15 than this boot's/);
     expect(tpm.calls.some((c) => c.startsWith("unseal"))).toBe(false);
+  });
+
+  it("a PCR extended during the policy session (a module load, measured into PCR 10): a new session unseals, and one line says so", () => {
+    const { sys, tpm } = machine();
+    enroll(sys, tpm, REQ, "on", DEV, Buffer.from("recovery"));
+    tpm.measuredDuringSession = 3;
+    const log = silentLog();
+    const keys = unsealTokens(sys, log, tpm, REQ, [DEV]);
+    expect(keys).toHaveLength(1);
+    expect(sys.luks.open(DEV, "x", keys[0]!.key, 0, 2).slot).toBe(2);
+    expect(tpm.calls.filter((c) => c.startsWith("unseal"))).toHaveLength(4);
+    expect(log.lines).toContain("info: unlock: /dev/vda3 token 0 (PCR 7,15 + signed 11, keyslot 2): a PCR was extended during the policy session 3 time(s) (module loads are measured into PCR 10); unsealed in session 4");
+  });
+
+  it("PCRs extended during every session: bounded, the token is not released, and the line says why", () => {
+    const { sys, tpm } = machine();
+    enroll(sys, tpm, REQ, "on", DEV, Buffer.from("recovery"));
+    tpm.measuredDuringSession = 1000;
+    const log = silentLog();
+    expect(unsealTokens(sys, log, tpm, REQ, [DEV])).toEqual([]);
+    expect(tpm.calls.filter((c) => c.startsWith("unseal"))).toHaveLength(UNSEAL_SESSIONS);
+    expect(log.lines.at(-1)).toMatch(/TPM did not release the key: Esys_Unseal: TPM_RC_PCR_CHANGED .* in each of 30 policy sessions: something keeps extending PCRs$/);
+  });
+
+  it("a refusal is not tried again in another session", () => {
+    const { sys, tpm } = machine({ signature: "other-key" });
+    enroll(sys, tpm, REQ, "on", DEV, Buffer.from("recovery"));
+    expect(unsealTokens(sys, silentLog(), tpm, REQ, [DEV])).toEqual([]);
+    expect(tpm.calls.filter((c) => c.startsWith("unseal"))).toHaveLength(1);
   });
 
   it("after the latch nothing unseals", () => {

@@ -5,7 +5,7 @@
 import { verify, createPublicKey } from "node:crypto";
 import { keyName, policyAuthorize, policyPcr, sha256, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
 import type { TpmOps } from "../../agent/sys/index.ts";
-import type { PolicyStep, Primary } from "../../agent/sys/tss.ts";
+import { type PolicyStep, type Primary, TpmError } from "../../agent/sys/tss.ts";
 
 /** The value a PCR holds after extending `from` with each digest in turn (the TPM does this for the agent). */
 export function extendPcr(from: Uint8Array, ...digests: Uint8Array[]): Uint8Array {
@@ -18,6 +18,11 @@ export class FakeTpm implements TpmOps {
   srkExists = false;
   private sealed: { secret: Uint8Array; policy: Uint8Array; primary: Primary["kind"] }[] = [];
   failExtend = false;
+  /**
+   * How many of the next unseals the kernel interrupts: a module load measured into PCR 10
+   * between the session's PolicyPCR and its Unseal, so the TPM answers TPM_RC_PCR_CHANGED.
+   */
+  measuredDuringSession = 0;
 
   pcr(n: number): Uint8Array {
     return this.pcrs.get(n) ?? new Uint8Array(32);
@@ -58,6 +63,11 @@ export class FakeTpm implements TpmOps {
         if (!verify("sha256", s.approvedPolicy, key, s.signature)) throw new Error("Esys_VerifySignature: TPM_RC_SIGNATURE");
         d = policyAuthorize(keyName(pub));
       }
+    }
+    if (this.measuredDuringSession > 0) {
+      this.measuredDuringSession--;
+      this.pcrs.set(10, extendPcr(this.pcr(10), sha256(Buffer.from("a module"))));
+      throw new TpmError("Esys_Unseal", 0x128, "TPM_RC_PCR_CHANGED (0x128): PCR have changed since checked");
     }
     if (!Buffer.from(d).equals(obj.policy)) throw new Error("Esys_Unseal: TPM_RC_POLICY_FAIL");
     return Buffer.from(obj.secret);
