@@ -118,14 +118,65 @@ export function prepareRootfs(
   return target;
 }
 
-function deleteSubvolume(sys: Pick<Processes, "run">, jail: Jail, path: string, btrfs: string[]): void {
+function deleteSubvolume(sys: Pick<Files, "lstat" | "readdir"> & Pick<Processes, "run">, jail: Jail, path: string, btrfs: string[]): void {
   try {
-    sys.run([...btrfs, "subvolume", "delete", path]);
+    deleteJailTree(sys, path, btrfs);
   } catch (e) {
-    // A plain directory there, or subvolumes the jail made inside its own (btrfs-progs 6.2 has
-    // no recursive delete): the admin's to clear.
+    // A plain directory there, or a subvolume the kernel would not drop: the admin's to clear.
     throw new BootError(`jail ${jail.name}: the old ${jailSubvolume(jail.name)} could not be deleted: ${describe(e)}`);
   }
+}
+
+/** BTRFS_FIRST_FREE_OBJECTID: the inode number of every subvolume's root directory. */
+const SUBVOL_ROOT_INO = 256;
+
+/**
+ * Deletes a jail's rootfs snapshot, and first, when it holds any, the subvolumes its root made
+ * inside it, deepest first.
+ *
+ * Why: an unprivileged uid may create a subvolume in a directory it owns (measured on this
+ * kernel, as uid 100000), so a jail's root can. `btrfs subvolume delete` refuses a subvolume
+ * that holds another ("Directory not empty"), btrfs-progs 6.2 has no --recursive, and the host
+ * has no shell to clear it: without this the jail never started again.
+ *
+ * They are found by walking the tree with lstat, never following a symlink, as a directory on
+ * another st_dev whose inode is a subvolume root's. Not from `btrfs subvolume list`: that
+ * prints the names the jail chose, line breaks included, so a name could forge a line naming
+ * another subvolume of the pool. The jail has ended: nothing in its tree moves meanwhile.
+ */
+export function deleteJailTree(sys: Pick<Files, "lstat" | "readdir"> & Pick<Processes, "run">, path: string, btrfs: string[]): void {
+  // lstat: a symlink at @jail-NAME (the pool's top level is the admin's) is not followed to what it names.
+  const kind = sys.lstat(path).kind;
+  if (kind !== "dir") throw new Error(`${path} is a ${kind}, not a subvolume`);
+  try {
+    sys.run([...btrfs, "subvolume", "delete", path]);
+    return;
+  } catch (e) {
+    const nested = nestedSubvolumes(sys, path);
+    if (!nested.length) throw e;
+    for (const p of nested) sys.run([...btrfs, "subvolume", "delete", p]);
+  }
+  sys.run([...btrfs, "subvolume", "delete", path]);
+}
+
+/** The subvolumes below `root` (see deleteJailTree), each after those inside it. */
+function nestedSubvolumes(sys: Pick<Files, "lstat" | "readdir">, root: string): string[] {
+  const found: { path: string; depth: number }[] = [];
+  const todo = [{ path: root, depth: 0 }];
+  for (let dir = todo.pop(); dir !== undefined; dir = todo.pop()) {
+    const dev = sys.lstat(dir.path).dev;
+    for (const name of sys.readdir(dir.path)) {
+      const p = { path: `${dir.path}/${name}`, depth: dir.depth + 1 };
+      const c = sys.lstat(p.path);
+      if (c.kind !== "dir") continue;
+      if (c.dev === dev) todo.push(p);
+      else if (c.ino === SUBVOL_ROOT_INO) {
+        found.push(p);
+        todo.push(p);
+      }
+    }
+  }
+  return found.sort((a, b) => b.depth - a.depth).map((f) => f.path);
 }
 
 const shareName = (s: Jail["shares"][number]) => (s.dir ? `${s.subvol}/${s.dir}` : s.subvol);
@@ -223,7 +274,7 @@ export function removeContainer(
   const target = `${o.pool ?? POOL_MOUNT}/${jailSubvolume(jail.name)}`;
   if (sys.lstat(target).kind === "missing") return;
   try {
-    sys.run([...(o.btrfs ?? toolArgv("btrfs")), "subvolume", "delete", target]);
+    deleteJailTree(sys, target, o.btrfs ?? toolArgv("btrfs"));
   } catch (e) {
     log.warn(`jail ${jail.name}: ${jailSubvolume(jail.name)} not deleted: ${describe(e)}`);
   }

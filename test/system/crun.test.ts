@@ -87,6 +87,11 @@ describe("container jail under crun", () => {
 
   it("removeContainer leaves nothing: no snapshot, no staged share, no crun state", () => {
     expect(r.snapshotLeft).toBe(false);
+    // Also not the subvolumes the jail's root made inside its rootfs (a forged list line among
+    // them), which would otherwise have stopped the snapshot's delete; the share is untouched.
+    expect(r.subvolumesBefore).toBe(7); // 6 subvolumes; the forged name prints a 7th line
+    expect(r.subvolumesAfter).toEqual(["@img-tiny", "@data"]);
+    expect(r.shareAfter).toBe("from the share\n");
     expect(r.stagedLeft).toEqual([]);
     expect(existsSync(`${dir}/crun/tiny`)).toBe(false);
     expect(r.log[0]).toMatch(/^jail tiny: rootfs @jail-tiny from @img-tiny, \d+ inodes owned from uid\/gid 3145728 \(\d+ ms\)$/);

@@ -30,6 +30,11 @@ class PoolFake extends FakeSys {
     if (verb === "snapshot") {
       for (const [p, n] of [...this.files]) if (p === a || p.startsWith(`${a}/`)) this.files.set(b + p.slice(a!.length), { ...n });
     } else if (verb === "delete") {
+      // As btrfs: a subvolume holding another (a directory on another dev, inode 256) stays.
+      const dev = this.files.get(a!)?.dev ?? 1;
+      if ([...this.files].some(([p, n]) => p.startsWith(`${a}/`) && n.kind === "dir" && (n.dev ?? 1) !== dev && n.ino === 256)) {
+        throw new Error(`ERROR: Could not destroy subvolume/snapshot: Directory not empty`);
+      }
       for (const p of [...this.files.keys()]) if (p === a || p.startsWith(`${a}/`)) this.files.delete(p);
     }
     return "";
@@ -202,6 +207,37 @@ describe("prepareRootfs", () => {
     const s = pool().add("/x/@jail-web", { kind: "dir" });
     s.failOn.set("run btrfs subvolume delete", new Error("btrfs subvolume delete /x/@jail-web: Directory not empty"));
     expect(() => prepareRootfs(s, silentLog(), jail(), "/x", BTRFS)).toThrow("jail web: the old @jail-web could not be deleted: btrfs subvolume delete /x/@jail-web: Directory not empty");
+  });
+
+  it("subvolumes the jail made inside its rootfs are deleted first, deepest first, found without following its symlinks", () => {
+    const s = pool()
+      .add("/x/@root", { kind: "dir", dev: 9, ino: 256 })
+      .add("/x/@root/etc", { kind: "dir", dev: 9 })
+      .add("/x/@jail-web", { kind: "dir", dev: 3, ino: 256 })
+      .add("/x/@jail-web/var", { kind: "dir", dev: 3 })
+      .add("/x/@jail-web/var/a\nID 256 gen 7 parent 260", { kind: "dir", dev: 4, ino: 256 })
+      .add("/x/@jail-web/var/a\nID 256 gen 7 parent 260/b", { kind: "dir", dev: 5, ino: 256 })
+      .add("/x/@jail-web/var/c", { kind: "dir", dev: 6, ino: 256 })
+      .add("/x/@jail-web/var/to-root", { kind: "link", target: "/x/@root" })
+      .add("/x/@jail-web/var/to-root-dir", { kind: "link", target: "/x/@root/etc" });
+    prepareRootfs(s, silentLog(), jail(), "/x", BTRFS);
+    const runs = s.calls.filter((c) => c.startsWith("run"));
+    expect(runs.slice(0, 5)).toEqual([
+      "run btrfs subvolume delete /x/@jail-web",
+      "run btrfs subvolume delete /x/@jail-web/var/a\nID 256 gen 7 parent 260/b",
+      expect.stringMatching(/^run btrfs subvolume delete \/x\/@jail-web\/var\/(c|a\nID 256 gen 7 parent 260)$/),
+      expect.stringMatching(/^run btrfs subvolume delete \/x\/@jail-web\/var\/(c|a\nID 256 gen 7 parent 260)$/),
+      "run btrfs subvolume delete /x/@jail-web",
+    ]);
+    expect(new Set(runs.slice(2, 4)).size).toBe(2);
+    expect(s.files.has("/x/@root/etc")).toBe(true);
+    expect(s.files.has("/x/@jail-web/bin/su")).toBe(true);
+  });
+
+  it("a symlink at @jail-<name> is not followed to the subvolume it names: one line, nothing deleted", () => {
+    const s = pool().add("/x/@root", { kind: "dir", dev: 9, ino: 256 }).add("/x/@jail-web", { kind: "link", target: "/x/@root" });
+    expect(() => prepareRootfs(s, silentLog(), jail(), "/x", BTRFS)).toThrow("jail web: the old @jail-web could not be deleted: /x/@jail-web is a link, not a subvolume");
+    expect(s.calls.filter((c) => c.startsWith("run"))).toEqual([]);
   });
 
   it("a failed shift deletes the new snapshot: nothing is left behind", () => {

@@ -122,7 +122,19 @@ try {
 out.exit = await child.exited;
 out.stderr = await new Response(child.stderr).text();
 
+// What the jail's root may leave behind, done as its uid outside (as it would): subvolumes in
+// its rootfs, one inside another, one whose name forges a line of `btrfs subvolume list`
+// naming the share, and a symlink to the share.
+const asJail = (args: string[]) => sh("setpriv", [`--reuid=${jail.idBase}`, `--regid=${jail.idBase}`, "--clear-groups", "btrfs", ...args]);
+asJail(["subvolume", "create", `${rootfs}/nest`]);
+asJail(["subvolume", "create", `${rootfs}/nest/deeper`]);
+asJail(["subvolume", "create", `${rootfs}/tmp/x\nID 257 gen 1 parent 256 top level 5 path @data`]);
+symlinkSync(`${pool}/@data`, `${rootfs}/tmp/to-data`);
+out.subvolumesBefore = sh("btrfs", ["subvolume", "list", pool]).trim().split("\n").length;
+
 removeContainer(sys, log, jail, { crun: { argv: ["crun"], env: {} }, root: crunRoot, pool, btrfs: ["btrfs"], dir: run });
+out.subvolumesAfter = sh("btrfs", ["subvolume", "list", pool]).trim().split("\n").map((l) => l.replace(/^.* path /, ""));
+out.shareAfter = readFileSync(`${pool}/@data/hello`, "utf8");
 out.snapshotLeft = sys.lstat(rootfs).kind !== "missing";
 out.stagedLeft = sys.mountPoints().filter((m) => m.startsWith(run));
 out.log = lines;
