@@ -8,6 +8,7 @@
 //    probe), its memory limit is enforced (the first run eats past it: the kernel's OOM killer
 //    ends it in its cgroup), and its death gets it restarted;
 //  - it sees neither the host's disks nor the pool's top level nor the other jail;
+//  - after a reboot the jails the host config names start at boot;
 //  - poweroff stops the jails first (their init gets SIGTERM).
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -52,6 +53,7 @@ beforeAll(async () => {
     disks: [{ file: `${B}/boot.img` }, { file: pool }],
     net: { forward: [{ host: port, guest: 15022 }] },
     memoryMiB: 1024,
+    reboot: true, // the reboot step boots again in this QEMU
   });
   await vm.waitFor(PROMPT, 240_000, true);
   vm.send(`${PASS}\n`);
@@ -141,6 +143,20 @@ describe.sequential("jail mode", () => {
       expect(vm.output).toMatch(new RegExp(`jail ${name}: JAIL-UP pid=1 uid=0 hostname=${name} procs=[1-9]\\b`));
     }
   }, 300_000);
+
+  it("after a reboot the jails start at boot: web and peer run from the image imported before, with no jail start", async () => {
+    const from = vm.mark();
+    await run("reboot"); // the reply may or may not beat the reboot: the console says what happened
+    await vm.waitFor(/stopping the jails before the reboot/, 60_000, false, from);
+    await vm.waitFor(PROMPT, 300_000, true, from);
+    const boot = vm.mark();
+    vm.send(`${PASS}\n`);
+    await vm.waitFor(/initos: jails: ready/, 300_000, false, boot);
+    await vm.waitFor(/jail web: JAIL-UP pid=1 uid=0 hostname=web/, 180_000, false, boot);
+    await vm.waitFor(/jail peer: JAIL-UP pid=1 uid=0 hostname=peer/, 180_000, false, boot);
+    expect(vm.since(boot)).not.toMatch(/initos: ctl: jail\b/);
+    expect(vm.since(boot)).not.toMatch(/jail (web|peer): not started/);
+  }, 600_000);
 
   it("poweroff stops the jails first: their init gets SIGTERM, then the machine powers off", async () => {
     const from = vm.mark();
