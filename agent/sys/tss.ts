@@ -164,9 +164,14 @@ type Handle = [number];
 type Allocated = [EsysAlloc | null];
 
 const bind = () => {
-  // ESYS logs every TPM error (an expected policy mismatch too) to stderr, i.e. the console
-  // of PID 1; errors reach the caller as TpmError instead. The level is read at first log.
-  process.env.TSS2_LOG ??= "all+NONE";
+  // ESYS logs every TPM error (an expected policy mismatch, a PCR_CHANGED that unsealInSessions
+  // retries) to stderr, i.e. the console of PID 1; errors reach the caller as TpmError instead.
+  // The level is read from the C environment at the first log. Not through process.env: under
+  // Bun that is not what getenv(3) reads (measured: getenv saw nothing after an assignment,
+  // and ESYS's WARNING/ERROR lines were on the console of every boot with a TPM error).
+  // overwrite 0: a TSS2_LOG on the kernel cmdline (init's environment) still wins.
+  const setenv = load("libc.so.6").fn<(name: string, value: string, overwrite: number) => number>("int setenv(const char *name, const char *value, int overwrite)");
+  setenv("TSS2_LOG", "all+NONE", 0);
   const esys = load("libtss2-esys.so.0");
   const mu = load("libtss2-mu.so.0");
   const rc = load("libtss2-rc.so.0");

@@ -294,6 +294,13 @@ describe("tss (ESYS via koffi) against swtpm", () => {
     }
   });
 
+  it("under Bun, as in the agent, ESYS prints nothing for a TPM error: the TpmError is the report", () => {
+    const r = spawnSync("node_modules/@oven/bun-linux-x64-baseline/bin/bun", [new URL("./helpers/tss-quiet.ts", import.meta.url).pathname, tcti], { encoding: "utf8", timeout: 60_000, env: { ...process.env, TSS2_LOG: undefined } });
+    expect(r.stdout).toMatch(/^Esys_Load: TPM_RC_INTEGRITY \(0x\w+\): tpm:/);
+    expect(r.stderr).not.toMatch(/esys/i);
+    expect(r.status).toBe(0);
+  });
+
   it("decodes TPM errors with Tss2_RC_Decode and names the call", () => {
     const { serialized } = dev().ensureSrk();
     const blob = Buffer.from(dev().seal(randomBytes(16), ZERO32, { kind: "srk" }));
