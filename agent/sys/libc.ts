@@ -28,6 +28,7 @@ const c = {
   sigprocmask: libc.fn<(how: number, set: Uint8Array, old: null) => number>("int sigprocmask(int how, const uint8_t *set, void *old)"),
   signal: libc.fn<(sig: number, handler: null) => Ptr<"sighandler"> | null>("void *signal(int sig, void *handler)"),
   getpid: libc.fn<() => number>("int getpid(void)"),
+  setenv: libc.fn<(name: string, value: string, overwrite: number) => number>("int setenv(const char *name, const char *value, int overwrite)"),
   pipe2: libc.fn<(fds: Int32Array, flags: number) => number>("int pipe2(_Out_ int *fds, int flags)"),
   socket: libc.fn<(domain: number, type: number, protocol: number) => number>("int socket(int domain, int type, int protocol)"),
   bind: libc.fn<(fd: number, addr: Uint8Array, len: number) => number>("int bind(int fd, const uint8_t *addr, uint32_t len)"),
@@ -207,6 +208,15 @@ export function reboot(cmd: number): void {
 
 export function sync(): void {
   c.sync();
+}
+
+/**
+ * Sets `name` in the C environment, the one getenv(3) in a loaded library reads, unless it is
+ * set already. Not process.env: under Bun that is not this environment (measured: getenv saw
+ * nothing after an assignment to process.env).
+ */
+export function setenvDefault(name: string, value: string): void {
+  check("setenv", [name, value], c.setenv(name, value, 0));
 }
 
 export function getpid(): number {

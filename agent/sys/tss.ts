@@ -9,6 +9,7 @@
 // module's boundary is a Uint8Array in wire format — the same bytes systemd stores in tokens.
 import { createHash } from "node:crypto";
 import { load, type Ptr, view } from "./ffi.ts";
+import { setenvDefault } from "./libc.ts";
 
 // ---- constants (TPM 2.0 Part 2, tss2_esys.h) ---------------------------------------------
 
@@ -166,12 +167,10 @@ type Allocated = [EsysAlloc | null];
 const bind = () => {
   // ESYS logs every TPM error (an expected policy mismatch, a PCR_CHANGED that unsealInSessions
   // retries) to stderr, i.e. the console of PID 1; errors reach the caller as TpmError instead.
-  // The level is read from the C environment at the first log. Not through process.env: under
-  // Bun that is not what getenv(3) reads (measured: getenv saw nothing after an assignment,
-  // and ESYS's WARNING/ERROR lines were on the console of every boot with a TPM error).
-  // overwrite 0: a TSS2_LOG on the kernel cmdline (init's environment) still wins.
-  const setenv = load("libc.so.6").fn<(name: string, value: string, overwrite: number) => number>("int setenv(const char *name, const char *value, int overwrite)");
-  setenv("TSS2_LOG", "all+NONE", 0);
+  // The level is read from the C environment at the first log (through process.env, ESYS's
+  // WARNING/ERROR lines were on the console of every boot with a TPM error: see setenvDefault).
+  // A TSS2_LOG on the kernel cmdline (init's environment) still wins.
+  setenvDefault("TSS2_LOG", "all+NONE");
   const esys = load("libtss2-esys.so.0");
   const mu = load("libtss2-mu.so.0");
   const rc = load("libtss2-rc.so.0");
