@@ -92,7 +92,8 @@ static int scan_keys(const char *dir, int depth) {
 		struct stat st;
 		if (lstat(path, &st) != 0) continue;
 		if (S_ISDIR(st.st_mode)) {
-			if (depth > 0 && e->d_name[0] != '@') found += scan_keys(path, depth - 1);
+			/* not the subvolumes (the OS's own files), nor the pool's mount point under /run again */
+			if (depth > 0 && e->d_name[0] != '@' && strcmp(path, "/run/initos-test-pool") != 0) found += scan_keys(path, depth - 1);
 			continue;
 		}
 		if (!S_ISREG(st.st_mode) || st.st_size > 4096) continue;
@@ -115,8 +116,9 @@ static void look_for_keys(void) {
 	mkdir(top, 0700);
 	int pool = mount("/dev/mapper/initos-pool0", top, "btrfs", MS_RDONLY, "subvolid=5") == 0;
 	if (!pool) printf("INITOS-TEST-ROOT keys: pool top level not mounted: %s\n", strerror(errno));
-	int count = (pool ? scan_keys(top, 3) : 0) + scan_keys("/run", 4);
-	if (pool) umount(top);
+	int count = pool ? scan_keys(top, 3) : 0;
+	if (pool && umount(top) != 0) printf("INITOS-TEST-ROOT keys: umount %s: %s\n", top, strerror(errno));
+	count += scan_keys("/run", 4);
 	printf("INITOS-TEST-ROOT keys end count=%d pool=%s\n", count, pool ? "yes" : "no");
 	fflush(stdout);
 }
