@@ -71,6 +71,10 @@ describe.sequential("jail mode", () => {
     expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
     expect(vm.output).toMatch(/initos: jail web: not started: .*image web is not imported/);
     expect(vm.output).toMatch(/initos: jail vm1: not started: the signed config has no vmhost image \(QEMU and the VM kernel\): VM jails cannot run on this build/);
+    // The sshd started at the passphrase prompt presented the key the initrd had then (the
+    // recovery key on a production boot); jail mode's sshd is started again with the pool's own.
+    expect(vm.output).toMatch(/initos: pool: ssh host key saved as initos\/ssh_host_ed25519 \(first boot\)/);
+    expect(vm.output.match(/initos: sidecar: sshd on port 15022/g)).toHaveLength(2);
   });
 
   it("hostconfig over ssh: show gives the pool's file; set refuses a config the boot would refuse part of, and leaves the file", async () => {
