@@ -90,7 +90,7 @@ describe("the pool's files cannot stall a boot", () => {
       const vm = await startVm({
         name: `hostconfig-${name}`,
         direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1" },
-        disks: [{ file: `${B}/boot.img` }, { file: pool }],
+        disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine-${name}.img`) }],
       });
       await vm.waitFor(PROMPT, 240_000, true);
       const sent = Date.now();
