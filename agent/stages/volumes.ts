@@ -325,6 +325,11 @@ export async function unlockPool(sys: Files & Mounts & Modules & Devices & Crypt
   if (found.length > 1) throw new BootError(`unlock: the boot disk ${esp.disk} has several LUKS2 partitions (${found.join(", ")}); the pool's first volume must be the only one`);
   const first = found[0]!;
   log.info(`unlock: pool volume ${first} on the boot disk ${esp.disk}`);
+  // A null cipher opens with any key: such a volume is not the pool, whatever its tokens say,
+  // so nothing is unsealed for it (its header is on the boot disk: reading it now reads no
+  // other disk before the latch).
+  const why = unprotected(parseLuksHeader(first, sys.luks.header(first)));
+  if (why) throw new BootError(`unlock: refused ${first}: ${why}: a null cipher opens with any key; nothing unsealed, nothing opened`);
   const opened: OpenedVolume[] = [];
   const remote = new RemoteSecrets();
   const waiting: AdminCaps = { ...admin, passphrase: { run: remote.handle } };

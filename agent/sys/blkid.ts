@@ -72,7 +72,7 @@ export function partitionEntry(device: string): { uuid: string | null; name: str
 }
 
 /** Superblock values of `device` (TYPE, LABEL, UUID, ...) or null when nothing was recognised. */
-export function probe(device: string, keys: readonly string[] = ["TYPE", "LABEL", "UUID"]): Record<string, string> | null {
+export function probe(device: string, keys: readonly string[] = ["TYPE", "LABEL", "UUID", "UUID_SUB"]): Record<string, string> | null {
   const b = blkid();
   const pr = b.newProbe(device);
   if (!pr) throw new Error(`blkid: cannot open ${device}`);

@@ -6,6 +6,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
 import { KEY_KDF_BOUND, PASSPHRASE_KDF_BOUND, parseLuksHeader, triableSlots, unprotected } from "../../agent/diskkey/luksheader.ts";
+import { probe } from "../../agent/sys/blkid.ts";
 import { luksHeader } from "../../agent/sys/cryptsetup.ts";
 
 const BUN = "node_modules/@oven/bun-linux-x64-baseline/bin/bun";
@@ -56,6 +57,11 @@ describe("btrfs devices of a mounted filesystem", () => {
     const lb = sh("losetup", ["-f", "--show", b]).trim();
     try {
       sh("mkfs.btrfs", ["-q", "-f", "-U", "0f5e7a1d-1111-4222-8333-444455556666", la, lb]);
+      // What the unlock matches a further volume by: the pool's UUID, and a device UUID of its own.
+      const [pa, pb] = [probe(la), probe(lb)];
+      expect(pa).toMatchObject({ TYPE: "btrfs", UUID: "0f5e7a1d-1111-4222-8333-444455556666", UUID_SUB: expect.stringMatching(/^[0-9a-f-]{36}$/) });
+      expect(pb!.UUID).toBe(pa!.UUID);
+      expect(pb!.UUID_SUB).not.toBe(pa!.UUID_SUB);
       const out = JSON.parse(sh("unshare", ["-m", "--propagation", "private", BUN, "test/system/helpers/btrfsdevs.ts", la, lb])) as { fsid: string; numDevices: number; devices: { devid: number; path: string }[]; numbers: number[]; want: number[]; notBlock: number | null };
       expect(out.fsid).toBe("0f5e7a1d-1111-4222-8333-444455556666");
       expect(out.numDevices).toBe(2);
