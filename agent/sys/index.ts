@@ -688,6 +688,7 @@ function realConsole(libc: Libc): Console {
     toConsole: (t) => {
       try {
         writeSync(1, t);
+        libc.drainTerminal(1); // before the next kernel line can cut into it
       } catch {
         // no console: nothing to show it on
       }

@@ -46,6 +46,7 @@ const c = {
   ioctl: libc.fn<(fd: number, request: number, ...args: VarArgs) => number>("int ioctl(int fd, unsigned long request, ...)"),
   tcgetattr: libc.fn<(fd: number, termios: Uint8Array) => number>("int tcgetattr(int fd, _Out_ uint8_t *termios)"),
   tcsetattr: libc.fn<(fd: number, when: number, termios: Uint8Array) => number>("int tcsetattr(int fd, int when, const uint8_t *termios)"),
+  tcdrain: libc.fn<(fd: number) => number>("int tcdrain(int fd)"),
 };
 
 /** The raw calls, for the socket modules next door (netlink, udp) that build on them. */
@@ -379,6 +380,7 @@ export function readConsoleLine(prompt: string, echo: boolean): Promise<string |
   }
   try {
     writeSync(1, prompt);
+    c.tcdrain(1); // whole before any kernel line (drainTerminal)
   } catch {
     // the prompt is a courtesy; the read below decides
   }
@@ -504,4 +506,14 @@ export function btrfsDevices(mountPoint: string): BtrfsDevices {
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * Waits until what was written to the terminal `fd` has been sent (tcdrain). A serial console
+ * buffers a write() and sends it on interrupts, while the kernel's own lines (printk) go to the
+ * port directly: a kernel line printed right after a write lands in the middle of it. Seen: the
+ * installer's recovery passphrase cut in two by the next log line. Not a terminal: no wait.
+ */
+export function drainTerminal(fd: number): void {
+  c.tcdrain(fd);
 }
