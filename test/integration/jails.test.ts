@@ -14,7 +14,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freePort, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
-import { ssh } from "../../qemu/ssh.ts";
+import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 import { idBase } from "../../agent/jails/config.ts";
 import { writeDigestMismatch, writeEscape, writeTruncated, writeWebImage } from "../jails/web-image.ts";
 import { diskWithPool } from "./pool-disk.ts";
@@ -29,6 +29,11 @@ let vm: Vm;
 let port: number;
 
 const run = (command: string, inputFile?: string) => ssh(port, command, { key: KEY, knownHosts: `${dir}/known_hosts`, inputFile, timeoutMs: 300_000 });
+/**
+ * Jail mode starts its sshd again once the pool is open (with the pool's key instead of the one
+ * the passphrase prompt presented): "jails: ready" can come before the new dropbear listens.
+ */
+const sshdUp = () => sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts`, timeoutMs: 60_000 });
 
 const JAILS = {
   network: { address: "10.77.0.1/24" },
@@ -59,6 +64,7 @@ beforeAll(async () => {
   await vm.waitFor(PROMPT, 240_000, true);
   vm.send(`${PASS}\n`);
   await vm.waitFor(/initos: jails: ready/, 300_000);
+  expect((await sshdUp()).status).toBe(0);
 }, 600_000);
 afterAll(async () => {
   await stopAll();
@@ -159,6 +165,7 @@ describe.sequential("jail mode", () => {
     await vm.waitFor(/initos: jails: ready/, 300_000, false, boot);
     await vm.waitFor(/jail web: JAIL-UP pid=1 uid=0 hostname=web/, 180_000, false, boot);
     await vm.waitFor(/jail peer: JAIL-UP pid=1 uid=0 hostname=peer/, 180_000, false, boot);
+    expect((await sshdUp()).status).toBe(0); // the same pool key as before the reboot (known_hosts)
     expect(vm.since(boot)).not.toMatch(/initos: ctl: jail\b/);
     expect(vm.since(boot)).not.toMatch(/jail (web|peer): not started/);
   }, 600_000);
