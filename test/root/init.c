@@ -73,6 +73,67 @@ static void dump_processes(void) {
 	fflush(stdout);
 }
 
+/*
+ * "INITOS-SEEN root=/dev/mapper/initos-pool0 root-backing=vdb3 open=initos-pool0 btrfs=<fsid>":
+ * the block device(s) under the root
+ * filesystem (the slaves of its device-mapper device, or the device itself) and every open
+ * device-mapper device by name. Attack scenarios read it to tell whose root runs (the victim's
+ * pool or a disk of the attacker's) and whether any other pool is open beside it (readable to
+ * this root). From /proc/self/mountinfo's last "/" entry (the root after switch_root).
+ */
+static void dm_name(const char *dm, char *out, size_t n) {
+	char path[300];
+	snprintf(path, sizeof path, "/sys/block/%s/dm/name", dm);
+	read_line(path, out, n);
+}
+
+static void print_seen(void) {
+	char source[256] = "none", backing[1024] = "", open[1024] = "", line[2048];
+	FILE *f = fopen("/proc/self/mountinfo", "r");
+	while (f && fgets(line, sizeof line, f)) {
+		/* "id parent maj:min root mountpoint opts [optional...] - fstype source superopts" */
+		char mnt[512], src[256];
+		const char *dash = strstr(line, " - ");
+		if (sscanf(line, "%*s %*s %*s %*s %511s", mnt) != 1 || strcmp(mnt, "/") != 0 || !dash) continue;
+		if (sscanf(dash + 3, "%*s %255s", src) == 1) snprintf(source, sizeof source, "%s", src);
+	}
+	if (f) fclose(f);
+	const char *base = strrchr(source, '/') ? strrchr(source, '/') + 1 : source;
+	char rootdm[256] = "";
+	DIR *d = opendir("/sys/block");
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (strncmp(e->d_name, "dm-", 3) != 0) continue;
+		char name[128];
+		dm_name(e->d_name, name, sizeof name);
+		snprintf(open + strlen(open), sizeof open - strlen(open), "%s%s", open[0] ? "," : "", name);
+		if (strcmp(base, e->d_name) == 0 || (strncmp(source, "/dev/mapper/", 12) == 0 && strcmp(base, name) == 0))
+			snprintf(rootdm, sizeof rootdm, "%s", e->d_name);
+	}
+	if (d) closedir(d);
+	if (rootdm[0]) {
+		char path[300];
+		snprintf(path, sizeof path, "/sys/block/%s/slaves", rootdm);
+		DIR *s = opendir(path);
+		for (struct dirent *e; s && (e = readdir(s));) {
+			if (e->d_name[0] == '.') continue;
+			snprintf(backing + strlen(backing), sizeof backing - strlen(backing), "%s%.200s", backing[0] ? "," : "", e->d_name);
+		}
+		if (s) closedir(s);
+	} else {
+		snprintf(backing, sizeof backing, "%s", base);
+	}
+	/* The btrfs filesystems the kernel knows (by fsid): whose pool(s) this root could reach. */
+	char fsids[1024] = "";
+	DIR *b = opendir("/sys/fs/btrfs");
+	for (struct dirent *e; b && (e = readdir(b));) {
+		if (e->d_name[0] == '.' || strcmp(e->d_name, "features") == 0) continue;
+		snprintf(fsids + strlen(fsids), sizeof fsids - strlen(fsids), "%s%s", fsids[0] ? "," : "", e->d_name);
+	}
+	if (b) closedir(b);
+	printf("INITOS-SEEN root=%s root-backing=%s open=%s btrfs=%s\n", source, backing[0] ? backing : "none", open[0] ? open : "none", fsids[0] ? fsids : "none");
+	fflush(stdout);
+}
+
 int main(int argc, char **argv) {
 	char root[64], timeline[8], up[64];
 	struct stat st_root, st_home;
@@ -95,6 +156,7 @@ int main(int argc, char **argv) {
 	const char *mono = rd ? strchr(rd, ' ') : NULL;
 	printf("] uptime=%s memavailable=%ldkB rd_monotonic_us=%s\n", up, mem_available(), mono ? mono + 1 : "none");
 	fflush(stdout);
+	print_seen();
 	if (ps) dump_processes();
 	if (hold > 0) {
 		signal(SIGTERM, on_signal);
