@@ -29,6 +29,15 @@ export interface PoolImage {
   files?: Record<string, string>;
   /** Directories to make inside the pool, path (from the top) → their owner's uid (and gid). */
   dirs?: Record<string, number>;
+  /**
+   * A LUKS2 token to import as token 0 once the volume is encrypted: e.g. a copy of another
+   * volume's systemd-tpm2 token, or one whose tpm2-blob an attacker sealed herself.
+   */
+  token?: Record<string, unknown>;
+  /** The btrfs filesystem's UUID (mkfs.btrfs -U): another pool's, for an FSID collision. */
+  fsid?: string;
+  /** false: a plain btrfs, not encrypted (default: encrypted). */
+  encrypt?: boolean;
 }
 
 /** An encrypted btrfs pool as the installer would leave it, but with a host config of our choosing. */
@@ -40,7 +49,7 @@ export function buildPoolImage(p: PoolImage): string {
     writeFileSync(`${tmp}/top/initos.json`, typeof p.hostConfig === "string" ? p.hostConfig : JSON.stringify(p.hostConfig));
     rmSync(p.out, { force: true });
     sh("truncate", ["-s", "160M", p.out]);
-    sh("mkfs.btrfs", ["-q", "-f", "-L", "INITOSROOT", "--rootdir", `${tmp}/top`, p.out]);
+    sh("mkfs.btrfs", ["-q", "-f", "-L", "INITOSROOT", ...(p.fsid ? ["-U", p.fsid] : []), "--rootdir", `${tmp}/top`, p.out]);
     const m = `${tmp}/mnt`;
     const steps = [
       `mount -o loop ${q(p.out)} ${q(m)}`,
@@ -52,8 +61,10 @@ export function buildPoolImage(p: PoolImage): string {
       `umount ${q(m)}`,
     ];
     sh("unshare", ["-m", "sh", "-ec", steps.join("\n")]);
+    if (p.encrypt === false) return p.out;
     sh("truncate", ["-s", "+32M", p.out]);
     sh("cryptsetup", ["reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size", "32M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", "-", "--batch-mode", p.out], p.passphrase);
+    if (p.token) sh("cryptsetup", ["token", "import", "--token-id", "0", p.out], JSON.stringify(p.token));
     return p.out;
   } finally {
     rmSync(tmp, { recursive: true, force: true });

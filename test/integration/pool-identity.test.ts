@@ -1,0 +1,259 @@
+// Issue #23: the production boot opens only this machine's own pool. The evil maid brings a
+// disk of hers to an installed machine (Secure Boot on, a TPM, the production UKI on the
+// booted disk) and plugs it in where its device name sorts first (she is /dev/vda, the victim
+// /dev/vdb or later; the firmware still boots the victim's disk). Her goal is the victim's
+// data: her root must never run while the victim's pool is open, and the victim's pool must
+// never be readable by anything but its own root. The test root says what it sees
+// (INITOS-SEEN: the device under its root, every open dm device, the btrfs filesystems the
+// kernel knows), so each scenario asserts what the attacker would have seen, not only the log.
+//
+// One victim: installed once by the fleet's installer onto a blank disk with a fresh swtpm
+// state. Every boot after that runs on snapshots of its disk and a copy of its TPM state, so
+// the scenarios do not disturb each other. Each way in has a positive control: the same volume
+// of hers IS one the production boot opens unattended when it is where the agent looks first.
+import { execFileSync } from "node:child_process";
+import { cpSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { attackerKey, gptDisk, linesMatching, luksVolume, putVolume, sealOnVictimTpm, type Seen, seenIn } from "./attacker.ts";
+import { passphraseOpens, tokens } from "./machine.ts";
+import { buildPoolImage, testRootfs } from "./pool-image.ts";
+
+const B = "build";
+const PROMPT = /Recovery passphrase \(attempt (\d) of 3\): $/;
+/** Where a boot settles: the root that runs says what it sees, or the passphrase is asked. */
+const SETTLED = /INITOS-SEEN [^\n]*\n|Recovery passphrase \(attempt \d of 3\): $/;
+const RECOVERY = /RECOVERY PASSPHRASE \(shown once, write it down\): ([a-z0-9-]+)/;
+/** Per boot: the production boot under TCG measured ~60-90 s to the test root; three times that. */
+const BOOT_MS = 240_000;
+
+let dir: string;
+let victim: string;
+let victimTpm: string;
+let victimRecovery = "";
+let victimToken: Record<string, unknown>;
+/** The victim pool's btrfs fsid, as its own root sees it. */
+let victimFsid = "";
+let rootfs: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(`${tmpdir()}/initos-pool-identity-`);
+  victim = `${dir}/victim.img`;
+  victimTpm = `${dir}/tpm-victim`;
+  mkdirSync(victimTpm);
+  execFileSync("truncate", ["-s", "1G", victim]);
+  rootfs = testRootfs(`${dir}/rootfs.tar`);
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+afterEach(stopAll);
+
+/** A copy of the victim's TPM state for one boot: what a boot does to it stays there. */
+function tpmCopy(name: string): string {
+  const state = `${dir}/tpm-${name}`;
+  rmSync(state, { recursive: true, force: true });
+  cpSync(victimTpm, state, { recursive: true });
+  return state;
+}
+
+/**
+ * The production boot of the machine: `disks` in this order (so the first is /dev/vda), the
+ * firmware booting `disks[booted]` (Secure Boot on), every disk a snapshot, the victim's TPM
+ * (a copy) unless `tpm: false`.
+ */
+function boot(name: string, disks: string[], booted: number, tpm = true): Promise<Vm> {
+  return startVm({
+    name: `pool-identity-${name}`,
+    firmware: { vars: OVMF.varsSecure },
+    disks: disks.map((file, i) => ({ file, bootIndex: i === booted ? 0 : i + 1 })),
+    tpm: tpm ? { stateDir: tpmCopy(name) } : false,
+    memoryMiB: 2048,
+  });
+}
+
+/**
+ * Waits until the boot settles (a root runs, or the passphrase is asked, or the VM stops: a
+ * failed boot powers off) and returns the console; a boot that does none of these in `ms` fails.
+ */
+async function settle(vm: Vm, ms = BOOT_MS): Promise<string> {
+  const start = Date.now();
+  try {
+    await vm.waitFor(SETTLED, ms, true);
+  } catch (e) {
+    if (vm.running) throw e;
+  }
+  console.log(`${vm.name}: settled in ${((Date.now() - start) / 1000).toFixed(0)} s`);
+  return vm.output;
+}
+
+/** The victim's own root runs from `dev` (its pool volume), and nothing but its pool is open or known. */
+function expectVictimRoot(out: string, dev: string): Seen {
+  const seen = seenIn(out);
+  expect(seen, "no root ran").not.toBeNull();
+  expect(seen!.backing).toBe(dev);
+  expect(seen!.open).toBe("initos-pool0");
+  expect(seen!.btrfs).toBe(victimFsid);
+  expect(out).not.toMatch(PROMPT);
+  return seen!;
+}
+
+/** One line, and only one, says `dev` was ignored (and why, when `why` is given). */
+function expectIgnored(out: string, dev: string, why?: RegExp): void {
+  const lines = linesMatching(out, new RegExp(`initos: unlock: ignored ${dev}: `));
+  expect(lines, `ignored-lines for ${dev}`).toHaveLength(1);
+  if (why) expect(lines[0]).toMatch(why);
+}
+
+describe.sequential("the production boot opens only this machine's own pool (issue #23)", () => {
+  it("the victim: installed by the fleet's installer onto a blank disk, it boots unattended into its own root", async () => {
+    const install = await startVm({
+      name: "pool-identity-victim-install",
+      firmware: { vars: OVMF.varsSecure },
+      disks: [{ file: `${B}/installer.img` }, { file: victim, snapshot: false }],
+      tpm: { stateDir: victimTpm },
+      memoryMiB: 2048,
+    });
+    expect(await install.waitExit(300_000)).toBe(0);
+    expect(install.output).toMatch(/initos: install: done: \/dev\/vdb has @root/);
+    victimRecovery = RECOVERY.exec(install.output)![1]!;
+    victimToken = tokens(victim).get(0)!;
+    expect(victimToken).toMatchObject({ type: "systemd-tpm2", keyslots: ["0"] });
+
+    const vm = await boot("victim", [victim], 0);
+    const out = await settle(vm);
+    const seen = seenIn(out);
+    expect(seen).toMatchObject({ root: "/dev/mapper/initos-pool0", backing: "vda3", open: "initos-pool0" });
+    expect(seen!.btrfs).toMatch(/^[0-9a-f-]{36}$/);
+    victimFsid = seen!.btrfs;
+    expect(out).toMatch(/initos: unlock: unlocked with the TPM/);
+  }, 600_000);
+
+  describe("(a) a volume the fleet's own installer sealed for her on the victim's TPM", () => {
+    let hers: string;
+    let herRecovery = "";
+
+    it("she boots the installer with her blank disk as the target: a genuine production token, and a passphrase she knows", async () => {
+      hers = `${dir}/hers-installed.img`;
+      execFileSync("truncate", ["-s", "1G", hers]);
+      const vm = await startVm({
+        name: "pool-identity-her-install",
+        firmware: { vars: OVMF.varsSecure },
+        disks: [{ file: `${B}/installer.img` }, { file: hers, snapshot: false }],
+        tpm: { stateDir: tpmCopy("her-install") },
+        memoryMiB: 2048,
+      });
+      expect(await vm.waitExit(300_000)).toBe(0);
+      herRecovery = RECOVERY.exec(vm.output)![1]!;
+      expect(tokens(hers).get(0)).toMatchObject({ type: "systemd-tpm2", keyslots: ["0"] });
+      expect(passphraseOpens(hers, herRecovery)).toBe(true);
+      expect(passphraseOpens(hers, victimRecovery)).toBe(false);
+    }, 360_000);
+
+    it("control: her disk booted on the victim's machine unseals her token unattended and runs her root", async () => {
+      const vm = await boot("a-control", [hers], 0);
+      const out = await settle(vm);
+      expect(out).toMatch(/initos: unlock: \/dev\/vda3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
+      const seen = seenIn(out);
+      expect(seen).toMatchObject({ backing: "vda3", open: "initos-pool0" });
+      expect(seen!.btrfs).not.toBe(victimFsid);
+    }, 300_000);
+
+    it("attack: her disk first (vda), the victim's booted (vdb): the victim's root runs, hers is ignored with one line, and nothing of hers is unsealed", async () => {
+      const vm = await boot("a-attack", [hers, victim], 1);
+      const out = await settle(vm);
+      expectVictimRoot(out, "vdb3");
+      expectIgnored(out, "/dev/vda3");
+      expect(out).toMatch(/initos: unlock: pool volume \/dev\/vdb3 on the boot disk \/dev\/vdb/);
+      // Her header was not handed to the TPM: the key could still be released then.
+      expect(out).not.toMatch(/initos: unlock: \/dev\/vda3 token/);
+    }, 300_000);
+  });
+
+  describe("(b) a volume she sealed herself with tpm2-tools to the victim's production policy", () => {
+    let herPool: string;
+
+    it("she seals her own key under the victim's SRK with the policy digest from the victim's token", async () => {
+      const key = attackerKey();
+      const work = `${dir}/b-seal`;
+      mkdirSync(work);
+      const blob = await sealOnVictimTpm(tpmCopy("b-seal"), String(victimToken["tpm2-policy-hash"]), key.secret, work);
+      herPool = buildPoolImage({
+        out: `${dir}/b-pool.img`,
+        passphrase: key.passphrase,
+        rootfs,
+        subvolumes: ["@root"],
+        hostConfig: { root: "@root" },
+        token: { ...victimToken, "tpm2-blob": blob.toString("base64"), keyslots: ["0"] },
+      });
+      expect(passphraseOpens(herPool, key.passphrase)).toBe(true);
+    }, 120_000);
+
+    it("control: in place of the victim's pool volume (vda3 of a copy of its disk) her volume unseals unattended and her root runs", async () => {
+      const disk = `${dir}/b-control.img`;
+      execFileSync("cp", ["--sparse=always", victim, disk]);
+      putVolume(disk, 3, herPool);
+      const vm = await boot("b-control", [disk], 0);
+      const out = await settle(vm);
+      expect(out).toMatch(/initos: unlock: \/dev\/vda3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
+      const seen = seenIn(out);
+      expect(seen).toMatchObject({ backing: "vda3", open: "initos-pool0" });
+      expect(seen!.btrfs).not.toBe(victimFsid);
+    }, 300_000);
+
+    it("attack: her disk first (vda1), the victim's booted (vdb): the victim's root runs, hers is ignored with one line, her token never reaches the TPM", async () => {
+      const disk = gptDisk(`${dir}/b-hers.img`, [herPool]);
+      const vm = await boot("b-attack", [disk, victim], 1);
+      const out = await settle(vm);
+      expectVictimRoot(out, "vdb3");
+      expectIgnored(out, "/dev/vda1");
+      expect(out).not.toMatch(/initos: unlock: \/dev\/vda1 token/);
+    }, 300_000);
+  });
+
+  describe("(d, e) other LUKS2 disks attached at boot: hers with a passphrase, a backup drive, a copy of the victim's token", () => {
+    const HER_PASSPHRASE = "her-own-pool-passphrase";
+    let herDisk: string;
+
+    beforeAll(() => {
+      herDisk = gptDisk(`${dir}/d-hers.img`, [buildPoolImage({ out: `${dir}/d-pool.img`, passphrase: HER_PASSPHRASE, rootfs, subvolumes: ["@root"], hostConfig: { root: "@root" } })]);
+    });
+
+    it("unattended: none stops the boot at a prompt; the victim's root runs; one line names each ignored disk", async () => {
+      const backup = gptDisk(`${dir}/e-backup.img`, [luksVolume(`${dir}/e-backup-vol.img`, "the-backup-drive-passphrase")]);
+      const tokenCopy = gptDisk(`${dir}/e-token-copy.img`, [luksVolume(`${dir}/e-token-copy-vol.img`, attackerKey().passphrase, victimToken)]);
+      const vm = await boot("de-unattended", [herDisk, backup, tokenCopy, victim], 3);
+      const out = await settle(vm);
+      expectVictimRoot(out, "vdd3");
+      expectIgnored(out, "/dev/vda1");
+      expectIgnored(out, "/dev/vdb1");
+      expectIgnored(out, "/dev/vdc1");
+      expect(out).not.toMatch(/initos: unlock: \/dev\/vd[abc]1 token/);
+    }, 300_000);
+
+    it("no TPM: her passphrase typed at the console opens nothing; the victim's recovery passphrase opens only the victim's pool", async () => {
+      const vm = await boot("d-passphrase", [herDisk, victim], 1, false);
+      await vm.waitFor(PROMPT, BOOT_MS, true);
+      vm.send(`${HER_PASSPHRASE}\n`);
+      await vm.waitFor(/Recovery passphrase \(attempt 2 of 3\): $/, 120_000, true);
+      expect(vm.output).toMatch(/initos: unlock: wrong recovery passphrase \(attempt 1 of 3\)/);
+      expect(seenIn(vm.output)).toBeNull();
+      vm.send(`${victimRecovery}\n`);
+      const out = await settle(vm);
+      const seen = seenIn(out);
+      expect(seen).toMatchObject({ backing: "vdb3", open: "initos-pool0", btrfs: victimFsid });
+      expect(out).toMatch(/initos: unlock: unlocked with the recovery passphrase/);
+    }, 400_000);
+  });
+
+  it("(f) FSID collision: her plain btrfs carrying the victim pool's fsid (and a newer generation): the victim's root runs on its one device", async () => {
+    const plain = buildPoolImage({ out: `${dir}/f-plain.img`, passphrase: "", rootfs, subvolumes: ["@root"], hostConfig: { root: "@root" }, fsid: victimFsid, encrypt: false });
+    // A generation above the victim pool's: the one the kernel would prefer of two devices
+    // claiming the same fsid and devid.
+    execFileSync("unshare", ["-m", "sh", "-ec", `m=$(mktemp -d); mount -o loop ${plain} $m; for i in $(seq 300); do echo $i > $m/gen; btrfs -q filesystem sync $m; done; umount $m; rmdir $m`]);
+    const disk = gptDisk(`${dir}/f-hers.img`, [plain]);
+    const vm = await boot("f-fsid", [disk, victim], 1);
+    const out = await settle(vm);
+    expectVictimRoot(out, "vdb3");
+    expect(out).toMatch(new RegExp(`initos: pool: btrfs ${victimFsid} on 1 device\\(s\\): /dev/mapper/initos-pool0`));
+  }, 300_000);
+});
