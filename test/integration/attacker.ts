@@ -4,8 +4,8 @@
 // and the victim's disk with one of her volumes where its pool volume was. And the line the
 // test root prints about what it sees (test/root/init.c, INITOS-SEEN).
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { randomBytes } from "node:crypto";
-import { readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { createDecipheriv, createHash, pbkdf2Sync, randomBytes } from "node:crypto";
+import { closeSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 
 const MiB = 1 << 20;
@@ -140,4 +140,77 @@ export function seenIn(output: string): Seen | null {
 /** Every line of `output` matching `re` (no g flag needed), without the trailing \r. */
 export function linesMatching(output: string, re: RegExp): string[] {
   return output.split("\n").map((l) => l.replace(/\r$/, "")).filter((l) => re.test(l));
+}
+
+/** LUKS2 binary header fields used here (cryptsetup's luks2.h, struct luks2_hdr_disk). */
+const HDR = { hdrSize: 8, checksumAlg: 72, csum: 448, binSize: 4096 } as const;
+
+/**
+ * Rewrites keyslot `slot` of the LUKS2 volume `image` (opened by `passphrase`) in place so that
+ * its area is "encrypted" with cipher_null-ecb: the keyslot area is decrypted once with the key
+ * PBKDF2 derives from the passphrase (aes-xts-plain64, 512-byte sectors, the IV the sector number
+ * within the area, as libcryptsetup's storage wrapper does), written back as plaintext, and both
+ * header copies get the new "encryption" and their sha256 checksums again. The data segment is
+ * left as it is (aes-xts with the volume key she knows).
+ *
+ * Why by hand: libcryptsetup 2.6.1 refuses to CREATE a cipher_null keyslot
+ * (LUKS2_keyslot_cipher_incompatible), but nothing on its OPEN path looks at the keyslot's cipher:
+ * luks2_keyslot_get_key derives a key from whatever passphrase it is given, and
+ * crypt_cipher_init_kernel sets the key length to 0 for cipher_null, so the "decryption" is the
+ * identity, AF_merge yields the stored volume key, and its digest matches: any passphrase opens
+ * the keyslot. That needs the kernel's ecb(cipher_null) through AF_ALG. Measured on this host
+ * (cryptsetup 2.6.1, OpenSSL 3.0 backend): AF_ALG is not available (socket(AF_ALG) fails with
+ * EAFNOSUPPORT) and there is no device-mapper, so `cryptsetup luksFormat --cipher cipher_null-ecb`
+ * fails ("Userspace crypto wrapper cannot use cipher_null-ecb (-95)", then no dm to fall back
+ * to) and `open --test-passphrase` cannot read such a keyslot here with any key. The guest's
+ * kernel has both: the old-code run of scenario (c) is where the any-key behaviour is measured.
+ */
+export function nullCipherKeyslot(image: string, passphrase: string, slot = 0): void {
+  const meta = JSON.parse(execFileSync("cryptsetup", ["luksDump", "--dump-json-metadata", image], { encoding: "utf8" })) as {
+    keyslots: Record<string, { key_size: number; area: { offset: string; size: string; encryption: string; key_size: number }; kdf: { type: string; hash: string; iterations: number; salt: string }; af: { stripes: number; hash: string } }>;
+  };
+  const ks = meta.keyslots[String(slot)];
+  if (!ks) throw new Error(`${image}: no keyslot ${slot}`);
+  if (ks.kdf.type !== "pbkdf2" || ks.area.encryption !== "aes-xts-plain64") throw new Error(`${image}: keyslot ${slot} is ${ks.kdf.type}/${ks.area.encryption}; expected pbkdf2/aes-xts-plain64`);
+  const key = pbkdf2Sync(passphrase, Buffer.from(ks.kdf.salt, "base64"), ks.kdf.iterations, ks.area.key_size, ks.kdf.hash);
+  // The AF-split key: key_size * stripes bytes, rounded up to whole sectors (AF_split_sectors).
+  const bytes = Math.ceil((ks.key_size * ks.af.stripes) / 512) * 512;
+  const offset = Number(ks.area.offset);
+  const fd = openSync(image, "r+");
+  try {
+    const area = Buffer.alloc(bytes);
+    readSync(fd, area, 0, bytes, offset);
+    for (let s = 0; s < bytes / 512; s++) {
+      const iv = Buffer.alloc(16);
+      iv.writeUInt32LE(s, 0);
+      const d = createDecipheriv(`aes-${(ks.area.key_size / 2) * 8}-xts`, key, iv).setAutoPadding(false);
+      const plain = Buffer.concat([d.update(area.subarray(s * 512, (s + 1) * 512)), d.final()]);
+      plain.copy(area, s * 512);
+    }
+    writeSync(fd, area, 0, bytes, offset);
+    // Both header copies: the primary at 0, the secondary right after it (at hdr_size).
+    const first = Buffer.alloc(HDR.binSize);
+    readSync(fd, first, 0, HDR.binSize, 0);
+    const hdrSize = Number(first.readBigUInt64BE(HDR.hdrSize));
+    for (const at of [0, hdrSize]) {
+      const hdr = Buffer.alloc(hdrSize);
+      readSync(fd, hdr, 0, hdrSize, at);
+      const jsonEnd = hdr.indexOf(0, HDR.binSize);
+      const json = JSON.parse(hdr.subarray(HDR.binSize, jsonEnd).toString("utf8")) as typeof meta;
+      json.keyslots[String(slot)]!.area.encryption = "cipher_null-ecb";
+      const text = Buffer.from(JSON.stringify(json), "utf8");
+      if (text.length >= hdrSize - HDR.binSize) throw new Error("LUKS2 JSON does not fit its area");
+      hdr.fill(0, HDR.binSize);
+      text.copy(hdr, HDR.binSize);
+      const alg = hdr.subarray(HDR.checksumAlg, HDR.checksumAlg + 32).toString("latin1").replace(/\0.*$/s, "");
+      if (alg !== "sha256") throw new Error(`LUKS2 header checksum ${alg}; expected sha256`);
+      hdr.fill(0, HDR.csum, HDR.csum + 64);
+      createHash("sha256").update(hdr).digest().copy(hdr, HDR.csum);
+      writeSync(fd, hdr, 0, hdrSize, at);
+    }
+  } finally {
+    closeSync(fd);
+  }
+  const after = JSON.parse(execFileSync("cryptsetup", ["luksDump", "--dump-json-metadata", image], { encoding: "utf8" })) as typeof meta;
+  if (after.keyslots[String(slot)]?.area.encryption !== "cipher_null-ecb") throw new Error(`${image}: keyslot ${slot} was not rewritten`);
 }

@@ -16,9 +16,9 @@ import { cpSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
-import { attackerKey, gptDisk, linesMatching, luksVolume, putVolume, sealOnVictimTpm, type Seen, seenIn } from "./attacker.ts";
+import { attackerKey, gptDisk, linesMatching, luksVolume, nullCipherKeyslot, putVolume, sealOnVictimTpm, type Seen, seenIn } from "./attacker.ts";
 import { passphraseOpens, tokens } from "./machine.ts";
-import { buildPoolImage, testRootfs } from "./pool-image.ts";
+import { buildPoolImage, buildTwoVolumePool, testRootfs } from "./pool-image.ts";
 
 const B = "build";
 const PROMPT = /Recovery passphrase \(attempt (\d) of 3\): $/;
@@ -210,6 +210,24 @@ describe.sequential("the production boot opens only this machine's own pool (iss
     }, 300_000);
   });
 
+  describe("(c) a volume whose keyslot is cipher_null, carrying a copy of the victim's token", () => {
+    it("attack: her disk first (vda1), the victim's booted (vdb): refused before any key is tried (one line naming cipher_null); the victim's root runs", async () => {
+      // Her pool (her root inside, a data segment she holds the key of) whose keyslot 0 is
+      // rewritten to cipher_null (attacker.ts nullCipherKeyslot: why by hand, and what was
+      // measured on this host). If libcryptsetup opens such a keyslot with any key, the
+      // victim's own unsealed key "opens" her volume: the token is the victim's, byte for byte.
+      const herPassphrase = "her-null-keyslot-passphrase";
+      const pool = buildPoolImage({ out: `${dir}/c-pool.img`, passphrase: herPassphrase, rootfs, subvolumes: ["@root"], hostConfig: { root: "@root" }, token: victimToken });
+      nullCipherKeyslot(pool, herPassphrase);
+      const disk = gptDisk(`${dir}/c-hers.img`, [pool]);
+      const vm = await boot("c-attack", [disk, victim], 1);
+      const out = await settle(vm);
+      expectVictimRoot(out, "vdb3");
+      expectIgnored(out, "/dev/vda1", /cipher_null in keyslot 0: a null cipher opens with any key/);
+      expect(out).not.toMatch(/initos: unlock: opened \/dev\/vda1/);
+    }, 300_000);
+  });
+
   describe("(d, e) other LUKS2 disks attached at boot: hers with a passphrase, a backup drive, a copy of the victim's token", () => {
     const HER_PASSPHRASE = "her-own-pool-passphrase";
     let herDisk: string;
@@ -242,6 +260,61 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       const seen = seenIn(out);
       expect(seen).toMatchObject({ backing: "vdb3", open: "initos-pool0", btrfs: victimFsid });
       expect(out).toMatch(/initos: unlock: unlocked with the recovery passphrase/);
+    }, 400_000);
+  });
+
+  describe("(g) a pool of two LUKS2 volumes, one btrfs across them, one secret for both", () => {
+    const POOL_RECOVERY = "the-two-volume-pool-recovery";
+    let disks: string[];
+    let fsid = "";
+
+    it("built on the host: the same PBKDF2 key in both, the recovery passphrase in both, the token (sealed to the victim TPM's production policy) on the boot disk's volume only", async () => {
+      const key = attackerKey();
+      const work = `${dir}/g-seal`;
+      mkdirSync(work);
+      const blob = await sealOnVictimTpm(tpmCopy("g-seal"), String(victimToken["tpm2-policy-hash"]), key.secret, work);
+      const pool = buildTwoVolumePool({
+        out: [`${dir}/g-vol0.img`, `${dir}/g-vol1.img`],
+        key: key.passphrase,
+        recovery: POOL_RECOVERY,
+        rootfs,
+        token: { ...victimToken, "tpm2-blob": blob.toString("base64"), keyslots: ["0"] },
+      });
+      fsid = pool.fsid;
+      // The first volume where the installer puts the pool (partition 3 of the boot disk: a
+      // copy of the victim's, its ESPs and production UKI); the second on a disk of its own
+      // that sorts first.
+      const bootDisk = `${dir}/g-boot.img`;
+      execFileSync("cp", ["--sparse=always", victim, bootDisk]);
+      putVolume(bootDisk, 3, pool.volumes[0]);
+      disks = [gptDisk(`${dir}/g-second.img`, [pool.volumes[1]]), bootDisk];
+      for (const v of pool.volumes) for (const p of [key.passphrase, POOL_RECOVERY]) expect(passphraseOpens(v, p)).toBe(true);
+    }, 120_000);
+
+    const expectBothVolumes = (out: string) => {
+      const seen = seenIn(out);
+      expect(seen, "no root ran").not.toBeNull();
+      expect(seen!.btrfs).toBe(fsid);
+      expect(seen!.open.split(",").sort()).toEqual(["initos-pool0", "initos-pool1"]);
+      expect(out).toMatch(new RegExp(`initos: pool: btrfs ${fsid} on 2 device\\(s\\): `));
+      expect(out).not.toMatch(/initos: unlock: ignored /);
+    };
+
+    it("unlocks unattended: the token on the boot disk's volume, its key opens the other volume too", async () => {
+      const vm = await boot("g-unattended", disks, 1);
+      const out = await settle(vm);
+      expect(out).toMatch(/initos: unlock: \/dev\/vdb3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
+      expect(out).toMatch(/initos: unlock: unlocked with the TPM/);
+      expectBothVolumes(out);
+    }, 300_000);
+
+    it("no TPM: the recovery passphrase unlocks both", async () => {
+      const vm = await boot("g-passphrase", disks, 1, false);
+      await vm.waitFor(PROMPT, BOOT_MS, true);
+      vm.send(`${POOL_RECOVERY}\n`);
+      const out = await settle(vm);
+      expect(out).toMatch(/initos: unlock: unlocked with the recovery passphrase/);
+      expectBothVolumes(out);
     }, 400_000);
   });
 
