@@ -97,6 +97,12 @@ function expectVictimRoot(out: string, dev: string): Seen {
   return seen!;
 }
 
+/**
+ * The victim's pool is one btrfs device: once its volume is open, every LUKS2 volume on another
+ * disk is ignored without a key being tried (agent/stages/volumes.ts joinOthers).
+ */
+const NOT_THE_POOLS = () => new RegExp(`not this pool's \\(btrfs ${victimFsid} has 1 device\\(s\\), all open\\)$`);
+
 /** One line, and only one, says `dev` was ignored (and why, when `why` is given). */
 function expectIgnored(out: string, dev: string, why?: RegExp): void {
   const lines = linesMatching(out, new RegExp(`initos: unlock: ignored ${dev}: `));
@@ -162,7 +168,7 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       const vm = await boot("a-attack", [hers, victim], 1);
       const out = await settle(vm);
       expectVictimRoot(out, "vdb3");
-      expectIgnored(out, "/dev/vda3");
+      expectIgnored(out, "/dev/vda3", NOT_THE_POOLS());
       expect(out).toMatch(/initos: unlock: pool volume \/dev\/vdb3 on the boot disk \/dev\/vdb/);
       // Her header was not handed to the TPM: the key could still be released then.
       expect(out).not.toMatch(/initos: unlock: \/dev\/vda3 token/);
@@ -205,26 +211,44 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       const vm = await boot("b-attack", [disk, victim], 1);
       const out = await settle(vm);
       expectVictimRoot(out, "vdb3");
-      expectIgnored(out, "/dev/vda1");
+      expectIgnored(out, "/dev/vda1", NOT_THE_POOLS());
       expect(out).not.toMatch(/initos: unlock: \/dev\/vda1 token/);
     }, 300_000);
   });
 
   describe("(c) a volume whose keyslot is cipher_null, carrying a copy of the victim's token", () => {
-    it("attack: her disk first (vda1), the victim's booted (vdb): refused before any key is tried (one line naming cipher_null); the victim's root runs", async () => {
+    const HER_PASSPHRASE = "her-null-keyslot-passphrase";
+    let nullPool: string;
+
+    beforeAll(() => {
       // Her pool (her root inside, a data segment she holds the key of) whose keyslot 0 is
       // rewritten to cipher_null (attacker.ts nullCipherKeyslot: why by hand, and what was
       // measured on this host). If libcryptsetup opens such a keyslot with any key, the
       // victim's own unsealed key "opens" her volume: the token is the victim's, byte for byte.
-      const herPassphrase = "her-null-keyslot-passphrase";
-      const pool = buildPoolImage({ out: `${dir}/c-pool.img`, passphrase: herPassphrase, rootfs, subvolumes: ["@root"], hostConfig: { root: "@root" }, token: victimToken });
-      nullCipherKeyslot(pool, herPassphrase);
-      const disk = gptDisk(`${dir}/c-hers.img`, [pool]);
+      nullPool = buildPoolImage({ out: `${dir}/c-pool.img`, passphrase: HER_PASSPHRASE, rootfs, subvolumes: ["@root"], hostConfig: { root: "@root" }, token: victimToken });
+      nullCipherKeyslot(nullPool, HER_PASSPHRASE);
+    });
+
+    it("attack: her disk first (vda1), the victim's booted (vdb): the victim's root runs, hers is ignored with one line", async () => {
+      const disk = gptDisk(`${dir}/c-hers.img`, [nullPool]);
       const vm = await boot("c-attack", [disk, victim], 1);
       const out = await settle(vm);
       expectVictimRoot(out, "vdb3");
-      expectIgnored(out, "/dev/vda1", /cipher_null in keyslot 0: a null cipher opens with any key/);
+      expectIgnored(out, "/dev/vda1", NOT_THE_POOLS());
       expect(out).not.toMatch(/initos: unlock: opened \/dev\/vda1/);
+    }, 300_000);
+
+    it("attack: on the victim's own disk in place of its pool volume (the victim's volume moved to a second disk): refused before any key is tried, one line naming cipher_null, nothing opened", async () => {
+      // She has the disk for five minutes: the victim's pool volume stays reachable (here: the
+      // victim's untouched disk as vdb), and the booted disk's LUKS2 partition is now hers.
+      const disk = `${dir}/c-boot.img`;
+      execFileSync("cp", ["--sparse=always", victim, disk]);
+      putVolume(disk, 3, nullPool);
+      const vm = await boot("c-boot-disk", [disk, victim], 0);
+      const out = await settle(vm);
+      expect(seenIn(out), "a root ran").toBeNull();
+      expect(out).toMatch(/initos: boot failed: unlock: refused \/dev\/vda3: cipher_null in keyslot 0: a null cipher opens with any key; nothing opened/);
+      expect(out).not.toMatch(/initos: unlock: opened |initos: unlock: \/dev\/vd[ab]3 token|Recovery passphrase/);
     }, 300_000);
   });
 
@@ -242,9 +266,9 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       const vm = await boot("de-unattended", [herDisk, backup, tokenCopy, victim], 3);
       const out = await settle(vm);
       expectVictimRoot(out, "vdd3");
-      expectIgnored(out, "/dev/vda1");
-      expectIgnored(out, "/dev/vdb1");
-      expectIgnored(out, "/dev/vdc1");
+      expectIgnored(out, "/dev/vda1", NOT_THE_POOLS());
+      expectIgnored(out, "/dev/vdb1", NOT_THE_POOLS());
+      expectIgnored(out, "/dev/vdc1", NOT_THE_POOLS());
       expect(out).not.toMatch(/initos: unlock: \/dev\/vd[abc]1 token/);
     }, 300_000);
 
@@ -263,7 +287,7 @@ describe.sequential("the production boot opens only this machine's own pool (iss
     }, 400_000);
   });
 
-  describe("(g) a pool of two LUKS2 volumes, one btrfs across them, one secret for both", () => {
+  describe("(g) a pool of two LUKS2 volumes, one btrfs across them, one secret for both (and a cipher_null volume of hers first)", () => {
     const POOL_RECOVERY = "the-two-volume-pool-recovery";
     let disks: string[];
     let fsid = "";
@@ -287,7 +311,12 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       const bootDisk = `${dir}/g-boot.img`;
       execFileSync("cp", ["--sparse=always", victim, bootDisk]);
       putVolume(bootDisk, 3, pool.volumes[0]);
-      disks = [gptDisk(`${dir}/g-second.img`, [pool.volumes[1]]), bootDisk];
+      // A cipher_null volume of hers (scenario c's) sorts before both: while the pool still
+      // lacks its second device, other disks' volumes are looked at, and hers must be refused
+      // before the pool's key is tried on it.
+      const nullPool = buildPoolImage({ out: `${dir}/g-null.img`, passphrase: "her-null", rootfs, subvolumes: ["@root"], hostConfig: { root: "@root" }, token: victimToken });
+      nullCipherKeyslot(nullPool, "her-null");
+      disks = [gptDisk(`${dir}/g-hers-null.img`, [nullPool]), gptDisk(`${dir}/g-second.img`, [pool.volumes[1]]), bootDisk];
       for (const v of pool.volumes) for (const p of [key.passphrase, POOL_RECOVERY]) expect(passphraseOpens(v, p)).toBe(true);
     }, 120_000);
 
@@ -296,20 +325,23 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       expect(seen, "no root ran").not.toBeNull();
       expect(seen!.btrfs).toBe(fsid);
       expect(seen!.open.split(",").sort()).toEqual(["initos-pool0", "initos-pool1"]);
-      expect(out).toMatch(new RegExp(`initos: pool: btrfs ${fsid} on 2 device\\(s\\): `));
-      expect(out).not.toMatch(/initos: unlock: ignored /);
+      expect(seen!.backing).toBe("vdc3");
+      expect(out).toMatch(new RegExp(`initos: pool: btrfs ${fsid} on 2 device\\(s\\): /dev/mapper/initos-pool0 /dev/mapper/initos-pool1`));
+      expect(out).toMatch(new RegExp(`initos: unlock: /dev/vdb1 joins the pool \\(btrfs ${fsid}, device 2 of 2\\)`));
+      expectIgnored(out, "/dev/vda1", /cipher_null in keyslot 0: a null cipher opens with any key$/);
+      expect(linesMatching(out, /initos: unlock: ignored /)).toHaveLength(1);
     };
 
-    it("unlocks unattended: the token on the boot disk's volume, its key opens the other volume too", async () => {
-      const vm = await boot("g-unattended", disks, 1);
+    it("unlocks unattended: the token on the boot disk's volume, its key opens the other volume too; her cipher_null volume is refused", async () => {
+      const vm = await boot("g-unattended", disks, 2);
       const out = await settle(vm);
-      expect(out).toMatch(/initos: unlock: \/dev\/vdb3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
+      expect(out).toMatch(/initos: unlock: \/dev\/vdc3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
       expect(out).toMatch(/initos: unlock: unlocked with the TPM/);
       expectBothVolumes(out);
     }, 300_000);
 
-    it("no TPM: the recovery passphrase unlocks both", async () => {
-      const vm = await boot("g-passphrase", disks, 1, false);
+    it("no TPM: the recovery passphrase unlocks both; her cipher_null volume is refused", async () => {
+      const vm = await boot("g-passphrase", disks, 2, false);
       await vm.waitFor(PROMPT, BOOT_MS, true);
       vm.send(`${POOL_RECOVERY}\n`);
       const out = await settle(vm);
