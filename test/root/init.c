@@ -75,11 +75,11 @@ static void dump_processes(void) {
 
 /*
  * "INITOS-SEEN root=/dev/mapper/initos-pool0 root-backing=vdb3 open=initos-pool0 btrfs=<fsid>":
- * the block device(s) under the root
- * filesystem (the slaves of its device-mapper device, or the device itself) and every open
- * device-mapper device by name. Attack scenarios read it to tell whose root runs (the victim's
- * pool or a disk of the attacker's) and whether any other pool is open beside it (readable to
- * this root). From /proc/self/mountinfo's last "/" entry (the root after switch_root).
+ * the block device(s) under the root filesystem (the slaves of its device-mapper device, or the
+ * device itself), every open LUKS volume by its device-mapper name, and the btrfs filesystems
+ * the kernel knows. Attack scenarios read it to tell whose root runs (the victim's pool or a
+ * disk of the attacker's) and whether any other pool is open beside it (readable to this
+ * root). The root is /proc/self/mountinfo's last "/" entry (the root after switch_root).
  */
 static void dm_name(const char *dm, char *out, size_t n) {
 	char path[300];
@@ -103,9 +103,13 @@ static void print_seen(void) {
 	DIR *d = opendir("/sys/block");
 	for (struct dirent *e; d && (e = readdir(d));) {
 		if (strncmp(e->d_name, "dm-", 3) != 0) continue;
-		char name[128];
+		char name[128], uuid[256], path[300];
 		dm_name(e->d_name, name, sizeof name);
-		snprintf(open + strlen(open), sizeof open - strlen(open), "%s%s", open[0] ? "," : "", name);
+		/* Only LUKS volumes (libcryptsetup's dm uuid "CRYPT-LUKS2-..."): not the verity images. */
+		snprintf(path, sizeof path, "/sys/block/%s/dm/uuid", e->d_name);
+		read_line(path, uuid, sizeof uuid);
+		if (strncmp(uuid, "CRYPT-LUKS", 10) == 0)
+			snprintf(open + strlen(open), sizeof open - strlen(open), "%s%s", open[0] ? "," : "", name);
 		if (strcmp(base, e->d_name) == 0 || (strncmp(source, "/dev/mapper/", 12) == 0 && strcmp(base, name) == 0))
 			snprintf(rootdm, sizeof rootdm, "%s", e->d_name);
 	}
