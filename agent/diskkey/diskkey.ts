@@ -188,15 +188,30 @@ export function unsealLegacy(log: Logger, tpm: TpmOps, req: Requirement, device:
   }
 }
 
+/** A further volume of the pool (beyond the first), as this boot opened it. */
+export interface PoolMember {
+  device: string;
+  /** The keyslot the secret that opened the pool's first volume opened here too. */
+  slot: number;
+}
+
 /**
- * Moves a disk off the legacy seal: a new key sealed as a token (authorised by the legacy key,
- * which opened `provenSlot` this boot), then the legacy keyslot destroyed.
+ * Moves a pool off the legacy seal: a new key sealed as a token of the first volume
+ * (authorised by the legacy key, which opened `provenSlot` this boot), the same key added to
+ * every other volume of the pool (one secret per pool), then the legacy keyslots destroyed.
  */
-export function migrateLegacy(sys: Crypt, log: Logger, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, legacyKey: Uint8Array, provenSlot: number): void {
+export function migrateLegacy(sys: Crypt, log: Logger, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, legacyKey: Uint8Array, provenSlot: number, others: readonly PoolMember[] = []): void {
   try {
-    const made = enroll(sys, tpm, req, secureBoot, device, legacyKey);
-    sys.luks.destroySlot(device, provenSlot);
-    log.info(`unlock: ${device}: migrated to a systemd-tpm2 token (token ${made.token}, keyslot ${made.keyslot}); the ESP-sealed keyslot ${provenSlot} is destroyed`);
+    const key = sys.randomBytes(32);
+    try {
+      const made = enroll(sys, tpm, req, secureBoot, device, legacyKey, key);
+      for (const o of others) sys.luks.addKey(o.device, legacyKey, keyslotPassphrase(key), TPM_KDF);
+      sys.luks.destroySlot(device, provenSlot);
+      for (const o of others) sys.luks.destroySlot(o.device, o.slot);
+      log.info(`unlock: ${device}: migrated to a systemd-tpm2 token (token ${made.token}, keyslot ${made.keyslot}); the ESP-sealed keyslot ${provenSlot} is destroyed` + (others.length ? `; ${others.map((o) => o.device).join(" ")} take the same key` : ""));
+    } finally {
+      key.fill(0);
+    }
   } catch (e) {
     log.err(`unlock: ${device}: not migrated off the ESP-sealed key: ${describe(e)}`);
   }
@@ -240,16 +255,19 @@ export function sealKey(sys: Crypt, tpm: TpmOps, req: Requirement, secureBoot: s
   return { token: sys.luks.setToken(device, tokenJson({ keyslot, ...sealed })), keyslot };
 }
 
-/** A new random key in a new keyslot of `device` (authorised by `existing`), sealed (sealKey). */
-export function enroll(sys: Crypt, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, existing: Uint8Array): Enrolled {
+/**
+ * A new random key (or `given`, which the caller wipes) in a new keyslot of `device`
+ * (authorised by `existing`), sealed (sealKey).
+ */
+export function enroll(sys: Crypt, tpm: TpmOps, req: Requirement, secureBoot: string, device: string, existing: Uint8Array, given?: Uint8Array): Enrolled {
   checkSealable(req, secureBoot); // before the keyslot: a refused seal leaves the header as it was
-  const key = sys.randomBytes(32);
+  const key = given ?? sys.randomBytes(32);
   const passphrase = keyslotPassphrase(key);
   try {
     const keyslot = sys.luks.addKey(device, existing, passphrase, TPM_KDF);
     return sealKey(sys, tpm, req, secureBoot, device, key, keyslot);
   } finally {
-    key.fill(0);
+    if (!given) key.fill(0);
     passphrase.fill(0);
   }
 }
@@ -261,37 +279,60 @@ export interface ResealResult extends Enrolled {
   kept: number[];
 }
 
+/** A volume the recovery passphrase opened this boot, for a reseal. */
+export interface ResealVolume {
+  device: string;
+  /** The keyslot the passphrase opened (never removed). */
+  passphraseSlot: number;
+  /** Keyslots a key the TPM released opened this boot (the only ones a reseal may remove). */
+  provenTpmSlots: ReadonlySet<number>;
+}
+
 /**
- * A new seal after a passphrase unlock (PCR 7 moved, or the old seal is unusable). The new token
- * is written first; then only keyslots this boot *proved* to hold a TPM key (a key the TPM
- * released opened them) are removed, never the one the passphrase opened. Old tokens whose
- * keyslot nothing proved stay: the disk loses nothing, and they can only unseal in the measured
- * state they were sealed to.
+ * Removes the keyslots this boot proved to hold a TPM key (never `keep` or the passphrase's),
+ * and their tokens; tokens whose keyslot nothing proved stay.
  */
-export function reseal(
-  sys: Crypt,
-  log: Logger,
-  tpm: TpmOps,
-  req: Requirement,
-  secureBoot: string,
-  device: string,
-  passphrase: Uint8Array,
-  passphraseSlot: number,
-  provenTpmSlots: ReadonlySet<number>,
-): ResealResult {
-  const before = readTokens(sys, log, device);
-  const made = enroll(sys, tpm, req, secureBoot, device, passphrase);
+function dropProven(sys: Crypt, log: Logger, v: ResealVolume, keep: number): { removed: number[]; kept: number[] } {
   const removed: number[] = [];
   const kept: number[] = [];
-  for (const t of before) {
-    if (t.keyslot === made.keyslot) continue;
-    if (t.keyslot !== passphraseSlot && provenTpmSlots.has(t.keyslot)) {
-      sys.luks.destroySlot(device, t.keyslot);
-      sys.luks.removeToken(device, t.id);
+  for (const t of readTokens(sys, log, v.device)) {
+    if (t.keyslot === keep) continue;
+    if (t.keyslot !== v.passphraseSlot && v.provenTpmSlots.has(t.keyslot)) {
+      sys.luks.destroySlot(v.device, t.keyslot);
+      sys.luks.removeToken(v.device, t.id);
       removed.push(t.keyslot);
     } else {
       kept.push(t.id);
     }
   }
-  return { ...made, removed, kept };
+  // A further volume's TPM keyslot has no token (the first volume's token carries the key).
+  for (const slot of v.provenTpmSlots) {
+    if (slot === keep || slot === v.passphraseSlot || removed.includes(slot)) continue;
+    sys.luks.destroySlot(v.device, slot);
+    removed.push(slot);
+  }
+  return { removed, kept };
+}
+
+/**
+ * A new seal after a passphrase unlock (PCR 7 moved, or the old seal is unusable). One new
+ * key for the whole pool: sealed as a token of the first volume (written first), and added to
+ * every other volume the passphrase opened, so the next boot's one secret opens them all. Then
+ * only keyslots this boot *proved* to hold a TPM key (a key the TPM released opened them) are
+ * removed, never the one the passphrase opened. Old tokens whose keyslot nothing proved stay:
+ * the disk loses nothing, and they can only unseal in the measured state they were sealed to.
+ */
+export function reseal(sys: Crypt, log: Logger, tpm: TpmOps, req: Requirement, secureBoot: string, passphrase: Uint8Array, first: ResealVolume, others: readonly ResealVolume[] = []): ResealResult & { others: { device: string; keyslot: number; removed: number[] }[] } {
+  const key = sys.randomBytes(32);
+  const pass = keyslotPassphrase(key);
+  try {
+    const made = enroll(sys, tpm, req, secureBoot, first.device, passphrase, key);
+    const added = others.map((o) => ({ o, keyslot: sys.luks.addKey(o.device, passphrase, pass, TPM_KDF) }));
+    const mine = dropProven(sys, log, first, made.keyslot);
+    const rest = added.map(({ o, keyslot }) => ({ device: o.device, keyslot, removed: dropProven(sys, log, o, keyslot).removed }));
+    return { ...made, ...mine, others: rest };
+  } finally {
+    key.fill(0);
+    pass.fill(0);
+  }
 }

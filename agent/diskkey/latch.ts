@@ -34,6 +34,8 @@ export interface TpmSettings {
 export class BootTpm {
   private device: TpmOps | null | undefined;
   private latchedWhy: string | undefined;
+  /** Why the TPM the firmware announces could not be reached: the boot must not leave the initrd. */
+  private unreachable: string | undefined;
   private readonly phases: Phase[] = [];
 
   constructor(
@@ -48,13 +50,17 @@ export class BootTpm {
     const { sys, log } = this;
     const bound = sys.exists(ACPI_TPM2) ? this.settings.waitSeconds : 0;
     if (!(await pollUntil(sys, bound * 1000, 50, () => sys.exists(TPM_DEVICE) || null))) {
-      log.warn(bound ? `tpm: no ${TPM_DEVICE} after ${bound}s although the firmware announces a TPM` : "tpm: none (the firmware announces no TPM2)");
+      if (bound) {
+        this.unreachable = `no ${TPM_DEVICE} after ${bound}s although the firmware announces a TPM2`;
+        log.err(`tpm: ${this.unreachable}`);
+      } else log.warn("tpm: none (the firmware announces no TPM2)");
       return (this.device = null);
     }
     try {
       this.device = sys.tpm();
     } catch (e) {
-      log.err(`tpm: ${TPM_DEVICE} is there but cannot be used: ${describe(e)}`);
+      this.unreachable = `${TPM_DEVICE} is there but cannot be used: ${describe(e)}`;
+      log.err(`tpm: ${this.unreachable}`);
       this.device = null;
     }
     return this.device;
@@ -99,9 +105,18 @@ export class BootTpm {
     this.log.info(`tpm: latch PCR ${this.settings.latchPcr} extended (${why})`);
   }
 
-  /** Before the hand-off: the latch must hold, and PCR 11 says the initrd is over. */
+  /**
+   * Before the hand-off (switch_root, or jails): the latch must hold, and PCR 11 says the
+   * initrd is over. A TPM that is there but was not reached fails closed here: the OS (or a
+   * jail's VM) that sees it later would find the latch PCR at zero and PCR 11 still in the
+   * enter-initrd phase, and could extend PCR 11 itself into exactly the value the PCR key
+   * signed, then unseal the disk key. So no OS and no jail runs on such a boot; the failure
+   * policy takes over (the recovery sidecar, which unlocks nothing into an OS, or a reboot,
+   * where the TPM may well appear in time).
+   */
   async leaveInitrd(): Promise<void> {
     await this.find(); // a path that never looked for the TPM still latches before the OS runs
+    if (this.unreachable) throw new BootError(`tpm: refusing to hand the machine to an OS or to jails: ${this.unreachable}, so its latch PCR could not be extended`);
     this.latch("hand-off");
     this.measurePhase("leave-initrd");
   }

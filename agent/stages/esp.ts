@@ -30,6 +30,12 @@ export interface EspSlot extends Slot {
 export interface EspResult {
   /** Slots found, the booted one first: the order images are tried in. */
   slots: EspSlot[];
+  /**
+   * The disk the slots are on (the one the firmware booted; on a direct boot, the only disk
+   * with slots): where the pool's first volume is, and the only disk whose LUKS2 headers are
+   * read while the TPM can still release the key.
+   */
+  disk: string;
 }
 
 /** The efivar is 4 attribute bytes then a UTF-16LE GUID string (NUL-terminated). */
@@ -100,6 +106,7 @@ export async function findEsps(sys: Files & Devices & Clock, log: Logger, cold: 
   });
 
   const found: EspSlot[] = [];
+  let disk: string;
   const slot = (s: Slot, p: Partition, isBooted: boolean) => found.push({ ...s, device: p.device, mountPoint: `/run/initos/esp-${s.name}`, booted: isBooted });
   if (booted) {
     // Partition UUIDs are random per install, so two partitions with the booted one's mean a
@@ -110,6 +117,7 @@ export async function findEsps(sys: Files & Devices & Clock, log: Logger, cold: 
     const own = slots.find((s) => s.partLabel === part.name);
     if (!own) throw new BootError(`esp: booted from ${part.device} (${booted}, named ${JSON.stringify(part.name ?? "")}), which is none of the slots ${labels.join(", ")}`);
     slot(own, part, true);
+    disk = part.disk;
     for (const s of slots) {
       if (s === own) continue;
       const sibling = onDisk(ps, part.disk, s.partLabel);
@@ -123,13 +131,14 @@ export async function findEsps(sys: Files & Devices & Clock, log: Logger, cold: 
     // A disk that appears after the wait is not seen here.
     const disks = [...new Set(ps.filter(isSlot).map((p) => p.disk))];
     if (disks.length > 1) throw new BootError(`esp: slots on several disks (${disks.join(", ")}) and no LoaderDevicePartUUID to tell which one booted`);
+    disk = disks[0]!;
     for (const s of slots) {
       const p = onDisk(ps, disks[0]!, s.partLabel);
       if (p) slot(s, p, false);
     }
   }
   log.info(`esp: ${found.map((s) => `slot ${s.name} ${s.device}${s.booted ? " (booted)" : ""}`).join(", ")}`);
-  return { slots: found };
+  return { slots: found, disk };
 }
 
 /** Mounts a slot's ESP read-only (once); the agent never writes to it while booting. */

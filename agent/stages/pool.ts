@@ -6,7 +6,7 @@ import { HOST_CONFIG_ENV, HOST_CONFIG_JSON, type HostConfig, parseHostEnv, parse
 import type { Logger } from "../log.ts";
 import type { AgentConfig } from "../config.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
-import type { Files, Modules, Mounts, Processes } from "../sys/index.ts";
+import type { Crypt, Devices, Files, Modules, Mounts, Processes } from "../sys/index.ts";
 import { POOL_MOUNT } from "../jails/config.ts";
 import { markInitrdMounts } from "./images.ts";
 import type { MountedRoot } from "./root.ts";
@@ -63,6 +63,34 @@ export function readHostConfig(sys: Files, top: string): HostConfig {
   throw new BootError(`no ${HOST_CONFIG_JSON} or ${HOST_CONFIG_ENV} at the top of the pool`);
 }
 
+/**
+ * The filesystem the kernel mounted is exactly the set of volumes the pool's secret opened:
+ * every device btrfs has in it is one of them, and each of them is in it. A device the kernel
+ * knew from elsewhere (a scan of another disk carrying the pool's FSID) or a volume that
+ * joined without being part of the filesystem fails the boot before anything of it is read.
+ */
+export function checkAssembled(sys: Mounts & Devices, log: Logger, mountPoint: string, devices: readonly string[]): void {
+  const fs = sys.btrfsDevices(mountPoint);
+  const opened = devices.map((d) => sys.deviceNumber(d));
+  const inFs = fs.devices.map((d) => sys.deviceNumber(d.path));
+  const exact = fs.numDevices === devices.length && fs.devices.length === devices.length && inFs.every((n) => n !== null && opened.includes(n)) && opened.every((n) => n !== null && inFs.includes(n));
+  if (!exact) {
+    throw new BootError(`pool: the mounted btrfs ${fs.fsid} has ${fs.numDevices} device(s) (${fs.devices.map((d) => d.path).join(", ") || "none listed"}), but the volumes opened are ${devices.join(", ")}; closing every volume`);
+  }
+  log.info(`pool: btrfs ${fs.fsid} on ${devices.length} device(s): ${devices.join(" ")}`);
+}
+
+/** Closes the pool's opened volumes (their /dev/mapper names); a failure is one line each. */
+function closeAll(sys: Crypt, log: Logger, devices: readonly string[]): void {
+  for (const d of devices) {
+    try {
+      sys.luks.close(d.slice(d.lastIndexOf("/") + 1));
+    } catch (e) {
+      log.err(`pool: could not close ${d}: ${describe(e)}`);
+    }
+  }
+}
+
 const ENOENT = 2;
 const ENOTDIR = 20;
 const ELOOP = 40;
@@ -106,7 +134,7 @@ function mountForJails(sys: Mounts & Files, log: Logger, dev: string, devOpts: s
  * whose bind target is a symlink on purpose (/home -> var/home, as on Fedora's atomic desktops)
  * names the real directory in its host config instead.
  */
-export function mountPool(sys: Files & Mounts & Modules & Processes, log: Logger, devices: readonly string[], rw: boolean, rootOverride: string | undefined, cfg: AgentConfig): MountedRoot & { config: HostConfig } {
+export function mountPool(sys: Files & Mounts & Modules & Processes & Devices & Crypt, log: Logger, devices: readonly string[], rw: boolean, rootOverride: string | undefined, cfg: AgentConfig): MountedRoot & { config: HostConfig } {
   try {
     sys.loadModule("btrfs");
   } catch {
@@ -118,6 +146,13 @@ export function mountPool(sys: Files & Mounts & Modules & Processes, log: Logger
   sys.mkdirp(POOL, 0o700);
   sys.mount(dev, POOL, "btrfs", MS.RDONLY | MS.NOSUID | MS.NODEV, `subvolid=5,${devOpts}`);
   try {
+    try {
+      checkAssembled(sys, log, POOL, devices);
+    } catch (e) {
+      sys.umount(POOL, MNT_DETACH);
+      closeAll(sys, log, devices);
+      throw e;
+    }
     const config = readHostConfig(sys, POOL);
     for (const line of config.refused) log.err(line);
     if (cfg.ssh.authorizedKeys.length) keepHostKey(sys, log, dev);

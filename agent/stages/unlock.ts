@@ -28,9 +28,12 @@ export interface UnlockOps {
    * had (no image verified).
    */
   beforeOpen(): Promise<void>;
-  /** Opens each key's volume in the key's keyslot only; true when every volume is open. */
+  /**
+   * Opens the pool's first volume (on the boot disk) with a key, in the keyslot its token names
+   * only, then every other volume of the pool with the same key; true when the first is open.
+   */
   openWithTpmKeys(keys: readonly UnsealedKey[]): boolean;
-  /** Opens the volumes not open yet with a passphrase; false when it opens none. */
+  /** The same with a passphrase: false when it does not open the first volume. */
   openWithPassphrase(passphrase: Uint8Array): boolean;
   /**
    * The recovery passphrase from a human: the console (no echo) or, when a recovery sidecar
@@ -82,13 +85,17 @@ export async function unlock(log: Logger, ops: UnlockOps, opt: UnlockOptions): P
     throw e;
   }
   if (keys.length) {
-    const ok = ops.openWithTpmKeys(keys);
-    wipe(keys);
+    let ok: boolean;
+    try {
+      ok = ops.openWithTpmKeys(keys);
+    } finally {
+      wipe(keys);
+    }
     if (ok) {
       log.info("unlock: unlocked with the TPM");
       return { method: "tpm", resealed: false };
     }
-    log.err("unlock: the keys from the TPM do not open every volume");
+    log.err("unlock: the keys from the TPM do not open the pool's volume");
   }
 
   for (let i = 1; i <= opt.tries; i++) {

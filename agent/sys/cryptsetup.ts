@@ -110,6 +110,8 @@ const bind = () => {
     tokenJsonGet: lib.fn<(cd: Cd, token: number, json: [string | null]) => number>("int crypt_token_json_get(crypt_device *cd, int token, _Out_ const char **json)"),
     // A null JSON removes the token.
     tokenJsonSet: lib.fn<(cd: Cd, token: number, json: string | null) => number>("int crypt_token_json_set(crypt_device *cd, int token, const char *json)"),
+    // libcryptsetup >= 2.4 (Debian 12: 2.6.1). The text belongs to cd: copy it before crypt_free.
+    dumpJson: lib.fn<(cd: Cd, json: [string | null], flags: number) => number>("int crypt_dump_json(crypt_device *cd, _Out_ const char **json, uint32_t flags)"),
   };
   c.setLogCallback(null, logCallback, null);
   return c;
@@ -470,6 +472,20 @@ export function luksRemoveToken(device: string, id: number): void {
   withLuks(device, (cd, c) => {
     const r = c.tokenJsonSet(cd, id, null);
     if (r < 0) luksFail(`${device}: remove token ${id}`, r);
+  });
+}
+
+/**
+ * The LUKS2 header's JSON metadata (keyslots, segments, digests, tokens) as libcryptsetup
+ * loaded and checksummed it: data to check before any key is tried (a null cipher, a KDF that
+ * would stall PID 1), never policy.
+ */
+export function luksHeader(device: string): string {
+  return withLuks(device, (cd, c) => {
+    const json: [string | null] = [null];
+    const r = c.dumpJson(cd, json, 0);
+    if (r < 0) luksFail(`${device}: read the LUKS2 metadata`, r);
+    return String(json[0]);
   });
 }
 

@@ -2,7 +2,7 @@
 // network, the TPM, processes, time, the console and the admin socket. Stages take the small
 // interfaces below and touch nothing else (no koffi, no node:fs, no child_process, no timers),
 // so their decisions are tested with fakes (test/unit/fakesys.ts).
-import { chmodSync, closeSync, lchownSync, constants, copyFileSync, existsSync, fstatSync, fsyncSync, ftruncateSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, closeSync, lchownSync, constants, copyFileSync, existsSync, fstatSync, fsyncSync, ftruncateSync, renameSync, writeSync, lstatSync, mkdirSync, readdirSync, readFileSync, openSync, readlinkSync, readSync, rmdirSync, statSync, symlinkSync, unlinkSync, writeFileSync } from "node:fs";
 
 import { open } from "node:fs/promises";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
@@ -24,6 +24,8 @@ export interface LuksOps {
   /** Writes a token (in a free slot unless `id`); returns its id. */
   setToken(device: string, json: string, id?: number): number;
   removeToken(device: string, id: number): void;
+  /** The header's JSON metadata (keyslots, segments, ...), as text: data to validate (luks.ts). */
+  header(device: string): string;
 }
 
 /** Links, addresses and routes over rtnetlink. */
@@ -180,6 +182,8 @@ export interface Mounts {
   /** mount(2) on a worker thread, for mounts that take long; the error names no errno. */
   mountInBackground(src: string | null, target: string, fstype: string | null, flags: number): Promise<void>;
   statfsType(path: string): number;
+  /** The devices of the btrfs mounted at `mountPoint`, as the kernel assembled it. */
+  btrfsDevices(mountPoint: string): import("./libc.ts").BtrfsDevices;
   chdir(path: string): void;
   chroot(path: string): void;
   pivotRoot(newRoot: string, putOld: string): void;
@@ -207,6 +211,8 @@ export interface Devices {
   partitionEntry(device: string): PartitionEntry | null;
   /** A read-only loop device for an image file (only for images allowed unverified). */
   attachLoop(file: string): string;
+  /** st_rdev of a block device node (major/minor as one number); null when it is not one. */
+  deviceNumber(path: string): number | null;
 }
 
 /** Block-device crypto (libcryptsetup) and key material. */
@@ -559,6 +565,7 @@ function realMounts(libc: Libc): Mounts {
     umount: (t, fl) => libc.umount2(t, fl),
     mountInBackground: (s, t, f, fl) => libc.mountAsync(s, t, f, fl),
     statfsType: (p) => libc.statfsType(p),
+    btrfsDevices: (p) => libc.btrfsDevices(p),
     chdir: (p) => libc.chdir(p),
     chroot: (p) => libc.chroot(p),
     pivotRoot: (n, o) => libc.pivotRoot(n, o),
@@ -580,6 +587,14 @@ function realDevices(libc: Libc, blkid: typeof import("./blkid.ts")): Devices {
     probe: (d) => blkid.probe(d),
     partitionEntry: (d) => blkid.partitionEntry(d),
     attachLoop: (f) => libc.attachLoop(f),
+    deviceNumber: (p) => {
+      try {
+        const st = statSync(p);
+        return st.isBlockDevice() ? st.rdev : null;
+      } catch {
+        return null;
+      }
+    },
   };
 }
 
@@ -596,6 +611,7 @@ function realCrypt(cryptsetup: typeof import("./cryptsetup.ts"), randomBytes: (n
       tokens: cryptsetup.luksTokens,
       setToken: cryptsetup.luksSetToken,
       removeToken: cryptsetup.luksRemoveToken,
+      header: cryptsetup.luksHeader,
     },
     randomBytes,
   };

@@ -442,3 +442,51 @@ export function setImmutable(path: string, on: boolean): boolean {
     closeSync(fd);
   }
 }
+
+// btrfs's view of a mounted filesystem (linux/btrfs.h). struct btrfs_ioctl_fs_info_args is 1024
+// bytes (max_id u64 @0, num_devices u64 @8, fsid[16] @16); struct btrfs_ioctl_dev_info_args is
+// 4096 (devid u64 @0 in/out, uuid[16] @8, ..., path[1024] @3072). _IOR(0x94, 31, 1024) and
+// _IOWR(0x94, 30, 4096).
+const BTRFS_IOC_FS_INFO = 0x8400941f;
+const BTRFS_IOC_DEV_INFO = 0xd000941e;
+const ENODEV = 19;
+
+export interface BtrfsDevices {
+  /** The filesystem's UUID (FSID), lower case with dashes, as libblkid prints it. */
+  fsid: string;
+  numDevices: number;
+  /** Every device the kernel has in this filesystem: its devid and the path it was added by. */
+  devices: { devid: number; path: string }[];
+}
+
+const uuidText = (b: Uint8Array): string => {
+  const h = Buffer.from(b).toString("hex");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+};
+
+/** The devices of the btrfs mounted at `mountPoint`, as the kernel assembled it (FS_INFO, DEV_INFO). */
+export function btrfsDevices(mountPoint: string): BtrfsDevices {
+  const fd = openSync(mountPoint, "r");
+  try {
+    const info = new Uint8Array(1024);
+    check("ioctl", [mountPoint, "BTRFS_IOC_FS_INFO"], c.ioctl(fd, BTRFS_IOC_FS_INFO, "uint8_t *", info));
+    const v = new DataView(info.buffer);
+    const maxId = Number(v.getBigUint64(0, true));
+    const out: BtrfsDevices = { fsid: uuidText(info.subarray(16, 32)), numDevices: Number(v.getBigUint64(8, true)), devices: [] };
+    // devids are 1..max_id with holes where a device was removed; a hole answers ENODEV.
+    for (let devid = 1; devid <= maxId && devid <= 1024; devid++) {
+      const dev = new Uint8Array(4096);
+      new DataView(dev.buffer).setBigUint64(0, BigInt(devid), true);
+      if (c.ioctl(fd, BTRFS_IOC_DEV_INFO, "uint8_t *", dev) < 0) {
+        if (errno() === ENODEV) continue;
+        throw new SysError("ioctl", [mountPoint, "BTRFS_IOC_DEV_INFO", devid], errno());
+      }
+      const path = dev.subarray(3072);
+      const end = path.indexOf(0);
+      out.devices.push({ devid, path: Buffer.from(path.subarray(0, end < 0 ? path.length : end)).toString("utf8") });
+    }
+    return out;
+  } finally {
+    closeSync(fd);
+  }
+}

@@ -313,6 +313,7 @@ describe("hand-off: what the OS keeps of the initrd's mounts", () => {
   });
   const REL = "6.1.0-57-cloud-amd64";
   const esp: EspResult = {
+    disk: "/dev/vda",
     slots: [
       { name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true },
       { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: "/run/initos/esp-b", booted: false },

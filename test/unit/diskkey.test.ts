@@ -226,8 +226,8 @@ describe("reseal", () => {
     enroll(sys, tpm, REQ, "on", DEV, Buffer.from("recovery")); // token 0, keyslot 2
     enroll(sys, tpm, REQ, "on", DEV, Buffer.from("recovery")); // token 1, keyslot 3
     sys.calls.length = 0;
-    const r = reseal(sys, silentLog(), tpm, REQ, "on", DEV, Buffer.from("recovery"), 1, new Set([3]));
-    expect(r).toEqual({ token: 2, keyslot: 4, removed: [3], kept: [0] });
+    const r = reseal(sys, silentLog(), tpm, REQ, "on", Buffer.from("recovery"), { device: DEV, passphraseSlot: 1, provenTpmSlots: new Set([3]) });
+    expect(r).toEqual({ token: 2, keyslot: 4, removed: [3], kept: [0], others: [] });
     const order = sys.calls.filter((c) => c.startsWith("luks."));
     expect(order.indexOf("luks.setToken /dev/vda3")).toBeLessThan(order.indexOf("luks.destroySlot /dev/vda3 3"));
     expect(order).not.toContain("luks.destroySlot /dev/vda3 1");
@@ -239,7 +239,7 @@ describe("reseal", () => {
     enroll(sys, tpm, REQ, "on", DEV, Buffer.from("recovery"));
     sys.luks.setToken(DEV, sys.luks.tokens(DEV)[0]!.json.replace('"keyslots":["2"]', '"keyslots":["1"]'), 0);
     // Even if something had "proven" slot 1, it is the passphrase's.
-    const r = reseal(sys, silentLog(), tpm, REQ, "on", DEV, Buffer.from("recovery"), 1, new Set([1]));
+    const r = reseal(sys, silentLog(), tpm, REQ, "on", Buffer.from("recovery"), { device: DEV, passphraseSlot: 1, provenTpmSlots: new Set([1]) });
     expect(r.removed).toEqual([]);
     expect(sys.luks.open(DEV, "x", Buffer.from("recovery"), 0).slot).toBe(1);
   });
@@ -293,18 +293,38 @@ describe("the latch over one boot", () => {
     expect(none.sys.sleeps).toBe(0);
     await none.boot.leaveInitrd();
   });
+
+  it("a TPM the firmware announces that appears only after the bound: no hand-off, no jails (fail closed), one line", async () => {
+    const hidden = tpmBoot({ device: false });
+    hidden.sys.appearAfterSleeps.set("/dev/tpmrm0", 1000); // far past the 1 s bound (50 ms polls)
+    expect(await hidden.boot.find()).toBeNull();
+    expect(hidden.sys.devices.has("/dev/tpmrm0")).toBe(false);
+    await expect(hidden.boot.leaveInitrd()).rejects.toThrow(
+      "tpm: refusing to hand the machine to an OS or to jails: no /dev/tpmrm0 after 1s although the firmware announces a TPM2, so its latch PCR could not be extended",
+    );
+    expect(hidden.tpm.calls).toEqual([]);
+  });
+
+  it("a TPM device that is there but cannot be used fails closed the same way", async () => {
+    const broken = tpmBoot();
+    broken.sys.tpm = () => {
+      throw new Error("Esys_Initialize: TPM_RC_FAILURE");
+    };
+    expect(await broken.boot.find()).toBeNull();
+    await expect(broken.boot.leaveInitrd()).rejects.toThrow(/refusing to hand the machine to an OS or to jails: \/dev\/tpmrm0 is there but cannot be used: Esys_Initialize: TPM_RC_FAILURE/);
+  });
 });
 
 describe("unlocking a machine with the real unlock operations (fakes underneath)", () => {
   const cfg = { ...DEFAULT_CONFIG, tpm: { ...DEFAULT_CONFIG.tpm, pcrPublicKey: PEM } };
-  const esp = { slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
+  const esp = { disk: "/dev/vda", slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
   async function opsFor(sys: FakeSys, secureBoot: "on" | "off" = "on") {
     sys.devices.add("/dev/tpmrm0");
     const boot = new BootTpm(sys, silentLog(), { waitSeconds: 0, latchPcr: 15 });
     await boot.find();
     const log = silentLog();
     const opened: { device: string; mapper: string }[] = [];
-    return { log, opened, ops: realUnlockOps(sys, log, cfg, boot, secureBoot, esp, [DEV], opened) };
+    return { log, opened, ops: realUnlockOps(sys, log, cfg, boot, secureBoot, esp, DEV, opened) };
   }
 
   it("opens with the token's key in its keyslot and records nothing to migrate", async () => {
@@ -406,8 +426,8 @@ describe("the recovery sidecar's sealed ssh host key", () => {
     const boot = new BootTpm(m.sys, silentLog(), { waitSeconds: 0, latchPcr: 15 });
     await boot.find();
     const cfg = { ...DEFAULT_CONFIG, tpm: { ...DEFAULT_CONFIG.tpm, pcrPublicKey: PEM } };
-    const esp = { slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
-    const ops = realUnlockOps(m.sys, silentLog(), cfg, boot, "on", esp, [DEV], []);
+    const esp = { disk: "/dev/vda", slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
+    const ops = realUnlockOps(m.sys, silentLog(), cfg, boot, "on", esp, DEV, []);
     ops.unsealKeys();
     expect(m.sys.readFile(HOST_KEY)).toBe("dropbear-key-bytes");
   });

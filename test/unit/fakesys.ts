@@ -2,7 +2,7 @@
 // mounts, and a journal of every system call so tests can assert order and absence.
 import type { AgentConfig } from "../../agent/config.ts";
 import type { MountedImage } from "../../agent/stages/images.ts";
-import type { VerityParams } from "../../agent/sys/cryptsetup.ts";
+import type { Kdf, VerityParams } from "../../agent/sys/cryptsetup.ts";
 import type { FileInfo, FileReader, LineConnection, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps, WatchdogHandle } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
@@ -70,6 +70,13 @@ export class FakeSys implements Sys {
   /** LUKS2 volumes: device → keyslot → key (latin1), and device → token id → JSON. */
   luksSlots = new Map<string, Map<number, string>>();
   luksTokenJson = new Map<string, Map<number, string>>();
+  /** Per device: KDFs by keyslot (as format/addKey were given them), and a segment cipher other than aes-xts. */
+  luksKdfs = new Map<string, Map<number, Kdf>>();
+  luksCipher = new Map<string, string>();
+  private kdfOf(d: string): Map<number, Kdf> {
+    if (!this.luksKdfs.has(d)) this.luksKdfs.set(d, new Map());
+    return this.luksKdfs.get(d)!;
+  }
   private slotsOf(d: string): Map<number, string> {
     const s = this.luksSlots.get(d);
     if (!s) throw Object.assign(new Error(`${d}: not a LUKS2 volume`), { errno: 22 });
@@ -84,13 +91,14 @@ export class FakeSys implements Sys {
     return [...this.slotsOf(d)].find(([n, v]) => v === key && (only === undefined || n === only))?.[0];
   }
   luks: LuksOps = {
-    format: (d, k) => (this.log(`luks.format ${d}`), this.luksSlots.set(d, new Map([[0, Buffer.from(k).toString("latin1")]])), 0),
-    addKey: (d, e, k) => {
+    format: (d, k, kdf) => (this.log(`luks.format ${d}`), this.luksSlots.set(d, new Map([[0, Buffer.from(k).toString("latin1")]])), this.kdfOf(d).set(0, kdf), 0),
+    addKey: (d, e, k, kdf) => {
       this.log(`luks.addKey ${d}`);
       if (this.slotFor(d, e) === undefined) throw Object.assign(new Error(`${d}: add keyslot: wrong key`), { errno: 1 });
       let n = 0;
       while (this.slotsOf(d).has(n)) n++;
       this.slotsOf(d).set(n, Buffer.from(k).toString("latin1"));
+      this.kdfOf(d).set(n, kdf);
       return n;
     },
     destroySlot: (d, s) => (this.log(`luks.destroySlot ${d} ${s}`), void this.slotsOf(d).delete(s)),
@@ -110,6 +118,18 @@ export class FakeSys implements Sys {
       return n;
     },
     removeToken: (d, id) => (this.log(`luks.removeToken ${d} ${id}`), void this.tokensOf(d).delete(id)),
+    // crypt_dump_json's shape: the keyslots with their KDFs, one aes-xts (or luksCipher) segment.
+    header: (d) => {
+      const cipher = this.luksCipher.get(d) ?? "aes-xts-plain64";
+      const keyslots = Object.fromEntries(
+        [...this.slotsOf(d).keys()].map((n) => {
+          const k = this.kdfOf(d).get(n) ?? { type: "pbkdf2", iterations: 1000 };
+          const kdf = k.type === "pbkdf2" ? { type: "pbkdf2", iterations: k.iterations } : { type: k.type, time: k.iterations, memory: k.memoryKb ?? 131072, cpus: k.threads ?? 2 };
+          return [String(n), { type: "luks2", area: { type: "raw", encryption: cipher === "cipher_null-ecb" ? cipher : "aes-xts-plain64" }, kdf }];
+        }),
+      );
+      return JSON.stringify({ keyslots, segments: { "0": { type: "crypt", encryption: cipher } } });
+    },
   };
   net: NetOps = {
     udp: () => {
@@ -229,6 +249,7 @@ export class FakeSys implements Sys {
   }
   mount(src: string | null, target: string, fstype: string | null, flags: number, data: string | null = null): void {
     this.log(`mount ${src} ${target} ${fstype} 0x${flags.toString(16)}${data ? ` ${data}` : ""}`);
+    if (fstype === "btrfs" && data) this.btrfsMounted.set(target, [...data.matchAll(/device=([^,]+)/g)].map((m) => m[1]!));
     if (flags & 0x2000 && src) {
       // MS_MOVE: the mount and its submounts now live under the target
       this.mounts = this.mounts.map((m) => (m === src || m.startsWith(`${src}/`) ? target + m.slice(src.length) : m));
@@ -242,6 +263,24 @@ export class FakeSys implements Sys {
   umount(target: string, flags: number): void {
     this.log(`umount ${target} ${flags}`);
     this.mounts = this.mounts.filter((m) => m !== target);
+  }
+  /**
+   * The btrfs a mount assembled: by default exactly the devices its device= options named
+   * (what the kernel does when nothing else was scanned); `btrfsStray` adds devices the
+   * kernel had from elsewhere.
+   */
+  btrfsMounted = new Map<string, string[]>();
+  btrfsStray: string[] = [];
+  btrfsDevices(mountPoint: string): { fsid: string; numDevices: number; devices: { devid: number; path: string }[] } {
+    this.log(`btrfsDevices ${mountPoint}`);
+    const paths = [...(this.btrfsMounted.get(mountPoint) ?? []), ...this.btrfsStray];
+    return { fsid: "0f5e7a1d-0000-4000-8000-000000000001", numDevices: paths.length, devices: paths.map((path, i) => ({ devid: i + 1, path })) };
+  }
+  /** Device numbers: one per path, as if every path were its own node. */
+  deviceNumber(path: string): number | null {
+    let h = 7;
+    for (const ch of path) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
+    return h;
   }
   /** Filesystem magic by path (statfsType); anything else is on the root's. */
   statfsMagic = new Map<string, number>();

@@ -183,6 +183,7 @@ describe("verified images", () => {
 });
 
 const machineEsps = {
+  disk: "/dev/vda",
   slots: [
     { name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true },
     { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: "/run/initos/esp-b", booted: false },

@@ -36,7 +36,7 @@ const cfg = {
   images: [{ name: "modules", rootHash: "ab".repeat(32), verity, binds: [] }],
   tpm: { ...DEFAULT_CONFIG.tpm, pcrPublicKey: PEM },
 };
-const esp: EspResult = { slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: ESP, booted: true }] };
+const esp: EspResult = { disk: "/dev/vda", slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: ESP, booted: true }] };
 const TAR = Buffer.from("a root filesystem as a tar stream ".repeat(1000));
 const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 
@@ -258,7 +258,7 @@ describe("install: the happy path", () => {
 
   it("copies each image from the slot whose copy was verified, and refuses an image not verified this boot", async () => {
     const ESP_B = "/run/initos/esp-b";
-    const two: EspResult = { slots: [...esp.slots, { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: ESP_B, booted: false }] };
+    const two: EspResult = { disk: "/dev/vda", slots: [...esp.slots, { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: ESP_B, booted: false }] };
     const fromB = await installer({ esp: two, images: verifiedImages(cfg, "b") });
     fromB.s.mounts.push(ESP_B);
     fromB.s.add(`${ESP_B}/initos/modules.sqfs`, { kind: "file", data: "squashfs" }).add(`${ESP_B}/initos/modules.verity`, { kind: "file", data: "hash tree" });

@@ -23,7 +23,7 @@ const ROOTFS = `${SRC}/rootfs.tar`;
 /** The PCR signer's public key, as the build puts it into the signed config. */
 const PCR_PUB = generateKeyPairSync("rsa", { modulusLength: 2048 }).publicKey.export({ type: "spki", format: "pem" }).toString();
 const cfg = { ...DEFAULT_CONFIG, images: [], tpm: { ...DEFAULT_CONFIG.tpm, pcrPublicKey: PCR_PUB } };
-const esp: EspResult = { slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: ESP, booted: true }] };
+const esp: EspResult = { disk: "/dev/vda", slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: ESP, booted: true }] };
 const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 /** 2.5 MiB of "tar": three chunks. */
 const TAR = Buffer.alloc(2.5 * MiB, "t");

@@ -26,7 +26,7 @@ const PEM = pcrKey.publicKey.export({ format: "pem", type: "spki" }).toString();
 const cfg = { ...DEFAULT_CONFIG, tpm: { ...DEFAULT_CONFIG.tpm, pcrPublicKey: PEM } };
 const keyed = { ...cfg, ssh: { ...cfg.ssh, authorizedKeys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 op@laptop"] } };
 const REQ = requirement(cfg);
-const esp: EspResult = { slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
+const esp: EspResult = { disk: "/dev/vda", slots: [{ name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true }] };
 const noNetwork = parseCmdline("").cmdline;
 const withAddress = parseCmdline("initos.ip=10.0.0.2/24").cmdline;
 const REFUSED = "nothing is waiting for a passphrase (it works while the boot waits for the recovery passphrase)";
@@ -117,7 +117,7 @@ describe("unlockPool: the TPM", () => {
     expect(prompts).toEqual([]);
     expect(s.calls.some((c) => /^(net\.|serveLines|spawnService)/.test(c))).toBe(false);
     expect(Buffer.from(tpm.pcr(15)).equals(Buffer.alloc(32))).toBe(false);
-    expect(log.lines).toContain("info: unlock: encrypted volumes /dev/vda3");
+    expect(log.lines).toContain("info: unlock: pool volume /dev/vda3 on the boot disk /dev/vda");
     expect(log.lines).toContain("info: unlock: unlocked with the TPM");
   });
 });

@@ -17,6 +17,7 @@ import { FakeSys, silentLog } from "./fakesys.ts";
 const RECORD = `${EFIVARS_DIR}/${UPDATE_VAR}-${INITOS_GUID}`;
 const BOOT_NEXT = `${EFIVARS_DIR}/BootNext-8be4df61-93ca-11d2-aa0d-00e098032b8c`;
 const esp = (booted: "a" | "b"): EspResult => ({
+  disk: "/dev/vda",
   slots: ["a", "b"].map((n, i) => ({ name: n, partLabel: `initos-${n}`, device: `/dev/vda${i + 1}`, mountPoint: `/run/initos/esp-${n}`, booted: n === booted })),
 });
 const trial = { slot: "b", entry: 2, version: 7, from: { slot: "a", version: 6 }, started: false };

@@ -119,7 +119,7 @@ describe("unlock decisions", () => {
     const { u } = ops({ unseal: "wrong-key", answers: [PASS, "n"] });
     const log = silentLog();
     expect((await unlock(log, u, OPT)).method).toBe("passphrase");
-    expect(log.lines).toContain("err: unlock: the keys from the TPM do not open every volume");
+    expect(log.lines).toContain("err: unlock: the keys from the TPM do not open the pool's volume");
   });
 
   it("no console to ask: a clear BootError instead of waiting forever", async () => {

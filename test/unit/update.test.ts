@@ -137,6 +137,7 @@ class FakeFirmware implements UpdateFirmware {
 }
 
 const ESP: EspResult = {
+  disk: "/dev/vda",
   slots: [
     { name: "a", partLabel: "initos-a", device: "/dev/vda1", mountPoint: "/run/initos/esp-a", booted: true },
     { name: "b", partLabel: "initos-b", device: "/dev/vda2", mountPoint: "/run/initos/esp-b", booted: false },
@@ -242,7 +243,7 @@ describe("update: a bundle into the inactive slot", () => {
 
   it("refuses without a known booted slot", async () => {
     const { deps } = setup();
-    deps.esp = () => ({ slots: ESP.slots.map((s) => ({ ...s, booted: false })) });
+    deps.esp = () => ({ disk: "/dev/vda", slots: ESP.slots.map((s) => ({ ...s, booted: false })) });
     await expect(applyUpdate(deps, chunks(bundle(7, PARTS)), { force: false, reboot: false })).rejects.toThrow(/cannot tell which slot/);
   });
 });
