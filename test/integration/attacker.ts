@@ -3,8 +3,8 @@
 // a copy of the victim's TPM with tpm2-tools, a plain LUKS2 volume with a token of her choosing,
 // and the victim's disk with one of her volumes where its pool volume was. And the line the
 // test root prints about what it sees (test/root/init.c, INITOS-SEEN).
-import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { createDecipheriv, createHash, pbkdf2Sync, randomBytes } from "node:crypto";
+import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
+import { createDecipheriv, createHash, pbkdf2Sync, randomBytes, randomUUID } from "node:crypto";
 import { closeSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 
@@ -213,4 +213,18 @@ export function nullCipherKeyslot(image: string, passphrase: string, slot = 0): 
   }
   const after = JSON.parse(execFileSync("cryptsetup", ["luksDump", "--dump-json-metadata", image], { encoding: "utf8" })) as typeof meta;
   if (after.keyslots[String(slot)]?.area.encryption !== "cipher_null-ecb") throw new Error(`${image}: keyslot ${slot} was not rewritten`);
+}
+
+/** Whether `passphrase` opens a keyslot of the volume image `volume` (a bare LUKS2 file, no partition table). */
+export function volumeOpens(volume: string, passphrase: string): boolean {
+  return spawnSync("cryptsetup", ["open", "--test-passphrase", "--key-file", "-", volume], { input: passphrase }).status === 0;
+}
+
+/**
+ * New random PARTUUIDs for partitions `parts` of `disk`: a copy of the victim's disk booted next
+ * to the victim's own would otherwise carry the same ESP PARTUUIDs, which the ESP stage refuses
+ * (two partitions match LoaderDevicePartUUID) before any volume is looked at.
+ */
+export function newPartUuids(disk: string, parts: number[]): void {
+  for (const n of parts) execFileSync("sfdisk", ["-q", "--part-uuid", disk, String(n), randomUUID()]);
 }

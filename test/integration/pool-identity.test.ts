@@ -16,7 +16,7 @@ import { cpSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
-import { attackerKey, gptDisk, linesMatching, luksVolume, nullCipherKeyslot, putVolume, sealOnVictimTpm, type Seen, seenIn } from "./attacker.ts";
+import { attackerKey, gptDisk, linesMatching, luksVolume, newPartUuids, nullCipherKeyslot, putVolume, sealOnVictimTpm, type Seen, seenIn, volumeOpens } from "./attacker.ts";
 import { passphraseOpens, tokens } from "./machine.ts";
 import { buildPoolImage, buildTwoVolumePool, testRootfs } from "./pool-image.ts";
 
@@ -74,11 +74,12 @@ function boot(name: string, disks: string[], booted: number, tpm = true): Promis
 /**
  * Waits until the boot settles (a root runs, or the passphrase is asked, or the VM stops: a
  * failed boot powers off) and returns the console; a boot that does none of these in `ms` fails.
+ * `from` (a vm.mark()): only what comes after it counts, e.g. after a passphrase was typed.
  */
-async function settle(vm: Vm, ms = BOOT_MS): Promise<string> {
+async function settle(vm: Vm, ms = BOOT_MS, from = 0): Promise<string> {
   const start = Date.now();
   try {
-    await vm.waitFor(SETTLED, ms, true);
+    await vm.waitFor(SETTLED, ms, true, from);
   } catch (e) {
     if (vm.running) throw e;
   }
@@ -191,7 +192,7 @@ describe.sequential("the production boot opens only this machine's own pool (iss
         hostConfig: { root: "@root" },
         token: { ...victimToken, "tpm2-blob": blob.toString("base64"), keyslots: ["0"] },
       });
-      expect(passphraseOpens(herPool, key.passphrase)).toBe(true);
+      expect(volumeOpens(herPool, key.passphrase)).toBe(true);
     }, 120_000);
 
     it("control: in place of the victim's pool volume (vda3 of a copy of its disk) her volume unseals unattended and her root runs", async () => {
@@ -243,6 +244,7 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       // victim's untouched disk as vdb), and the booted disk's LUKS2 partition is now hers.
       const disk = `${dir}/c-boot.img`;
       execFileSync("cp", ["--sparse=always", victim, disk]);
+      newPartUuids(disk, [1, 2]);
       putVolume(disk, 3, nullPool);
       const vm = await boot("c-boot-disk", [disk, victim], 0);
       const out = await settle(vm);
@@ -275,14 +277,16 @@ describe.sequential("the production boot opens only this machine's own pool (iss
     it("no TPM: her passphrase typed at the console opens nothing; the victim's recovery passphrase opens only the victim's pool", async () => {
       const vm = await boot("d-passphrase", [herDisk, victim], 1, false);
       await vm.waitFor(PROMPT, BOOT_MS, true);
+      const typed = vm.mark();
       vm.send(`${HER_PASSPHRASE}\n`);
       // The next prompt, or (what the old code did) her root running on her volume.
-      await settle(vm, 120_000);
+      await settle(vm, 120_000, typed);
       expect(seenIn(vm.output), "a root ran on her passphrase").toBeNull();
       expect(vm.output).toMatch(/initos: unlock: wrong recovery passphrase \(attempt 1 of 3\)/);
       expect(vm.output).toMatch(/Recovery passphrase \(attempt 2 of 3\): $/);
+      const again = vm.mark();
       vm.send(`${victimRecovery}\n`);
-      const out = await settle(vm);
+      const out = await settle(vm, BOOT_MS, again);
       const seen = seenIn(out);
       expect(seen).toMatchObject({ backing: "vdb3", open: "initos-pool0", btrfs: victimFsid });
       expect(out).toMatch(/initos: unlock: unlocked with the recovery passphrase/);
@@ -319,7 +323,7 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       const nullPool = buildPoolImage({ out: `${dir}/g-null.img`, passphrase: "her-null", rootfs, subvolumes: ["@root"], hostConfig: { root: "@root" }, token: victimToken });
       nullCipherKeyslot(nullPool, "her-null");
       disks = [gptDisk(`${dir}/g-hers-null.img`, [nullPool]), gptDisk(`${dir}/g-second.img`, [pool.volumes[1]]), bootDisk];
-      for (const v of pool.volumes) for (const p of [key.passphrase, POOL_RECOVERY]) expect(passphraseOpens(v, p)).toBe(true);
+      for (const v of pool.volumes) for (const p of [key.passphrase, POOL_RECOVERY]) expect(volumeOpens(v, p)).toBe(true);
     }, 120_000);
 
     const expectBothVolumes = (out: string) => {
@@ -345,8 +349,9 @@ describe.sequential("the production boot opens only this machine's own pool (iss
     it("no TPM: the recovery passphrase unlocks both; her cipher_null volume is refused", async () => {
       const vm = await boot("g-passphrase", disks, 2, false);
       await vm.waitFor(PROMPT, BOOT_MS, true);
+      const typed = vm.mark();
       vm.send(`${POOL_RECOVERY}\n`);
-      const out = await settle(vm);
+      const out = await settle(vm, BOOT_MS, typed);
       expect(out).toMatch(/initos: unlock: unlocked with the recovery passphrase/);
       expectBothVolumes(out);
     }, 400_000);
