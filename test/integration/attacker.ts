@@ -164,6 +164,10 @@ const HDR = { hdrSize: 8, checksumAlg: 72, csum: 448, binSize: 4096 } as const;
  * fails ("Userspace crypto wrapper cannot use cipher_null-ecb (-95)", then no dm to fall back
  * to) and `open --test-passphrase` cannot read such a keyslot here with any key. The guest's
  * kernel has both: the old-code run of scenario (c) is where the any-key behaviour is measured.
+ * Measured there (agent before the pool-identity fix, its libcryptsetup 2.6.1, 2026-12-07): the
+ * victim's unsealed key, which never opened anything of hers, opened this keyslot
+ * ("initos: unlock: opened /dev/vda1 with keyslot 0 in 194ms"), her root ran from it and saw the
+ * victim's volume open beside it ("INITOS-SEEN ... root-backing=vda1 open=initos-pool0,initos-pool1").
  */
 export function nullCipherKeyslot(image: string, passphrase: string, slot = 0): void {
   const meta = JSON.parse(execFileSync("cryptsetup", ["luksDump", "--dump-json-metadata", image], { encoding: "utf8" })) as {
