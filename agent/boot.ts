@@ -26,6 +26,7 @@ import { install as installTo, INSTALL_CONFIG, parseInstallConfig } from "./stag
 import { loadInBackground, loadModules } from "./stages/modules.ts";
 import { networkRequested, setupNetwork } from "./stages/network.ts";
 import { mountPool } from "./stages/pool.ts";
+import { wipeHostKey } from "./stages/sidecar.ts";
 import { unlockPool } from "./stages/volumes.ts";
 import { startTrial, type UpdateBoot } from "./stages/trial.ts";
 import { realUpdateDeps, updateCommand } from "./update/apply.ts";
@@ -185,6 +186,9 @@ async function host(ctx: BootContext, state: BootState, p: Prepared, services: r
     };
     const pool = await stage(ctx, "unlock", () => unlockPool(sys, log, cold, config, cmdline, p.tpm, p.early.secureBoot, esp, state.remote, initrdAdmin(ctx, state), drivers));
     const mounted = await stage(ctx, "root", () => mountPool(sys, log, pool.devices, cmdline.rw, cmdline.rootSubvolume, config));
+    // With ssh keys, mountPool put the pool's own key in place of the recovery host key; without
+    // any, no sshd will run, and the recovery key unsealed before the latch just goes.
+    if (!config.ssh.authorizedKeys.length) wipeHostKey(sys);
     if (mounted.config.jails && !mounted.config.root) return jailMode(ctx, state, p, mounted.config.jails, services);
     if (mounted.config.jails) log.warn(`jails: not started: the host config names root ${mounted.config.root}, which the machine boots instead`);
   }
@@ -208,7 +212,11 @@ async function jailMode(ctx: BootContext, state: BootState, p: Prepared, jc: Jai
   const vmHost = { config, esp: p.esp, allowUnverified: p.allowUnverified };
   state.jails = await stage(ctx, "jails", () => startJailMode(sys, log, jc, vmHost));
   state.remote.route(initrdAdmin(ctx, state));
+  // jail mode's sshd presents the pool's key, as the sidecar beside the OS does (pool.ts
+  // keepHostKey): the recovery host key is only ever shown while the pool is locked. An sshd
+  // still running from a remote unlock holds the recovery key in its memory: restarted.
   if (!state.remote.running) await stage(ctx, "sshd", () => state.remote.serve(config));
+  else await stage(ctx, "sshd", () => state.remote.restartSshd(config));
   const all = services.length ? services : config.services.map((svc) => supervise(sys, log, svc));
   log.info(`timeline: ${ctx.timeline.summary()}`);
   ctx.timeline.save();

@@ -5,7 +5,7 @@
 import { describe } from "../errors.ts";
 import { HOST_CONFIG_JSON, parseHostJson } from "../hostconfig.ts";
 import type { Logger } from "../log.ts";
-import type { Files } from "../sys/index.ts";
+import { type Files, RefusedFile } from "../sys/index.ts";
 import { POOL_MOUNT } from "./config.ts";
 
 /** Bigger than any sensible host config; a body past it is refused unread. */
@@ -16,7 +16,7 @@ export interface HostConfigFile {
   set(body: AsyncIterable<Uint8Array>): Promise<string>;
 }
 
-export function hostConfigFile(sys: Pick<Files, "lstat" | "readFile" | "writeBytes" | "rename" | "fsyncPath" | "unlink">, log: Logger, pool = POOL_MOUNT): HostConfigFile {
+export function hostConfigFile(sys: Pick<Files, "lstat" | "readRegular" | "writeBytes" | "rename" | "fsyncPath" | "unlink">, log: Logger, pool = POOL_MOUNT): HostConfigFile {
   const path = `${pool}/${HOST_CONFIG_JSON}`;
   const fresh = `${pool}/.${HOST_CONFIG_JSON}.new`;
   const notLink = () => {
@@ -24,8 +24,16 @@ export function hostConfigFile(sys: Pick<Files, "lstat" | "readFile" | "writeByt
   };
   return {
     show() {
-      notLink();
-      return sys.readFile(path) ?? `hostconfig: no ${HOST_CONFIG_JSON} at the top of the pool`;
+      // As the boot reads it (pool.ts readHostConfig): a FIFO there would block PID 1, and with
+      // it every jail's supervision, until someone wrote to it.
+      let bytes: Uint8Array | null;
+      try {
+        bytes = sys.readRegular(pool, HOST_CONFIG_JSON, MAX_BYTES);
+      } catch (e) {
+        if (e instanceof RefusedFile) throw new Error(`hostconfig: refused ${HOST_CONFIG_JSON} on the pool: ${e.why}`);
+        throw e;
+      }
+      return bytes ? Buffer.from(bytes).toString("utf8") : `hostconfig: no ${HOST_CONFIG_JSON} at the top of the pool`;
     },
     async set(body) {
       notLink();
@@ -46,6 +54,8 @@ export function hostConfigFile(sys: Pick<Files, "lstat" | "readFile" | "writeByt
       } catch (e) {
         throw new Error(`hostconfig set: refused: ${describe(e)}`);
       }
+      // A name left there (a symlink, say) is removed, never written through.
+      if (sys.lstat(fresh).kind !== "missing") sys.unlink(fresh);
       sys.writeBytes(fresh, Buffer.from(text), 0o600);
       sys.fsyncPath(fresh);
       sys.rename(fresh, path);

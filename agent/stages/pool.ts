@@ -6,12 +6,12 @@ import { HOST_CONFIG_ENV, HOST_CONFIG_JSON, type HostConfig, parseHostEnv, parse
 import type { Logger } from "../log.ts";
 import type { AgentConfig } from "../config.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
-import type { Crypt, Devices, Files, Modules, Mounts, Processes } from "../sys/index.ts";
+import { type Crypt, type Devices, type Files, type Modules, type Mounts, type Processes, RefusedFile } from "../sys/index.ts";
 import { POOL_MOUNT } from "../jails/config.ts";
 import { markInitrdMounts } from "./images.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";
-import { ensureHostKey, HOST_KEY, SSH_DIR } from "./sidecar.ts";
+import { dropbearPublicKey, ensureHostKey, HOST_KEY, SSH_DIR, sshPublicKey, wipeHostKey } from "./sidecar.ts";
 
 const POOL = "/run/initos/pool";
 
@@ -19,46 +19,97 @@ const POOL = "/run/initos/pool";
 export const POOL_HOST_KEY = "initos/ssh_host_ed25519";
 
 /**
- * Clients should see one host key across boots, so it is kept on the encrypted pool: copied into
- * /run for the sidecar when it is there; else this boot's key (the one a remote unlock already
- * showed, or a new one) is saved — the only write to the pool outside install mode, once per
- * machine. A failure here costs a changing host key, not the boot.
+ * Caps on what PID 1 reads from the pool, whose files the OS's root writes. A host config is a
+ * few hundred bytes of JSON (the root, its binds, a list of jails): 64 KiB is ample, and bounds
+ * the memory and the parse. A dropbear ed25519 key file is 83 bytes: 16 KiB is ample too.
+ */
+export const HOST_CONFIG_MAX = 64 * 1024;
+export const POOL_KEY_MAX = 16 * 1024;
+
+/**
+ * The ssh host key once the pool is open. Two keys, two jobs:
+ *  - the recovery host key (diskkey/hostkey.ts: sealed on the ESP, pinned by the operator) is
+ *    what the initrd presents while the pool is locked, to whoever is about to send the
+ *    passphrase. Nothing that runs after the pool is open may read it: it is never written to
+ *    the pool (the OS's root reads the pool, this boot or any later one) and it leaves /run
+ *    (which moves into the OS) here, before anything else runs.
+ *  - the pool's own key (POOL_HOST_KEY, made for it) is what the sidecar beside the OS and jail
+ *    mode's sshd present, so clients see one key there across boots. The OS's root can read
+ *    it: it vouches for no more than the OS's own sshd key would.
+ * So the key in /run (the recovery key, or one made this boot for a remote unlock) is wiped and
+ * never saved; the pool's key takes its place. A pool with none, or with one that is not a
+ * dropbear ed25519 key, or with a copy of the recovery key (what older versions saved there),
+ * gets a new one: the only write to the pool outside install mode. A key file the pool has but
+ * that is refused (a symlink, a FIFO, too big) is left as it is: a failure here costs a
+ * changing host key beside the OS, not the boot, and the sidecar gets a key made for this boot.
  */
 function keepHostKey(sys: Files & Mounts & Processes, log: Logger, dev: string): void {
   const onPool = `${POOL}/${POOL_HOST_KEY}`;
+  // What the initrd presented so far: the pinned recovery key when it was unsealed this boot.
+  const shown = sys.readBytes(HOST_KEY);
+  const recovery = shown ? dropbearPublicKey(shown) : null;
+  shown?.fill(0);
+  let saved: Uint8Array | null = null;
   try {
-    // The OS's root can put symlinks on the pool: through one, the read below would take an
-    // initramfs file as the key and the write would land in the initramfs. Nothing runs in
-    // the OS while the initrd looks, so checking first is enough.
-    for (const p of [`${POOL}/initos`, onPool]) if (sys.lstat(p).kind === "link") throw new BootError(`${p} is a symlink`);
-    const saved = sys.readBytes(onPool);
-    if (saved && saved.length > 0) {
+    wipeHostKey(sys);
+    saved = sys.readRegular(POOL, POOL_HOST_KEY, POOL_KEY_MAX);
+    const pub = saved ? dropbearPublicKey(saved) : null;
+    if (saved && pub && !(recovery && pub.equals(recovery))) {
       sys.mkdirp(SSH_DIR, 0o700);
       sys.writeBytes(HOST_KEY, saved, 0o600);
       return;
     }
+    if (pub) log.warn(`pool: ${POOL_HOST_KEY} is the pinned recovery host key (${sshPublicKey(pub)}), saved there by an older version; replaced with a new key for the sidecar beside the OS`);
+    else if (saved) log.warn(`pool: ${POOL_HOST_KEY} is not a dropbear ed25519 key; replaced with a new one`);
+    // The OS's root can put symlinks on the pool: through one, the write below would land in
+    // the initramfs. Nothing runs in the OS while the initrd looks, so checking first is enough.
+    if (sys.lstat(`${POOL}/initos`).kind === "link") throw new BootError(`${POOL}/initos is a symlink`);
     const key = sys.readBytes(ensureHostKey(sys))!;
+    const tmp = `${onPool}.new`;
     sys.mount(dev, POOL, "btrfs", MS.REMOUNT | MS.NOSUID | MS.NODEV);
     try {
       sys.mkdirp(`${POOL}/initos`, 0o700);
-      sys.writeBytes(onPool, key, 0o600);
+      if (sys.lstat(tmp).kind !== "missing") sys.unlink(tmp); // never written through
+      sys.writeBytes(tmp, key, 0o600);
+      sys.rename(tmp, onPool); // replaces the name (a stale key), never follows it
       sys.sync();
     } finally {
+      key.fill(0);
       sys.mount(dev, POOL, "btrfs", MS.REMOUNT | MS.RDONLY | MS.NOSUID | MS.NODEV);
     }
-    log.info(`pool: ssh host key saved as ${POOL_HOST_KEY} (first boot)`);
+    log.info(`pool: ssh host key saved as ${POOL_HOST_KEY} (${saved ? "replaced" : "first boot"})`);
   } catch (e) {
-    log.warn(`pool: ssh host key not kept on the pool: ${describe(e)}`);
+    const why = e instanceof RefusedFile ? `refused ${POOL_HOST_KEY} on the pool: ${e.why}` : describe(e);
+    log.warn(`pool: ssh host key not kept on the pool: ${why}; the sidecar uses a key made for this boot`);
+    try {
+      wipeHostKey(sys);
+      ensureHostKey(sys);
+    } catch (e2) {
+      log.warn(`pool: no ssh host key for this boot: ${describe(e2)}`);
+    }
+  } finally {
+    saved?.fill(0);
   }
 }
 
-/** The host config at the top of the pool; a symlink there could point into the initramfs. */
+/**
+ * The host config at the top of the pool, initos.json else initos.env. The OS's root writes
+ * them, so each is read with readRegular: never through a symlink (one could point into the
+ * initramfs), never a FIFO (PID 1 would wait forever for a writer), never more than
+ * HOST_CONFIG_MAX. A refused file fails the boot with one line rather than falling back to the
+ * other file or to a default: the host config chooses the root, and a guess would let whoever
+ * planted the FIFO choose instead; the failure policy keeps the machine reachable to fix it.
+ */
 export function readHostConfig(sys: Files, top: string): HostConfig {
   for (const [name, parse] of [[HOST_CONFIG_JSON, parseHostJson], [HOST_CONFIG_ENV, parseHostEnv]] as const) {
-    const path = `${top}/${name}`;
-    if (sys.lstat(path).kind === "link") throw new BootError(`host config ${name} is a symlink; refusing it`);
-    const text = sys.readFile(path);
-    if (text !== null) return parse(text);
+    let bytes: Uint8Array | null;
+    try {
+      bytes = sys.readRegular(top, name, HOST_CONFIG_MAX);
+    } catch (e) {
+      if (e instanceof RefusedFile) throw new BootError(`refused the host config ${name} at the top of the pool: ${e.why}`);
+      throw e;
+    }
+    if (bytes !== null) return parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("utf8"));
   }
   throw new BootError(`no ${HOST_CONFIG_JSON} or ${HOST_CONFIG_ENV} at the top of the pool`);
 }

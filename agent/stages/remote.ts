@@ -167,6 +167,20 @@ export class RemoteAdmin {
   }
 
   /**
+   * sshd stopped (once the last answer had its grace, as in stop()) and started again: it loads
+   * the host key now in /run. The admin socket stays. Used when the pool opened and its key
+   * replaced the recovery host key, which the running sshd still holds in its memory.
+   */
+  async restartSshd(cfg: AgentConfig, bounds: StopBounds = STOP_BOUNDS): Promise<void> {
+    const { sshd, sys } = this;
+    this.sshd = undefined;
+    const grace = this.answeredAt + ANSWER_GRACE_MS - sys.now();
+    if (grace > 0) await sys.sleep(Math.min(grace, ANSWER_GRACE_MS));
+    if (sshd) await sshd.stop(sys, bounds);
+    this.sshd = startSshd(sys, this.log, cfg);
+  }
+
+  /**
    * Before switch_root: no new admin requests, and the answers already given reach their clients
    * (`switch-root` was answered moments ago); then sshd, with every session and what runs in it,
    * is stopped and waited for. A DHCP lease is the OS's from now on (network.ts).

@@ -45,11 +45,50 @@ export function startSshd(sys: Files & Processes & Clock, log: Logger, cfg: Agen
   return svc;
 }
 
-/** The sidecar's host key in tmpfs: the one persisted on the pool if copied there, else new. */
+/**
+ * The key sshd presents, in tmpfs: while the pool is locked the recovery host key (unsealed by
+ * release.ts) when this boot may have it; once the pool is open the pool's own key (pool.ts
+ * keepHostKey); else one made now, for this boot.
+ */
 export function ensureHostKey(sys: Files & Processes): string {
   sys.mkdirp(SSH_DIR, 0o700);
   if (!sys.exists(HOST_KEY)) sys.run([...toolArgv("dropbearkey"), "-t", "ed25519", "-f", HOST_KEY]);
   return HOST_KEY;
+}
+
+/**
+ * Removes the key sshd presented from /run: its bytes overwritten in place first (a truncate
+ * would hand tmpfs's pages back with the key still in them), then the name. /run moves into
+ * the OS; the recovery host key must not be there, nor in a page the OS may get.
+ */
+export function wipeHostKey(sys: Files): void {
+  const kind = sys.lstat(HOST_KEY).kind;
+  if (kind === "missing") return;
+  const old = kind === "file" ? sys.readBytes(HOST_KEY) : null;
+  if (old?.length) {
+    sys.writeOnce(HOST_KEY, new Uint8Array(old.length), 0o600);
+    old.fill(0);
+  }
+  sys.unlink(HOST_KEY);
+}
+
+/** dropbear's ed25519 private key file: string "ssh-ed25519", then a string of 64 bytes (private half, public half). */
+const DROPBEAR_ED25519 = Buffer.from([0, 0, 0, 11, ...Buffer.from("ssh-ed25519"), 0, 0, 0, 64]);
+
+/**
+ * The public half (32 bytes) of a dropbear ed25519 private key file, which is what tells two
+ * keys apart (and what a client pins); null when `key` is not such a file.
+ */
+export function dropbearPublicKey(key: Uint8Array): Buffer | null {
+  const b = Buffer.from(key.buffer, key.byteOffset, key.byteLength);
+  if (b.length !== DROPBEAR_ED25519.length + 64 || !b.subarray(0, DROPBEAR_ED25519.length).equals(DROPBEAR_ED25519)) return null;
+  return Buffer.from(b.subarray(DROPBEAR_ED25519.length + 32));
+}
+
+/** A public half as known_hosts and the install's "pin it" line spell it: "ssh-ed25519 AAAA...". */
+export function sshPublicKey(pub: Uint8Array): string {
+  const blob = Buffer.concat([Buffer.from([0, 0, 0, 11]), Buffer.from("ssh-ed25519"), Buffer.from([0, 0, 0, 32]), pub]);
+  return `ssh-ed25519 ${blob.toString("base64")}`;
 }
 
 /** busybox from the verified tools image: the only shell there is, and only when the config offers it. */

@@ -24,3 +24,11 @@ export const FS_MAGIC = {
   RAMFS: 0x858458f6,
   TMPFS: 0x01021994,
 } as const;
+
+/** open(2) flags (asm-generic/fcntl.h), for opening a file someone less trusted wrote. */
+export const O = {
+  NOCTTY: 0o400,
+  NONBLOCK: 0o4000,
+  NOFOLLOW: 0o400000,
+  CLOEXEC: 0o2000000,
+} as const;

@@ -7,6 +7,9 @@ import { chmodSync, closeSync, lchownSync, constants, copyFileSync, existsSync, 
 import { open } from "node:fs/promises";
 import type { Kdf, VerityParams } from "./cryptsetup.ts";
 import type { TpmDevice } from "./tss.ts";
+import { readRegularBeneath } from "./regular.ts";
+
+export { RefusedFile } from "./regular.ts";
 
 /** LUKS2 volumes (libcryptsetup). Keys are bytes; nothing here logs them. */
 export interface LuksOps {
@@ -110,6 +113,14 @@ export interface Files {
   /** A file's bytes (the first `limit` bytes when given, e.g. a disk's head); null if unreadable. */
   readBytes(path: string, limit?: number): Uint8Array | null;
   writeBytes(path: string, data: Uint8Array, mode?: number): void;
+  /**
+   * A small regular file below `root` that someone less trusted wrote (the pool's host config
+   * and key, by the OS's root): null when there is none; throws RefusedFile saying what is
+   * there instead (a symlink anywhere on its path, a FIFO, a directory, a device, more than
+   * `maxBytes`). Opened once without following links and without blocking, checked by fstat of
+   * that fd, read from it (regular.ts): it can neither stall PID 1 nor fill its memory.
+   */
+  readRegular(root: string, path: string, maxBytes: number): Uint8Array | null;
   copyFile(from: string, to: string): void;
   /**
    * A copy sharing the source's data (FICLONE: a btrfs reflink), which costs nothing until
@@ -511,6 +522,7 @@ function realFiles(libc: Libc): Files {
     },
     writeFile: (p, d) => writeFileSync(p, d),
     writeBytes: (p, d, mode = 0o600) => writeFileSync(p, d, { mode }),
+    readRegular: (root, path, max) => readRegularBeneath(libc.openBeneath, root, path, max),
     copyFile: (a, b) => copyFileSync(a, b),
     cloneFile: (a, b) => copyFileSync(a, b, constants.COPYFILE_FICLONE_FORCE),
     exists: (p) => existsSync(p),

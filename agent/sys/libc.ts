@@ -157,6 +157,21 @@ export function openDirInRoot(root: string, path: string): number {
   }
 }
 
+/**
+ * An fd for `path` below the directory `root`, opened with `flags`: the kernel resolves it
+ * beneath `root` (RESOLVE_BENEATH: ".." and absolute names that would leave it fail with
+ * EXDEV) and refuses every symlink on the way, the last one too (RESOLVE_NO_SYMLINKS, and
+ * O_NOFOLLOW if given: ELOOP). Close it with close().
+ */
+export function openBeneath(root: string, path: string, flags: number): number {
+  const rootFd = openat2(AT_FDCWD, root, O_PATH | O_DIRECTORY | O_CLOEXEC, 0, [root]);
+  try {
+    return openat2(rootFd, path, flags, RESOLVE.BENEATH | RESOLVE.NO_SYMLINKS | RESOLVE.NO_MAGICLINKS, [root, path]);
+  } finally {
+    c.close(rootFd);
+  }
+}
+
 /** The filesystem magic of the filesystem holding `path` (statfs f_type). */
 export function statfsType(path: string): number {
   const buf = new Uint8Array(120); // sizeof(struct statfs) on x86_64

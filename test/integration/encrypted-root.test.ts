@@ -78,6 +78,13 @@ function copyOfTarget(name: string): string {
 const MARKER = /INITOS-TEST-ROOT pid=1 root=subvol=@root home=mounted /;
 const PROMPT = /Recovery passphrase \(attempt (\d) of 3\): $/;
 const sha = (f: string) => createHash("sha256").update(readFileSync(f)).digest("hex");
+/** The public half of a dropbear ed25519 private key file (hex), as known_hosts spells it. */
+function dropbearPublic(hex: string): string {
+  const b = Buffer.from(hex, "hex");
+  const pub = b.subarray(4 + 11 + 4 + 32, 4 + 11 + 4 + 64);
+  const blob = Buffer.concat([Buffer.from([0, 0, 0, 11]), Buffer.from("ssh-ed25519"), Buffer.from([0, 0, 0, 32]), pub]);
+  return `ssh-ed25519 ${blob.toString("base64")}`;
+}
 const TOKEN_LINE = /initos: unlock: \/dev\/vda3 token (\d+) \(PCR 7,15 \+ signed 11, keyslot (\d+)\): unsealed under the SRK 0x81000001/;
 
 describe.sequential("encrypted btrfs root: the disk key only this machine's production boot can release", () => {
@@ -141,6 +148,26 @@ describe.sequential("encrypted btrfs root: the disk key only this machine's prod
     const background = out.search(/initos: modules: btrfs loaded in the background \(done within \d+ms\)/);
     expect(background).toBeGreaterThan(0);
     expect(out.search(/initos: stage root: ok/)).toBeGreaterThan(background);
+    await vm.waitExit(60_000);
+  }, 300_000);
+
+  it("the OS's root finds the pinned recovery host key nowhere: not on the pool's top level, not in /run; a key of the pool's own is there instead", async () => {
+    // The test root's init with `keys` plays the OS's root: it mounts the pool's top level and
+    // prints every dropbear ed25519 private key under it and under /run. The production UKI
+    // (PCR 11 signed), so the recovery host key was unsealed this boot, as at the first boot
+    // above, which saved the pool's key.
+    const disk = copyOfTarget("os-side-keys");
+    putUki(disk, variantUki(dir, "keys", { cmdline: `${TARGET_CMDLINE} -- keys`, pcrSigned: true }));
+    const vm = await bootDisk({ name: "luks-os-side-keys", disk, tpmCopy: true });
+    await vm.waitFor(/INITOS-TEST-ROOT keys end count=(\d+) pool=(\w+)/, 240_000);
+    expect(vm.output).toMatch(/initos: recovery: ssh host key unsealed \(the one pinned at install\)/);
+    expect(vm.output).toMatch(/INITOS-TEST-ROOT keys end count=\d+ pool=yes/);
+    const found = [...vm.output.matchAll(/INITOS-TEST-ROOT key (\S+) ([0-9a-f]+)/g)].map((m) => ({ path: m[1]!, pub: dropbearPublic(m[2]!) }));
+    const pinned = readFileSync(PINNED, "utf8").trim().split(" ").slice(1).join(" ");
+    // Nowhere the pinned key; the pool keeps a key of its own for the sidecar beside the OS.
+    expect(found.filter((f) => f.pub === pinned).map((f) => f.path)).toEqual([]);
+    expect(found.map((f) => f.path)).toEqual(["/run/initos-test-pool/initos/ssh_host_ed25519"]);
+    expect(found[0]!.pub).toMatch(/^ssh-ed25519 /);
     await vm.waitExit(60_000);
   }, 300_000);
 

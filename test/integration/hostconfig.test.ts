@@ -9,6 +9,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { startVm, stopAll } from "../../qemu/harness.ts";
+import { diskWithPool } from "./pool-disk.ts";
 import { buildPoolImage, existingPaths, testRootfs, testRootWithInit } from "./pool-image.ts";
 
 const B = "build";
@@ -50,7 +51,7 @@ describe("a hostile host config on the encrypted pool", () => {
     const vm = await startVm({
       name: "hostconfig-hostile-binds",
       direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.root=.." },
-      disks: [{ file: `${B}/boot.img` }, { file: pool }],
+      disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
     });
     await vm.waitFor(PROMPT, 240_000, true);
     vm.send(`${PASS}\n`);
@@ -73,6 +74,38 @@ describe("a hostile host config on the encrypted pool", () => {
     expect(out).not.toMatch(/Kernel panic|boot failed/);
     await vm.waitExit(60_000);
   }, 420_000);
+});
+
+describe("the pool's files cannot stall a boot", () => {
+  // initos.json is written by the OS's root. A FIFO there blocked PID 1's read forever; a 1 GiB
+  // file (sparse: it costs the pool nothing) was read whole into PID 1's memory. Either is now
+  // refused when opened (a regular file of at most 64 KiB): the boot fails with one line and
+  // the failure policy reboots (no address on the cmdline, so no recovery sidecar).
+  for (const [name, what, line] of [
+    ["fifo", { fifos: ["initos.json"] }, /initos: boot failed: refused the host config initos\.json at the top of the pool: a FIFO, not a regular file\r?\n/],
+    ["1g", { sparse: { "initos.json": "1G" } }, /initos: boot failed: refused the host config initos\.json at the top of the pool: 1073741824 bytes, more than the 65536 allowed\r?\n/],
+  ] as const) {
+    it(`initos.json as ${name === "fifo" ? "a FIFO" : "a sparse 1 GiB file"}: one line, the failure policy reboots, PID 1 never hangs`, async () => {
+      const pool = buildPoolImage({ out: `${dir}/pool-${name}.img`, passphrase: PASS, rootfs: testRootfs(`${dir}/rootfs-${name}.tar`), subvolumes: ["@root"], hostConfig: { root: "@root" }, ...what });
+      const vm = await startVm({
+        name: `hostconfig-${name}`,
+        direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1" },
+        disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine-${name}.img`) }],
+      });
+      await vm.waitFor(PROMPT, 240_000, true);
+      const sent = Date.now();
+      vm.send(`${PASS}\n`);
+      // The bound: the unlock (PBKDF2 at 1000 iterations) and the mount take seconds under TCG;
+      // a read that blocks or pulls in 1 GiB never gets to the reboot.
+      expect(await vm.waitExit(90_000)).toBe(0);
+      const out = vm.output;
+      expect(out).toMatch(line);
+      expect(out).toMatch(/initos: rebooting in 1s/);
+      expect(out).toMatch(/reboot: Restarting system/);
+      expect(out).not.toMatch(/INITOS-TEST-ROOT|Kernel panic|Out of memory/);
+      console.log(`hostconfig-${name}: passphrase to reboot in ${((Date.now() - sent) / 1000).toFixed(1)}s`);
+    }, 420_000);
+  }
 });
 
 describe("after switch_root's chroot (the point of no return)", () => {

@@ -17,6 +17,7 @@ import { freePort, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { ssh } from "../../qemu/ssh.ts";
 import { idBase } from "../../agent/jails/config.ts";
 import { writeDigestMismatch, writeEscape, writeTruncated, writeWebImage } from "../jails/web-image.ts";
+import { diskWithPool } from "./pool-disk.ts";
 import { buildPoolImage, testRootfs } from "./pool-image.ts";
 
 const B = "build";
@@ -50,7 +51,7 @@ beforeAll(async () => {
   vm = await startVm({
     name: "jails",
     direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-    disks: [{ file: `${B}/boot.img` }, { file: pool }],
+    disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
     net: { forward: [{ host: port, guest: 15022 }] },
     memoryMiB: 1024,
     reboot: true, // the reboot step boots again in this QEMU
@@ -70,6 +71,10 @@ describe.sequential("jail mode", () => {
     expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
     expect(vm.output).toMatch(/initos: jail web: not started: .*image web is not imported/);
     expect(vm.output).toMatch(/initos: jail vm1: not started: the signed config has no vmhost image \(QEMU and the VM kernel\): VM jails cannot run on this build/);
+    // The sshd started at the passphrase prompt presented the key the initrd had then (the
+    // recovery key on a production boot); jail mode's sshd is started again with the pool's own.
+    expect(vm.output).toMatch(/initos: pool: ssh host key saved as initos\/ssh_host_ed25519 \(first boot\)/);
+    expect(vm.output.match(/initos: sidecar: sshd on port 15022/g)).toHaveLength(2);
   });
 
   it("hostconfig over ssh: show gives the pool's file; set refuses a config the boot would refuse part of, and leaves the file", async () => {

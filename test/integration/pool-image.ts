@@ -38,6 +38,10 @@ export interface PoolImage {
   fsid?: string;
   /** false: a plain btrfs, not encrypted (default: encrypted). */
   encrypt?: boolean;
+  /** Named pipes to make inside the pool (replacing what is there), path from the top. */
+  fifos?: readonly string[];
+  /** Sparse files to make inside the pool (replacing what is there), path → size for truncate -s (e.g. "1G"). */
+  sparse?: Record<string, string>;
 }
 
 /** An encrypted btrfs pool as the installer would leave it, but with a host config of our choosing. */
@@ -58,6 +62,8 @@ export function buildPoolImage(p: PoolImage): string {
       ...Object.entries(p.symlinks ?? {}).map(([path, target]) => `ln -s ${q(target)} ${q(`${m}/${path}`)}`),
       ...Object.entries(p.dirs ?? {}).map(([path, id]) => `mkdir -p ${q(`${m}/${path}`)} && chown ${id}:${id} ${q(`${m}/${path}`)}`),
       ...Object.entries(p.files ?? {}).map(([path, content]) => `mkdir -p ${q(dirname(`${m}/${path}`))} && printf '%s' ${q(content)} > ${q(`${m}/${path}`)}`),
+      ...(p.fifos ?? []).map((path) => `rm -rf ${q(`${m}/${path}`)} && mkfifo ${q(`${m}/${path}`)}`),
+      ...Object.entries(p.sparse ?? {}).map(([path, size]) => `rm -rf ${q(`${m}/${path}`)} && truncate -s ${q(size)} ${q(`${m}/${path}`)}`),
       `umount ${q(m)}`,
     ];
     sh("unshare", ["-m", "sh", "-ec", steps.join("\n")]);

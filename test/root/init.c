@@ -9,6 +9,11 @@
  * With an argument `hang` it plays an OS that froze (after `ps` and `hold=N`, if given): it stops
  * every other process (kill(-1, SIGSTOP): the agent's sidecar beside it too, and with it the
  * watchdog's petting), says so in one line, and never powers off.
+ * With an argument `keys` it plays the OS's root looking for ssh host keys the initrd left: it
+ * mounts the pool's top level (subvolid=5 of /dev/mapper/initos-pool0, as any root user can)
+ * and prints every dropbear ed25519 private key file (by its header) under it (not inside the
+ * @ subvolumes) and under /run, one line each with the file's bytes in hex:
+ * "INITOS-TEST-ROOT key <path> <hex>", then "INITOS-TEST-ROOT keys end count=N pool=<yes|no>".
  */
 #include <dirent.h>
 #include <errno.h>
@@ -17,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -138,6 +144,50 @@ static void print_seen(void) {
 	fflush(stdout);
 }
 
+/* dropbear's ed25519 private key file: string "ssh-ed25519", then string of 64 bytes (private, public). */
+static const unsigned char DROPBEAR_ED25519[] = {0, 0, 0, 11, 's', 's', 'h', '-', 'e', 'd', '2', '5', '5', '1', '9', 0, 0, 0, 64};
+
+static int scan_keys(const char *dir, int depth) {
+	DIR *d = opendir(dir);
+	int found = 0;
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+		char path[512];
+		snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+		struct stat st;
+		if (lstat(path, &st) != 0) continue;
+		if (S_ISDIR(st.st_mode)) {
+			/* not the subvolumes (the OS's own files), nor the pool's mount point under /run again */
+			if (depth > 0 && e->d_name[0] != '@' && strcmp(path, "/run/initos-test-pool") != 0) found += scan_keys(path, depth - 1);
+			continue;
+		}
+		if (!S_ISREG(st.st_mode) || st.st_size > 4096) continue;
+		unsigned char buf[4096];
+		int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+		ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf) : -1;
+		if (fd >= 0) close(fd);
+		if (n < (ssize_t)sizeof DROPBEAR_ED25519 || memcmp(buf, DROPBEAR_ED25519, sizeof DROPBEAR_ED25519) != 0) continue;
+		printf("INITOS-TEST-ROOT key %s ", path);
+		for (ssize_t i = 0; i < n; i++) printf("%02x", buf[i]);
+		printf("\n");
+		found++;
+	}
+	if (d) closedir(d);
+	return found;
+}
+
+static void look_for_keys(void) {
+	const char *top = "/run/initos-test-pool";
+	mkdir(top, 0700);
+	int pool = mount("/dev/mapper/initos-pool0", top, "btrfs", MS_RDONLY, "subvolid=5") == 0;
+	if (!pool) printf("INITOS-TEST-ROOT keys: pool top level not mounted: %s\n", strerror(errno));
+	int count = pool ? scan_keys(top, 3) : 0;
+	if (pool && umount(top) != 0) printf("INITOS-TEST-ROOT keys: umount %s: %s\n", top, strerror(errno));
+	count += scan_keys("/run", 4);
+	printf("INITOS-TEST-ROOT keys end count=%d pool=%s\n", count, pool ? "yes" : "no");
+	fflush(stdout);
+}
+
 int main(int argc, char **argv) {
 	char root[64], timeline[8], up[64];
 	struct stat st_root, st_home;
@@ -148,12 +198,13 @@ int main(int argc, char **argv) {
 	read_line("/etc/initos-test-root", root, sizeof root);
 	snprintf(timeline, sizeof timeline, "%s", access("/run/initos/boot.json", R_OK) == 0 ? "yes" : "no");
 	printf("INITOS-TEST-ROOT pid=%d root=%s home=%s timeline=%s argc=%d argv=[", getpid(), root, home, timeline, argc);
-	int hold = 0, ps = 0, hang = 0;
+	int hold = 0, ps = 0, hang = 0, keys = 0;
 	for (int i = 1; i < argc; i++) {
 		printf("%s%s", i > 1 ? " " : "", argv[i]);
 		if (strncmp(argv[i], "hold=", 5) == 0) hold = atoi(argv[i] + 5);
 		if (strcmp(argv[i], "ps") == 0) ps = 1;
 		if (strcmp(argv[i], "hang") == 0) hang = 1;
+		if (strcmp(argv[i], "keys") == 0) keys = 1;
 	}
 	/* RD_TIMESTAMP "<realtime usec> <monotonic usec>": when the initrd started, for systemd. */
 	const char *rd = getenv("RD_TIMESTAMP");
@@ -162,6 +213,7 @@ int main(int argc, char **argv) {
 	fflush(stdout);
 	print_seen();
 	if (ps) dump_processes();
+	if (keys) look_for_keys();
 	if (hold > 0) {
 		signal(SIGTERM, on_signal);
 		signal(SIGINT, on_signal);

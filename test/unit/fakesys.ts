@@ -3,10 +3,12 @@
 import type { AgentConfig } from "../../agent/config.ts";
 import type { MountedImage } from "../../agent/stages/images.ts";
 import type { Kdf, VerityParams } from "../../agent/sys/cryptsetup.ts";
+import { RefusedFile } from "../../agent/sys/regular.ts";
 import type { FileInfo, FileReader, LineConnection, LineServer, LuksOps, NetOps, PartitionEntry, ServiceProcess, Sys, TpmOps, WatchdogHandle } from "../../agent/sys/index.ts";
 
 export interface FakeNode {
-  kind: "file" | "dir" | "link";
+  /** "fifo": a named pipe (readRegular refuses it; lstat says "other"). */
+  kind: "file" | "dir" | "link" | "fifo";
   mode?: number;
   dev?: number;
   target?: string;
@@ -15,6 +17,15 @@ export interface FakeNode {
   gid?: number;
   /** Two paths with the same ino are one inode (a hard link): the fake keeps them in step. */
   ino?: number;
+}
+
+/**
+ * A dropbear ed25519 private key file as dropbearkey writes it (string "ssh-ed25519", string of
+ * private then public half), the halves derived from `name`: the same name, the same key.
+ */
+export function fakeDropbearKey(name: string): Buffer {
+  const half = (tag: string) => Buffer.alloc(32, Buffer.from(`${tag}:${name}:`));
+  return Buffer.concat([Buffer.from([0, 0, 0, 11]), Buffer.from("ssh-ed25519"), Buffer.from([0, 0, 0, 64]), half("private"), half("public")]);
 }
 
 export class FakeSys implements Sys {
@@ -58,6 +69,21 @@ export class FakeSys implements Sys {
   }
   writeBytes(p: string, d: Uint8Array): void {
     this.writeFile(p, Buffer.from(d).toString("latin1"));
+  }
+  /** Like regular.ts on the real machine: the refusals by what the node is, the cap by its length. */
+  readRegular(root: string, path: string, maxBytes: number): Uint8Array | null {
+    this.log(`readRegular ${root} ${path}`);
+    const names = path.split("/").filter(Boolean);
+    for (let i = 1; i <= names.length; i++) {
+      const n = this.files.get(`${root}/${names.slice(0, i).join("/")}`);
+      if (!n) return null;
+      if (n.kind === "link") throw new RefusedFile("a symlink, or a symlink on its path (links there are not followed)");
+      if (i < names.length && n.kind !== "dir") throw new RefusedFile("something on its path is not a directory");
+      if (i === names.length && n.kind !== "file") throw new RefusedFile(`${n.kind === "fifo" ? "a FIFO" : "a directory"}, not a regular file`);
+    }
+    const data = Buffer.from(this.readFile(`${root}/${names.join("/")}`) ?? "", "latin1");
+    if (data.length > maxBytes) throw new RefusedFile(`${data.length} bytes, more than the ${maxBytes} allowed`);
+    return data;
   }
   cloneFile(a: string, b: string): void {
     this.log(`cloneFile ${a} ${b}`);
@@ -151,8 +177,15 @@ export class FakeSys implements Sys {
     if (!this.tpmFake) throw new Error("no fake TPM");
     return this.tpmFake;
   }
+  /** How many keys `dropbearkey -t ed25519 -f F` made: each is a new key file (fakeDropbearKey). */
+  keysMade = 0;
   run(argv: readonly string[]): string {
     this.log(`run ${argv.join(" ")}`);
+    const f = argv.indexOf("-f");
+    if (argv.some((a) => a.endsWith("dropbearkey")) && argv.includes("-t") && f > 0) {
+      if (this.files.has(argv[f + 1]!)) throw new Error(`dropbearkey: ${argv[f + 1]} exists`);
+      this.add(argv[f + 1]!, { kind: "file", data: fakeDropbearKey(`made-${++this.keysMade}`).toString("latin1") });
+    }
     return "";
   }
   /** Lines the console will answer with, in order; null when they run out. */
@@ -179,7 +212,7 @@ export class FakeSys implements Sys {
     const n = this.files.get(p.replace(/(.)\/+$/, "$1"));
     if (!n) return { kind: "missing", mode: 0, dev: -1, uid: -1, gid: -1, ino: 0, nlink: 0 };
     const nlink = n.ino === undefined ? 1 : [...this.files.values()].filter((o) => o.ino === n.ino).length;
-    return { kind: n.kind, mode: n.mode ?? 0, dev: n.dev ?? 1, uid: n.uid ?? 0, gid: n.gid ?? 0, ino: n.ino ?? 0, nlink };
+    return { kind: n.kind === "fifo" ? "other" : n.kind, mode: n.mode ?? 0, dev: n.dev ?? 1, uid: n.uid ?? 0, gid: n.gid ?? 0, ino: n.ino ?? 0, nlink };
   }
   /** As the kernel does: a new owner clears setuid/setgid of what is not a directory. */
   lchown(p: string, uid: number, gid: number): void {

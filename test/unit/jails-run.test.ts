@@ -135,4 +135,16 @@ describe("jail mode's supervisor", () => {
     await expect(admin.hostConfig("set", (async function* () { yield Buffer.from("{"); })())).rejects.toThrow(/^hostconfig set: refused: host config initos\.json: not JSON/);
     expect(JSON.parse(s.readFile("/x/initos.json")!)).toEqual(good);
   });
+
+  it("hostconfig show reads initos.json as the boot does (a FIFO is refused, not waited for); set never writes through a name left in its way", async () => {
+    const { s, jails } = machine();
+    const admin = jails.admin();
+    s.add("/x", { kind: "dir" }).add("/x/initos.json", { kind: "fifo" });
+    await expect(admin.hostConfig("show", (async function* () {})())).rejects.toThrow("hostconfig: refused initos.json on the pool: a FIFO, not a regular file");
+    s.add("/x/.initos.json.new", { kind: "link", target: "/usr/bin/initos-agent" });
+    const good = { network: { address: "10.77.0.1/24" }, jails: [] };
+    await admin.hostConfig("set", (async function* () { yield Buffer.from(JSON.stringify(good)); })());
+    expect(s.calls.indexOf("unlink /x/.initos.json.new")).toBeLessThan(s.calls.indexOf("writeFile /x/.initos.json.new"));
+    expect(JSON.parse(s.readFile("/x/initos.json")!)).toEqual(good);
+  });
 });

@@ -158,6 +158,25 @@ describe("RemoteAdmin.stop", () => {
     expect(log.lines.some((l) => l.includes("restarting"))).toBe(false);
   });
 
+  it("restartSshd (jail mode, once the pool's key replaced the recovery key): the sshd that held the old key is stopped after the answer's grace, a new one loads the key now in /run; the admin socket stays", async () => {
+    const { s, log, remote, sshd } = await running();
+    s.advance(10_000);
+    await status(s); // a remote unlock's answer, at 10 s
+    s.files.delete("/run/initos/ssh/host_ed25519");
+    s.add("/run/initos/ssh/host_ed25519", { kind: "file", data: "the pool's key" });
+    const sent = recordSignals(s);
+    await remote.restartSshd(keyed, bounds);
+    expect(sent.find(([p]) => p === sshd)![2]).toBeGreaterThanOrEqual(12_000);
+    expect(s.procs.has(sshd)).toBe(false);
+    const spawned = s.calls.filter((c) => c.startsWith("spawnService"));
+    expect(spawned).toEqual([`spawnService ${DROPBEAR} -F -E -s -j -k -p 15022 -r /run/initos/ssh/host_ed25519`, `spawnService ${DROPBEAR} -F -E -s -j -k -p 15022 -r /run/initos/ssh/host_ed25519`]);
+    expect(s.calls.filter((c) => c.includes("dropbearkey"))).toHaveLength(1); // the key in /run is used, not replaced
+    expect(s.readFile("/run/initos/ssh/host_ed25519")).toBe("the pool's key");
+    expect(remote.running).toBe(true);
+    expect(await status(s)).toEqual({ ok: true, text: "answered by: a" });
+    expect(log.lines.some((l) => /^info: supervise: sshd stopped in \d+ms$/.test(l))).toBe(true);
+  });
+
   it("gives a client that just got an answer its grace before sshd goes, and no more", async () => {
     const { s, remote, sshd } = await running();
     s.advance(10_000);

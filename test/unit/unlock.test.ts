@@ -4,8 +4,7 @@ import { parseHostEnv, parseHostJson } from "../../agent/hostconfig.ts";
 import { InstallConfigSchema, partition, recoveryPassphrase } from "../../agent/stages/install.ts";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
 import { UTAB } from "../../agent/stages/images.ts";
-import { mountPool, POOL_HOST_KEY } from "../../agent/stages/pool.ts";
-import { HOST_KEY } from "../../agent/stages/sidecar.ts";
+import { mountPool } from "../../agent/stages/pool.ts";
 import { unlock, type UnlockOps } from "../../agent/stages/unlock.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 
@@ -298,7 +297,7 @@ describe("mounting the pool", () => {
 
   it("a host config that is a symlink is refused (it could point into the initramfs)", () => {
     const s = new FakeSys().add("/run/initos/pool/initos.json", { kind: "link", target: "/etc/initos/config.json" }).add("/run/initos/pool/@root", { kind: "dir" });
-    expect(() => mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG)).toThrow("host config initos.json is a symlink; refusing it");
+    expect(() => mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG)).toThrow("refused the host config initos.json at the top of the pool: a symlink, or a symlink on its path (links there are not followed)");
     expect(s.calls.at(-1)).toBe("umount /run/initos/pool 2");
   });
 
@@ -309,50 +308,7 @@ describe("mounting the pool", () => {
   });
 });
 
-describe("the sidecar's ssh host key on the pool", () => {
-  const keyed = { ...DEFAULT_CONFIG, ssh: { ...DEFAULT_CONFIG.ssh, authorizedKeys: ["ssh-ed25519 AAAA test"] } };
-  const pool = () =>
-    new FakeSys().add("/run/initos/pool/initos.json", { kind: "file", data: '{"root":"@root"}' }).add("/run/initos/pool/@root", { kind: "dir" });
-
-  it("is copied from the pool into /run when the pool has one; nothing is written to the pool", () => {
-    const s = pool().add(`/run/initos/pool/${POOL_HOST_KEY}`, { kind: "file", data: "saved-key" });
-    mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, keyed);
-    expect(s.readFile(HOST_KEY)).toBe("saved-key");
-    expect(s.calls.some((c) => c.includes("0x20"))).toBe(false); // no remount
-  });
-
-  it("is saved on the pool once (remounted rw just for that) when the pool has none", () => {
-    const s = pool().add(HOST_KEY, { kind: "file", data: "this-boots-key" });
-    const log = silentLog();
-    mountPool(s, log, ["/dev/mapper/initos-pool0"], false, undefined, keyed);
-    expect(s.readFile(`/run/initos/pool/${POOL_HOST_KEY}`)).toBe("this-boots-key");
-    expect(s.calls.filter((c) => c.startsWith("mount /dev/mapper/initos-pool0 /run/initos/pool"))).toEqual([
-      "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x7 subvolid=5,device=/dev/mapper/initos-pool0",
-      "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x26",
-      "mount /dev/mapper/initos-pool0 /run/initos/pool btrfs 0x27",
-    ]);
-    expect(log.lines).toContain(`info: pool: ssh host key saved as ${POOL_HOST_KEY} (first boot)`);
-  });
-
-  it("is never read or written through a symlink on the pool (it could point into the initramfs)", () => {
-    for (const link of ["initos", POOL_HOST_KEY]) {
-      const s = pool().add(HOST_KEY, { kind: "file", data: "this-boots-key" }).add(`/run/initos/pool/${link}`, { kind: "link", target: "/etc/initos/x" });
-      if (link !== "initos") s.add("/run/initos/pool/initos", { kind: "dir" });
-      const log = silentLog();
-      mountPool(s, log, ["/dev/mapper/initos-pool0"], false, undefined, keyed);
-      expect(s.calls.filter((c) => c.startsWith("writeFile"))).toEqual([]);
-      expect(s.readFile(HOST_KEY)).toBe("this-boots-key");
-      expect(log.lines).toContain(`warn: pool: ssh host key not kept on the pool: /run/initos/pool/${link} is a symlink`);
-    }
-  });
-
-  it("is left alone when no ssh keys are configured (no sshd will ever run)", () => {
-    const s = pool();
-    mountPool(s, silentLog(), ["/dev/mapper/initos-pool0"], false, undefined, DEFAULT_CONFIG);
-    expect(s.exists(HOST_KEY)).toBe(false);
-    expect(s.calls.some((c) => c.startsWith("run"))).toBe(false);
-  });
-});
+// The sidecar's ssh host key on the pool (keepHostKey): test/unit/poolfiles.test.ts.
 
 describe("install helpers", () => {
   it("names partitions like the kernel", () => {
