@@ -29,6 +29,15 @@ export interface PoolImage {
   files?: Record<string, string>;
   /** Directories to make inside the pool, path (from the top) → their owner's uid (and gid). */
   dirs?: Record<string, number>;
+  /**
+   * A LUKS2 token to import as token 0 once the volume is encrypted: e.g. a copy of another
+   * volume's systemd-tpm2 token, or one whose tpm2-blob an attacker sealed herself.
+   */
+  token?: Record<string, unknown>;
+  /** The btrfs filesystem's UUID (mkfs.btrfs -U): another pool's, for an FSID collision. */
+  fsid?: string;
+  /** false: a plain btrfs, not encrypted (default: encrypted). */
+  encrypt?: boolean;
   /** Named pipes to make inside the pool (replacing what is there), path from the top. */
   fifos?: readonly string[];
   /** Sparse files to make inside the pool (replacing what is there), path → size for truncate -s (e.g. "1G"). */
@@ -44,7 +53,7 @@ export function buildPoolImage(p: PoolImage): string {
     writeFileSync(`${tmp}/top/initos.json`, typeof p.hostConfig === "string" ? p.hostConfig : JSON.stringify(p.hostConfig));
     rmSync(p.out, { force: true });
     sh("truncate", ["-s", "160M", p.out]);
-    sh("mkfs.btrfs", ["-q", "-f", "-L", "INITOSROOT", "--rootdir", `${tmp}/top`, p.out]);
+    sh("mkfs.btrfs", ["-q", "-f", "-L", "INITOSROOT", ...(p.fsid ? ["-U", p.fsid] : []), "--rootdir", `${tmp}/top`, p.out]);
     const m = `${tmp}/mnt`;
     const steps = [
       `mount -o loop ${q(p.out)} ${q(m)}`,
@@ -58,8 +67,10 @@ export function buildPoolImage(p: PoolImage): string {
       `umount ${q(m)}`,
     ];
     sh("unshare", ["-m", "sh", "-ec", steps.join("\n")]);
+    if (p.encrypt === false) return p.out;
     sh("truncate", ["-s", "+32M", p.out]);
     sh("cryptsetup", ["reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size", "32M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", "-", "--batch-mode", p.out], p.passphrase);
+    if (p.token) sh("cryptsetup", ["token", "import", "--token-id", "0", p.out], JSON.stringify(p.token));
     return p.out;
   } finally {
     rmSync(tmp, { recursive: true, force: true });
@@ -108,5 +119,50 @@ export function existingPaths(image: string, subvol: string, paths: string[]): s
     return out.split("\n").filter(Boolean);
   } finally {
     rmSync(mnt, { recursive: true, force: true });
+  }
+}
+
+/**
+ * A pool of two LUKS2 volumes with one btrfs across them (data single, metadata raid1), as a
+ * multi-volume install would leave it: the same `key` in keyslot 0 of each (PBKDF2 at 1000
+ * iterations), the `recovery` passphrase in keyslot 1 of each, `token` (when given) as token 0
+ * of the first only. The btrfs is made on two loop devices on the host, filled (the test root
+ * in @root, initos.json at the top) in a private mount namespace, then each file encrypted in
+ * place. Returns the two images and the btrfs fsid.
+ */
+export function buildTwoVolumePool(o: { out: [string, string]; key: string; recovery: string; rootfs: string; token?: Record<string, unknown> }): { volumes: [string, string]; fsid: string } {
+  const tmp = mkdtempSync(`${dirname(o.out[0])}/.pool2-`);
+  const loops: string[] = [];
+  try {
+    for (const f of o.out) {
+      rmSync(f, { force: true });
+      sh("truncate", ["-s", "160M", f]);
+      loops.push(sh("losetup", ["-f", "--show", f]).trim());
+    }
+    sh("mkfs.btrfs", ["-q", "-f", "-L", "INITOSROOT", "-d", "single", "-m", "raid1", ...loops]);
+    const fsid = sh("blkid", ["-s", "UUID", "-o", "value", loops[0]!]).trim();
+    writeFileSync(`${tmp}/initos.json`, JSON.stringify({ root: "@root" }));
+    const m = `${tmp}/mnt`;
+    mkdirSync(m);
+    sh("unshare", ["-m", "sh", "-ec", [
+      `mount -o device=${q(loops[1]!)} ${q(loops[0]!)} ${q(m)}`,
+      `btrfs -q subvolume create ${q(`${m}/@root`)}`,
+      `tar -x -f ${q(o.rootfs)} -C ${q(`${m}/@root`)}`,
+      `cp ${q(`${tmp}/initos.json`)} ${q(`${m}/initos.json`)}`,
+      `umount ${q(m)}`,
+    ].join("\n")]);
+    for (const l of loops.splice(0)) sh("losetup", ["-d", l]);
+    const recoveryFile = `${tmp}/recovery`;
+    writeFileSync(recoveryFile, o.recovery);
+    o.out.forEach((f, i) => {
+      sh("truncate", ["-s", "+32M", f]);
+      sh("cryptsetup", ["reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size", "32M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", "-", "--batch-mode", f], o.key);
+      sh("cryptsetup", ["luksAddKey", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", "-", "--batch-mode", f, recoveryFile], o.key);
+      if (i === 0 && o.token) sh("cryptsetup", ["token", "import", "--token-id", "0", f], JSON.stringify(o.token));
+    });
+    return { volumes: o.out, fsid };
+  } finally {
+    for (const l of loops) sh("losetup", ["-d", l]);
+    rmSync(tmp, { recursive: true, force: true });
   }
 }

@@ -79,6 +79,71 @@ static void dump_processes(void) {
 	fflush(stdout);
 }
 
+/*
+ * "INITOS-SEEN root=/dev/mapper/initos-pool0 root-backing=vdb3 open=initos-pool0 btrfs=<fsid>":
+ * the block device(s) under the root filesystem (the slaves of its device-mapper device, or the
+ * device itself), every open LUKS volume by its device-mapper name, and the btrfs filesystems
+ * the kernel knows. Attack scenarios read it to tell whose root runs (the victim's pool or a
+ * disk of the attacker's) and whether any other pool is open beside it (readable to this
+ * root). The root is /proc/self/mountinfo's last "/" entry (the root after switch_root).
+ */
+static void dm_name(const char *dm, char *out, size_t n) {
+	char path[300];
+	snprintf(path, sizeof path, "/sys/block/%s/dm/name", dm);
+	read_line(path, out, n);
+}
+
+static void print_seen(void) {
+	char source[256] = "none", backing[1024] = "", open[1024] = "", line[2048];
+	FILE *f = fopen("/proc/self/mountinfo", "r");
+	while (f && fgets(line, sizeof line, f)) {
+		/* "id parent maj:min root mountpoint opts [optional...] - fstype source superopts" */
+		char mnt[512], src[256];
+		const char *dash = strstr(line, " - ");
+		if (sscanf(line, "%*s %*s %*s %*s %511s", mnt) != 1 || strcmp(mnt, "/") != 0 || !dash) continue;
+		if (sscanf(dash + 3, "%*s %255s", src) == 1) snprintf(source, sizeof source, "%s", src);
+	}
+	if (f) fclose(f);
+	const char *base = strrchr(source, '/') ? strrchr(source, '/') + 1 : source;
+	char rootdm[256] = "";
+	DIR *d = opendir("/sys/block");
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (strncmp(e->d_name, "dm-", 3) != 0) continue;
+		char name[128], uuid[256], path[300];
+		dm_name(e->d_name, name, sizeof name);
+		/* Only LUKS volumes (libcryptsetup's dm uuid "CRYPT-LUKS2-..."): not the verity images. */
+		snprintf(path, sizeof path, "/sys/block/%s/dm/uuid", e->d_name);
+		read_line(path, uuid, sizeof uuid);
+		if (strncmp(uuid, "CRYPT-LUKS", 10) == 0)
+			snprintf(open + strlen(open), sizeof open - strlen(open), "%s%s", open[0] ? "," : "", name);
+		if (strcmp(base, e->d_name) == 0 || (strncmp(source, "/dev/mapper/", 12) == 0 && strcmp(base, name) == 0))
+			snprintf(rootdm, sizeof rootdm, "%s", e->d_name);
+	}
+	if (d) closedir(d);
+	if (rootdm[0]) {
+		char path[300];
+		snprintf(path, sizeof path, "/sys/block/%s/slaves", rootdm);
+		DIR *s = opendir(path);
+		for (struct dirent *e; s && (e = readdir(s));) {
+			if (e->d_name[0] == '.') continue;
+			snprintf(backing + strlen(backing), sizeof backing - strlen(backing), "%s%.200s", backing[0] ? "," : "", e->d_name);
+		}
+		if (s) closedir(s);
+	} else {
+		snprintf(backing, sizeof backing, "%s", base);
+	}
+	/* The btrfs filesystems the kernel knows (by fsid): whose pool(s) this root could reach. */
+	char fsids[1024] = "";
+	DIR *b = opendir("/sys/fs/btrfs");
+	for (struct dirent *e; b && (e = readdir(b));) {
+		if (e->d_name[0] == '.' || strcmp(e->d_name, "features") == 0) continue;
+		snprintf(fsids + strlen(fsids), sizeof fsids - strlen(fsids), "%s%s", fsids[0] ? "," : "", e->d_name);
+	}
+	if (b) closedir(b);
+	printf("INITOS-SEEN root=%s root-backing=%s open=%s btrfs=%s\n", source, backing[0] ? backing : "none", open[0] ? open : "none", fsids[0] ? fsids : "none");
+	fflush(stdout);
+}
+
 /* dropbear's ed25519 private key file: string "ssh-ed25519", then string of 64 bytes (private, public). */
 static const unsigned char DROPBEAR_ED25519[] = {0, 0, 0, 11, 's', 's', 'h', '-', 'e', 'd', '2', '5', '5', '1', '9', 0, 0, 0, 64};
 
@@ -146,6 +211,7 @@ int main(int argc, char **argv) {
 	const char *mono = rd ? strchr(rd, ' ') : NULL;
 	printf("] uptime=%s memavailable=%ldkB rd_monotonic_us=%s\n", up, mem_available(), mono ? mono + 1 : "none");
 	fflush(stdout);
+	print_seen();
 	if (ps) dump_processes();
 	if (keys) look_for_keys();
 	if (hold > 0) {
