@@ -1,11 +1,11 @@
 // The disk key's decisions with fakes: the systemd-tpm2 token format (against a token Debian 12's
 // systemd-cryptenroll wrote, in fixtures/), what the signed config lets through, sealing,
 // unsealing, resealing and the latch. The real TPM side is test/system/tss.test.ts (swtpm).
-import { generateKeyPairSync, sign } from "node:crypto";
+import { generateKeyPairSync, randomBytes, sign } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_CONFIG } from "../../agent/config.ts";
-import { enroll, PCR_SIGNATURE, pcrSignatureOnce, readPcrSignature, requirement, reseal, sealKey, UNSEAL_SESSIONS, unsealTokens } from "../../agent/diskkey/diskkey.ts";
+import { enroll, migrateLegacy, PCR_SIGNATURE, pcrSignatureOnce, readPcrSignature, requirement, reseal, sealKey, UNSEAL_SESSIONS, unsealTokens } from "../../agent/diskkey/diskkey.ts";
 import { BootTpm, LATCH_DIGEST } from "../../agent/diskkey/latch.ts";
 import { keyFingerprint, phaseDigest, policyPcr, sealPolicy, signedPcrPolicy, ZERO_DIGEST } from "../../agent/diskkey/policy.ts";
 import { realUnlockOps } from "../../agent/stages/volumes.ts";
@@ -363,6 +363,20 @@ describe("unlocking a machine with the real unlock operations (fakes underneath)
     expect(parseToken(0, sys.luks.tokens(DEV)[0]!.json)).toMatchObject({ keyslot: 2, pcrs: [7, 15], signedPcrs: [11] });
     // Nothing on the ESP was removed: the files stay, their keyslot is gone.
     expect(sys.exists("/run/initos/esp-a/initos/tpm/root.priv")).toBe(true);
+  });
+
+  it("migrating a two-volume pool puts the one new key into the second volume too, and destroys its legacy keyslot", () => {
+    const { sys, tpm } = legacyMachine();
+    sys.randomBytes = (n) => new Uint8Array(randomBytes(n));
+    const legacyKey = Buffer.alloc(32, 0x6b);
+    const SECOND = "/dev/vdb1";
+    sys.luks.format(SECOND, legacyKey, { type: "pbkdf2", iterations: 1000 });
+    const log = silentLog();
+    migrateLegacy(sys, log, tpm, REQ, "on", DEV, legacyKey, 0, [{ device: SECOND, slot: 0 }]);
+    expect(log.lines).toContain(`info: unlock: ${DEV}: migrated to a systemd-tpm2 token (token 0, keyslot 2); the ESP-sealed keyslot 0 is destroyed; ${SECOND} take the same key`);
+    const [k] = unsealTokens(sys, silentLog(), tpm, REQ, [DEV]);
+    expect(sys.luks.open(SECOND, "check", k!.key, 0).slot).toBe(1);
+    expect([...sys.luksSlots.get(SECOND)!.keys()]).toEqual([1]); // the legacy keyslot is gone
   });
 
   it("does not migrate with Secure Boot off (and still unlocks with the old key)", async () => {
