@@ -12,11 +12,12 @@
 //  - poweroff stops the jails first (their init gets SIGTERM).
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { freePort, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { afterAll, beforeAll, describe, expect } from "vitest";
+import { startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { ssh } from "../../qemu/ssh.ts";
 import { idBase } from "../../agent/jails/config.ts";
 import { writeDigestMismatch, writeEscape, writeTruncated, writeWebImage } from "../jails/web-image.ts";
+import { chain } from "./chain.ts";
 import { buildPoolImage, testRootfs } from "./pool-image.ts";
 
 const B = "build";
@@ -46,15 +47,15 @@ beforeAll(async () => {
     // Each jail's data directory belongs to its root (the first id of its range, outside).
     dirs: { "@data/web": idBase("web"), "@data/peer": idBase("peer") },
   });
-  port = await freePort();
   vm = await startVm({
     name: "jails",
     direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
     disks: [{ file: `${B}/boot.img` }, { file: pool }],
-    net: { forward: [{ host: port, guest: 15022 }] },
+    net: { forward: [{ guest: 15022 }] },
     memoryMiB: 1024,
     reboot: true, // the reboot step boots again in this QEMU
   });
+  port = vm.hostPort(15022);
   await vm.waitFor(PROMPT, 240_000, true);
   vm.send(`${PASS}\n`);
   await vm.waitFor(/initos: jails: ready/, 300_000);
@@ -64,15 +65,18 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
+/** One machine through every step: after a failed step the rest fail at once, naming it. */
+const step = chain();
+
 describe.sequential("jail mode", () => {
-  it("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
+  step("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
     expect(vm.output).toMatch(/initos: pool: no root in the host config; jail mode with 3 jail\(s\), the pool on \/x/);
     expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
     expect(vm.output).toMatch(/initos: jail web: not started: .*image web is not imported/);
     expect(vm.output).toMatch(/initos: jail vm1: not started: the signed config has no vmhost image \(QEMU and the VM kernel\): VM jails cannot run on this build/);
   });
 
-  it("hostconfig over ssh: show gives the pool's file; set refuses a config the boot would refuse part of, and leaves the file", async () => {
+  step("hostconfig over ssh: show gives the pool's file; set refuses a config the boot would refuse part of, and leaves the file", async () => {
     expect(JSON.parse((await run("hostconfig show")).stdout)).toEqual(JAILS);
     writeFileSync(`${dir}/bad.json`, JSON.stringify({ ...JAILS, jails: [JAILS.jails[0]] , network: { address: "10.77.0.1/16" } }));
     const r = await run("hostconfig set", `${dir}/bad.json`);
@@ -81,7 +85,7 @@ describe.sequential("jail mode", () => {
     expect(JSON.parse((await run("hostconfig show")).stdout)).toEqual(JAILS);
   });
 
-  it("image import: hostile archives are refused with one line each and leave nothing behind", async () => {
+  step("image import: hostile archives are refused with one line each and leave nothing behind", async () => {
     const cases: [string, string, RegExp][] = [
       ["truncated", writeTruncated(writeWebImage(`${dir}/good.tar`), `${dir}/truncated.tar`), /^image import bad1: refused: archive: .*(truncated|cut off|not a tar)/],
       ["digest", writeDigestMismatch(`${dir}/digest.tar`), /^image import bad2: refused: archive: blob sha256:[0-9a-f]{64} does not match its digest/],
@@ -98,7 +102,7 @@ describe.sequential("jail mode", () => {
     expect(list.stdout.trim()).toBe("no images");
   }, 600_000);
 
-  it("image import web streams an OCI archive into a read-only subvolume; jail start runs it", async () => {
+  step("image import web streams an OCI archive into a read-only subvolume; jail start runs it", async () => {
     const imported = await run("image import web", writeWebImage(`${dir}/web.tar`));
     expect(imported.status, imported.stdout + imported.stderr).toBe(0);
     expect(imported.stdout).toMatch(/^image web: /);
@@ -109,7 +113,7 @@ describe.sequential("jail mode", () => {
     await vm.waitFor(/JAIL-UP pid=1 uid=0 hostname=web/, 120_000, false, from);
   }, 600_000);
 
-  it("its memory limit is enforced: the first run is killed by the OOM killer in its cgroup, and the jail is restarted", async () => {
+  step("its memory limit is enforced: the first run is killed by the OOM killer in its cgroup, and the jail is restarted", async () => {
     await vm.waitFor(/JAIL-HOG allocating/, 120_000);
     await vm.waitFor(/oom-kill:.*oom_memcg=\/initos\/web/, 120_000);
     await vm.waitFor(/initos: supervise: jail web (exited with \d+|killed by SIGKILL); restarting in 1s/, 120_000);
@@ -118,7 +122,7 @@ describe.sequential("jail mode", () => {
     expect(vm.output).toMatch(/JAIL-SHARE wrote \/data\/ran-once/);
   }, 600_000);
 
-  it("jails: its init is PID 1 of its own namespace with uid 0 mapped outside, the limit applies, the host reaches it over the bridge", async () => {
+  step("jails: its init is PID 1 of its own namespace with uid 0 mapped outside, the limit applies, the host reaches it over the bridge", async () => {
     const st = (await run("jails")).stdout;
     const base = idBase("web");
     expect(st).toMatch(/^web: container 10\.77\.0\.10, image web: running, pid \d+, up \d+s, restarts 1 /m);
@@ -127,7 +131,7 @@ describe.sequential("jail mode", () => {
     expect(st).toMatch(/^web: probe 10\.77\.0\.10:8080 answered: "HTTP\/1\.[01] 200 OK"$/m);
   }, 120_000);
 
-  it("it sees neither the host's disks nor the pool's top level nor the other jail", async () => {
+  step("it sees neither the host's disks nor the pool's top level nor the other jail", async () => {
     // The other jail runs beside it meanwhile (its first run eats past its limit too).
     const from = vm.mark();
     expect((await run("jail start peer")).stdout.trim()).toBe("jail peer: started");
@@ -144,7 +148,7 @@ describe.sequential("jail mode", () => {
     }
   }, 300_000);
 
-  it("after a reboot the jails start at boot: web and peer run from the image imported before, with no jail start", async () => {
+  step("after a reboot the jails start at boot: web and peer run from the image imported before, with no jail start", async () => {
     const from = vm.mark();
     await run("reboot"); // the reply may or may not beat the reboot: the console says what happened
     await vm.waitFor(/stopping the jails before the reboot/, 60_000, false, from);
@@ -158,7 +162,7 @@ describe.sequential("jail mode", () => {
     expect(vm.since(boot)).not.toMatch(/jail (web|peer): not started/);
   }, 600_000);
 
-  it("poweroff stops the jails first: their init gets SIGTERM, then the machine powers off", async () => {
+  step("poweroff stops the jails first: their init gets SIGTERM, then the machine powers off", async () => {
     const from = vm.mark();
     await run("poweroff");
     await vm.waitFor(/stopping the jails before the poweroff/, 60_000, false, from);
