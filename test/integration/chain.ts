@@ -20,19 +20,30 @@ export class ChainBroken extends Error {
 export class Chain {
   private first: string | undefined;
 
-  /** The name of the first step that failed, if any. */
+  /**
+   * `needs`: chains whose breaking breaks this one too (its steps need what theirs made).
+   * `record: false`: its own failures break nothing (independent scenarios after a common start).
+   */
+  constructor(
+    private readonly needs: readonly Chain[] = [],
+    private readonly record = true,
+  ) {}
+
+  /** The name of the first step that failed, here or in a chain this one needs. */
   get brokenAt(): string | undefined {
+    for (const n of this.needs) if (n.brokenAt !== undefined) return n.brokenAt;
     return this.first;
   }
 
   /** Throws ChainBroken when an earlier step failed. */
   check(step: string): void {
-    if (this.first !== undefined) throw new ChainBroken(step, this.first);
+    const at = this.brokenAt;
+    if (at !== undefined) throw new ChainBroken(step, at);
   }
 
   /** Records that `step` failed (only the first failure is kept). */
   fail(step: string): void {
-    this.first ??= step;
+    if (this.record) this.first ??= step;
   }
 
   /**
@@ -52,22 +63,10 @@ export class Chain {
 
 export type Step = (name: string, fn: () => unknown, timeoutMs?: number) => void;
 
-/**
- * A chain of vitest tests, for a `describe.sequential` whose tests share state:
- *
- *   const step = chain();
- *   describe.sequential("...", () => {
- *     step("installs", async () => { ... }, 480_000);
- *     step("boots", async () => { ... }, 300_000);
- *   });
- *
- * A step fails at once with "not run: the chain broke at <first failed step>" after any earlier
- * step of the same chain failed: by a throw, a failed expect, or its timeout (vitest's
- * onTestFailed). Steps of other chains are not affected.
- */
-export function chain(): Step {
-  const c = new Chain();
-  return (name, fn, timeoutMs) => {
+const chains = new WeakMap<Step, Chain>();
+
+function steps(c: Chain): Step {
+  const step: Step = (name, fn, timeoutMs) => {
     it(
       name,
       async ({ onTestFailed }) => {
@@ -79,4 +78,38 @@ export function chain(): Step {
       timeoutMs,
     );
   };
+  chains.set(step, c);
+  return step;
+}
+
+const of = (s: Step): Chain => {
+  const c = chains.get(s);
+  if (!c) throw new Error("not a chain's step function (chain() or after())");
+  return c;
+};
+
+/**
+ * A chain of vitest tests, for a `describe.sequential` whose tests share state:
+ *
+ *   const step = chain();
+ *   describe.sequential("...", () => {
+ *     step("installs", async () => { ... }, 480_000);
+ *     step("boots", async () => { ... }, 300_000);
+ *   });
+ *
+ * A step fails at once with "not run: the chain broke at <first failed step>" after any earlier
+ * step of the same chain failed: by a throw, a failed expect, or its timeout (vitest's
+ * onTestFailed). Steps of other chains are not affected, except chains made with this one in
+ * `needs` (chain(install): steps that need what the install chain made).
+ */
+export function chain(...needs: Step[]): Step {
+  return steps(new Chain(needs.map(of)));
+}
+
+/**
+ * Independent scenarios after a common start: each fails at once when a chain in `needs` broke
+ * (e.g. the machine was never installed), but a failure of one does not stop the others.
+ */
+export function after(...needs: Step[]): Step {
+  return steps(new Chain(needs.map(of), false));
 }

@@ -38,7 +38,10 @@ describe("chain() under vitest", () => {
     const results = new Map(report.testResults.flatMap((f) => f.assertionResults).map((t) => [t.title, t]));
     const status = (t: string) => results.get(t)?.status;
     const message = (t: string) => results.get(t)?.failureMessages.join("\n") ?? "";
-    expect([...results.keys()].sort()).toEqual(["a1 passes", "a2 times out", "a3 would pass", "a4 would hang", "b1 fails an expect", "b2 would hang", "c1 passes", "c2 passes"]);
+    expect([...results.keys()].sort()).toEqual([
+      "a1 passes", "a2 times out", "a3 would pass", "a4 would hang", "b1 fails an expect", "b2 would hang", "c1 passes", "c2 passes",
+      "d1 installs", "d2 fails", "d3 runs though d2 failed", "d4 boots, fails", "d5 would hang", "d6 would hang",
+    ]);
     expect(status("a1 passes")).toBe("passed");
     expect(status("a2 times out")).toBe("failed");
     // (The JSON report keeps no timeout message; the duration is the timeout's.)
@@ -55,5 +58,16 @@ describe("chain() under vitest", () => {
     expect(message("b2 would hang")).toContain('the chain broke at "b1 fails an expect"');
     expect(status("c1 passes")).toBe("passed");
     expect(status("c2 passes")).toBe("passed");
+    // after(machine): a scenario's failure stops no other; the machine chain's stops them all,
+    // and the chains that need it.
+    expect(status("d1 installs")).toBe("passed");
+    expect(status("d2 fails")).toBe("failed");
+    expect(status("d3 runs though d2 failed")).toBe("passed");
+    expect(status("d4 boots, fails")).toBe("failed");
+    for (const t of ["d5 would hang", "d6 would hang"]) {
+      expect(status(t)).toBe("failed");
+      expect(message(t)).toContain('the chain broke at "d4 boots, fails"');
+      expect(results.get(t)!.duration).toBeLessThan(5000);
+    }
   });
 });
