@@ -124,9 +124,11 @@ const opts = (o: SshOptions = {}): SshOptions => ({ key: KEY, timeoutMs: 600_000
  * key from the TPM (no passphrase), and for the sidecar beside the OS; the boot's output.
  */
 async function bootedInto(slot: string, from: number): Promise<string> {
+  const t = Date.now();
   // The passphrase prompt means the TPM kept the key: fail then, not at the bound.
   await vm.waitFor(MARKER, BOOT_MS, { from, failOn: /Recovery passphrase \(attempt/ });
   await vm.waitFor(/initos: sidecar beside the OS: ready/, 60_000, false, from);
+  console.log(`update: slot ${slot}: the root and the sidecar ${((Date.now() - t) / 1000).toFixed(1)} s after the wait began`);
   const out = vm.since(from);
   expect(out).toMatch(booted(slot));
   expect(out).toMatch(/initos: secureboot: on/);
