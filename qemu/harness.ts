@@ -3,7 +3,7 @@
 // its serial console to a log file, is waited on with timeouts, and is always torn down with
 // its swtpm and temp dir, also when a test fails (stopAll in afterEach).
 import { type ChildProcess, spawn } from "node:child_process";
-import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, rmSync } from "node:fs";
+import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
 import { open } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { createConnection, createServer } from "node:net";
@@ -415,6 +415,7 @@ export async function startVm(o: VmOptions): Promise<Vm> {
       const exited = new Promise<void>((res) => qemu.on("exit", () => res()));
       try {
         await Promise.race([waitForFile(monitorSock, 30_000, `${o.name}: QEMU's monitor`), exited]);
+        if (qemu.exitCode !== null || qemu.signalCode !== null) throw new Error(`${o.name}: QEMU exited at its start: ${readFileSync(logPath, "utf8").trim().slice(-2000)}`);
         ports = new Map([...parseHostForwards(await monitorQuery(monitorSock, "info usernet")), ...ports]);
       } catch (e) {
         qemu.kill("SIGKILL");
