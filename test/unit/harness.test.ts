@@ -179,6 +179,14 @@ describe("Vm: the console is a file the child writes, not a pipe this process dr
   });
 });
 
+describe("host forwards", () => {
+  it("a forward without a host port asks QEMU for port 0 (it binds a free one itself); a given port is kept", () => {
+    const direct = { kernel: "k", initrd: "i", append: "" };
+    const args = qemuArgs({ name: "t", direct, net: { forward: [{ guest: 15022 }, { host: 2222, guest: 22 }] } }, dir).join(" ");
+    expect(args).toContain("user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:0-:15022,hostfwd=tcp:127.0.0.1:2222-:22");
+  });
+});
+
 describe("parseHostForwards", () => {
   it("reads the host port QEMU bound for each guest port from `info usernet`", () => {
     // As QEMU 7.2 prints it (after the banner and the echoed command).
