@@ -14,6 +14,7 @@
 // its app got SIGTERM from the power button).
 import { type Vm, type VmOptions } from "./harness.ts";
 import { ssh } from "./ssh.ts";
+import { diskWithPool } from "../test/integration/pool-disk.ts";
 import { buildPoolImage, testRootfs } from "../test/integration/pool-image.ts";
 import { writeWebImage } from "../test/jails/web-image.ts";
 
@@ -58,7 +59,7 @@ export async function vmJailDemo(
       name: "demo-vmjail",
       direct: { kernel: `${B}/vmlinuz`, initrd: `${HOST}/demo-vm.initrd`, append: "console=ttyS0 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
       // demo-vm's boot disk: its ESPs carry modules, tools and vmhost.
-      disks: [{ file: `${HOST}/boot.img` }, { file: pool }],
+      disks: [{ file: diskWithPool(`${HOST}/boot.img`, pool, `${dir}/vmjail-machine.img`) }],
       net: { forward: [{ guest: 15022 }] },
       // The jail's QEMU (384M guest) runs in here beside the agent.
       memoryMiB: 2048,

@@ -14,6 +14,7 @@ import { tmpdir } from "node:os";
 import { OVMF, startVm, stopAll, type Vm, type VmOptions } from "./harness.ts";
 import { ssh, sshWhenUp } from "./ssh.ts";
 import { idBase } from "../agent/jails/config.ts";
+import { diskWithPool } from "../test/integration/pool-disk.ts";
 import { buildPoolImage, testRootfs } from "../test/integration/pool-image.ts";
 import { writeWebImage } from "../test/jails/web-image.ts";
 import { vmJailDemo } from "./demo-vmjail.ts";
@@ -125,7 +126,7 @@ try {
     {
       name: "demo-jails",
       direct: { kernel: "build/vmlinuz", initrd: "build/initrd.img", append: "console=ttyS0 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-      disks: [{ file: "build/boot.img" }, { file: pool }],
+      disks: [{ file: diskWithPool("build/boot.img", pool, `${dir}/jails-machine.img`) }],
       net: { forward: [{ guest: 15022 }] },
     },
     async (vm) => {

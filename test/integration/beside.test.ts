@@ -11,6 +11,7 @@ import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { startVm, stopAll } from "../../qemu/harness.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
+import { diskWithPool } from "./pool-disk.ts";
 import { buildPoolImage, testRootfs } from "./pool-image.ts";
 
 const B = "build";
@@ -39,7 +40,7 @@ describe("the sidecar beside the OS", () => {
     const vm = await startVm({
       name: "beside-mounts",
       direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.sidecar=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 -- hold=600" },
-      disks: [{ file: `${B}/boot.img` }, { file: pool }],
+      disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
       net: { forward: [{ guest: 15022 }] },
     });
     const port = vm.hostPort(15022);

@@ -9,6 +9,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { startVm, stopAll } from "../../qemu/harness.ts";
+import { diskWithPool } from "./pool-disk.ts";
 import { buildPoolImage, existingPaths, testRootfs, testRootWithInit } from "./pool-image.ts";
 
 const B = "build";
@@ -50,7 +51,7 @@ describe("a hostile host config on the encrypted pool", () => {
     const vm = await startVm({
       name: "hostconfig-hostile-binds",
       direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.root=.." },
-      disks: [{ file: `${B}/boot.img` }, { file: pool }],
+      disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
     });
     await vm.waitFor(PROMPT, 240_000, true);
     vm.send(`${PASS}\n`);

@@ -18,6 +18,7 @@ import { ssh } from "../../qemu/ssh.ts";
 import { idBase } from "../../agent/jails/config.ts";
 import { writeDigestMismatch, writeEscape, writeTruncated, writeWebImage } from "../jails/web-image.ts";
 import { chain } from "./chain.ts";
+import { diskWithPool } from "./pool-disk.ts";
 import { buildPoolImage, testRootfs } from "./pool-image.ts";
 
 const B = "build";
@@ -50,7 +51,7 @@ beforeAll(async () => {
   vm = await startVm({
     name: "jails",
     direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-    disks: [{ file: `${B}/boot.img` }, { file: pool }],
+    disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
     net: { forward: [{ guest: 15022 }] },
     memoryMiB: 1024,
     reboot: true, // the reboot step boots again in this QEMU
