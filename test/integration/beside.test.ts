@@ -44,7 +44,7 @@ describe("the sidecar beside the OS", () => {
       net: { forward: [{ guest: 15022 }] },
     });
     const port = vm.hostPort(15022);
-    await vm.waitFor(PROMPT, 240_000, true);
+    await vm.waitFor(PROMPT, 240_000, { prompt: true, failOn: /initos: boot failed:/ });
     vm.send(`${PASS}\n`);
     await vm.waitFor(/INITOS-TEST-ROOT pid=1 root=subvol=@root .*argv=\[hold=600\]/, 240_000);
     await vm.waitFor(/initos: sidecar beside the OS: ready/, 60_000);

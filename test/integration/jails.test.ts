@@ -25,6 +25,8 @@ const B = "build";
 const KEY = `${B}/test-ssh/id_ed25519`;
 const PASS = "jail-mode-test";
 const PROMPT = /Recovery passphrase \(attempt (\d) of 3\): $/;
+/** The agent gave up (it then waits for ssh or reboots): no wait for a later step can succeed. */
+const BOOT_FAILED = /initos: boot failed:/;
 let dir: string;
 let vm: Vm;
 let port: number;
@@ -57,7 +59,9 @@ beforeAll(async () => {
     reboot: true, // the reboot step boots again in this QEMU
   });
   port = vm.hostPort(15022);
-  await vm.waitFor(PROMPT, 240_000, true);
+  const t = Date.now();
+  await vm.waitFor(PROMPT, 240_000, { prompt: true, failOn: BOOT_FAILED });
+  console.log(`jails: the passphrase prompt ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
   vm.send(`${PASS}\n`);
   await vm.waitFor(/initos: jails: ready/, 300_000);
 }, 600_000);
@@ -153,7 +157,7 @@ describe.sequential("jail mode", () => {
     const from = vm.mark();
     await run("reboot"); // the reply may or may not beat the reboot: the console says what happened
     await vm.waitFor(/stopping the jails before the reboot/, 60_000, false, from);
-    await vm.waitFor(PROMPT, 300_000, true, from);
+    await vm.waitFor(PROMPT, 300_000, { prompt: true, from, failOn: BOOT_FAILED });
     const boot = vm.mark();
     vm.send(`${PASS}\n`);
     await vm.waitFor(/initos: jails: ready/, 300_000, false, boot);

@@ -125,8 +125,9 @@ const opts = (o: SshOptions = {}): SshOptions => ({ key: KEY, timeoutMs: 600_000
  */
 async function bootedInto(slot: string, from: number): Promise<string> {
   const t = Date.now();
-  // The passphrase prompt means the TPM kept the key: fail then, not at the bound.
-  await vm.waitFor(MARKER, BOOT_MS, { from, failOn: /Recovery passphrase \(attempt/ });
+  // The passphrase prompt means the TPM kept the key, and a failed boot reaches no root: fail
+  // then, not at the bound.
+  await vm.waitFor(MARKER, BOOT_MS, { from, failOn: /Recovery passphrase \(attempt|initos: boot failed:/ });
   await vm.waitFor(/initos: sidecar beside the OS: ready/, 60_000, false, from);
   console.log(`update: slot ${slot}: the root and the sidecar ${((Date.now() - t) / 1000).toFixed(1)} s after the wait began`);
   const out = vm.since(from);
