@@ -44,27 +44,14 @@ const JAILS = {
   ],
 };
 
-beforeAll(async () => {
+let pool: string;
+beforeAll(() => {
   dir = mkdtempSync(`${tmpdir()}/initos-jails-`);
-  const pool = buildPoolImage({ out: `${dir}/pool.img`, passphrase: PASS, rootfs: testRootfs(`${dir}/rootfs.tar`), subvolumes: ["@spare", "@data"], hostConfig: JAILS,
+  pool = buildPoolImage({ out: `${dir}/pool.img`, passphrase: PASS, rootfs: testRootfs(`${dir}/rootfs.tar`), subvolumes: ["@spare", "@data"], hostConfig: JAILS,
     // Each jail's data directory belongs to its root (the first id of its range, outside).
     dirs: { "@data/web": idBase("web"), "@data/peer": idBase("peer") },
   });
-  vm = await startVm({
-    name: "jails",
-    direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-    disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
-    net: { forward: [{ guest: 15022 }] },
-    memoryMiB: 1024,
-    reboot: true, // the reboot step boots again in this QEMU
-  });
-  port = vm.hostPort(15022);
-  const t = Date.now();
-  await vm.waitFor(PROMPT, 240_000, { prompt: true, failOn: BOOT_FAILED });
-  console.log(`jails: the passphrase prompt ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
-  vm.send(`${PASS}\n`);
-  await vm.waitFor(/initos: jails: ready/, 300_000);
-}, 600_000);
+}, 300_000);
 afterAll(async () => {
   await stopAll();
   rmSync(dir, { recursive: true, force: true });
@@ -74,6 +61,26 @@ afterAll(async () => {
 const step = chain();
 
 describe.sequential("jail mode", () => {
+  // The boot is the chain's first step, not a hook: when it fails, the steps after it fail
+  // naming it (a failed beforeAll reports them as skipped).
+  step("boots in jail mode: the passphrase at the console opens the pool, the jails come up", async () => {
+    vm = await startVm({
+      name: "jails",
+      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+      disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
+      net: { forward: [{ guest: 15022 }] },
+      memoryMiB: 1024,
+      reboot: true, // the reboot step boots again in this QEMU
+    });
+    port = vm.hostPort(15022);
+    const t = Date.now();
+    await vm.waitFor(PROMPT, 240_000, { prompt: true, failOn: BOOT_FAILED });
+    console.log(`jails: the passphrase prompt ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
+    vm.send(`${PASS}\n`);
+    await vm.waitFor(/initos: jails: ready/, 300_000, { failOn: BOOT_FAILED });
+    console.log(`jails: ready ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
+  }, 600_000);
+
   step("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
     expect(vm.output).toMatch(/initos: pool: no root in the host config; jail mode with 3 jail\(s\), the pool on \/x/);
     expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
