@@ -28,12 +28,10 @@ async function bootWithSsh(name: string, append: string, initrd = `${B}/initrd.i
   return { vm, port: vm.hostPort(15022) };
 }
 
-beforeAll(async () => {
+beforeAll(() => {
   dir = mkdtempSync(`${tmpdir()}/initos-ssh-`);
   spawnSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", `${dir}/stranger`]);
-  ({ vm, port } = await bootWithSsh("sidecar", "initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2"));
-  await vm.waitFor(/initos: sidecar: ready/, 150_000);
-}, 200_000);
+});
 afterAll(async () => {
   await stopAll();
   rmSync(dir, { recursive: true, force: true });
@@ -44,11 +42,15 @@ afterEach(() => {});
 const step = chain();
 
 describe.sequential("sidecar", () => {
-  step("static address from initos.ip/initos.gw, sshd supervised on 15022", () => {
+  // The boot is the chain's first step, not a hook: when it fails, its steps fail naming it,
+  // and the scenarios with VMs of their own below still run.
+  step("static address from initos.ip/initos.gw, sshd supervised on 15022", async () => {
+    ({ vm, port } = await bootWithSsh("sidecar", "initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2"));
+    await vm.waitFor(/initos: sidecar: ready/, 150_000, { failOn: /initos: boot failed:/ });
     expect(vm.output).toMatch(/initos: network: eth0 10\.0\.2\.15\/24 via 10\.0\.2\.2/);
     expect(vm.output).toMatch(/initos: supervise: sshd started \(pid \d+\)/);
     expect(vm.output).toMatch(/initos: sidecar: sshd on port 15022, 1 authorized key\(s\)/);
-  });
+  }, 200_000);
 
   step("the key from the UKI logs in and runs status; the session is the command interface, not a shell", async () => {
     const r = await sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts` });
