@@ -31,7 +31,12 @@ let dir: string;
 let vm: Vm;
 let port: number;
 
-const run = (command: string, inputFile?: string) => ssh(port, command, { key: KEY, knownHosts: `${dir}/known_hosts`, inputFile, timeoutMs: 300_000 });
+/*
+ * Bounds at about 3x this file's measured times, at least 30 s (2026-12-07, TCG, the QEMU lock
+ * held; the file 96 s): the boot to the prompt 13.9 s, to "jails: ready" 15.2 s; the steps 0-18 s,
+ * the reboot step 37 s. They were 120-600 s a step.
+ */
+const run = (command: string, inputFile?: string) => ssh(port, command, { key: KEY, knownHosts: `${dir}/known_hosts`, inputFile, timeoutMs: 60_000 });
 
 const JAILS = {
   network: { address: "10.77.0.1/24" },
@@ -74,12 +79,12 @@ describe.sequential("jail mode", () => {
     });
     port = vm.hostPort(15022);
     const t = Date.now();
-    await vm.waitFor(PROMPT, 240_000, { prompt: true, failOn: BOOT_FAILED });
+    await vm.waitFor(PROMPT, 50_000, { prompt: true, failOn: BOOT_FAILED });
     console.log(`jails: the passphrase prompt ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
     vm.send(`${PASS}\n`);
-    await vm.waitFor(/initos: jails: ready/, 300_000, { failOn: BOOT_FAILED });
+    await vm.waitFor(/initos: jails: ready/, 30_000, { failOn: BOOT_FAILED });
     console.log(`jails: ready ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
-  }, 600_000);
+  }, 90_000);
 
   step("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
     expect(vm.output).toMatch(/initos: pool: no root in the host config; jail mode with 3 jail\(s\), the pool on \/x/);
@@ -112,7 +117,7 @@ describe.sequential("jail mode", () => {
     }
     const list = await run("image list");
     expect(list.stdout.trim()).toBe("no images");
-  }, 600_000);
+  }, 60_000);
 
   step("image import web streams an OCI archive into a read-only subvolume; jail start runs it", async () => {
     const imported = await run("image import web", writeWebImage(`${dir}/web.tar`));
@@ -122,17 +127,17 @@ describe.sequential("jail mode", () => {
     const from = vm.mark();
     const started = await run("jail start web");
     expect(started.stdout.trim()).toBe("jail web: started");
-    await vm.waitFor(/JAIL-UP pid=1 uid=0 hostname=web/, 120_000, false, from);
-  }, 600_000);
+    await vm.waitFor(/JAIL-UP pid=1 uid=0 hostname=web/, 30_000, false, from);
+  }, 60_000);
 
   step("its memory limit is enforced: the first run is killed by the OOM killer in its cgroup, and the jail is restarted", async () => {
-    await vm.waitFor(/JAIL-HOG allocating/, 120_000);
-    await vm.waitFor(/oom-kill:.*oom_memcg=\/initos\/web/, 120_000);
-    await vm.waitFor(/initos: supervise: jail web (exited with \d+|killed by SIGKILL); restarting in 1s/, 120_000);
-    await vm.waitFor(/JAIL-SERVING on 8080/, 180_000);
+    await vm.waitFor(/JAIL-HOG allocating/, 30_000);
+    await vm.waitFor(/oom-kill:.*oom_memcg=\/initos\/web/, 30_000);
+    await vm.waitFor(/initos: supervise: jail web (exited with \d+|killed by SIGKILL); restarting in 1s/, 30_000);
+    await vm.waitFor(/JAIL-SERVING on 8080/, 45_000);
     expect(vm.output).not.toMatch(/JAIL-HOG survived/);
     expect(vm.output).toMatch(/JAIL-SHARE wrote \/data\/ran-once/);
-  }, 600_000);
+  }, 60_000);
 
   step("jails: its init is PID 1 of its own namespace with uid 0 mapped outside, the limit applies, the host reaches it over the bridge", async () => {
     const st = (await run("jails")).stdout;
@@ -141,13 +146,13 @@ describe.sequential("jail mode", () => {
     expect(st).toMatch(new RegExp(`^web: init pid \\d+ is pid 1 in its namespace; uid 0 inside is uid ${base} outside \\(65536 ids\\)$`, "m"));
     expect(st).toMatch(/^web: memory [\d.]+ MiB of 64\.0 MiB, oom kills [1-9]/m);
     expect(st).toMatch(/^web: probe 10\.77\.0\.10:8080 answered: "HTTP\/1\.[01] 200 OK"$/m);
-  }, 120_000);
+  }, 30_000);
 
   step("it sees neither the host's disks nor the pool's top level nor the other jail", async () => {
     // The other jail runs beside it meanwhile (its first run eats past its limit too).
     const from = vm.mark();
     expect((await run("jail start peer")).stdout.trim()).toBe("jail peer: started");
-    await vm.waitFor(/jail peer: JAIL-POOL /, 120_000, false, from);
+    await vm.waitFor(/jail peer: JAIL-POOL /, 30_000, false, from);
     for (const name of ["web", "peer"]) {
       const devs = new RegExp(`jail ${name}: JAIL-DEV ([^\r\n]*)`).exec(vm.output)![1]!;
       expect(devs.split(" ")).toContain("null");
@@ -158,27 +163,27 @@ describe.sequential("jail mode", () => {
       // Its pid namespace: only its own few processes (the host has a hundred).
       expect(vm.output).toMatch(new RegExp(`jail ${name}: JAIL-UP pid=1 uid=0 hostname=${name} procs=[1-9]\\b`));
     }
-  }, 300_000);
+  }, 30_000);
 
   step("after a reboot the jails start at boot: web and peer run from the image imported before, with no jail start", async () => {
     const from = vm.mark();
     await run("reboot"); // the reply may or may not beat the reboot: the console says what happened
     await vm.waitFor(/stopping the jails before the reboot/, 60_000, false, from);
-    await vm.waitFor(PROMPT, 300_000, { prompt: true, from, failOn: BOOT_FAILED });
+    await vm.waitFor(PROMPT, 90_000, { prompt: true, from, failOn: BOOT_FAILED });
     const boot = vm.mark();
     vm.send(`${PASS}\n`);
-    await vm.waitFor(/initos: jails: ready/, 300_000, false, boot);
-    await vm.waitFor(/jail web: JAIL-UP pid=1 uid=0 hostname=web/, 180_000, false, boot);
-    await vm.waitFor(/jail peer: JAIL-UP pid=1 uid=0 hostname=peer/, 180_000, false, boot);
+    await vm.waitFor(/initos: jails: ready/, 30_000, false, boot);
+    await vm.waitFor(/jail web: JAIL-UP pid=1 uid=0 hostname=web/, 30_000, false, boot);
+    await vm.waitFor(/jail peer: JAIL-UP pid=1 uid=0 hostname=peer/, 30_000, false, boot);
     expect(vm.since(boot)).not.toMatch(/initos: ctl: jail\b/);
     expect(vm.since(boot)).not.toMatch(/jail (web|peer): not started/);
-  }, 600_000);
+  }, 120_000);
 
   step("poweroff stops the jails first: their init gets SIGTERM, then the machine powers off", async () => {
     const from = vm.mark();
     await run("poweroff");
-    await vm.waitFor(/stopping the jails before the poweroff/, 60_000, false, from);
-    await vm.waitFor(/JAIL-TERM/, 60_000, false, from);
-    await vm.waitExit(120_000);
-  }, 240_000);
+    await vm.waitFor(/stopping the jails before the poweroff/, 30_000, false, from);
+    await vm.waitFor(/JAIL-TERM/, 30_000, false, from);
+    await vm.waitExit(30_000);
+  }, 60_000);
 });
