@@ -412,12 +412,11 @@ export async function startVm(o: VmOptions): Promise<Vm> {
     for (const f of fixed) ports.set(f.guest, f.host!);
     if (fixed.length < (o.net?.forward.length ?? 0)) {
       // QEMU bound these itself (port 0): ask it which ports it got.
-      const exited = new Promise<void>((res) => qemu.on("exit", () => res()));
+      const alive = () => qemu.exitCode === null && qemu.signalCode === null;
       try {
-        await Promise.race([waitForFile(monitorSock, 30_000, `${o.name}: QEMU's monitor`), exited]);
-        if (qemu.exitCode !== null || qemu.signalCode !== null) throw new Error(`${o.name}: QEMU exited at its start: ${readFileSync(logPath, "utf8").trim().slice(-2000)}`);
-        ports = new Map([...parseHostForwards(await monitorQuery(monitorSock, "info usernet")), ...ports]);
+        ports = new Map([...parseHostForwards(await monitorQuery(monitorSock, "info usernet", { alive })), ...ports]);
       } catch (e) {
+        if (!alive()) throw new Error(`${o.name}: QEMU exited at its start: ${readFileSync(logPath, "utf8").trim().slice(-2000)}`);
         qemu.kill("SIGKILL");
         throw e;
       }
@@ -451,8 +450,7 @@ export function parseHostForwards(table: string): Map<number, number> {
   return m;
 }
 
-/** One command to QEMU's human monitor, and what it printed (banner and echo included). */
-function monitorQuery(sock: string, command: string): Promise<string> {
+function queryOnce(sock: string, command: string): Promise<string> {
   return new Promise((res, rej) => {
     let out = "";
     const c = createConnection(sock);
@@ -460,8 +458,26 @@ function monitorQuery(sock: string, command: string): Promise<string> {
     c.on("error", rej);
     c.on("data", (d: string) => (out += d));
     c.on("connect", () => c.end(`${command}\n`));
-    c.on("close", () => res(out));
+    c.on("close", (hadError) => hadError || res(out));
   });
+}
+
+/**
+ * One command to QEMU's human monitor, and what it printed (banner and echo included). QEMU
+ * binds the socket before it listens on it: until then a connection finds no file (ENOENT) or is
+ * refused (ECONNREFUSED), and is tried again every 20 ms, while `alive()` and for `timeoutMs`.
+ */
+export async function monitorQuery(sock: string, command: string, o: { alive?: () => boolean; timeoutMs?: number } = {}): Promise<string> {
+  const end = Date.now() + (o.timeoutMs ?? 30_000);
+  for (;;) {
+    try {
+      return await queryOnce(sock, command);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if ((code !== "ENOENT" && code !== "ECONNREFUSED") || Date.now() > end || (o.alive && !o.alive())) throw e;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
 }
 
 /**

@@ -2,10 +2,11 @@
 // keeps its firmware variables and reboots in place, and the console waits that look at one
 // boot's part of a log that accumulates across boots (on a real child process's output).
 import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
-import { parseHostForwards, promptPattern, qemuArgs, spawnLogged, Vm } from "../../qemu/harness.ts";
+import { monitorQuery, parseHostForwards, promptPattern, qemuArgs, spawnLogged, Vm } from "../../qemu/harness.ts";
 
 const dir = mkdtempSync(`${tmpdir()}/initos-harness-`);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -204,5 +205,40 @@ describe("parseHostForwards", () => {
       [15022, 33301],
       [22, 33957],
     ]);
+  });
+});
+
+describe("monitorQuery", () => {
+  it("waits through a socket that is not there yet and one that refuses (bound, not listening), then gets the answer", async () => {
+    const sock = `${dir}/monitor-race.sock`;
+    // A socket file nobody listens on: its process was killed (connect: ECONNREFUSED), as QEMU's
+    // is between bind() and listen().
+    const stale = spawn(process.execPath, ["-e", `require("net").createServer().listen(${JSON.stringify(sock)}, () => console.log("up"))`], { stdio: ["ignore", "pipe", "ignore"] });
+    await new Promise((r) => stale.stdout.once("data", r));
+    stale.kill("SIGKILL");
+    await new Promise((r) => stale.on("exit", r));
+    expect(existsSync(sock)).toBe(true);
+    const refused = await monitorQuery(sock, "info usernet", { timeoutMs: 100 }).catch((e: NodeJS.ErrnoException) => e.code);
+    expect(refused).toBe("ECONNREFUSED");
+    // 300 ms later the file goes (ENOENT) and a monitor answers.
+    const server = createServer((c) => {
+      c.write("QEMU monitor\r\n(qemu) ");
+      c.on("data", (d) => c.end(`${d.toString().trim()}\r\nanswer\r\n`));
+    });
+    setTimeout(() => {
+      unlinkSync(sock);
+      setTimeout(() => server.listen(sock), 100);
+    }, 300);
+    const t = Date.now();
+    const out = await monitorQuery(sock, "info usernet", { timeoutMs: 5000 });
+    expect(out).toContain("info usernet\r\nanswer");
+    expect(Date.now() - t).toBeGreaterThanOrEqual(350);
+    await new Promise((r) => server.close(r));
+  });
+
+  it("stops retrying once the process is gone", async () => {
+    const t = Date.now();
+    await expect(monitorQuery(`${dir}/never.sock`, "info usernet", { alive: () => Date.now() - t < 200, timeoutMs: 10_000 })).rejects.toThrow(/ENOENT/);
+    expect(Date.now() - t).toBeLessThan(2000);
   });
 });
