@@ -12,7 +12,7 @@
 // after ~49 s, the inner kernel runs /init ~135 s later, the inner agent reaches switch_root
 // ~200 s after that); `poweroff` to the outer QEMU's exit 4.7 s (the jail stopped in 2.6 s,
 // its app got SIGTERM from the power button).
-import { freePort, type Vm, type VmOptions } from "./harness.ts";
+import { type Vm, type VmOptions } from "./harness.ts";
 import { ssh } from "./ssh.ts";
 import { diskWithPool } from "../test/integration/pool-disk.ts";
 import { buildPoolImage, testRootfs } from "../test/integration/pool-image.ts";
@@ -51,7 +51,6 @@ export async function vmJailDemo(
       jails: [{ name: "app", kind: "vm", image: "app", memory: "384M", cpus: 1, address: "10.77.0.20", command: APP }],
     },
   });
-  const port = await freePort();
   const r: VmJailDemo = { output: "", status: "", bootS: NaN, startS: NaN, poweroffS: NaN };
   const opts = { key: `${B}/test-ssh/id_ed25519`, knownHosts: `${dir}/known_hosts_vmjail` };
   r.output = await show(
@@ -61,11 +60,12 @@ export async function vmJailDemo(
       direct: { kernel: `${B}/vmlinuz`, initrd: `${HOST}/demo-vm.initrd`, append: "console=ttyS0 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
       // demo-vm's boot disk: its ESPs carry modules, tools and vmhost.
       disks: [{ file: diskWithPool(`${HOST}/boot.img`, pool, `${dir}/vmjail-machine.img`) }],
-      net: { forward: [{ host: port, guest: 15022 }] },
+      net: { forward: [{ guest: 15022 }] },
       // The jail's QEMU (384M guest) runs in here beside the agent.
       memoryMiB: 2048,
     },
     async (vm) => {
+      const port = vm.hostPort(15022);
       const t0 = Date.now();
       await vm.waitFor(/Recovery passphrase \(attempt 1 of 3\): $/, 240_000, true);
       vm.send("demo-vm-jail\n");

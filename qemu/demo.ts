@@ -11,7 +11,7 @@
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { freePort, OVMF, startVm, stopAll, type Vm, type VmOptions } from "./harness.ts";
+import { OVMF, startVm, stopAll, type Vm, type VmOptions } from "./harness.ts";
 import { ssh, sshWhenUp } from "./ssh.ts";
 import { idBase } from "../agent/jails/config.ts";
 import { diskWithPool } from "../test/integration/pool-disk.ts";
@@ -73,7 +73,6 @@ try {
     tpm,
     memoryMiB: 2048,
   });
-  const port = await freePort();
   let besideStatus = "";
   const managed = await show(
     "4. sidecar mode managed over ssh: status, switch-root, the sidecar beside the booted OS",
@@ -85,9 +84,10 @@ try {
         append: "console=ttyS0 initos.mode=sidecar initos.sidecar=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@ -- hold=120",
       },
       disks: [{ file: "build/boot.img" }, { file: "build/testroot.img" }],
-      net: { forward: [{ host: port, guest: 15022 }] },
+      net: { forward: [{ guest: 15022 }] },
     },
     async (vm) => {
+      const port = vm.hostPort(15022);
       await vm.waitFor(/initos: sidecar: ready/, 180_000);
       await operator(port, "status");
       await operator(port, "switch-root");
@@ -109,7 +109,6 @@ try {
   });
 
   // 6. Jail mode: an encrypted pool whose host config names a container jail and no root.
-  const jailPort = await freePort();
   const pool = buildPoolImage({
     out: `${dir}/jails-pool.img`,
     passphrase: "demo-jails",
@@ -128,20 +127,21 @@ try {
       name: "demo-jails",
       direct: { kernel: "build/vmlinuz", initrd: "build/initrd.img", append: "console=ttyS0 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
       disks: [{ file: diskWithPool("build/boot.img", pool, `${dir}/jails-machine.img`) }],
-      net: { forward: [{ host: jailPort, guest: 15022 }] },
+      net: { forward: [{ guest: 15022 }] },
     },
     async (vm) => {
+      const port = vm.hostPort(15022);
       await vm.waitFor(/Recovery passphrase \(attempt 1 of 3\): $/, 240_000, true);
       vm.send("demo-jails\n");
       await vm.waitFor(/initos: jails: ready/, 240_000);
       const web = writeWebImage(`${dir}/web.tar`);
       console.log(`\n$ ssh -p 15022 root@machine image import web < web.tar`);
-      const r = await ssh(jailPort, "image import web", { key: "build/test-ssh/id_ed25519", knownHosts: `${dir}/known_hosts`, inputFile: web, timeoutMs: 300_000 });
+      const r = await ssh(port, "image import web", { key: "build/test-ssh/id_ed25519", knownHosts: `${dir}/known_hosts`, inputFile: web, timeoutMs: 300_000 });
       console.log(r.stdout + r.stderr);
-      await operator(jailPort, "jail start web");
+      await operator(port, "jail start web");
       await vm.waitFor(/JAIL-SERVING on 8080/, 240_000);
-      jailStatus = await operator(jailPort, "jails");
-      await operator(jailPort, "poweroff");
+      jailStatus = await operator(port, "jails");
+      await operator(port, "poweroff");
     },
   );
 

@@ -3,10 +3,12 @@
 // its serial console to a log file, is waited on with timeouts, and is always torn down with
 // its swtpm and temp dir, also when a test fails (stopAll in afterEach).
 import { type ChildProcess, spawn } from "node:child_process";
-import { copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, rmSync, type WriteStream } from "node:fs";
+import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
+import { open } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { createConnection, createServer } from "node:net";
 import { resolve } from "node:path";
+import { StringDecoder } from "node:string_decoder";
 
 export const OVMF = {
   code: "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd",
@@ -50,9 +52,11 @@ export interface VmOptions {
   cpus?: number;
   /**
    * User networking with restrict=on (the guest reaches nothing outside QEMU; QEMU's DHCP
-   * still answers) and TCP forwards from 127.0.0.1:<host> to the guest's <guest> port.
+   * still answers) and TCP forwards from 127.0.0.1:<host> to the guest's <guest> port. Without
+   * `host` (the way to use it), QEMU binds a free port itself and startVm asks it which
+   * (Vm.hostPort): no window in which another process can take the port, as freePort() leaves.
    */
-  net?: { forward: { host: number; guest: number }[] };
+  net?: { forward: { host?: number; guest: number }[] };
   /**
    * q35 (default: PCI devices) or microvm (virtio-mmio devices found through ACPI, no PCI, as
    * cloud-hypervisor's and firecracker's VMs look); microvm needs a direct boot.
@@ -74,39 +78,122 @@ export interface VmOptions {
   i6300esb?: boolean;
 }
 
+/** What waitFor looks for besides the pattern, and where. */
+export interface WaitOptions {
+  /**
+   * A prompt: text that ends without a newline, waited for in the incomplete last line too. A
+   * `$` at the end of the pattern means the end of the prompt, not of the output: a kernel line
+   * printed after the prompt does not hide it. Only a prompt printed after the last send() is
+   * one (a prompt already answered is never matched again).
+   */
+  prompt?: boolean;
+  /** A mark(): only the output after it is searched; match indexes are then relative to it. */
+  from?: number;
+  /**
+   * Fails the wait as soon as this appears (after `from`, incomplete lines included): e.g. the
+   * passphrase prompt while waiting for an unattended unlock's root, instead of the timeout.
+   */
+  failOn?: RegExp;
+}
+
+/** A pattern for prompt waits: without the `$` that ends it (see WaitOptions.prompt). */
+export function promptPattern(re: RegExp): RegExp {
+  const src = re.source;
+  // A final `$` that is not escaped (an odd number of backslashes before it escapes it).
+  const trailing = /(\\*)\$$/.exec(src);
+  const body = trailing && trailing[1]!.length % 2 === 0 ? src.slice(0, -1) : src;
+  return new RegExp(body, re.flags.replace(/[gy]/g, ""));
+}
+
+/**
+ * Reads a log file that another process appends to, from the start, until `done()` says that
+ * process is gone and the file has nothing more: QEMU writes the serial console to the file
+ * itself, so it never waits on this process (a pipe would fill while the event loop is busy,
+ * and the guest would block on its serial port).
+ */
+async function follow(path: string, onText: (s: string) => void, done: () => boolean, pollMs = 20): Promise<void> {
+  const fh = await open(path, "r");
+  const chunk = Buffer.alloc(1 << 16);
+  const dec = new StringDecoder("utf8"); // a multi-byte character split across two reads stays intact
+  let pos = 0;
+  try {
+    for (;;) {
+      const last = done(); // before the read: what the process wrote before it ended is read next
+      const { bytesRead } = await fh.read(chunk, 0, chunk.length, pos);
+      if (bytesRead > 0) {
+        pos += bytesRead;
+        onText(dec.write(chunk.subarray(0, bytesRead)));
+        continue;
+      }
+      if (last) break;
+      await new Promise((r) => setTimeout(r, pollMs));
+    }
+    const rest = dec.end();
+    if (rest) onText(rest);
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Starts `command` with its stdout and stderr appended to `logPath` (created empty) and its stdin
+ * a pipe (for send()): what Vm reads. Exported for the harness's unit tests.
+ */
+export function spawnLogged(command: string, args: string[], logPath: string): ChildProcess {
+  const fd = openSync(logPath, "w");
+  try {
+    // One open file description for both: O_APPEND not needed, the offset is shared.
+    return spawn(command, args, { stdio: ["pipe", fd, fd] });
+  } finally {
+    closeSync(fd);
+  }
+}
+
 export class Vm {
   private buf = "";
   private waiters = new Set<() => void>();
   private exitCode: number | null | undefined;
+  /** Where the output was when send() was last called: prompts before it are answered. */
+  private lastInput = 0;
   readonly exited: Promise<number | null>;
 
+  /**
+   * `child` writes its output to `logPath` (spawnLogged); `ports` maps a guest port to the host
+   * port QEMU forwards to it.
+   */
   constructor(
     readonly name: string,
     readonly logPath: string,
     private readonly qemu: ChildProcess,
-    private readonly log: WriteStream,
     private readonly cleanup: () => void,
     private readonly monitorSock: string,
+    private readonly ports: ReadonlyMap<number, number> = new Map(),
   ) {
-    // Decode as streams: a multi-byte character split across two reads stays intact.
-    qemu.stdout!.setEncoding("utf8");
-    qemu.stderr!.setEncoding("utf8");
-    const onData = (s: string) => {
-      this.buf += s;
-      this.log.write(s);
-      for (const w of this.waiters) w();
-    };
-    qemu.stdout!.on("data", onData);
-    qemu.stderr!.on("data", onData);
-    this.exited = new Promise((res) => {
-      qemu.on("exit", (code) => {
-        this.exitCode = code;
-        this.log.end();
-        this.cleanup();
+    let childDone = false;
+    const childExit = new Promise<number | null>((res) => qemu.on("exit", (code) => ((childDone = true), res(code))));
+    const read = follow(
+      logPath,
+      (s) => {
+        this.buf += s;
         for (const w of this.waiters) w();
-        res(code);
-      });
-    });
+      },
+      () => childDone,
+    );
+    this.exited = (async () => {
+      const code = await childExit;
+      await read.catch(() => {});
+      this.exitCode = code;
+      this.cleanup();
+      for (const w of this.waiters) w();
+      return code;
+    })();
+  }
+
+  /** The host port on 127.0.0.1 that QEMU forwards to the guest's port `guest`. */
+  hostPort(guest: number): number {
+    const p = this.ports.get(guest);
+    if (p === undefined) throw new Error(`${this.name}: no forward to guest port ${guest}`);
+    return p;
   }
 
   /** Everything the serial console (and QEMU itself) printed so far. */
@@ -133,19 +220,34 @@ export class Vm {
 
   /**
    * Resolves with the first match of `re` in the complete lines of output (a line still being
-   * written could match a prefix of what it will say); rejects on timeout or VM exit. A prompt,
-   * which ends without a newline, is waited for with `prompt`. With `from` (a mark()), only the
-   * output after that point is searched; match indexes are then relative to it.
+   * written could match a prefix of what it will say); rejects on timeout, on VM exit, or when
+   * `failOn` appears. A prompt, which ends without a newline, is waited for with `prompt` (see
+   * WaitOptions). The third argument may be `prompt` alone and the fourth `from`, as before.
    */
-  waitFor(re: RegExp, timeoutMs: number, prompt = false, from = 0): Promise<RegExpMatchArray> {
+  waitFor(re: RegExp, timeoutMs: number, opts: boolean | WaitOptions = {}, fromArg = 0): Promise<RegExpMatchArray> {
+    const o: WaitOptions = typeof opts === "boolean" ? { prompt: opts, from: fromArg } : opts;
+    const prompt = o.prompt ?? false;
+    const from = o.from ?? 0;
+    const pattern = prompt ? promptPattern(re) : re;
+    const where = from ? ` after output offset ${from}` : "";
     return new Promise((res, rej) => {
       const check = () => {
+        // A prompt is one only if printed after the input that answered the last one.
+        const start = prompt ? Math.max(from, this.lastInput) : from;
         const end = this.running && !prompt ? this.buf.lastIndexOf("\n") + 1 : this.buf.length;
-        const m = end > from ? this.buf.slice(from, end).match(re) : null;
-        if (m) return done(() => res(m));
+        const m = end > start ? this.buf.slice(start, end).match(pattern) : null;
+        if (m) {
+          // Indexes relative to `from`, as documented, also when the search started later.
+          if (m.index !== undefined) m.index += start - from;
+          return done(() => res(m));
+        }
+        if (o.failOn) {
+          const bad = this.buf.slice(from).match(o.failOn);
+          if (bad) return done(() => rej(new Error(`${this.name}: ${JSON.stringify(bad[0])} (${o.failOn}) while waiting for ${re}${where}; log ${this.logPath}${this.tail()}`)));
+        }
         if (!this.running) return done(() => rej(new Error(`${this.name}: VM exited (code ${this.exitCode}) before ${re}${from ? ` (after output offset ${from})` : ""}; log ${this.logPath}${this.tail()}`)));
       };
-      const timer = setTimeout(() => done(() => rej(new Error(`${this.name}: no ${re}${from ? ` after output offset ${from}` : ""} within ${timeoutMs} ms; log ${this.logPath}${this.tail()}`))), timeoutMs);
+      const timer = setTimeout(() => done(() => rej(new Error(`${this.name}: no ${re}${where} within ${timeoutMs} ms; log ${this.logPath}${this.tail()}`))), timeoutMs);
       const done = (f: () => void) => {
         clearTimeout(timer);
         this.waiters.delete(check);
@@ -189,8 +291,9 @@ export class Vm {
     });
   }
 
-  /** Types on the serial console. */
+  /** Types on the serial console (an answer: the prompts printed so far are answered). */
   send(text: string): void {
+    this.lastInput = this.buf.length;
     this.qemu.stdin!.write(text);
   }
 
@@ -233,7 +336,7 @@ export function qemuArgs(o: VmOptions, tmp: string, tpmSock?: string): string[] 
   // The same virtio devices on either transport: PCI on q35, MMIO on microvm.
   const dev = (kind: string) => `virtio-${kind}-${microvm ? "device" : "pci"}`;
   if (o.net) {
-    const fwd = o.net.forward.map((f) => `,hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`).join("");
+    const fwd = o.net.forward.map((f) => `,hostfwd=tcp:127.0.0.1:${f.host ?? 0}-:${f.guest}`).join("");
     args.push("-netdev", `user,id=net0,restrict=on${fwd}`, "-device", `${dev("net")},netdev=net0`);
   } else {
     args.push("-nic", "none");
@@ -301,9 +404,29 @@ export async function startVm(o: VmOptions): Promise<Vm> {
       });
       await waitForFile(tpmSock, 5000, "swtpm");
     }
-    const qemu = spawn("qemu-system-x86_64", qemuArgs(o, tmp, tpmSock), { stdio: ["pipe", "pipe", "pipe"] });
     const logPath = `${logDir}/${o.name}.log`;
-    const vm = new Vm(o.name, logPath, qemu, createWriteStream(logPath), cleanup, `${tmp}/monitor.sock`);
+    const qemu = spawnLogged("qemu-system-x86_64", qemuArgs(o, tmp, tpmSock), logPath);
+    const monitorSock = `${tmp}/monitor.sock`;
+    let ports: Map<number, number> = new Map();
+    const fixed = (o.net?.forward ?? []).filter((f) => f.host);
+    for (const f of fixed) ports.set(f.guest, f.host!);
+    if (fixed.length < (o.net?.forward.length ?? 0)) {
+      // QEMU bound these itself (port 0): ask it which ports it got.
+      const alive = () => qemu.exitCode === null && qemu.signalCode === null;
+      try {
+        ports = new Map([...parseHostForwards(await monitorQuery(monitorSock, "info usernet", { alive })), ...ports]);
+      } catch (e) {
+        if (!alive()) throw new Error(`${o.name}: QEMU exited at its start: ${readFileSync(logPath, "utf8").trim().slice(-2000)}`);
+        qemu.kill("SIGKILL");
+        throw e;
+      }
+      const missing = o.net!.forward.filter((f) => !ports.has(f.guest));
+      if (missing.length) {
+        qemu.kill("SIGKILL");
+        throw new Error(`${o.name}: QEMU reports no forward to guest port(s) ${missing.map((f) => f.guest).join(", ")}; log ${logPath}`);
+      }
+    }
+    const vm = new Vm(o.name, logPath, qemu, cleanup, monitorSock, ports);
     live.add(vm);
     void vm.exited.then(() => live.delete(vm));
     return vm;
@@ -317,7 +440,51 @@ process.on("exit", () => {
   for (const v of live) v.kill();
 });
 
-/** A TCP port on 127.0.0.1 that is free right now (for a host forward). */
+/**
+ * The host forwards in QEMU's `info usernet` table, guest port -> host port, e.g.
+ * `  TCP[HOST_FORWARD]   8       127.0.0.1 33301       10.0.2.15 15022     0     0`.
+ */
+export function parseHostForwards(table: string): Map<number, number> {
+  const m = new Map<number, number>();
+  for (const l of table.matchAll(/^\s*TCP\[HOST_FORWARD\]\s+\d+\s+\S+\s+(\d+)\s+\S+\s+(\d+)\s/gm)) m.set(Number(l[2]), Number(l[1]));
+  return m;
+}
+
+function queryOnce(sock: string, command: string): Promise<string> {
+  return new Promise((res, rej) => {
+    let out = "";
+    const c = createConnection(sock);
+    c.setEncoding("utf8");
+    c.on("error", rej);
+    c.on("data", (d: string) => (out += d));
+    c.on("connect", () => c.end(`${command}\n`));
+    c.on("close", (hadError) => hadError || res(out));
+  });
+}
+
+/**
+ * One command to QEMU's human monitor, and what it printed (banner and echo included). QEMU
+ * binds the socket before it listens on it: until then a connection finds no file (ENOENT) or is
+ * refused (ECONNREFUSED), and is tried again every 20 ms, while `alive()` and for `timeoutMs`.
+ */
+export async function monitorQuery(sock: string, command: string, o: { alive?: () => boolean; timeoutMs?: number } = {}): Promise<string> {
+  const end = Date.now() + (o.timeoutMs ?? 30_000);
+  for (;;) {
+    try {
+      return await queryOnce(sock, command);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if ((code !== "ENOENT" && code !== "ECONNREFUSED") || Date.now() > end || (o.alive && !o.alive())) throw e;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}
+
+/**
+ * A TCP port on 127.0.0.1 that is free right now (for a host forward). Racy: it is free again
+ * until QEMU binds it, and another process may take it first. A forward without `host` has
+ * QEMU bind a free port itself (Vm.hostPort) and has no such window.
+ */
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = createServer();

@@ -91,12 +91,48 @@ export function ssh(port: number, command: string, o: SshOptions = {}): Promise<
   });
 }
 
-/** sshd comes up a moment after the agent says so: retry while the connection is refused, bounded. */
-export async function sshWhenUp(port: number, command: string, o: SshOptions = {}): Promise<SshResult> {
-  for (let i = 0; i < 30; i++) {
-    const r = await ssh(port, command, o);
-    if (!/kex_exchange_identification|Connection (reset|refused|closed)/.test(r.stderr)) return r;
-    await new Promise((res) => setTimeout(res, 2000));
+/**
+ * Commands that change nothing in the guest: sending one again after a connection that broke
+ * midway is harmless. `unlock`, `reseal`, `switch-root`, `update`, `reboot`, ... are not.
+ */
+const IDEMPOTENT = /^(status|log|jails|image list|hostconfig show)(\s|$)/;
+
+export const isIdempotent = (command: string): boolean => IDEMPOTENT.test(command.trim());
+
+/**
+ * Whether a failed ssh may be run again: always when the connection ended before the SSH
+ * identification exchange (nothing of the command reached the server: QEMU's forward accepted,
+ * the guest's sshd was not listening yet); a connection closed or reset later may have carried
+ * the command, so only an idempotent one is sent again.
+ */
+export function retryable(stderr: string, idempotent: boolean): boolean {
+  if (/kex_exchange_identification:|Connection timed out during banner exchange|connect to host \S+ port \d+: Connection refused/.test(stderr)) return true;
+  return idempotent && /Connection (reset|refused|closed)|closed by remote host/.test(stderr);
+}
+
+export interface Retry {
+  /** Default 30. */
+  attempts?: number;
+  /** Between attempts; default 2000. */
+  delayMs?: number;
+  /** Default: isIdempotent(command). */
+  idempotent?: boolean;
+}
+
+/**
+ * sshd comes up a moment after the agent says so: retry, bounded, while the connection never
+ * reached it; and, for an idempotent command only, also when a connection broke later. A
+ * non-idempotent command (`unlock`, `reseal`, `switch-root`) whose connection broke after the
+ * exchange began is not sent again: its result (status 255, ssh's message) is returned.
+ */
+export async function sshWhenUp(port: number, command: string, o: SshOptions = {}, retry: Retry = {}): Promise<SshResult> {
+  const attempts = retry.attempts ?? 30;
+  const idempotent = retry.idempotent ?? isIdempotent(command);
+  let last: SshResult | undefined;
+  for (let i = 0; i < attempts; i++) {
+    if (i) await new Promise((res) => setTimeout(res, retry.delayMs ?? 2000));
+    last = await ssh(port, command, o);
+    if (last.status !== 255 || !retryable(last.stderr, idempotent)) return last;
   }
-  throw new Error(`sshd on 127.0.0.1:${port} never answered`);
+  throw new Error(`sshd on 127.0.0.1:${port} never answered ${JSON.stringify(command)} in ${attempts} attempts; last: ${last?.stderr.trim()}`);
 }

@@ -7,7 +7,7 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { cpSync, mkdirSync, rmSync } from "node:fs";
 import { loadavg } from "node:os";
-import { freePort, OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { OVMF, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { slotOffset } from "../integration/images.ts";
 import { sshWhenUp } from "../../qemu/ssh.ts";
 import { type BootSample, parseBoot, ROOT_MARKER, stampedLines, type Variant } from "./parse.ts";
@@ -117,15 +117,15 @@ export interface SidecarResult {
 
 /** The agent as sidecar (direct kernel boot of the test initrd with the boot disk), RSS after a wait. */
 export async function sidecarRss(inputs: string, sshKey: string, waitSeconds = 60): Promise<SidecarResult> {
-  const port = await freePort();
   try {
     const vm = await startVm({
       name: "bench-sidecar",
       logDir: LOG_DIR,
       direct: { kernel: `${inputs}/vmlinuz`, initrd: `${inputs}/initrd.img`, append: "console=ttyS0 initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
       disks: [{ file: `${inputs}/boot.img` }],
-      net: { forward: [{ host: port, guest: 15022 }] },
+      net: { forward: [{ guest: 15022 }] },
     });
+    const port = vm.hostPort(15022);
     await vm.waitFor(/initos: sidecar: ready/, 180_000);
     await new Promise((r) => setTimeout(r, waitSeconds * 1000));
     const r = await sshWhenUp(port, "status", { key: sshKey });

@@ -9,7 +9,7 @@
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { freePort, startVm, stopAll } from "../../qemu/harness.ts";
+import { startVm, stopAll } from "../../qemu/harness.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 import { diskWithPool } from "./pool-disk.ts";
 import { buildPoolImage, testRootfs } from "./pool-image.ts";
@@ -37,14 +37,14 @@ describe("the sidecar beside the OS", () => {
       subvolumes: ["@root", "@home"],
       hostConfig: { root: "@root" },
     });
-    const port = await freePort();
     const vm = await startVm({
       name: "beside-mounts",
       direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.sidecar=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 -- hold=600" },
       disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
-      net: { forward: [{ host: port, guest: 15022 }] },
+      net: { forward: [{ guest: 15022 }] },
     });
-    await vm.waitFor(PROMPT, 240_000, true);
+    const port = vm.hostPort(15022);
+    await vm.waitFor(PROMPT, 240_000, { prompt: true, failOn: /initos: boot failed:/ });
     vm.send(`${PASS}\n`);
     await vm.waitFor(/INITOS-TEST-ROOT pid=1 root=subvol=@root .*argv=\[hold=600\]/, 240_000);
     await vm.waitFor(/initos: sidecar beside the OS: ready/, 60_000);

@@ -14,7 +14,7 @@
 import { existsSync } from "node:fs";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { DEBIAN_LABEL, HOLD_WORD } from "../../initrd/debian.ts";
-import { freePort, startVm, stopAll } from "../../qemu/harness.ts";
+import { startVm, stopAll } from "../../qemu/harness.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 
 const B = "build";
@@ -39,7 +39,6 @@ function stamp(out: string, re: RegExp): number | null {
 
 describe("the sidecar beside Debian 12 + systemd", () => {
   it("survives systemd's start, answers after multi-user.target, asks systemd to reboot, and lets systemd-shutdown detach everything", async () => {
-    const port = await freePort();
     const vm = await startVm({
       name: "debian-sidecar",
       direct: {
@@ -48,8 +47,9 @@ describe("the sidecar beside Debian 12 + systemd", () => {
         append: `console=ttyS0 initos.reboot_delay=1 initos.sidecar=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 ${HOLD_WORD} ${ROOT}`,
       },
       disks: [{ file: `${B}/boot.img` }, { file: `${B}/debian.img` }],
-      net: { forward: [{ host: port, guest: 15022 }] },
+      net: { forward: [{ guest: 15022 }] },
     });
+    const port = vm.hostPort(15022);
     const ready = await vm.waitFor(/initos: sidecar beside the OS: ready \(pid (\d+)\)/, 400_000);
     await vm.waitFor(/INITOS-DEBIAN state: running/, 400_000);
     await vm.waitFor(/INITOS-DEBIAN hold: staying up/, 120_000);

@@ -12,11 +12,12 @@
 //  - poweroff stops the jails first (their init gets SIGTERM).
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { freePort, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { afterAll, beforeAll, describe, expect } from "vitest";
+import { startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 import { idBase } from "../../agent/jails/config.ts";
 import { writeDigestMismatch, writeEscape, writeTruncated, writeWebImage } from "../jails/web-image.ts";
+import { chain } from "./chain.ts";
 import { diskWithPool } from "./pool-disk.ts";
 import { buildPoolImage, testRootfs } from "./pool-image.ts";
 
@@ -24,16 +25,25 @@ const B = "build";
 const KEY = `${B}/test-ssh/id_ed25519`;
 const PASS = "jail-mode-test";
 const PROMPT = /Recovery passphrase \(attempt (\d) of 3\): $/;
+/** The agent gave up (it then waits for ssh or reboots): no wait for a later step can succeed. */
+const BOOT_FAILED = /initos: boot failed:/;
 let dir: string;
 let vm: Vm;
 let port: number;
 
-const run = (command: string, inputFile?: string) => ssh(port, command, { key: KEY, knownHosts: `${dir}/known_hosts`, inputFile, timeoutMs: 300_000 });
+/*
+ * Bounds at about 3x this file's measured times, at least 30 s (2026-12-07, TCG, the QEMU lock
+ * held; the file 96 s, then 108 s with these bounds): the boot to the prompt 13.9 s, to "jails:
+ * ready" 15.2 s; the steps 0-18 s (the memory limit's 31.5 s in the second run), the reboot step
+ * 37-42 s. They were 120-600 s a step.
+ */
+const run = (command: string, inputFile?: string) => ssh(port, command, { key: KEY, knownHosts: `${dir}/known_hosts`, inputFile, timeoutMs: 60_000 });
 /**
  * Jail mode starts its sshd again once the pool is open (with the pool's key instead of the one
- * the passphrase prompt presented): "jails: ready" can come before the new dropbear listens.
+ * the passphrase prompt presented): "jails: ready" can come before the new dropbear listens
+ * (the merged run's first command and the poweroff were refused). status, retried while refused.
  */
-const sshdUp = () => sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts`, timeoutMs: 60_000 });
+const sshdUp = () => sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts`, timeoutMs: 30_000 });
 
 const JAILS = {
   network: { address: "10.77.0.1/24" },
@@ -46,33 +56,45 @@ const JAILS = {
   ],
 };
 
-beforeAll(async () => {
+let pool: string;
+beforeAll(() => {
   dir = mkdtempSync(`${tmpdir()}/initos-jails-`);
-  const pool = buildPoolImage({ out: `${dir}/pool.img`, passphrase: PASS, rootfs: testRootfs(`${dir}/rootfs.tar`), subvolumes: ["@spare", "@data"], hostConfig: JAILS,
+  pool = buildPoolImage({ out: `${dir}/pool.img`, passphrase: PASS, rootfs: testRootfs(`${dir}/rootfs.tar`), subvolumes: ["@spare", "@data"], hostConfig: JAILS,
     // Each jail's data directory belongs to its root (the first id of its range, outside).
     dirs: { "@data/web": idBase("web"), "@data/peer": idBase("peer") },
   });
-  port = await freePort();
-  vm = await startVm({
-    name: "jails",
-    direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
-    disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
-    net: { forward: [{ host: port, guest: 15022 }] },
-    memoryMiB: 1024,
-    reboot: true, // the reboot step boots again in this QEMU
-  });
-  await vm.waitFor(PROMPT, 240_000, true);
-  vm.send(`${PASS}\n`);
-  await vm.waitFor(/initos: jails: ready/, 300_000);
-  expect((await sshdUp()).status).toBe(0);
-}, 600_000);
+}, 300_000);
 afterAll(async () => {
   await stopAll();
   rmSync(dir, { recursive: true, force: true });
 });
 
+/** One machine through every step: after a failed step the rest fail at once, naming it. */
+const step = chain();
+
 describe.sequential("jail mode", () => {
-  it("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
+  // The boot is the chain's first step, not a hook: when it fails, the steps after it fail
+  // naming it (a failed beforeAll reports them as skipped).
+  step("boots in jail mode: the passphrase at the console opens the pool, the jails come up", async () => {
+    vm = await startVm({
+      name: "jails",
+      direct: { kernel: `${B}/vmlinuz`, initrd: `${B}/initrd.img`, append: "console=ttyS0 initos.reboot_delay=1 initos.ip=10.0.2.15/24 initos.gw=10.0.2.2" },
+      disks: [{ file: diskWithPool(`${B}/boot.img`, pool, `${dir}/machine.img`) }],
+      net: { forward: [{ guest: 15022 }] },
+      memoryMiB: 1024,
+      reboot: true, // the reboot step boots again in this QEMU
+    });
+    port = vm.hostPort(15022);
+    const t = Date.now();
+    await vm.waitFor(PROMPT, 50_000, { prompt: true, failOn: BOOT_FAILED });
+    console.log(`jails: the passphrase prompt ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
+    vm.send(`${PASS}\n`);
+    await vm.waitFor(/initos: jails: ready/, 30_000, { failOn: BOOT_FAILED });
+    console.log(`jails: ready ${((Date.now() - t) / 1000).toFixed(1)} s after the start`);
+    expect((await sshdUp()).status).toBe(0);
+  }, 90_000);
+
+  step("no root in the host config: the pool stays on /x, a bad jail entry is one line, a jail whose image is missing is one line", () => {
     expect(vm.output).toMatch(/initos: pool: no root in the host config; jail mode with 3 jail\(s\), the pool on \/x/);
     expect(vm.output).toMatch(/initos: host config initos\.json: refused jails\.2 \{"name":"bad"[^\n]*: address: 10\.78\.0\.12 is not on the machine's \/24 \(10\.77\.0\.0\/24\); not started/);
     expect(vm.output).toMatch(/initos: jail web: not started: .*image web is not imported/);
@@ -83,7 +105,7 @@ describe.sequential("jail mode", () => {
     expect(vm.output.match(/initos: sidecar: sshd on port 15022/g)).toHaveLength(2);
   });
 
-  it("hostconfig over ssh: show gives the pool's file; set refuses a config the boot would refuse part of, and leaves the file", async () => {
+  step("hostconfig over ssh: show gives the pool's file; set refuses a config the boot would refuse part of, and leaves the file", async () => {
     expect(JSON.parse((await run("hostconfig show")).stdout)).toEqual(JAILS);
     writeFileSync(`${dir}/bad.json`, JSON.stringify({ ...JAILS, jails: [JAILS.jails[0]] , network: { address: "10.77.0.1/16" } }));
     const r = await run("hostconfig set", `${dir}/bad.json`);
@@ -92,7 +114,7 @@ describe.sequential("jail mode", () => {
     expect(JSON.parse((await run("hostconfig show")).stdout)).toEqual(JAILS);
   });
 
-  it("image import: hostile archives are refused with one line each and leave nothing behind", async () => {
+  step("image import: hostile archives are refused with one line each and leave nothing behind", async () => {
     const cases: [string, string, RegExp][] = [
       ["truncated", writeTruncated(writeWebImage(`${dir}/good.tar`), `${dir}/truncated.tar`), /^image import bad1: refused: archive: .*(truncated|cut off|not a tar)/],
       ["digest", writeDigestMismatch(`${dir}/digest.tar`), /^image import bad2: refused: archive: blob sha256:[0-9a-f]{64} does not match its digest/],
@@ -107,9 +129,9 @@ describe.sequential("jail mode", () => {
     }
     const list = await run("image list");
     expect(list.stdout.trim()).toBe("no images");
-  }, 600_000);
+  }, 60_000);
 
-  it("image import web streams an OCI archive into a read-only subvolume; jail start runs it", async () => {
+  step("image import web streams an OCI archive into a read-only subvolume; jail start runs it", async () => {
     const imported = await run("image import web", writeWebImage(`${dir}/web.tar`));
     expect(imported.status, imported.stdout + imported.stderr).toBe(0);
     expect(imported.stdout).toMatch(/^image web: /);
@@ -117,32 +139,32 @@ describe.sequential("jail mode", () => {
     const from = vm.mark();
     const started = await run("jail start web");
     expect(started.stdout.trim()).toBe("jail web: started");
-    await vm.waitFor(/JAIL-UP pid=1 uid=0 hostname=web/, 120_000, false, from);
-  }, 600_000);
+    await vm.waitFor(/JAIL-UP pid=1 uid=0 hostname=web/, 30_000, false, from);
+  }, 60_000);
 
-  it("its memory limit is enforced: the first run is killed by the OOM killer in its cgroup, and the jail is restarted", async () => {
-    await vm.waitFor(/JAIL-HOG allocating/, 120_000);
-    await vm.waitFor(/oom-kill:.*oom_memcg=\/initos\/web/, 120_000);
-    await vm.waitFor(/initos: supervise: jail web (exited with \d+|killed by SIGKILL); restarting in 1s/, 120_000);
-    await vm.waitFor(/JAIL-SERVING on 8080/, 180_000);
+  step("its memory limit is enforced: the first run is killed by the OOM killer in its cgroup, and the jail is restarted", async () => {
+    await vm.waitFor(/JAIL-HOG allocating/, 60_000);
+    await vm.waitFor(/oom-kill:.*oom_memcg=\/initos\/web/, 60_000);
+    await vm.waitFor(/initos: supervise: jail web (exited with \d+|killed by SIGKILL); restarting in 1s/, 60_000);
+    await vm.waitFor(/JAIL-SERVING on 8080/, 60_000);
     expect(vm.output).not.toMatch(/JAIL-HOG survived/);
     expect(vm.output).toMatch(/JAIL-SHARE wrote \/data\/ran-once/);
-  }, 600_000);
+  }, 100_000); // measured 17.8 and 31.5 s
 
-  it("jails: its init is PID 1 of its own namespace with uid 0 mapped outside, the limit applies, the host reaches it over the bridge", async () => {
+  step("jails: its init is PID 1 of its own namespace with uid 0 mapped outside, the limit applies, the host reaches it over the bridge", async () => {
     const st = (await run("jails")).stdout;
     const base = idBase("web");
     expect(st).toMatch(/^web: container 10\.77\.0\.10, image web: running, pid \d+, up \d+s, restarts 1 /m);
     expect(st).toMatch(new RegExp(`^web: init pid \\d+ is pid 1 in its namespace; uid 0 inside is uid ${base} outside \\(65536 ids\\)$`, "m"));
     expect(st).toMatch(/^web: memory [\d.]+ MiB of 64\.0 MiB, oom kills [1-9]/m);
     expect(st).toMatch(/^web: probe 10\.77\.0\.10:8080 answered: "HTTP\/1\.[01] 200 OK"$/m);
-  }, 120_000);
+  }, 30_000);
 
-  it("it sees neither the host's disks nor the pool's top level nor the other jail", async () => {
+  step("it sees neither the host's disks nor the pool's top level nor the other jail", async () => {
     // The other jail runs beside it meanwhile (its first run eats past its limit too).
     const from = vm.mark();
     expect((await run("jail start peer")).stdout.trim()).toBe("jail peer: started");
-    await vm.waitFor(/jail peer: JAIL-POOL /, 120_000, false, from);
+    await vm.waitFor(/jail peer: JAIL-POOL /, 30_000, false, from);
     for (const name of ["web", "peer"]) {
       const devs = new RegExp(`jail ${name}: JAIL-DEV ([^\r\n]*)`).exec(vm.output)![1]!;
       expect(devs.split(" ")).toContain("null");
@@ -153,28 +175,28 @@ describe.sequential("jail mode", () => {
       // Its pid namespace: only its own few processes (the host has a hundred).
       expect(vm.output).toMatch(new RegExp(`jail ${name}: JAIL-UP pid=1 uid=0 hostname=${name} procs=[1-9]\\b`));
     }
-  }, 300_000);
+  }, 30_000);
 
-  it("after a reboot the jails start at boot: web and peer run from the image imported before, with no jail start", async () => {
+  step("after a reboot the jails start at boot: web and peer run from the image imported before, with no jail start", async () => {
     const from = vm.mark();
     await run("reboot"); // the reply may or may not beat the reboot: the console says what happened
     await vm.waitFor(/stopping the jails before the reboot/, 60_000, false, from);
-    await vm.waitFor(PROMPT, 300_000, true, from);
+    await vm.waitFor(PROMPT, 90_000, { prompt: true, from, failOn: BOOT_FAILED });
     const boot = vm.mark();
     vm.send(`${PASS}\n`);
-    await vm.waitFor(/initos: jails: ready/, 300_000, false, boot);
-    await vm.waitFor(/jail web: JAIL-UP pid=1 uid=0 hostname=web/, 180_000, false, boot);
-    await vm.waitFor(/jail peer: JAIL-UP pid=1 uid=0 hostname=peer/, 180_000, false, boot);
+    await vm.waitFor(/initos: jails: ready/, 30_000, false, boot);
+    await vm.waitFor(/jail web: JAIL-UP pid=1 uid=0 hostname=web/, 30_000, false, boot);
+    await vm.waitFor(/jail peer: JAIL-UP pid=1 uid=0 hostname=peer/, 30_000, false, boot);
     expect((await sshdUp()).status).toBe(0); // the same pool key as before the reboot (known_hosts)
     expect(vm.since(boot)).not.toMatch(/initos: ctl: jail\b/);
     expect(vm.since(boot)).not.toMatch(/jail (web|peer): not started/);
-  }, 600_000);
+  }, 150_000); // measured 37 and 42 s
 
-  it("poweroff stops the jails first: their init gets SIGTERM, then the machine powers off", async () => {
+  step("poweroff stops the jails first: their init gets SIGTERM, then the machine powers off", async () => {
     const from = vm.mark();
     await run("poweroff");
-    await vm.waitFor(/stopping the jails before the poweroff/, 60_000, false, from);
-    await vm.waitFor(/JAIL-TERM/, 60_000, false, from);
-    await vm.waitExit(120_000);
-  }, 240_000);
+    await vm.waitFor(/stopping the jails before the poweroff/, 30_000, false, from);
+    await vm.waitFor(/JAIL-TERM/, 30_000, false, from);
+    await vm.waitExit(30_000);
+  }, 60_000);
 });

@@ -1,8 +1,9 @@
 // Helpers for scenarios on an installed machine's disk: other UKIs on its ESP (signed with the
 // same db key, with or without a PCR signature), and host-side looks at and edits of its LUKS2
 // header (through a loop device at the partition's offset: no device-mapper needed).
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFile, execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
+import { promisify } from "node:util";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 
 export const BUN = "node_modules/@oven/bun-linux-x64-baseline/bin/bun";
@@ -23,14 +24,22 @@ export function putUki(disk: string, file: string, slot = "a"): void {
   execFileSync("mcopy", ["-o", "-i", `${disk}@@${partitionStart(disk, `initos-${slot}`)}`, file, "::/EFI/BOOT/BOOTX64.EFI"]);
 }
 
+const execFileAsync = promisify(execFile);
+
 /**
  * Every file on the ESP `slot`, by path, with its sha256 (read from the host with mtools): to
- * show an update that was refused left the slot as it was, byte for byte.
+ * show an update that was refused left the slot as it was, byte for byte. Asynchronous: it reads
+ * ~100 MB while the machine runs, and the test's event loop has ssh and timers to serve.
  */
-export function espContents(disk: string, slot: string): Map<string, string> {
+export async function espContents(disk: string, slot: string): Promise<Map<string, string>> {
   const img = `${disk}@@${partitionStart(disk, `initos-${slot}`)}`;
-  const names = execFileSync("mdir", ["-/", "-b", "-i", img, "::/"], { encoding: "utf8" }).split("\n").filter((n) => n && !n.endsWith("/"));
-  return new Map(names.map((n) => [n, createHash("sha256").update(execFileSync("mcopy", ["-n", "-i", img, n, "-"], { maxBuffer: 1 << 30 })).digest("hex")]));
+  const names = (await execFileAsync("mdir", ["-/", "-b", "-i", img, "::/"], { encoding: "utf8" })).stdout.split("\n").filter((n) => n && !n.endsWith("/"));
+  const out = new Map<string, string>();
+  for (const n of names) {
+    const { stdout } = await execFileAsync("mcopy", ["-n", "-i", img, n, "-"], { encoding: "buffer", maxBuffer: 1 << 30 });
+    out.set(n, createHash("sha256").update(stdout).digest("hex"));
+  }
+  return out;
 }
 
 /** The names on an ESP directory (mdir -b), e.g. to show nothing secret is there. */

@@ -6,7 +6,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
-import { freePort, startVm, stopAll } from "../../qemu/harness.ts";
+import { startVm, stopAll } from "../../qemu/harness.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 import { variantInitrd } from "./images.ts";
 
@@ -48,14 +48,14 @@ describe("stopping before switch_root", () => {
         { name: "stubborn", argv: [BUSYBOX, "sh", "-c", `trap "" TERM; (setsid ${BUSYBOX} sleep 100003 &); ${BUSYBOX} sleep 100001 & exec ${BUSYBOX} sleep 100002`] },
       ];
     });
-    const port = await freePort();
     const root = "root=LABEL=initos-testroot rootfstype=btrfs rootflags=subvol=@";
     const vm = await startVm({
       name: "services-stop",
       direct: { kernel: `${B}/vmlinuz`, initrd, append: `console=ttyS0 initos.mode=sidecar ${root} initos.ip=10.0.2.15/24 initos.gw=10.0.2.2 -- ps` },
       disks: [{ file: `${B}/boot.img` }, { file: `${B}/testroot.img` }],
-      net: { forward: [{ host: port, guest: 15022 }] },
+      net: { forward: [{ guest: 15022 }] },
     });
+    const port = vm.hostPort(15022);
     await vm.waitFor(/initos: sidecar: ready/, 150_000);
     expect((await sshWhenUp(port, "status", { key: KEY })).status).toBe(0);
 

@@ -1,12 +1,13 @@
 // Sidecar mode under QEMU with user networking (restrict=on: the guest reaches nothing outside
 // QEMU) and a forward from 127.0.0.1 to the guest's sshd: a real OpenSSH client logs in.
 import { spawnSync } from "node:child_process";
+import { chain } from "./chain.ts";
 import { variantInitrd } from "./images.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { freePort, startVm, stopAll, type Vm } from "../../qemu/harness.ts";
+import { startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 
 const B = "build";
 const KEY = `${B}/test-ssh/id_ed25519`;
@@ -18,36 +19,40 @@ const run = (key: string | null, command: string) => ssh(port, command, { key, k
 
 /** A direct kernel boot with the boot disk and the guest's sshd forwarded to a free local port. */
 async function bootWithSsh(name: string, append: string, initrd = `${B}/initrd.img`, extraDisks: string[] = []): Promise<{ vm: Vm; port: number }> {
-  const port = await freePort();
   const vm = await startVm({
     name,
     direct: { kernel: `${B}/vmlinuz`, initrd, append: `console=ttyS0 ${append}` },
     disks: [{ file: `${B}/boot.img` }, ...extraDisks.map((file) => ({ file }))],
-    net: { forward: [{ host: port, guest: 15022 }] },
+    net: { forward: [{ guest: 15022 }] },
   });
-  return { vm, port };
+  return { vm, port: vm.hostPort(15022) };
 }
 
-beforeAll(async () => {
+beforeAll(() => {
   dir = mkdtempSync(`${tmpdir()}/initos-ssh-`);
   spawnSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", `${dir}/stranger`]);
-  ({ vm, port } = await bootWithSsh("sidecar", "initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2"));
-  await vm.waitFor(/initos: sidecar: ready/, 150_000);
-}, 200_000);
+});
 afterAll(async () => {
   await stopAll();
   rmSync(dir, { recursive: true, force: true });
 });
 afterEach(() => {});
 
+/** The first VM's steps, up to its poweroff: after a failed one the rest fail at once. */
+const step = chain();
+
 describe.sequential("sidecar", () => {
-  it("static address from initos.ip/initos.gw, sshd supervised on 15022", () => {
+  // The boot is the chain's first step, not a hook: when it fails, its steps fail naming it,
+  // and the scenarios with VMs of their own below still run.
+  step("static address from initos.ip/initos.gw, sshd supervised on 15022", async () => {
+    ({ vm, port } = await bootWithSsh("sidecar", "initos.mode=sidecar initos.ip=10.0.2.15/24 initos.gw=10.0.2.2"));
+    await vm.waitFor(/initos: sidecar: ready/, 150_000, { failOn: /initos: boot failed:/ });
     expect(vm.output).toMatch(/initos: network: eth0 10\.0\.2\.15\/24 via 10\.0\.2\.2/);
     expect(vm.output).toMatch(/initos: supervise: sshd started \(pid \d+\)/);
     expect(vm.output).toMatch(/initos: sidecar: sshd on port 15022, 1 authorized key\(s\)/);
-  });
+  }, 200_000);
 
-  it("the key from the UKI logs in and runs status; the session is the command interface, not a shell", async () => {
+  step("the key from the UKI logs in and runs status; the session is the command interface, not a shell", async () => {
     const r = await sshWhenUp(port, "status", { key: KEY, knownHosts: `${dir}/known_hosts` });
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/^mode: sidecar\nsecure boot: no-efi\nstages: early \d+ms, .*network \d+ms, sshd \d+ms\nversion: \d+\nslots: a v\d+, b v\d+\nzombies: 0\nagent rss: \d+ kB\nmemavailable: \d+ kB\n$/);
@@ -57,19 +62,19 @@ describe.sequential("sidecar", () => {
     expect(vm.output).toMatch(/initos: ctl: status/);
   }, 120_000);
 
-  it("a key that is not in the UKI is refused", async () => {
+  step("a key that is not in the UKI is refused", async () => {
     const r = await run(`${dir}/stranger`, "status");
     expect(r.status).toBe(255);
     expect(r.stderr).toMatch(/Permission denied \(publickey\)/);
   }, 120_000);
 
-  it("password login is refused (not even offered)", async () => {
+  step("password login is refused (not even offered)", async () => {
     const r = await run(null, "status");
     expect(r.status).toBe(255);
     expect(r.stderr).toMatch(/Permission denied \(publickey\)/);
   }, 120_000);
 
-  it("ctl poweroff over ssh powers the machine off", async () => {
+  step("ctl poweroff over ssh powers the machine off", async () => {
     const r = await run(KEY, "poweroff");
     expect(r.stdout).toBe("poweroff in progress\n");
     expect(await vm.waitExit(60_000)).toBe(0);
