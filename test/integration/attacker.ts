@@ -6,7 +6,7 @@
 import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
 import { createDecipheriv, createHash, pbkdf2Sync, randomBytes, randomUUID } from "node:crypto";
 import { closeSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
-import { createConnection, createServer } from "node:net";
+import { freePortPair, waitForPort } from "../swtpm-ports.ts";
 
 const MiB = 1 << 20;
 
@@ -44,42 +44,6 @@ export function luksVolume(out: string, passphrase: string, token?: Record<strin
   execFileSync("cryptsetup", ["luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--batch-mode", "--key-file", "-", out], { input: passphrase });
   if (token) execFileSync("cryptsetup", ["token", "import", "--token-id", "0", out], { input: JSON.stringify(token) });
   return out;
-}
-
-async function canListen(p: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.once("error", () => resolve(false));
-    s.listen(p, "127.0.0.1", () => s.close(() => resolve(true)));
-  });
-}
-
-/** Two consecutive free loopback ports: tpm2-tss's swtpm TCTI finds the control port at port+1. */
-async function freePortPair(): Promise<number> {
-  for (let i = 0; i < 50; i++) {
-    const p = await new Promise<number>((resolve) => {
-      const s = createServer();
-      s.listen(0, "127.0.0.1", () => {
-        const a = s.address();
-        s.close(() => resolve(typeof a === "object" && a ? a.port : 0));
-      });
-    });
-    if (p > 0 && p < 65535 && (await canListen(p + 1))) return p;
-  }
-  throw new Error("no two free consecutive loopback ports");
-}
-
-async function waitForPort(p: number, ms: number): Promise<void> {
-  const until = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const c = createConnection(p, "127.0.0.1", () => c.end(() => resolve(true)));
-      c.once("error", () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > until) throw new Error(`swtpm did not listen on 127.0.0.1:${p} within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 /**

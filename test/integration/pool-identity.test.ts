@@ -105,6 +105,14 @@ function expectVictimRoot(out: string, dev: string): Seen {
  */
 const NOT_THE_POOLS = () => new RegExp(`not this pool's \\(btrfs ${victimFsid} has 1 device\\(s\\), all open\\)$`);
 
+/** A positive control: her volume, where the agent looks first, was unsealed unattended and her root ran. */
+function expectHerRoot(out: string): void {
+  expect(out).toMatch(/initos: unlock: \/dev\/vda3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
+  const seen = seenIn(out);
+  expect(seen).toMatchObject({ backing: "vda3", open: "initos-pool0" });
+  expect(seen!.btrfs).not.toBe(victimFsid);
+}
+
 /** One line, and only one, says `dev` was ignored (and why, when `why` is given). */
 function expectIgnored(out: string, dev: string, why?: RegExp): void {
   const lines = linesMatching(out, new RegExp(`initos: unlock: ignored ${dev}: `));
@@ -160,10 +168,7 @@ describe.sequential("the production boot opens only this machine's own pool (iss
     it("control: her disk booted on the victim's machine unseals her token unattended and runs her root", async () => {
       const vm = await boot("a-control", [hers], 0);
       const out = await settle(vm);
-      expect(out).toMatch(/initos: unlock: \/dev\/vda3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
-      const seen = seenIn(out);
-      expect(seen).toMatchObject({ backing: "vda3", open: "initos-pool0" });
-      expect(seen!.btrfs).not.toBe(victimFsid);
+      expectHerRoot(out);
     }, 300_000);
 
     it("attack: her disk first (vda), the victim's booted (vdb): the victim's root runs, hers is ignored with one line, and nothing of hers is unsealed", async () => {
@@ -202,10 +207,7 @@ describe.sequential("the production boot opens only this machine's own pool (iss
       putVolume(disk, 3, herPool);
       const vm = await boot("b-control", [disk], 0);
       const out = await settle(vm);
-      expect(out).toMatch(/initos: unlock: \/dev\/vda3 token 0 \(PCR 7,15 \+ signed 11, keyslot 0\): unsealed under the SRK 0x81000001/);
-      const seen = seenIn(out);
-      expect(seen).toMatchObject({ backing: "vda3", open: "initos-pool0" });
-      expect(seen!.btrfs).not.toBe(victimFsid);
+      expectHerRoot(out);
     }, 300_000);
 
     it("attack: her disk first (vda1), the victim's booted (vdb): the victim's root runs, hers is ignored with one line, her token never reaches the TPM", async () => {

@@ -4,7 +4,7 @@
 import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
 import { generateKeyPairSync, randomBytes, sign } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createConnection, createServer } from "node:net";
+import { freePortPair, waitForPort } from "../swtpm-ports.ts";
 import { tmpdir } from "node:os";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { openTpm, type PolicyStep, TpmError, type TpmDevice } from "../../agent/sys/tss.ts";
@@ -26,40 +26,6 @@ let port = 0;
 let tcti = "";
 let tpm: TpmDevice | undefined;
 
-function canListen(p: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.once("error", () => resolve(false));
-    s.listen(p, "127.0.0.1", () => s.close(() => resolve(true)));
-  });
-}
-
-async function freePortPair(): Promise<number> {
-  for (let i = 0; i < 50; i++) {
-    const p = await new Promise<number>((resolve) => {
-      const s = createServer();
-      s.listen(0, "127.0.0.1", () => {
-        const a = s.address();
-        s.close(() => resolve(typeof a === "object" && a ? a.port : 0));
-      });
-    });
-    if (p > 0 && p < 65535 && (await canListen(p + 1))) return p;
-  }
-  throw new Error("no two free consecutive loopback ports");
-}
-
-async function waitForPort(p: number, ms: number): Promise<void> {
-  const until = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const c = createConnection(p, "127.0.0.1", () => c.end(() => resolve(true)));
-      c.once("error", () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > until) throw new Error(`swtpm did not listen on 127.0.0.1:${p} within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 beforeAll(async () => {
   port = await freePortPair();
