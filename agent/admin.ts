@@ -7,7 +7,7 @@
 // A new command is one row in COMMANDS, plus a capability where it depends on the process.
 import { z } from "zod";
 import { describe, zodIssue } from "./errors.ts";
-import { imageName, jailName } from "./jails/config.ts";
+import { imageName, jailName } from "./jailsconfig.ts";
 import type { Logger } from "./log.ts";
 import type { LineServer, Sockets } from "./sys/index.ts";
 

@@ -37,7 +37,7 @@ import { mountRoot, SYSROOT } from "./stages/root.ts";
 import { mountVmRoot, setupVmMounts, type VmPlan, vmPlan } from "./stages/vm.ts";
 import { type Supervised, stopServices, supervise } from "./supervise.ts";
 import { switchRoot } from "./switchroot.ts";
-import type { JailsConfig } from "./jails/config.ts";
+import type { JailsConfig } from "./jailsconfig.ts";
 import { startJailMode } from "./jails/mode.ts";
 import type { Jails } from "./jails/run.ts";
 import type { Sys } from "./sys/index.ts";

@@ -4,7 +4,7 @@
 // §5): validated, with errors naming the key, and never allowed to name a path outside the root.
 import { describe, zodIssue } from "./errors.ts";
 import { z } from "zod";
-import { type JailsConfig, parseJails, subvolumeName } from "./jails/config.ts";
+import { type JailsConfig, parseJails, subvolumeName } from "./jailsconfig.ts";
 
 export { subvolumeName };
 
@@ -37,7 +37,7 @@ const HostConfigSchema = z
     root: subvolumeName.optional(),
     /** Subvolumes mounted into the root; a missing subvolume is skipped with a note. */
     binds: z.array(z.unknown()).optional(),
-    /** Jail mode: the machine's /24, and the jails (each checked on its own: jails/config.ts). */
+    /** Jail mode: the machine's /24, and the jails (each checked on its own: jailsconfig.ts). */
     network: z.unknown().optional(),
     jails: z.array(z.unknown()).optional(),
   })

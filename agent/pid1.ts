@@ -6,9 +6,7 @@ import { read } from "node:fs";
 import type { Logger } from "./log.ts";
 import { RB } from "./sys/consts.ts";
 import type { Files, Processes } from "./sys/index.ts";
-
-/** Children the runtime itself spawned and will wait for; the orphan reaper leaves them alone. */
-export const ownChildren = new Set<number>();
+import { ownChildren } from "./sys/spawn.ts";
 
 /** PIDs of zombies whose parent is `parent`, from /proc/<pid>/stat. */
 export function findZombies(sys: Pick<Files, "readFile">, pids: readonly string[], parent: number): number[] {

@@ -13,7 +13,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { OVMF, startVm, stopAll, type Vm, type VmOptions } from "./harness.ts";
 import { ssh, sshWhenUp } from "./ssh.ts";
-import { idBase } from "../agent/jails/config.ts";
+import { idBase } from "../agent/jailsconfig.ts";
 import { diskWithPool } from "../test/integration/pool-disk.ts";
 import { buildPoolImage, testRootfs } from "../test/integration/pool-image.ts";
 import { writeWebImage } from "../test/jails/web-image.ts";

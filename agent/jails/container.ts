@@ -6,7 +6,7 @@ import type { Logger } from "../log.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import type { Clock, Files, Mounts, Processes } from "../sys/index.ts";
 import { toolArgv, toolExec } from "../sys/tools.ts";
-import { imageSubvolume, type Jail, jailSubvolume, POOL_MOUNT } from "./config.ts";
+import { imageSubvolume, type Jail, jailSubvolume, POOL_MOUNT } from "../jailsconfig.ts";
 import { shiftOwners } from "./idshift.ts";
 import type { SpecMount } from "./spec.ts";
 

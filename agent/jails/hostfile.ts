@@ -6,7 +6,7 @@ import { describe } from "../errors.ts";
 import { HOST_CONFIG_JSON, parseHostJson } from "../hostconfig.ts";
 import type { Logger } from "../log.ts";
 import { type Files, RefusedFile } from "../sys/index.ts";
-import { POOL_MOUNT } from "./config.ts";
+import { POOL_MOUNT } from "../jailsconfig.ts";
 
 /** Bigger than any sensible host config; a body past it is refused unread. */
 const MAX_BYTES = 64 << 10;

@@ -15,7 +15,7 @@ import { extractImage, layoutFromTar, type OciImage, resolveImage } from "../oci
 import { readTar } from "../oci/tar.ts";
 import type { Clock, Files, Processes } from "../sys/index.ts";
 import { toolArgv } from "../sys/tools.ts";
-import { imageName, imageSubvolume, POOL_MOUNT } from "./config.ts";
+import { imageName, imageSubvolume, POOL_MOUNT } from "../jailsconfig.ts";
 
 /** Where the store lives and how btrfs is run; the defaults are the agent's, tests pass others. */
 export interface StoreOptions {

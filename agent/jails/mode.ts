@@ -10,7 +10,7 @@ import type { Logger } from "../log.ts";
 import type { AgentConfig } from "../config.ts";
 import type { EspResult } from "../stages/esp.ts";
 import type { Sys } from "../sys/index.ts";
-import type { Jail, JailNetwork, JailsConfig } from "./config.ts";
+import type { Jail, JailNetwork, JailsConfig } from "../jailsconfig.ts";
 import { containerService, deleteCrunState, makeJailCgroup, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "./container.ts";
 import { hostConfigFile } from "./hostfile.ts";
 import { formatImages, importImage, listImages, readImage, removeImage } from "./images.ts";

@@ -10,7 +10,7 @@ import { describe } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { STOP_BOUNDS, type Service, type StopBounds, type Supervised, type SuperviseSys, supervise } from "../supervise.ts";
 import type { Files } from "../sys/index.ts";
-import type { Jail, JailsConfig } from "./config.ts";
+import type { Jail, JailsConfig } from "../jailsconfig.ts";
 import { jailCgroup } from "./container.ts";
 import type { HostConfigFile } from "./hostfile.ts";
 

@@ -1,7 +1,7 @@
 // The OCI runtime spec (a bundle's config.json) of a container jail, for crun to run. Pure:
 // the agent decides everything here and crun only carries it out (the agent is not a
 // container runtime).
-import type { Jail } from "./config.ts";
+import type { Jail } from "../jailsconfig.ts";
 import { seccompProfile } from "./seccomp.ts";
 
 /** Each jail's ids 0..65535 (uid and gid alike) are host ids idBase.. (config.ts picks them). */

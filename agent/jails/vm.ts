@@ -21,7 +21,7 @@ import type { EspResult } from "../stages/esp.ts";
 import { IMAGES_DIR, openImage } from "../stages/images.ts";
 import type { Clock, Crypt, Devices, Files, Mounts, NetOps, Processes, Sockets } from "../sys/index.ts";
 import { toolArgv } from "../sys/tools.ts";
-import { imageSubvolume, type Jail, type JailNetwork, POOL_MOUNT } from "./config.ts";
+import { imageSubvolume, type Jail, type JailNetwork, POOL_MOUNT } from "../jailsconfig.ts";
 
 /** A jail that cannot be started as asked: one line naming the jail and what is wrong. */
 export class VmJailError extends Error {

@@ -7,7 +7,7 @@ import type { Logger } from "../log.ts";
 import type { AgentConfig } from "../config.ts";
 import { MNT_DETACH, MS } from "../sys/consts.ts";
 import { type Crypt, type Devices, type Files, type Modules, type Mounts, type Processes, RefusedFile } from "../sys/index.ts";
-import { POOL_MOUNT } from "../jails/config.ts";
+import { POOL_MOUNT } from "../jailsconfig.ts";
 import { markInitrdMounts } from "./images.ts";
 import type { MountedRoot } from "./root.ts";
 import { SYSROOT } from "./root.ts";

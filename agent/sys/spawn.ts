@@ -2,8 +2,13 @@
 // is registered with PID 1's orphan reaper as the runtime's own, so the runtime, not the
 // reaper, collects its exit status.
 import type { spawn as spawnType } from "node:child_process";
-import { ownChildren } from "../pid1.ts";
 import type { ServiceProcess } from "./index.ts";
+
+/**
+ * Children the runtime itself spawned and will wait for; PID 1's orphan reaper (pid1.ts) leaves
+ * them alone. It lives here, with the spawns that fill it, so this layer needs nothing above it.
+ */
+export const ownChildren = new Set<number>();
 
 /** See Sys.runWithInput. The child is registered with PID 1's reaper so the runtime gets its status. */
 export async function runWithInput(spawnFn: typeof spawnType, argv: readonly string[], input: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string> {

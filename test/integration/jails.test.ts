@@ -15,7 +15,7 @@ import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect } from "vitest";
 import { startVm, stopAll, type Vm } from "../../qemu/harness.ts";
 import { ssh, sshWhenUp } from "../../qemu/ssh.ts";
-import { idBase } from "../../agent/jails/config.ts";
+import { idBase } from "../../agent/jailsconfig.ts";
 import { writeDigestMismatch, writeEscape, writeTruncated, writeWebImage } from "../jails/web-image.ts";
 import { chain } from "./chain.ts";
 import { diskWithPool } from "./pool-disk.ts";

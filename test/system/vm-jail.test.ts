@@ -9,7 +9,7 @@ import { execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Jail } from "../../agent/jails/config.ts";
+import { type Jail } from "../../agent/jailsconfig.ts";
 import { openVmShares, powerdownVm, VM_DISKS, vmDisk, vmService } from "../../agent/jails/vm.ts";
 import type { Logger } from "../../agent/log.ts";
 import { supervise } from "../../agent/supervise.ts";

@@ -1,8 +1,8 @@
-// The host config's jails (agent/jails/config.ts): each entry checked on its own, clashes
+// The host config's jails (agent/jailsconfig.ts): each entry checked on its own, clashes
 // refused with the earlier jail named, id ranges stable whatever the order, and a config that
 // names neither a root nor jails refused whole.
 import { describe, expect, it } from "vitest";
-import { idBase, parseJails } from "../../agent/jails/config.ts";
+import { idBase, parseJails } from "../../agent/jailsconfig.ts";
 import { parseHostJson } from "../../agent/hostconfig.ts";
 
 const NET = { address: "10.77.0.1/24" };

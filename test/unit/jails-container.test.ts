@@ -1,7 +1,7 @@
 // Container jails: the OCI spec (pure), and the decisions of rootfs, shares, service, removal
 // and cgroups with the fake machine. crun itself runs in test/system/crun.test.ts.
 import { describe, expect, it } from "vitest";
-import type { Jail } from "../../agent/jails/config.ts";
+import type { Jail } from "../../agent/jailsconfig.ts";
 import { containerService, containerSpec, makeJailCgroup, prepareRootfs, removeContainer, resolveShares, setupCgroups, writeBundle } from "../../agent/jails/container.ts";
 import { shiftOwners } from "../../agent/jails/idshift.ts";
 import { DENIED_SYSCALLS } from "../../agent/jails/seccomp.ts";

@@ -2,9 +2,9 @@
 // starts, a jail that cannot be prepared costs that jail only, a death is restarted, stop asks
 // then cleans up, status says what the host sees, and the admin rows answer.
 import { describe, expect, it } from "vitest";
-import { parseJails } from "../../agent/jails/config.ts";
+import { parseJails } from "../../agent/jailsconfig.ts";
 import { type ImageStore, Jails, type Launcher } from "../../agent/jails/run.ts";
-import type { Jail } from "../../agent/jails/config.ts";
+import type { Jail } from "../../agent/jailsconfig.ts";
 import { hostConfigFile } from "../../agent/jails/hostfile.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";
 

@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { findZombies, ownChildren, reapOrphans } from "../../agent/pid1.ts";
+import { findZombies, reapOrphans } from "../../agent/pid1.ts";
+import { ownChildren } from "../../agent/sys/spawn.ts";
 import { FakeSys } from "./fakesys.ts";
 
 function procs(s: FakeSys, stats: Record<string, string>): string[] {

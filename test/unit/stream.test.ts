@@ -5,7 +5,7 @@ import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterAll, describe, expect, it } from "vitest";
-import { ownChildren } from "../../agent/pid1.ts";
+import { ownChildren } from "../../agent/sys/spawn.ts";
 import { readChunks } from "../../agent/sys/index.ts";
 import { runWithInput } from "../../agent/sys/spawn.ts";
 

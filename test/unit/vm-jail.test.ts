@@ -3,7 +3,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { describe, expect, it } from "vitest";
 import { parseCmdline } from "../../agent/cmdline.ts";
-import type { Jail } from "../../agent/jails/config.ts";
+import type { Jail } from "../../agent/jailsconfig.ts";
 import { chooseAccel, MAX_CMDLINE, MIN_VM_MEMORY_MIB, openVmShares, powerdownVm, qmpPath, vmLauncher, type VmLaunch, vmArgv, vmDisk, vmHostPaths, vmMac, vmService } from "../../agent/jails/vm.ts";
 import { connectUnix } from "../../agent/sys/unixclient.ts";
 import { FakeSys, silentLog } from "./fakesys.ts";

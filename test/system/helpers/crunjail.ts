@@ -5,7 +5,7 @@
 // argv: <work dir> <netns path>
 import { execFileSync } from "node:child_process";
 import { chmodSync, copyFileSync, linkSync, lstatSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
-import type { Jail } from "../../../agent/jails/config.ts";
+import type { Jail } from "../../../agent/jailsconfig.ts";
 import { containerService, containerSpec, prepareRootfs, removeContainer, resolveShares, writeBundle } from "../../../agent/jails/container.ts";
 import type { Logger } from "../../../agent/log.ts";
 import { realSys } from "../../../agent/sys/index.ts";

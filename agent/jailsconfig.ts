@@ -3,7 +3,7 @@
 // each boot. Like the rest of the host config it is data from the pool, so every value is
 // validated and a bad jail costs that jail (one line naming it and the key), not the others.
 import { z } from "zod";
-import { zodIssue } from "../errors.ts";
+import { zodIssue } from "./errors.ts";
 
 /**
  * A subvolume at the top of the pool, by its plain name: no "/", and no leading "." (so neither
